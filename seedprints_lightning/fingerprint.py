@@ -1,0 +1,196 @@
+"""The portable fingerprint: probe features plus what is needed to reproduce and trust them.
+
+A fingerprint file is a ``safetensors`` file with one tensor, ``features`` (``[n, D]``
+float32), and JSON metadata under the key ``seedprints``: format version, the resolved
+probe spec, the model class and a digest of its config, the training step, the package
+version and the creation time. Nothing in it is pickled, so loading a file from someone
+else runs no code.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .errors import FingerprintFileError, IncompatibleFingerprintsError, InputError
+from .probes import ProbeSpec, extract_features, find_causal_lm
+from .stats import LineageResult, lineage_test
+
+__all__ = ["FORMAT_VERSION", "Fingerprint", "fingerprint_model", "config_digest", "file_sha256"]
+
+FORMAT_VERSION = 1
+_FORMAT_NAME = "seedprints-fingerprint"
+_META_KEY = "seedprints"
+# Config entries that say nothing about the architecture or the init.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
+                         "_attn_implementation_autoset", "_attn_implementation", "use_cache"}
+
+
+def config_digest(config: Any) -> str:
+    """sha256 of a transformers config's architecture-relevant entries (order-independent)."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    data = {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Fingerprint:
+    """Features of one model on one probe, with metadata; see the module docstring."""
+
+    features: torch.Tensor
+    spec: ProbeSpec
+    model_class: str | None = None
+    config_digest: str | None = None
+    step: int | None = None
+    package_version: str = __version__
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.features, torch.Tensor) or self.features.dim() != 2:
+            raise InputError("Fingerprint.features must be a 2-D [n, D] tensor")
+        if not self.spec.is_resolved:
+            raise InputError("Fingerprint.spec must be resolved (spec.resolve(model)) so the probe can be reproduced")
+        if self.features.shape[0] != self.spec.num_samples:
+            raise InputError(
+                f"Fingerprint has {self.features.shape[0]} feature rows but its probe spec has num_samples="
+                f"{self.spec.num_samples}"
+            )
+        self.features = self.features.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.features.shape[1])
+
+    # ------------------------------------------------------------------ comparison
+    def check_comparable(self, other: "Fingerprint") -> None:
+        """Raise unless ``other`` was made with the same probe inputs."""
+        if self.spec != other.spec:
+            mine, theirs = self.spec.to_dict(), other.spec.to_dict()
+            diffs = ", ".join(f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k])
+            raise IncompatibleFingerprintsError(
+                f"the two fingerprints were made with different probes ({diffs}); re-fingerprint one model with "
+                "the other's spec (seedprints fingerprint --spec-from FILE) so both saw the same inputs"
+            )
+
+    def compare(self, other: "Fingerprint", **test_kwargs: Any) -> LineageResult:
+        """``lineage_test(self, other)``: is ``other`` descended from ``self``?"""
+        self.check_comparable(other)
+        return lineage_test(self.features, other.features, **test_kwargs)
+
+    # ------------------------------------------------------------------ file
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT_NAME,
+            "format_version": self.format_version,
+            "spec": self.spec.to_dict(),
+            "model_class": self.model_class,
+            "config_digest": self.config_digest,
+            "step": self.step,
+            "package_version": self.package_version,
+            "created": self.created,
+            "num_samples": self.num_samples,
+            "hidden_size": self.hidden_size,
+            "extra": self.extra,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the file atomically (a crash never leaves a half-written fingerprint)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file({"features": self.features}, str(tmp), metadata={_META_KEY: json.dumps(self.metadata())})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Fingerprint":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FingerprintFileError(f"fingerprint file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                raw_meta = (handle.metadata() or {}).get(_META_KEY)
+                keys = list(handle.keys())
+                features = handle.get_tensor("features") if "features" in keys else None
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise FingerprintFileError(
+                f"{path} is not a readable fingerprint file (truncated or not safetensors: {exc}); re-create it with "
+                "`seedprints fingerprint`"
+            ) from exc
+        if raw_meta is None or features is None:
+            raise FingerprintFileError(f"{path} is a safetensors file but not a seedprints fingerprint (no '{_META_KEY}' metadata or 'features' tensor)")
+        try:
+            meta = json.loads(raw_meta)
+        except json.JSONDecodeError as exc:
+            raise FingerprintFileError(f"{path}: the fingerprint metadata is not valid JSON ({exc})") from exc
+        if meta.get("format") != _FORMAT_NAME:
+            raise FingerprintFileError(f"{path}: metadata format is {meta.get('format')!r}, expected {_FORMAT_NAME!r}")
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise FingerprintFileError(
+                f"{path}: fingerprint format version {version!r} is not supported by seedprints-lightning {__version__} "
+                f"(reads version {FORMAT_VERSION}); upgrade the package or re-create the file"
+            )
+        if features.dim() != 2 or list(features.shape) != [meta.get("num_samples"), meta.get("hidden_size")]:
+            raise FingerprintFileError(
+                f"{path}: the features tensor has shape {list(features.shape)} but the metadata says "
+                f"[{meta.get('num_samples')}, {meta.get('hidden_size')}]; the file is inconsistent, re-create it"
+            )
+        if not torch.isfinite(features).all():
+            raise FingerprintFileError(f"{path}: the features contain NaN or Inf; re-create the fingerprint")
+        try:
+            spec = ProbeSpec.from_dict(meta["spec"])
+            return cls(
+                features=features, spec=spec, model_class=meta.get("model_class"), config_digest=meta.get("config_digest"),
+                step=meta.get("step"), package_version=meta.get("package_version", "?"), created=meta.get("created", ""),
+                extra=meta.get("extra") or {}, format_version=version,
+            )
+        except (InputError, KeyError, TypeError) as exc:
+            raise FingerprintFileError(f"{path}: the fingerprint metadata is inconsistent ({exc})") from exc
+
+
+def fingerprint_model(
+    model: nn.Module,
+    spec: ProbeSpec | None = None,
+    *,
+    step: int | None = None,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Fingerprint:
+    """Probe ``model`` and wrap the features with their metadata."""
+    lm = find_causal_lm(model)
+    spec = (spec or ProbeSpec()).resolve(lm)
+    features = extract_features(lm, spec, batch_size=batch_size, device=device, progress=progress)
+    return Fingerprint(
+        features=features, spec=spec, model_class=type(lm).__name__, config_digest=config_digest(lm.config),
+        step=step, extra=dict(extra or {}),
+    )

@@ -1,0 +1,290 @@
+"""Probe inputs and feature extraction: the first stage of the flow.
+
+``ProbeSpec`` says exactly which random inputs a model is fed; ``extract_features`` turns a
+model plus a spec into the ``[n, D]`` matrix the statistical core tests. Inputs come from
+per-sample generators derived from the spec's seed, so
+
+* making them never touches the global RNG (a probe inside training changes nothing),
+* the same spec gives the same inputs on every machine and for every batch size or shard,
+  because sample ``i`` depends only on ``(seed, i)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError, ModelNotFoundError
+
+__all__ = [
+    "DEFAULT_PROBE_KIND",
+    "DEFAULT_NUM_SAMPLES",
+    "DEFAULT_LENGTH",
+    "DEFAULT_PROBE_SEED",
+    "ProbeSpec",
+    "ProbeBatch",
+    "extract_features",
+    "find_causal_lm",
+    "preserve_module_modes",
+]
+
+# Defaults chosen from the calibration runs recorded in docs/benchmarks.md.
+DEFAULT_PROBE_KIND: Literal["token", "embedding"] = "token"
+DEFAULT_NUM_SAMPLES = 1000
+DEFAULT_LENGTH = 32
+DEFAULT_PROBE_SEED = 42  # the paper's probe seed
+
+ProbeKind = Literal["token", "embedding"]
+
+
+@dataclass(frozen=True)
+class ProbeBatch:
+    """One batch of probe inputs: token ids ``[b, L]`` or input embeddings ``[b, L, d]``."""
+
+    start: int
+    input_ids: torch.Tensor | None = None
+    inputs_embeds: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        tensor = self.input_ids if self.input_ids is not None else self.inputs_embeds
+        return int(tensor.shape[0])
+
+    def model_kwargs(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Keyword arguments for a ``transformers`` forward."""
+        if self.input_ids is not None:
+            return {"input_ids": self.input_ids.to(device)}
+        return {"inputs_embeds": self.inputs_embeds.to(device=device, dtype=dtype)}
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Which random inputs a model is probed with.
+
+    Fields left ``None`` are filled from a model by :meth:`resolve`: the token range from
+    its vocabulary, the embedding width from its hidden size, and the embedding mean and
+    std from its input-embedding matrix (which must be the INIT matrix for the paper's
+    embedding probes: the callback resolves the spec at step 0). Fingerprints store the
+    resolved spec, and two fingerprints are comparable only if their specs are equal.
+    """
+
+    kind: ProbeKind = DEFAULT_PROBE_KIND
+    num_samples: int = DEFAULT_NUM_SAMPLES
+    length: int = DEFAULT_LENGTH
+    seed: int = DEFAULT_PROBE_SEED
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    embed_mean: float | None = None
+    embed_std: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("token", "embedding"):
+            raise InputError(f"ProbeSpec.kind must be 'token' or 'embedding', got {self.kind!r}")
+        for name, low in (("num_samples", 3), ("length", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise InputError(f"ProbeSpec.{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise InputError(f"ProbeSpec.seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("vocab_size", "hidden_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+                raise InputError(f"ProbeSpec.{name} must be a positive integer or None, got {value!r}")
+        if self.embed_mean is not None and not math.isfinite(float(self.embed_mean)):
+            raise InputError(f"ProbeSpec.embed_mean must be finite, got {self.embed_mean!r}")
+        if self.embed_std is not None and not (math.isfinite(float(self.embed_std)) and float(self.embed_std) > 0):
+            raise InputError(f"ProbeSpec.embed_std must be a positive finite number, got {self.embed_std!r}")
+
+    # ------------------------------------------------------------------ resolution
+    @property
+    def is_resolved(self) -> bool:
+        if self.kind == "token":
+            return self.vocab_size is not None
+        return None not in (self.hidden_size, self.embed_mean, self.embed_std)
+
+    def resolve(self, model: nn.Module) -> "ProbeSpec":
+        """A copy with every ``None`` field filled from ``model`` (a transformers LM)."""
+        lm = find_causal_lm(model)
+        config = lm.config
+        if self.kind == "token":
+            vocab = self.vocab_size if self.vocab_size is not None else int(config.vocab_size)
+            if vocab > int(config.vocab_size):
+                raise InputError(
+                    f"ProbeSpec.vocab_size={vocab} exceeds the model's vocabulary ({config.vocab_size}); "
+                    "use the smallest vocabulary of the models you compare"
+                )
+            return dataclasses.replace(self, vocab_size=vocab)
+        hidden = int(_hidden_size(config))
+        if self.hidden_size is not None and self.hidden_size != hidden:
+            raise InputError(
+                f"ProbeSpec.hidden_size={self.hidden_size} but the model's hidden size is {hidden}: embedding probes "
+                "only compare models of one width; use kind='token' across widths"
+            )
+        mean, std = self.embed_mean, self.embed_std
+        if mean is None or std is None:
+            weight = lm.get_input_embeddings().weight.detach().float()
+            mean = float(weight.mean()) if mean is None else mean
+            std = float(weight.std()) if std is None else std
+        return dataclasses.replace(self, hidden_size=hidden, embed_mean=mean, embed_std=std)
+
+    def _require_resolved(self) -> None:
+        if not self.is_resolved:
+            missing = "vocab_size" if self.kind == "token" else "hidden_size, embed_mean and embed_std"
+            raise InputError(f"this ProbeSpec has no {missing} yet: call spec.resolve(model) first")
+
+    # ------------------------------------------------------------------ inputs
+    def sample_generator(self, index: int) -> torch.Generator:
+        """The CPU generator of sample ``index``: depends only on ``(seed, index)``."""
+        state = np.random.SeedSequence([int(self.seed), int(index)]).generate_state(1, dtype=np.uint64)[0]
+        return torch.Generator(device="cpu").manual_seed(int(state) & ((1 << 63) - 1))
+
+    def make_batch(self, start: int, stop: int) -> ProbeBatch:
+        """Inputs of samples ``start .. stop - 1`` (on CPU)."""
+        self._require_resolved()
+        if not (0 <= start < stop <= self.num_samples):
+            raise InputError(f"sample range [{start}, {stop}) is outside [0, {self.num_samples})")
+        if self.kind == "token":
+            ids = torch.stack([
+                torch.randint(0, self.vocab_size, (self.length,), generator=self.sample_generator(i))
+                for i in range(start, stop)
+            ])
+            return ProbeBatch(start=start, input_ids=ids)
+        embeds = torch.stack([
+            torch.randn(self.length, self.hidden_size, generator=self.sample_generator(i))
+            for i in range(start, stop)
+        ])
+        return ProbeBatch(start=start, inputs_embeds=embeds * self.embed_std + self.embed_mean)
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[ProbeBatch]:
+        stop = self.num_samples if stop is None else stop
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        for lo in range(start, stop, batch_size):
+            yield self.make_batch(lo, min(stop, lo + batch_size))
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ProbeSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"unknown ProbeSpec field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def describe(self) -> str:
+        extra = f"V={self.vocab_size}" if self.kind == "token" else f"d={self.hidden_size}, N({self.embed_mean:.3g}, {self.embed_std:.3g})" if self.is_resolved else "unresolved"
+        return f"{self.kind} probes, n={self.num_samples}, L={self.length}, seed={self.seed}, {extra}"
+
+
+def _hidden_size(config: Any) -> int:
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise ModelNotFoundError(f"cannot tell the hidden size of a {type(config).__name__}")
+
+
+def find_causal_lm(model: nn.Module) -> nn.Module:
+    """The first ``transformers.PreTrainedModel`` in ``model`` (itself included)."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return model
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    raise ModelNotFoundError(
+        f"no transformers PreTrainedModel found inside {type(model).__name__}; pass a feature_fn(module, batch) -> [b, D] "
+        "for other model types"
+    )
+
+
+@contextlib.contextmanager
+def preserve_module_modes(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode and restore every submodule's own train/eval flag after.
+
+    A blanket ``.train()`` afterwards would un-freeze what the user froze (e.g. a frozen
+    embedding kept in eval mode), so each module gets back exactly the flag it had.
+    """
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _last_hidden_state(lm: nn.Module, batch: ProbeBatch, device: torch.device | None) -> torch.Tensor:
+    """Last-layer hidden state at the last position, through the decoder (no LM head)."""
+    decoder = getattr(lm, "base_model", None)
+    decoder = lm if decoder is None else decoder
+    dtype = lm.get_input_embeddings().weight.dtype
+    outputs = decoder(**batch.model_kwargs(device, dtype), use_cache=False)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    return hidden[:, -1, :]
+
+
+def extract_features(
+    model: nn.Module,
+    spec: ProbeSpec,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    sample_range: tuple[int, int] | None = None,
+    forward_fn: Callable[[ProbeBatch], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Probe ``model`` with ``spec``'s inputs; return ``[n, D]`` float32 features on CPU.
+
+    The model runs in eval mode under ``torch.no_grad()`` (not ``inference_mode``, which
+    breaks FSDP), one batch at a time, and every submodule's mode is restored afterwards.
+
+    Args:
+        model: a ``transformers`` causal LM, or a module containing one.
+        spec: the probe; unresolved fields are filled from ``model`` first.
+        device: where inputs go; default: the model's parameter device.
+        progress: show a tqdm bar.
+        sample_range: ``(start, stop)`` to probe only that shard of the samples.
+        forward_fn: ``forward_fn(batch) -> [b, D]`` replacing the default decoder forward,
+            e.g. a model without ``transformers`` or a wrapped (FSDP) model.
+    """
+    if forward_fn is None:
+        lm = find_causal_lm(model)
+        spec = spec if spec.is_resolved else spec.resolve(lm)
+        if device is None:
+            device = next(lm.parameters()).device
+
+        def forward_fn(batch: ProbeBatch) -> torch.Tensor:
+            return _last_hidden_state(lm, batch, device)
+    else:
+        spec._require_resolved()
+    start, stop = sample_range if sample_range is not None else (0, spec.num_samples)
+    if stop <= start:
+        return torch.empty(0, 0)
+    chunks: list[torch.Tensor] = []
+    batches = spec.batches(batch_size, start, stop)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=math.ceil((stop - start) / batch_size), desc="probing", unit="batch")
+    with preserve_module_modes(model), torch.no_grad():
+        for batch in batches:
+            features = forward_fn(batch)
+            if features.dim() != 2 or features.shape[0] != batch.size:
+                raise InputError(
+                    f"the probe forward returned shape {tuple(features.shape)} for a batch of {batch.size}; "
+                    "it must return [batch, hidden]"
+                )
+            chunks.append(features.detach().to(device="cpu", dtype=torch.float32))
+    return torch.cat(chunks)

@@ -1,0 +1,540 @@
+"""The SeedPrints lineage test: a pure-function statistical core.
+
+Data flow: two feature matrices ``[n, D]`` (last-position hidden states of two models on the
+same probe inputs) -> identity dimensions -> per-row softmax normalisation -> per-dimension
+Kendall tau -> ``z`` against a null -> :class:`LineageResult`.
+
+Everything here is torch tensor arithmetic, so CUDA inputs stay on the GPU, and nothing here
+knows about Lightning. The formulas are those of the SeedPrints paper (Tong et al., ICLR
+2026), written from ``method.md``:
+
+* identity dimensions: the ``k`` coordinates with the smallest mean over the samples
+  ("disliked" dimensions); ``coset`` intersects both models' sets, ``base`` uses the base's;
+* rows normalised by ``softmax(x / T)`` over the chosen dimensions;
+* ``tau_mean`` = mean over dimensions of Kendall's tau-b between the two columns;
+* under H0 one tau has mean 0 and ``sigma_n = sqrt(2 (2n + 5) / (9 n (n - 1)))``, so
+  ``z = tau_mean / (sigma_n / sqrt(k))``;
+* ``p = 1 - Phi(z)``, ONE-SIDED as in the paper. The authors' code doubles it; we do not
+  (``LineageResult.p_sided == "one-sided"`` says so in every result).
+
+``log10_p`` is always computed in log space (``scipy.special.log_ndtr``), because p-values
+like 1e-100000 are ordinary here and ``log10(p)`` of an underflowed float is ``-inf``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from scipy import special
+from scipy import stats as sps
+
+from .errors import InputError
+
+__all__ = [
+    "DEFAULT_IDENTITY_RATIO",
+    "DEFAULT_TEMPERATURE",
+    "LineageResult",
+    "kendall_tau_b",
+    "kendall_null_sigma",
+    "log10_normal_sf",
+    "select_identity_dims",
+    "softmax_normalise",
+    "lineage_test",
+    "z_threshold",
+]
+
+# Fraction of the hidden size used as identity dimensions. 1.0 (every dimension) had the
+# most power in every measurement (method.md tables; docs/benchmarks.md), and with the
+# negative controls the callback does not rely on the smaller, paper-default 10 %.
+DEFAULT_IDENTITY_RATIO = 1.0
+DEFAULT_TEMPERATURE = 10.0
+_LN10 = math.log(10.0)
+
+FeatureLike = Any  # torch.Tensor | np.ndarray
+
+
+@dataclass(frozen=True)
+class LineageResult:
+    """Outcome of one lineage test of ``target`` against ``base``.
+
+    ``related`` is ``True``/``False`` at ``alpha``, or ``None`` when the test could not be
+    made (``reason`` says why). Undetermined results carry ``z = 0.0`` and ``log10_p = 0.0``
+    (p = 1: no evidence), never NaN, so they can be logged safely.
+    """
+
+    z: float
+    log10_p: float
+    p_value: float
+    tau_mean: float
+    k: int
+    n: int
+    related: bool | None
+    alpha: float
+    method: str = "analytic"
+    identity_mode: str = "coset"
+    reason: str | None = None
+    dropped_constant: int = 0
+    identity_dims: tuple[int, ...] = field(default=(), repr=False)
+    z_agg: float | None = None
+    p_sided: str = "one-sided"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-typed dict for JSON (identity dims included as a list)."""
+        out = asdict(self)
+        out["identity_dims"] = list(self.identity_dims)
+        return out
+
+    def summary(self) -> str:
+        """One readable line: the verdict with its figures."""
+        if self.related is None:
+            return f"undetermined ({self.reason}); n={self.n}, k={self.k}"
+        verdict = "RELATED (same lineage)" if self.related else "unrelated"
+        return (
+            f"{verdict}: z={self.z:.2f}, log10 p={self.log10_p:.2f}, tau_mean={self.tau_mean:.4f}, "
+            f"k={self.k} dims, n={self.n}, alpha={self.alpha:g} ({self.p_sided})"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Small formulas
+# --------------------------------------------------------------------------------------
+
+
+def kendall_null_sigma(n: int) -> float:
+    """Std of one Kendall tau between independent samples of size ``n`` (no ties)."""
+    if n < 3:
+        raise InputError(f"Kendall's null needs n >= 3 samples, got n={n}")
+    return math.sqrt(2.0 * (2 * n + 5) / (9.0 * n * (n - 1)))
+
+
+def log10_normal_sf(z: float) -> float:
+    """``log10(1 - Phi(z))`` computed in log space: finite for any finite ``z``."""
+    return float(special.log_ndtr(-float(z)) / _LN10)
+
+
+def z_threshold(alpha: float) -> float:
+    """The one-sided z above which ``p < alpha``."""
+    _check_alpha(alpha)
+    return float(sps.norm.isf(alpha))
+
+
+def _check_alpha(alpha: float) -> None:
+    if not (isinstance(alpha, (int, float)) and 0.0 < float(alpha) < 1.0):
+        raise InputError(f"alpha must be a number in (0, 1), got {alpha!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Kendall tau-b, vectorised over columns, O(n log n) per column
+# --------------------------------------------------------------------------------------
+
+
+_COLUMN_CHUNK = 32  # columns processed end to end at once: keeps a chunk's work in cache.
+
+
+def _order_keys(values: torch.Tensor) -> torch.Tensor:
+    """int64 keys that sort exactly like the float64 values (sorting ints is faster)."""
+    bits = (values.to(torch.float64) + 0.0).view(torch.int64)  # + 0.0 turns -0.0 into +0.0
+    # Negative floats order backwards as signed ints: flip their magnitude bits.
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+
+
+def _tied_pairs(sorted_values: torch.Tensor) -> torch.Tensor:
+    """Per row, the number of tied pairs, sum over tie groups of t(t-1)/2, of sorted rows."""
+    rows, n = sorted_values.shape
+    positions = torch.arange(n, device=sorted_values.device).expand(rows, n)
+    is_new = torch.ones_like(sorted_values, dtype=torch.bool)
+    is_new[:, 1:] = sorted_values[:, 1:] != sorted_values[:, :-1]
+    group_start = torch.cummax(torch.where(is_new, positions, torch.zeros_like(positions)), dim=1).values
+    # Element i of a tie group is tied with the (i - start) members before it.
+    return (positions - group_start).sum(dim=1)
+
+
+def _has_ties(sorted_values: torch.Tensor) -> bool:
+    return bool((sorted_values[:, 1:] == sorted_values[:, :-1]).any())
+
+
+def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    rows, n = order.shape
+    positions = torch.arange(n, device=order.device).expand(rows, n)
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
+@lru_cache(maxsize=256)
+def _group_correction(n: int, b: int) -> int:
+    """Column-independent part of the level-``b`` pair count for a permutation of 0..n-1.
+
+    At level ``b`` the sequence is stably partitioned by all higher bits, in bit-reversed
+    order of the higher-bit prefix. Group ``p`` holds exactly the values
+    ``[p * 2**(b+1), (p+1) * 2**(b+1)) & [0, n)``, so how many zeros each group has and how
+    many ones precede it are fixed by ``n``: only the order inside groups is data.
+    """
+    size, half = 1 << (b + 1), 1 << b
+    prefix_bits = max(0, (n - 1).bit_length() - (b + 1))
+    groups = []
+    for p in range((n + size - 1) // size):
+        members = min(n, (p + 1) * size) - p * size
+        zeros = min(members, half)
+        reversed_prefix = int(format(p, f"0{prefix_bits}b")[::-1], 2) if prefix_bits else 0
+        groups.append((reversed_prefix, zeros, members - zeros))
+    correction, ones_before = 0, 0
+    for _, zeros, ones in sorted(groups):
+        correction += zeros * ones_before
+        ones_before += ones
+    return correction
+
+
+def _count_inversions(perm: torch.Tensor) -> torch.Tensor:
+    """Pairs ``j < i`` with ``perm[j] > perm[i]`` in each row of a ``[rows, n]`` permutation.
+
+    A wavelet-matrix sweep from the most significant bit down: a pair is counted once, at
+    the highest bit where its two values differ, as "a 1 there before a 0 there" among
+    elements that share all higher bits. A stable partition by each bit keeps those groups
+    contiguous and in sequence order, so a level is one cumsum, one sum and one scatter
+    over the block: O(n log n) per row, no Python loop over samples, and it runs unchanged
+    on CUDA. Because ``perm`` is a permutation, the part of the count that depends on where
+    groups start is a constant (:func:`_group_correction`).
+    """
+    rows, n = perm.shape
+    device = perm.device
+    small = torch.int16 if n < 2**15 else torch.int32
+    sum_dtype = torch.int32 if n < 46_000 else torch.int64
+    positions = torch.arange(n, device=device, dtype=small)
+    seq = perm.to(small)
+    total = torch.zeros(rows, dtype=torch.int64, device=device)
+    for b in range(max(1, (n - 1).bit_length()) - 1, -1, -1):
+        block, rest = divmod(n, 1 << (b + 1))
+        ones_total = block * (1 << b) + max(0, rest - (1 << b))
+        bit = (seq & (1 << b)) != 0
+        ones_incl = torch.cumsum(bit, dim=1, dtype=small)
+        # Sum over zeros of "ones before it" = sum over all of ones_incl minus the ones'
+        # own 1 + 2 + ... + T, minus what precedes each group's start.
+        level = ones_incl.sum(dim=1, dtype=sum_dtype).to(torch.int64)
+        total += level - ones_total * (ones_total + 1) // 2 - _group_correction(n, b)
+        if b == 0:
+            break
+        dest = torch.where(bit, ones_incl + (n - ones_total - 1), positions - ones_incl)
+        seq = torch.empty_like(seq).scatter_(1, dest.to(torch.int64), seq)
+    return total
+
+
+def _kendall_chunk(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """tau-b for rows of ``x``, ``y`` (``[m, n]``: one column of the caller per row)."""
+    n = x.shape[1]
+    y_sorted, y_order = torch.sort(_order_keys(y), dim=1, stable=True)
+    x_keys = _order_keys(x)
+    x_sorted, lex = torch.sort(x_keys, dim=1, stable=True)
+    x_ties, y_ties = _has_ties(x_sorted), _has_ties(y_sorted)
+    if x_ties:
+        # Lexicographic (x, y) order: stable sort by x of the y-ordered sequence. Inside an
+        # x tie y is then ascending, so x-tied pairs never count as discordant.
+        _, by_x = torch.sort(torch.gather(x_keys, 1, y_order), dim=1, stable=True)
+        lex = torch.gather(y_order, 1, by_x)
+    if y_ties:
+        # Rank y with ties broken by position in lex order: a y-tied pair then never counts
+        # as an inversion, and the ranks form a permutation.
+        y_in_lex = torch.gather(_order_keys(y), 1, lex)
+        _, order_in_lex = torch.sort(y_in_lex, dim=1, stable=True)
+        perm = _inverse_permutation(order_in_lex)
+    else:
+        perm = torch.gather(_inverse_permutation(y_order), 1, lex)
+    discordant = _count_inversions(perm)
+
+    n0 = n * (n - 1) // 2
+    zeros = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    ties_x = _tied_pairs(x_sorted) if x_ties else zeros
+    ties_y = _tied_pairs(y_sorted) if y_ties else zeros
+    ties_xy = zeros
+    if x_ties and y_ties:
+        # Joint ties: runs of equal (x, y) in lex order; x ranks fit 32 bits, so pack both.
+        x_lex = torch.gather(x_keys, 1, lex)
+        y_lex = torch.gather(_order_keys(y), 1, lex)
+        x_dense = torch.cumsum(torch.cat([torch.zeros_like(x_lex[:, :1]), (x_lex[:, 1:] != x_lex[:, :-1]).long()], 1), 1)
+        y_dense = torch.empty_like(y_order).scatter_(
+            1, y_order, torch.cumsum(torch.cat([torch.zeros_like(y_sorted[:, :1]),
+                                                (y_sorted[:, 1:] != y_sorted[:, :-1]).long()], 1), 1))
+        ties_xy = _tied_pairs(x_dense * n + torch.gather(y_dense, 1, lex))
+        del y_lex
+    numerator = n0 - ties_x - ties_y + ties_xy - 2 * discordant
+    denominator = torch.sqrt((n0 - ties_x).double() * (n0 - ties_y).double())
+    return numerator.double() / denominator
+
+
+def kendall_tau_b(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Kendall's tau-b between matching columns of ``x`` and ``y`` (both ``[n, m]``).
+
+    Returns ``[m]`` float64 on the inputs' device. Exact (integer pair counts), so it
+    matches ``scipy.stats.kendalltau`` (variant "b") to float rounding, ties included. A
+    column constant in ``x`` or ``y`` has no defined tau and gives NaN here;
+    :func:`lineage_test` drops such columns before calling this.
+    """
+    if x.dim() != 2 or x.shape != y.shape:
+        raise InputError(f"kendall_tau_b needs two [n, m] tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[0] < 2:
+        raise InputError(f"Kendall's tau needs at least 2 samples, got {x.shape[0]}")
+    xt, yt = x.t(), y.t()
+    return torch.cat([
+        _kendall_chunk(xt[i:i + _COLUMN_CHUNK].contiguous(), yt[i:i + _COLUMN_CHUNK].contiguous())
+        for i in range(0, xt.shape[0], _COLUMN_CHUNK)
+    ])
+
+
+# --------------------------------------------------------------------------------------
+# Input handling
+# --------------------------------------------------------------------------------------
+
+
+def _as_float_matrix(features: FeatureLike, name: str) -> torch.Tensor:
+    if isinstance(features, np.ndarray):
+        if not (np.issubdtype(features.dtype, np.floating)):
+            raise InputError(
+                f"{name} has dtype {features.dtype}; lineage_test needs floating-point hidden states "
+                "(cast with .astype(np.float32) if these really are features)"
+            )
+        tensor = torch.from_numpy(np.ascontiguousarray(features))
+    elif isinstance(features, torch.Tensor):
+        tensor = features.detach()
+    else:
+        raise InputError(f"{name} must be a torch.Tensor or numpy.ndarray of shape [n, D], got {type(features).__name__}")
+    if not tensor.is_floating_point():
+        raise InputError(
+            f"{name} has dtype {tensor.dtype}; lineage_test needs floating-point hidden states "
+            "(cast with .float() if these really are features)"
+        )
+    if tensor.dim() != 2:
+        raise InputError(f"{name} must be 2-D [n_samples, hidden_dim], got shape {tuple(tensor.shape)}")
+    if tensor.numel() == 0:
+        raise InputError(f"{name} is empty (shape {tuple(tensor.shape)}); probe at least 3 samples of at least 2 dimensions")
+    finite = torch.isfinite(tensor).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        raise InputError(
+            f"{name} has {len(bad)} of {tensor.shape[0]} rows with NaN or Inf (rows {shown}); "
+            "the model produced non-finite hidden states on these probes: check for overflow "
+            "(e.g. fp16) or diverged weights"
+        )
+    return tensor.to(torch.float64)
+
+
+def _resolve_k(dim: int, identity_k: int | None, identity_ratio: float | None) -> int:
+    if identity_k is not None and identity_ratio is not None:
+        raise InputError("give identity_k (a count) or identity_ratio (a fraction of D), not both")
+    if identity_k is not None:
+        if isinstance(identity_k, bool) or not isinstance(identity_k, (int, np.integer)) or identity_k < 2:
+            raise InputError(f"identity_k must be an integer >= 2, got {identity_k!r}")
+        if identity_k > dim:
+            raise InputError(f"identity_k={identity_k} is larger than the feature dimension D={dim}; use at most {dim}")
+        return int(identity_k)
+    ratio = DEFAULT_IDENTITY_RATIO if identity_ratio is None else identity_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 < float(ratio) <= 1.0):
+        raise InputError(f"identity_ratio must be a fraction in (0, 1], got {identity_ratio!r}")
+    return max(1, min(dim, int(round(float(ratio) * dim))))
+
+
+def select_identity_dims(
+    base: torch.Tensor, target: torch.Tensor, k: int, mode: Literal["coset", "base"] = "coset"
+) -> torch.Tensor:
+    """Indices (sorted, int64) of the identity dimensions: the ``k`` smallest column means."""
+    if mode not in ("coset", "base"):
+        raise InputError(f"identity_mode must be 'coset' or 'base', got {mode!r}")
+    base_dims = torch.topk(base.mean(dim=0), k, largest=False).indices
+    if mode == "base":
+        return torch.sort(base_dims).values
+    target_dims = torch.topk(target.mean(dim=0), k, largest=False).indices
+    in_target = torch.zeros(base.shape[1], dtype=torch.bool, device=base.device)
+    in_target[target_dims] = True
+    return torch.sort(base_dims[in_target[base_dims]]).values
+
+
+def softmax_normalise(features: torch.Tensor, dims: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Row-wise ``softmax(x[:, dims] / T)``."""
+    return torch.softmax(features[:, dims] / temperature, dim=1)
+
+
+# --------------------------------------------------------------------------------------
+# The test
+# --------------------------------------------------------------------------------------
+
+
+def _undetermined(n: int, k: int, alpha: float, method: str, mode: str, reason: str, dropped: int = 0,
+                  dims: tuple[int, ...] = ()) -> LineageResult:
+    return LineageResult(
+        z=0.0, log10_p=0.0, p_value=1.0, tau_mean=0.0, k=k, n=n, related=None, alpha=alpha,
+        method=method, identity_mode=mode, reason=reason, dropped_constant=dropped, identity_dims=dims,
+    )
+
+
+def _empirical_log10_p(
+    observed: torch.Tensor, null: torch.Tensor, test: str
+) -> float:
+    """One-sided log10 p that observed taus exceed null taus (Welch t or Mann-Whitney U)."""
+    obs = observed.double().cpu().numpy()
+    nul = null.double().cpu().numpy()
+    if test == "ttest":
+        v1, v2 = obs.var(ddof=1) / len(obs), nul.var(ddof=1) / len(nul)
+        se = math.sqrt(v1 + v2)
+        if se == 0.0:
+            return 0.0
+        t = (obs.mean() - nul.mean()) / se
+        df = (v1 + v2) ** 2 / (v1**2 / (len(obs) - 1) + v2**2 / (len(nul) - 1))
+        return float(sps.t.logsf(t, df) / _LN10)
+    # Mann-Whitney U, normal approximation with tie correction, in log space.
+    n1, n2 = len(obs), len(nul)
+    ranks = sps.rankdata(np.concatenate([obs, nul]))
+    u = ranks[:n1].sum() - n1 * (n1 + 1) / 2.0
+    _, tie_counts = np.unique(ranks, return_counts=True)
+    big_n = n1 + n2
+    tie_term = (tie_counts**3 - tie_counts).sum() / (big_n * (big_n - 1))
+    sigma = math.sqrt(n1 * n2 / 12.0 * ((big_n + 1) - tie_term))
+    if sigma == 0.0:
+        return 0.0
+    return log10_normal_sf((u - n1 * n2 / 2.0) / sigma)
+
+
+def lineage_test(
+    base: FeatureLike,
+    target: FeatureLike,
+    *,
+    identity_mode: Literal["coset", "base"] = "coset",
+    identity_k: int | None = None,
+    identity_ratio: float | None = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+    method: Literal["analytic", "empirical"] = "analytic",
+    alpha: float = 0.01,
+    use_agg: bool = False,
+    null_draws: int = 4,
+    null_seed: int = 0,
+    null_select: bool = True,
+    null_test: Literal["ttest", "mannwhitney"] = "ttest",
+) -> LineageResult:
+    """Test whether ``target`` descends from ``base`` (same init seed lineage).
+
+    Args:
+        base, target: ``[n, D]`` features of the two models on the SAME probe inputs, same
+            row order (torch tensors, any device, or numpy arrays).
+        identity_mode: ``"coset"`` (intersection of both models' bottom-k dims; use when
+            neither model is the init itself) or ``"base"`` (the base's bottom-k only).
+        identity_k / identity_ratio: number or fraction of dimensions (alternatives; the
+            default is ``DEFAULT_IDENTITY_RATIO``).
+        temperature: softmax temperature ``T``.
+        method: ``"analytic"`` uses the closed-form Kendall null. ``"empirical"`` builds
+            the null from ``null_draws`` random ``N(0, I)`` matrices that replace ``base``,
+            pass through the same normalisation (re-selecting identity dims when
+            ``null_select``, else reusing the observed ones), and compares the observed
+            per-dimension taus with the null taus by ``null_test`` (Welch t or
+            Mann-Whitney U). Seeded by ``null_seed``; the global RNG is not touched.
+        alpha: significance level of the one-sided test.
+        use_agg: add the paper's second signal, one Kendall tau between the per-sample
+            means over the identity dims (raw features: after softmax every row sums to
+            one, so its mean is constant), combined by max-z with a Bonferroni factor 2.
+
+    Returns:
+        :class:`LineageResult`. ``related`` is ``None`` (with ``reason``) when fewer than
+        2 identity dims intersect, or every identity column is constant.
+
+    Constant columns (after normalisation, in either model) have no Kendall tau: they are
+    dropped and counted in ``dropped_constant``; ``k`` is the number actually tested.
+    """
+    _check_alpha(alpha)
+    if method not in ("analytic", "empirical"):
+        raise InputError(f"method must be 'analytic' or 'empirical', got {method!r}")
+    if null_test not in ("ttest", "mannwhitney"):
+        raise InputError(f"null_test must be 'ttest' or 'mannwhitney', got {null_test!r}")
+    if identity_mode not in ("coset", "base"):
+        raise InputError(f"identity_mode must be 'coset' or 'base', got {identity_mode!r}")
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature > 0):
+        raise InputError(f"temperature must be a positive finite number, got {temperature!r}")
+    a = _as_float_matrix(base, "base")
+    b = _as_float_matrix(target, "target").to(a.device)
+    n, dim = a.shape
+    if b.shape[0] != n:
+        raise InputError(
+            f"base has {n} samples but target has {b.shape[0]}: both must be features of the SAME probe inputs, same order"
+        )
+    if b.shape[1] != dim:
+        raise InputError(
+            f"base has D={dim} dimensions but target has D={b.shape[1]}: dimension j must mean the same "
+            "coordinate in both models, so the lineage test needs equal hidden sizes"
+        )
+    if n < 3:
+        raise InputError(f"the lineage test needs at least 3 probe samples, got n={n}")
+    k_requested = _resolve_k(dim, identity_k, identity_ratio)
+
+    dims = select_identity_dims(a, b, k_requested, identity_mode)
+    if dims.numel() < 2:
+        return _undetermined(
+            n, int(dims.numel()), alpha, method, identity_mode,
+            f"only {dims.numel()} identity dimension(s) in common (need >= 2): the two models' "
+            f"bottom-{k_requested} sets barely overlap; raise identity_k/identity_ratio",
+            dims=tuple(dims.tolist()),
+        )
+    all_taus = kendall_tau_b(softmax_normalise(a, dims, temperature), softmax_normalise(b, dims, temperature))
+    # A column constant in either model has no tau (NaN from kendall_tau_b): drop, count.
+    defined = torch.isfinite(all_taus)
+    taus, dims = all_taus[defined], dims[defined]
+    dropped = int((~defined).sum())
+    k = int(dims.numel())
+    if k == 0:
+        return _undetermined(n, 0, alpha, method, identity_mode,
+                             "every identity column is constant in one of the models: the features carry no signal",
+                             dropped=dropped)
+    tau_mean = float(taus.mean())
+    sigma = kendall_null_sigma(n)
+
+    if method == "analytic":
+        z = tau_mean / (sigma / math.sqrt(k))
+        log10_p = log10_normal_sf(z)
+    else:
+        null_taus = _empirical_null_taus(b, dims, k_requested, identity_mode, temperature, null_draws,
+                                         null_seed, null_select)
+        log10_p = _empirical_log10_p(taus, null_taus, null_test)
+        # Report z on the analytic test's scale: the normal quantile of the same p.
+        z = float(-special.ndtri_exp(log10_p * _LN10))
+
+    z_agg = None
+    if use_agg:
+        agg_tau = float(kendall_tau_b(a[:, dims].mean(dim=1, keepdim=True), b[:, dims].mean(dim=1, keepdim=True))[0])
+        if math.isfinite(agg_tau):
+            z_agg = agg_tau / sigma
+            best = max(z, z_agg)
+            # Bonferroni over the two signals: p = min(1, 2 * p(best)).
+            log10_p = min(0.0, math.log10(2.0) + log10_normal_sf(best))
+            z = best
+
+    related = bool(log10_p < math.log10(alpha))
+    return LineageResult(
+        z=float(z), log10_p=float(log10_p), p_value=float(10.0**log10_p), tau_mean=tau_mean, k=k, n=n,
+        related=related, alpha=float(alpha), method=method, identity_mode=identity_mode,
+        dropped_constant=dropped, identity_dims=tuple(int(d) for d in dims.tolist()), z_agg=z_agg,
+    )
+
+
+def _empirical_null_taus(
+    target: torch.Tensor, dims: torch.Tensor, k: int, mode: str, temperature: float, draws: int, seed: int,
+    select: bool,
+) -> torch.Tensor:
+    if not isinstance(draws, int) or draws < 1:
+        raise InputError(f"null_draws must be a positive integer, got {draws!r}")
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    n, dim = target.shape
+    out = []
+    for _ in range(draws):
+        noise = torch.randn(n, dim, generator=generator, dtype=torch.float64).to(target.device)
+        null_dims = select_identity_dims(noise, target, k, mode) if select else dims
+        if null_dims.numel() < 2:
+            continue
+        taus = kendall_tau_b(softmax_normalise(noise, null_dims, temperature),
+                             softmax_normalise(target, null_dims, temperature))
+        out.append(taus[torch.isfinite(taus)])
+    if not out:
+        raise InputError("the empirical null produced no usable dimensions; use method='analytic' or raise identity_k")
+    null = torch.cat(out)
+    if null.numel() < 2:
+        raise InputError("the empirical null produced fewer than 2 usable dimensions; use method='analytic' or raise identity_k")
+    return null
