@@ -114,7 +114,6 @@ class CausalLMModule(pl.LightningModule):
             max_position_embeddings=max_position_embeddings,
             **dict(config_overrides or {}),
         )
-        self.vocab_size = vocab_size
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Return next-token logits ``[batch, seq_len, vocab_size]``."""
@@ -188,6 +187,13 @@ def load_causal_lm_from_checkpoint(path: str | os.PathLike[str], *, trust_pickle
     if not file.is_file():
         what = "is a directory" if file.is_dir() else "does not exist"
         raise InputError(f"Checkpoint {file} {what}: pass the path of a .ckpt file.")
+    # torch.save has written zip archives since torch 1.6 and Lightning always uses it; checking
+    # the container first tells "not a checkpoint" apart from "a checkpoint a safe load refuses",
+    # which torch reports with the same exception type.
+    if not zipfile.is_zipfile(file):
+        raise InputError(
+            f"{file} is not a PyTorch checkpoint (not a torch.save zip archive): pass a .ckpt written by a Trainer."
+        )
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as err:
