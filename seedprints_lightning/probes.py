@@ -97,9 +97,12 @@ class ProbeSpec:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
                 raise InputError(f"ProbeSpec.{name} must be a positive integer or None, got {value!r}")
-        if self.embed_mean is not None and not math.isfinite(float(self.embed_mean)):
-            raise InputError(f"ProbeSpec.embed_mean must be finite, got {self.embed_mean!r}")
-        if self.embed_std is not None and not (math.isfinite(float(self.embed_std)) and float(self.embed_std) > 0):
+        def is_finite_number(value: Any) -> bool:
+            return not isinstance(value, bool) and isinstance(value, (int, float, np.floating)) and math.isfinite(value)
+
+        if self.embed_mean is not None and not is_finite_number(self.embed_mean):
+            raise InputError(f"ProbeSpec.embed_mean must be finite (a number, or None), got {self.embed_mean!r}")
+        if self.embed_std is not None and not (is_finite_number(self.embed_std) and self.embed_std > 0):
             raise InputError(f"ProbeSpec.embed_std must be a positive finite number, got {self.embed_std!r}")
 
     # ------------------------------------------------------------------ resolution

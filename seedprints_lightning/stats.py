@@ -295,7 +295,8 @@ def _as_float_matrix(features: FeatureLike, name: str) -> torch.Tensor:
                 f"{name} has dtype {features.dtype}; lineage_test needs floating-point hidden states "
                 "(cast with .astype(np.float32) if these really are features)"
             )
-        tensor = torch.from_numpy(np.ascontiguousarray(features))
+        # torch cannot wrap non-native byte order (e.g. big-endian files): convert first.
+        tensor = torch.from_numpy(np.ascontiguousarray(features, dtype=features.dtype.newbyteorder("=")))
     elif isinstance(features, torch.Tensor):
         tensor = features.detach()
     else:
@@ -333,7 +334,13 @@ def _resolve_k(dim: int, identity_k: int | None, identity_ratio: float | None) -
     ratio = DEFAULT_IDENTITY_RATIO if identity_ratio is None else identity_ratio
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 < float(ratio) <= 1.0):
         raise InputError(f"identity_ratio must be a fraction in (0, 1], got {identity_ratio!r}")
-    return max(1, min(dim, int(round(float(ratio) * dim))))
+    k = min(dim, int(round(float(ratio) * dim)))
+    if k < 2:
+        raise InputError(
+            f"identity_ratio={ratio} of D={dim} gives {k} identity dimension(s); the test needs at least 2: "
+            "raise identity_ratio or give identity_k"
+        )
+    return k
 
 
 def select_identity_dims(
@@ -369,21 +376,28 @@ def _undetermined(n: int, k: int, alpha: float, method: str, mode: str, reason: 
     )
 
 
-def _empirical_log10_p(
-    observed: torch.Tensor, null: torch.Tensor, test: str
-) -> float:
-    """One-sided log10 p that observed taus exceed null taus (Welch t or Mann-Whitney U)."""
+def _empirical_tails(observed: torch.Tensor, null: torch.Tensor, test: str) -> tuple[float, float]:
+    """Natural-log upper and lower tail probabilities that observed taus exceed the null's.
+
+    Both tails are returned so that ``z`` stays finite for anti-related pairs, where the
+    upper tail rounds to 1 and its normal quantile would be infinite.
+    """
     obs = observed.double().cpu().numpy()
     nul = null.double().cpu().numpy()
     if test == "ttest":
         v1, v2 = obs.var(ddof=1) / len(obs), nul.var(ddof=1) / len(nul)
         se = math.sqrt(v1 + v2)
         if se == 0.0:
-            return 0.0
+            return math.log(0.5), math.log(0.5)
         t = (obs.mean() - nul.mean()) / se
         df = (v1 + v2) ** 2 / (v1**2 / (len(obs) - 1) + v2**2 / (len(nul) - 1))
-        return float(sps.t.logsf(t, df) / _LN10)
-    # Mann-Whitney U, normal approximation with tie correction, in log space.
+        upper, lower = float(sps.t.logsf(t, df)), float(sps.t.logcdf(t, df))
+        # scipy's t tails underflow to -inf for extreme t; the normal tail is finite there
+        # and only more extreme, which cannot change a verdict that far out.
+        upper = upper if math.isfinite(upper) else float(special.log_ndtr(-t))
+        lower = lower if math.isfinite(lower) else float(special.log_ndtr(t))
+        return upper, lower
+    # Mann-Whitney U, normal approximation with tie correction.
     n1, n2 = len(obs), len(nul)
     ranks = sps.rankdata(np.concatenate([obs, nul]))
     u = ranks[:n1].sum() - n1 * (n1 + 1) / 2.0
@@ -392,8 +406,9 @@ def _empirical_log10_p(
     tie_term = (tie_counts**3 - tie_counts).sum() / (big_n * (big_n - 1))
     sigma = math.sqrt(n1 * n2 / 12.0 * ((big_n + 1) - tie_term))
     if sigma == 0.0:
-        return 0.0
-    return log10_normal_sf((u - n1 * n2 / 2.0) / sigma)
+        return math.log(0.5), math.log(0.5)
+    u_z = (u - n1 * n2 / 2.0) / sigma
+    return float(special.log_ndtr(-u_z)), float(special.log_ndtr(u_z))
 
 
 def lineage_test(
@@ -493,9 +508,11 @@ def lineage_test(
     else:
         null_taus = _empirical_null_taus(b, dims, k_requested, identity_mode, temperature, null_draws,
                                          null_seed, null_select)
-        log10_p = _empirical_log10_p(taus, null_taus, null_test)
-        # Report z on the analytic test's scale: the normal quantile of the same p.
-        z = float(-special.ndtri_exp(log10_p * _LN10))
+        log_upper, log_lower = _empirical_tails(taus, null_taus, null_test)
+        log10_p = log_upper / _LN10
+        # Report z on the analytic test's scale: the normal quantile of the same p, taken
+        # from the smaller tail so it stays finite at both ends.
+        z = float(-special.ndtri_exp(log_upper)) if log_upper < log_lower else float(special.ndtri_exp(log_lower))
 
     z_agg = None
     if use_agg:
