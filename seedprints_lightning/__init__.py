@@ -5,6 +5,7 @@ The flow: probe inputs (:mod:`.probes`) -> features ``[n, D]`` -> lineage test
 """
 
 from ._version import __version__
+from .controls import IdentityVerdict, decide_identity
 from .errors import (
     FingerprintFileError,
     IdentityLostError,
@@ -22,14 +23,27 @@ __all__ = [
     "Fingerprint",
     "FingerprintFileError",
     "IdentityLostError",
+    "IdentityVerdict",
     "IncompatibleFingerprintsError",
     "InputError",
     "LineageResult",
     "ModelNotFoundError",
     "ProbeSpec",
+    "SeedPrintsCallback",
     "SeedPrintsError",
+    "decide_identity",
     "extract_features",
     "fingerprint_model",
     "kendall_tau_b",
     "lineage_test",
 ]
+
+
+def __getattr__(name: str):
+    # The callback pulls in pytorch_lightning (seconds of import time); the statistical core
+    # and the `seedprints` command line should not pay for it unless it is used.
+    if name == "SeedPrintsCallback":
+        from .callback import SeedPrintsCallback
+
+        return SeedPrintsCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

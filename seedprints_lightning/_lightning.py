@@ -1,0 +1,41 @@
+"""Import compatibility for Lightning's two package names.
+
+``pytorch_lightning`` and ``lightning.pytorch`` ship separate ``Callback`` classes, and each
+Trainer refuses a callback built on the other's. :data:`CALLBACK_BASES` holds every
+``Callback`` class importable here (``pytorch_lightning`` always, it is a dependency;
+``lightning.pytorch`` when installed) so ``class X(*CALLBACK_BASES)`` is accepted by both.
+
+Nothing else is imported from either package by the callback: enums are compared by value
+(``trainer.state.fn == "fit"``) and loggers are recognised by class name, so a
+``lightning.pytorch`` Trainer never meets a ``pytorch_lightning`` object it would refuse.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as _pl
+
+__all__ = ["CALLBACK_BASES", "LIGHTNING_AVAILABLE", "is_tensorboard_logger", "trainer_fn_value"]
+
+try:  # the unified package is optional
+    import lightning.pytorch as _lpl
+except Exception:  # pragma: no cover - depends on the environment
+    _lpl = None
+
+LIGHTNING_AVAILABLE = _lpl is not None
+
+CALLBACK_BASES: tuple[type, ...] = (_pl.Callback,) + ((_lpl.Callback,) if _lpl is not None else ())
+
+
+def trainer_fn_value(trainer: Any) -> str | None:
+    """``trainer.state.fn`` as a plain string ("fit", "validate", ...), whichever package."""
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    if fn is None:
+        return None
+    return str(getattr(fn, "value", fn))
+
+
+def is_tensorboard_logger(logger: Any) -> bool:
+    """True for either package's ``TensorBoardLogger`` (or a subclass), by class name."""
+    return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)

@@ -1,0 +1,528 @@
+"""SeedPrintsCallback in real (tiny, CPU) Lightning fits."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from seedprints_lightning import (
+    Fingerprint,
+    IdentityLostError,
+    InputError,
+    ModelNotFoundError,
+    ProbeSpec,
+    SeedPrintsCallback,
+    extract_features,
+    fingerprint_model,
+)
+from seedprints_lightning.callback import METRIC_TAGS, IdentityWarning
+from seedprints_lightning.controls import preserve_rng_state
+
+VOCAB = 64
+SPEC = ProbeSpec(kind="token", num_samples=200, length=8)
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning:pytorch_lightning", "ignore::UserWarning:lightning", "ignore::UserWarning:lightning_fabric",
+    "ignore:.*does not have many workers.*", "ignore:.*LitLogger.*",
+)
+
+
+# ------------------------------------------------------------------ tiny models and data
+
+
+def make_lm(arch: str = "llama", seed: int = 0, hidden: int = 32, dropout: float = 0.0) -> nn.Module:
+    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64, attention_dropout=dropout)
+    with preserve_rng_state():
+        torch.manual_seed(seed)
+        if arch == "llama":
+            return LlamaForCausalLM(LlamaConfig(num_key_value_heads=4, **common))
+        return Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **common))
+
+
+_MODULE_CLASSES: dict[str, type] = {}
+
+
+def module_class(package=pl) -> type:
+    """The tiny LightningModule, built on ``package.LightningModule`` (two import names)."""
+    key = package.__name__
+    if key not in _MODULE_CLASSES:
+        class TinyLM(package.LightningModule):
+            def __init__(self, arch: str = "llama", seed: int = 0, lr: float = 3e-3, dropout: float = 0.0):
+                super().__init__()
+                self.model = make_lm(arch, seed, dropout=dropout)
+                self.lr = lr
+
+            def training_step(self, batch, batch_idx):
+                ids = batch[0]
+                return self.model(input_ids=ids, labels=ids).loss
+
+            def configure_optimizers(self):
+                return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+        _MODULE_CLASSES[key] = TinyLM
+    return _MODULE_CLASSES[key]
+
+
+def TinyLM(*args, **kwargs):
+    return module_class(pl)(*args, **kwargs)
+
+
+def loader(n: int = 240, length: int = 16, batch_size: int = 8, shuffle: bool = True) -> torch.utils.data.DataLoader:
+    data = torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=batch_size, shuffle=shuffle)
+
+
+def make_trainer(root: Path, *, package=pl, logger=False, callbacks=(), **kwargs):
+    args = dict(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, logger=logger,
+                enable_checkpointing=False, default_root_dir=str(root), callbacks=list(callbacks))
+    args.update(kwargs)
+    return package.Trainer(**args)
+
+
+class SwapWeights(pl.Callback):
+    """At optimizer step ``at``, overwrite the model with a different-seed init."""
+
+    def __init__(self, at: int, seed: int = 7, arch: str = "llama"):
+        self.at, self.seed, self.arch, self.done = at, seed, arch, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at and not self.done:
+            self.done = True
+            pl_module.model.load_state_dict(make_lm(self.arch, self.seed).state_dict())
+
+
+def callback(**kwargs) -> SeedPrintsCallback:
+    args = dict(every_n_steps=10, probe=SPEC, num_controls=3)
+    args.update(kwargs)
+    return SeedPrintsCallback(**args)
+
+
+# ------------------------------------------------------------------ constructor
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"every_n_steps": 0}, "every_n_steps"),
+    ({"every_n_steps": 2.5}, "every_n_steps"),
+    ({"every_n_steps": True}, "every_n_steps"),
+    ({"probe": "token"}, "probe must be a"),
+    ({"alpha": 0}, "alpha"),
+    ({"alpha": 1.0}, "alpha"),
+    ({"alpha": "0.01"}, "alpha"),
+    ({"patience": 0}, "patience"),
+    ({"on_identity_lost": "crash"}, "on_identity_lost"),
+    ({"num_controls": -1}, "num_controls"),
+    ({"num_controls": 1000}, "num_controls"),
+    ({"control_margin": -0.5}, "control_margin"),
+    ({"control_margin": float("inf")}, "control_margin"),
+    ({"reference": 3}, "reference must be"),
+    ({"feature_fn": "abc", "num_controls": 0}, "feature_fn must be callable"),
+    ({"feature_fn": lambda m, b: b, "num_controls": 2}, "num_controls=0 with feature_fn"),
+    ({"save_dir": 5}, "save_dir"),
+    ({"probe_batch_size": 0}, "probe_batch_size"),
+    ({"identity_ratio": 0.0}, "identity_ratio"),
+    ({"identity_ratio": 1.5}, "identity_ratio"),
+    ({"identity_mode": "both"}, "identity_mode"),
+])
+def test_constructor_validates(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        SeedPrintsCallback(**kwargs)
+
+
+def test_constructor_reference_path_and_probe_conflict(tmp_path):
+    from seedprints_lightning.errors import FingerprintFileError
+
+    with pytest.raises(FingerprintFileError, match="does not exist"):
+        SeedPrintsCallback(reference=tmp_path / "missing.safetensors")
+    fp = fingerprint_model(make_lm(), ProbeSpec(num_samples=20, length=4))
+    path = fp.save(tmp_path / "parent.safetensors")
+    cb = SeedPrintsCallback(reference=path)
+    assert cb.reference_source == "explicit" and torch.equal(cb.reference.features, fp.features)
+    with pytest.raises(InputError, match="leave probe=None"):
+        SeedPrintsCallback(reference=path, probe=ProbeSpec(num_samples=30))
+
+
+def test_defaults_and_state_key():
+    cb = SeedPrintsCallback()
+    assert (cb.every_n_steps, cb.alpha, cb.patience, cb.on_identity_lost, cb.num_controls) == (1000, 0.01, 2, "warn", 3)
+    assert cb.control_margin == pytest.approx(2.33) and cb.state_key == "SeedPrintsCallback"
+    assert isinstance(cb, pl.Callback)
+    lpl = pytest.importorskip("lightning.pytorch")
+    assert isinstance(cb, lpl.Callback)
+
+
+def test_no_model_found_raises_at_fit_start(tmp_path):
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(4, 4)
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0].float()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(8, 4)), batch_size=4)
+    with pytest.raises(ModelNotFoundError, match="feature_fn"):
+        make_trainer(tmp_path, max_steps=2, callbacks=[callback()]).fit(Plain(), data)
+
+
+def test_model_built_in_configure_model(tmp_path):
+    class Late(module_class(pl)):
+        def __init__(self):
+            pl.LightningModule.__init__(self)
+            self.lr, self.model = 3e-3, None
+
+        def configure_model(self):
+            if self.model is None:
+                self.model = make_lm()
+
+    cb = callback(every_n_steps=3, num_controls=0, probe=ProbeSpec(num_samples=60, length=8))
+    make_trainer(tmp_path, max_steps=3, callbacks=[cb]).fit(Late(), loader())
+    assert [(h["step"], h["related"]) for h in cb.history] == [(3, True)]
+
+
+def test_incompatible_explicit_reference_raises_at_fit_start(tmp_path):
+    wide = fingerprint_model(make_lm(hidden=48), ProbeSpec(num_samples=20, length=4))
+    with pytest.raises(InputError, match="hidden size is 32"):
+        make_trainer(tmp_path, max_steps=2, callbacks=[callback(reference=wide, probe=None)]).fit(TinyLM(), loader())
+
+
+# ------------------------------------------------------------------ identity kept, logs
+
+
+def read_scalars(log_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_identity_kept_llama_logs_tags_and_files(tmp_path):
+    cb = callback()
+    logger = TensorBoardLogger(str(tmp_path), name="logs")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="seedprints/related", mode="max", every_n_train_steps=10)
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=30, callbacks=[cb, ckpt], enable_checkpointing=True)
+    module = TinyLM("llama", seed=0, lr=3e-3)
+    init = make_lm("llama", 0).model.embed_tokens.weight.clone()
+    trainer.fit(module, loader())
+    assert not torch.equal(module.model.model.embed_tokens.weight, init)  # training moved the weights
+
+    assert [h["step"] for h in cb.history] == [10, 20, 30]
+    assert [h["related"] for h in cb.history] == [True, True, True]
+    assert all(h["z"] > h["threshold"] for h in cb.history)
+    assert cb.last_verdict.related is True and cb.reference_source == "step0" and cb.consecutive_failures == 0
+    for tag in METRIC_TAGS:
+        value = trainer.callback_metrics[tag]
+        assert isinstance(value, torch.Tensor) and math.isfinite(float(value))
+    assert float(trainer.callback_metrics["seedprints/related"]) == 1.0
+    assert ckpt.best_model_path  # ModelCheckpoint could monitor a seedprints tag
+
+    log_dir = Path(logger.log_dir)
+    seedprints_dir = log_dir / "seedprints"
+    reference = Fingerprint.load(seedprints_dir / "reference.safetensors")
+    assert reference.step == 0 and reference.spec.vocab_size == VOCAB
+    assert torch.equal(reference.features, cb.reference.features)
+    assert (seedprints_dir / "controls.safetensors").is_file()
+
+    acc = read_scalars(log_dir)
+    for tag in METRIC_TAGS:
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [10, 20, 30], tag
+        assert all(math.isfinite(e.value) for e in events), tag
+    assert [e.value for e in acc.Scalars("seedprints/related")] == [1.0, 1.0, 1.0]
+    z = [e.value for e in acc.Scalars("seedprints/z")]
+    assert z == pytest.approx([h["z"] for h in cb.history], rel=1e-6)
+
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+    proto = acc.Tensors("custom_scalars__config__")[0].tensor_proto
+    layout = layout_pb2.Layout.FromString(proto.string_val[0])
+    chart = layout.category[0].chart[0]
+    assert set(chart.multiline.tag) == {r"^seedprints/z$", r"^seedprints/control_z_max$",
+                                        r"^seedprints/control_z_mean$", r"^seedprints/threshold$"}
+
+
+def test_identity_kept_qwen2(tmp_path):
+    cb = callback()
+    module = module_class(pl)("qwen2", seed=3, lr=3e-3)
+    make_trainer(tmp_path, max_steps=30, callbacks=[cb]).fit(module, loader())
+    assert [h["step"] for h in cb.history] == [10, 20, 30]
+    assert all(h["related"] is True for h in cb.history)
+    assert cb.reference.model_class == "Qwen2ForCausalLM"
+
+
+# ------------------------------------------------------------------ swapped weights
+
+
+def test_swap_is_flagged_at_first_probe_and_warns_after_patience(tmp_path):
+    cb = callback(patience=2, on_identity_lost="warn")
+    with pytest.warns(IdentityWarning, match="lost its lineage identity at step 30") as record:
+        make_trainer(tmp_path, max_steps=30, callbacks=[cb, SwapWeights(at=15)]).fit(TinyLM(), loader())
+    assert [(h["step"], h["related"]) for h in cb.history] == [(10, True), (20, False), (30, False)]
+    assert [h["consecutive_failures"] for h in cb.history] == [0, 1, 2]
+    lost = [str(w.message) for w in record if issubclass(w.category, IdentityWarning)]
+    assert len(lost) == 1 and "z=" in lost[0] and "log10 p=" in lost[0] and "controls z max" in lost[0]
+
+
+def test_swap_with_raise(tmp_path):
+    cb = callback(every_n_steps=5, patience=2, on_identity_lost="raise")
+    trainer = make_trainer(tmp_path, max_steps=40, callbacks=[cb, SwapWeights(at=12)])
+    with pytest.raises(IdentityLostError, match=r"at step 20 \(2 consecutive.*z=.*log10 p=.*controls z max"):
+        trainer.fit(TinyLM(), loader())
+    assert [(h["step"], h["related"]) for h in cb.history] == [(5, True), (10, True), (15, False), (20, False)]
+
+
+def test_swap_with_stop(tmp_path):
+    cb = callback(patience=1, on_identity_lost="stop", num_controls=1)
+    trainer = make_trainer(tmp_path, max_steps=60, callbacks=[cb, SwapWeights(at=12)])
+    with pytest.warns(IdentityWarning, match="Stopping the run"):
+        trainer.fit(TinyLM(), loader())
+    assert trainer.should_stop and trainer.global_step == 20 < 60
+    assert trainer.state.status == "finished"
+    assert cb.history[-1]["step"] == 20 and cb.history[-1]["related"] is False
+
+
+# ------------------------------------------------------------------ resume
+
+
+def _fit_and_save(root: Path, seed: int, steps: int, save_dir: Path) -> tuple[SeedPrintsCallback, Path]:
+    cb = callback(save_dir=save_dir, num_controls=2)
+    trainer = make_trainer(root, max_steps=steps, callbacks=[cb])
+    trainer.fit(TinyLM(seed=seed), loader())
+    path = root / f"seed{seed}.ckpt"
+    trainer.save_checkpoint(path)
+    return cb, path
+
+
+def test_resume_restores_state_and_catches_wrong_checkpoints(tmp_path):
+    dir_a, dir_b = tmp_path / "a" / "seedprints", tmp_path / "b" / "seedprints"
+    cb_a, ckpt_a = _fit_and_save(tmp_path, 0, 20, dir_a)
+    assert [h["step"] for h in cb_a.history] == [10, 20]
+
+    # The state survives a weights-only load and holds only CPU tensors / plain types.
+    state = torch.load(ckpt_a, weights_only=True)["callbacks"]["SeedPrintsCallback"]
+    assert state["format_version"] == 1 and state["last_probed_step"] == 20
+    buffer = io.BytesIO()
+    torch.save(cb_a.state_dict(), buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=True)["reference_features"], cb_a.reference.features)
+
+    # 1. Normal resume: reference and controls bit for bit, history continues, no new reference.
+    cb = callback(save_dir=dir_a, num_controls=2)
+    file_mtime = (dir_a / "reference.safetensors").stat().st_mtime_ns
+    make_trainer(tmp_path, max_steps=30, callbacks=[cb]).fit(TinyLM(seed=0), loader(), ckpt_path=ckpt_a)
+    assert cb.reference_source == "checkpoint"
+    assert torch.equal(cb.reference.features, cb_a.reference.features)
+    assert cb.reference.created == cb_a.reference.created and cb.reference.step == 0
+    assert torch.equal(cb.control_features, cb_a.control_features)
+    assert [h["step"] for h in cb.history] == [10, 20, 30]
+    assert cb.history[:2] == cb_a.history
+    assert cb.history[-1]["related"] is True
+    assert (dir_a / "reference.safetensors").stat().st_mtime_ns == file_mtime
+
+    # 2. Callback state stripped from the checkpoint: a clear error, no reference from trained weights.
+    raw = torch.load(ckpt_a, weights_only=False)
+    del raw["callbacks"]["SeedPrintsCallback"]
+    stripped = tmp_path / "stripped.ckpt"
+    torch.save(raw, stripped)
+    cb = callback(save_dir=dir_a)
+    with pytest.raises(InputError, match=r"no SeedPrintsCallback state \(state_key 'SeedPrintsCallback'\).*reference="):
+        make_trainer(tmp_path, max_steps=30, callbacks=[cb]).fit(TinyLM(seed=0), loader(), ckpt_path=stripped)
+    assert cb.history == []
+
+    # 3. Run B's checkpoint resumed into run A's directory: the two references differ.
+    cb_b, ckpt_b = _fit_and_save(tmp_path, 5, 10, dir_b)
+    with pytest.raises(InputError, match=r"differs from .*a[/\\]seedprints[/\\]reference\.safetensors"):
+        make_trainer(tmp_path, max_steps=30, callbacks=[callback(save_dir=dir_a)]).fit(
+            TinyLM(seed=5), loader(), ckpt_path=ckpt_b)
+
+    # 4. Run B's weights with run A's reference (state stripped, reference= given): caught at the first probe.
+    raw = torch.load(ckpt_b, weights_only=False)
+    del raw["callbacks"]["SeedPrintsCallback"]
+    torch.save(raw, stripped)
+    cb = callback(save_dir=dir_a, reference=dir_a / "reference.safetensors", probe=None, patience=1,
+                  on_identity_lost="raise", num_controls=2)
+    with pytest.raises(IdentityLostError, match="at step 10"):
+        make_trainer(tmp_path, max_steps=30, callbacks=[cb]).fit(TinyLM(seed=5), loader(), ckpt_path=stripped)
+    assert cb.history[-1]["event"] == "train_start" and cb.history[-1]["related"] is False
+
+
+# ------------------------------------------------------------------ accumulation, observer effect
+
+
+def test_gradient_accumulation_probes_once_per_interval(tmp_path):
+    calls = []
+
+    class Spy(SeedPrintsCallback):
+        def _probe(self, trainer, pl_module, event):
+            calls.append((trainer.global_step, event))
+            return super()._probe(trainer, pl_module, event)
+
+    cb = Spy(every_n_steps=2, probe=ProbeSpec(num_samples=60, length=8), num_controls=0)
+    batches = []
+
+    class Count(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            batches.append(trainer.global_step)
+
+    make_trainer(tmp_path, max_steps=6, accumulate_grad_batches=3, callbacks=[cb, Count()]).fit(TinyLM(), loader())
+    assert batches.count(2) == 3  # the hook really fires 3 times per optimizer step
+    assert calls == [(2, "interval"), (4, "interval"), (6, "interval")]
+    assert [h["step"] for h in cb.history] == [2, 4, 6]
+
+
+def test_no_observer_effect(tmp_path):
+    def run(with_callback: bool) -> dict[str, torch.Tensor]:
+        pl.seed_everything(1234, verbose=False)
+        module = TinyLM(seed=0, dropout=0.3)  # dropout draws from the global RNG every step
+        callbacks = [callback(every_n_steps=3, num_controls=2, probe=ProbeSpec(num_samples=50, length=8))] if with_callback else []
+        make_trainer(tmp_path / str(with_callback), max_steps=12, callbacks=callbacks).fit(module, loader(n=48))
+        if with_callback:
+            assert [h["step"] for h in callbacks[0].history] == [3, 6, 9, 12]
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    without, with_cb = run(False), run(True)
+    assert without.keys() == with_cb.keys()
+    for name in without:
+        assert torch.equal(without[name], with_cb[name]), name
+
+
+# ------------------------------------------------------------------ two import names, fast_dev_run
+
+
+def test_lightning_pytorch_trainer_accepts_and_runs_it(tmp_path):
+    lpl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.loggers import TensorBoardLogger as LTensorBoardLogger
+
+    cb = callback(every_n_steps=3, num_controls=1, probe=ProbeSpec(num_samples=60, length=8))
+    logger = LTensorBoardLogger(str(tmp_path), name="l")
+    trainer = make_trainer(tmp_path, package=lpl, logger=logger, max_steps=6, callbacks=[cb])
+    trainer.fit(module_class(lpl)(), loader())
+    assert [h["step"] for h in cb.history] == [3, 6] and all(h["related"] for h in cb.history)
+    acc = read_scalars(Path(logger.log_dir))
+    assert [e.step for e in acc.Scalars("seedprints/z")] == [3, 6]
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+
+
+def test_bf16_mixed_precision(tmp_path):
+    cb = callback(every_n_steps=3, num_controls=1, probe=ProbeSpec(num_samples=60, length=8))
+    trainer = make_trainer(tmp_path, max_steps=3, callbacks=[cb], precision="bf16-mixed")
+    trainer.fit(TinyLM(), loader())
+    assert cb in trainer.callbacks and [h["step"] for h in cb.history] == [3]
+    assert cb.history[0]["related"] is True and cb.reference.features.dtype == torch.float32
+
+
+def test_root_wrapper_route_for_sharded_strategies():
+    """The FSDP/DeepSpeed path (untestable here) with a stand-in wrapper: the probe runs inside
+    the wrapper's forward and the LightningModule's forward is restored afterwards."""
+    import contextlib
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.inner(*args, **kwargs)
+
+    class FakeFSDPStrategy:
+        def __init__(self, model):
+            self.model = model
+
+        def broadcast(self, obj, src=0):
+            return obj
+
+    class Precision:
+        forward_context = staticmethod(contextlib.nullcontext)
+
+    class FakeTrainer:
+        pass
+
+    module = TinyLM()
+    trainer = FakeTrainer()
+    trainer.strategy, trainer.precision_plugin = FakeFSDPStrategy(Wrapper(module)), Precision()
+    cb = callback()
+    spec = SPEC.resolve(module.model)
+    routed = cb._features(trainer, module, spec)
+    assert trainer.strategy.model.calls == 1 and "forward" not in module.__dict__
+    direct = extract_features(module.model, spec)
+    assert torch.equal(routed, direct)
+    module.forward = marker = lambda *a, **k: "own"  # an instance forward of the user's survives too
+    cb._features(trainer, module, spec)
+    assert module.forward is marker and trainer.strategy.model.calls == 2
+
+
+def test_fast_dev_run_probes_at_end_and_writes_nothing(tmp_path):
+    cb = callback(every_n_steps=1000, num_controls=1, probe=ProbeSpec(num_samples=60, length=8))
+    trainer = make_trainer(tmp_path, fast_dev_run=3, callbacks=[cb], logger=TensorBoardLogger(str(tmp_path)))
+    trainer.fit(TinyLM(), loader())
+    assert [(h["step"], h["event"]) for h in cb.history] == [(3, "train_end")]
+    assert cb.control_features.shape == (1, 60, 32)
+    assert float(trainer.callback_metrics["seedprints/related"]) == 1.0
+    assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob("events.out.*"))
+
+
+# ------------------------------------------------------------------ feature_fn, undetermined
+
+
+class Bag(pl.LightningModule):
+    """A non-transformers model: token embedding + MLP, probed through feature_fn."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        with preserve_rng_state():
+            torch.manual_seed(seed)
+            self.emb = nn.Embedding(VOCAB, 32)
+            self.mlp = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32))
+            self.head = nn.Linear(32, VOCAB)
+
+    def features(self, ids):
+        return self.mlp(self.emb(ids).mean(dim=1))
+
+    def training_step(self, batch, batch_idx):
+        ids = batch[0]
+        return nn.functional.cross_entropy(self.head(self.features(ids[:, :-1])), ids[:, -1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_feature_fn_for_a_non_transformers_model(tmp_path):
+    spec = ProbeSpec(num_samples=100, length=8, vocab_size=VOCAB)
+    cb = SeedPrintsCallback(every_n_steps=4, probe=spec, num_controls=0, save_dir=tmp_path / "sp",
+                            feature_fn=lambda module, batch: module.features(batch.input_ids.to(module.device)))
+    make_trainer(tmp_path, max_steps=8, callbacks=[cb]).fit(Bag(), loader())
+    assert [h["step"] for h in cb.history] == [4, 8] and all(h["related"] for h in cb.history)
+    assert Fingerprint.load(tmp_path / "sp" / "reference.safetensors").model_class == "Bag"
+
+    unresolved = SeedPrintsCallback(probe=ProbeSpec(num_samples=100, length=8), num_controls=0,
+                                    feature_fn=lambda module, batch: module.features(batch.input_ids))
+    with pytest.raises(InputError, match="pass a resolved probe"):
+        make_trainer(tmp_path, max_steps=2, callbacks=[unresolved]).fit(Bag(), loader())
+
+
+def test_undetermined_probe_warns_once_and_is_not_a_failure(tmp_path):
+    spec = ProbeSpec(num_samples=50, length=4, vocab_size=VOCAB)
+    cb = SeedPrintsCallback(every_n_steps=2, probe=spec, num_controls=0, patience=1, on_identity_lost="raise",
+                            feature_fn=lambda module, batch: torch.zeros(batch.size, 8))
+    with pytest.warns(IdentityWarning, match="undetermined") as record:
+        make_trainer(tmp_path, max_steps=6, callbacks=[cb]).fit(Bag(), loader())
+    assert sum("undetermined" in str(w.message) for w in record) == 1
+    assert [h["related"] for h in cb.history] == [None, None, None]
+    assert cb.consecutive_failures == 0
+    assert all(math.isfinite(h["z"]) and h["related"] is None for h in cb.history)
+    assert all(h[k] == 0.0 for h in cb.history for k in ("z", "log10_p"))

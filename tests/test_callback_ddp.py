@@ -1,0 +1,160 @@
+"""SeedPrintsCallback under DDP: 2 CPU processes (gloo), run in a subprocess with a timeout.
+
+Slow (two processes importing torch, transformers and Lightning): two small fits in total.
+The fit runs this file as a script under ``strategy="ddp"`` (Lightning re-launches the script
+for rank 1); each rank writes what it saw to ``<out>/rank<r>.json``, and the test compares
+the ranks with each other and with a single-process probe of the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent
+VOCAB = 64
+TIMEOUT_S = 420
+
+
+def make_lm(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from seedprints_lightning.controls import preserve_rng_state
+
+    with preserve_rng_state():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+
+
+def _worker(mode: str, out: Path) -> int:
+    """The DDP script: one fit on 2 CPU processes; every rank writes ``rank<r>.json``."""
+    warnings.filterwarnings("ignore")
+    import pytorch_lightning as pl
+
+    from seedprints_lightning import IdentityLostError, ProbeSpec, SeedPrintsCallback
+
+    class TinyLM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = make_lm(0)
+
+        def training_step(self, batch, batch_idx):
+            ids = batch[0]
+            return self.model(input_ids=ids, labels=ids).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    class Swap(pl.Callback):
+        def __init__(self, at: int):
+            self.at, self.done = at, False
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == self.at and not self.done:
+                self.done = True
+                pl_module.model.load_state_dict(make_lm(7).state_dict())
+
+    if mode == "kept":
+        cb = SeedPrintsCallback(every_n_steps=3, probe=ProbeSpec(num_samples=120, length=8), num_controls=2,
+                                save_dir=out / "seedprints")
+        callbacks, max_steps = [cb], 6
+    else:
+        cb = SeedPrintsCallback(every_n_steps=2, probe=ProbeSpec(num_samples=120, length=8), num_controls=2,
+                                patience=1, on_identity_lost="raise", save_dir=out / "seedprints")
+        callbacks, max_steps = [cb, Swap(at=3)], 20
+    data = torch.randint(0, VOCAB, (64, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=max_steps, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=callbacks, default_root_dir=str(out))
+    module = TinyLM()
+    error = None
+    try:
+        trainer.fit(module, loader)
+    except IdentityLostError as exc:
+        error = exc
+    rank = trainer.global_rank
+    report = {"rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
+              "history": cb.history, "error": type(error).__name__ if error else None,
+              "message": str(error) if error else None}
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    if error is None:
+        torch.save(module.model.state_dict(), out / f"final_rank{rank}.pt")
+    return 3 if error is not None else 0
+
+
+def _run(mode: str, out: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # no network here: keep gloo on the loopback
+    proc = subprocess.Popen([sys.executable, str(HERE), mode, str(out)], cwd=str(REPO), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # this process group: the script and the rank it launched
+        stdout, _ = proc.communicate()
+        pytest.fail(f"DDP fit ({mode}) hung for {TIMEOUT_S}s:\n{stdout[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, None)
+
+
+def _reports(out: Path, result: subprocess.CompletedProcess) -> list[dict]:
+    files = sorted(out.glob("rank*.json"))
+    assert len(files) == 2, f"expected a report from both ranks, got {files}; output:\n{result.stdout[-4000:]}"
+    return [json.loads(f.read_text()) for f in files]
+
+
+def test_ddp_two_cpu_processes_matches_single_process(tmp_path):
+    from seedprints_lightning import Fingerprint, extract_features, lineage_test
+    from seedprints_lightning.controls import load_controls
+
+    result = _run("kept", tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:]
+    rank0, rank1 = _reports(tmp_path, result)
+    assert (rank0["rank"], rank1["rank"], rank0["world_size"]) == (0, 1, 2)
+    assert [h["step"] for h in rank0["history"]] == [3, 6] == [h["step"] for h in rank1["history"]]
+    assert all(h["related"] is True for h in rank0["history"] + rank1["history"])
+    for h0, h1 in zip(rank0["history"], rank1["history"]):
+        assert h0["z"] == pytest.approx(h1["z"], rel=1e-9) and h0["control_z"] == pytest.approx(h1["control_z"], rel=1e-9)
+
+    # The step-0 reference equals a single-process fingerprint of the same init.
+    reference = Fingerprint.load(tmp_path / "seedprints" / "reference.safetensors")
+    single_init = extract_features(make_lm(0), reference.spec)
+    assert torch.allclose(reference.features, single_init, atol=1e-6)
+
+    # The last probe's figures equal a single-process probe of the final (rank-0) weights.
+    final = make_lm(0)
+    final.load_state_dict(torch.load(tmp_path / "final_rank0.pt", weights_only=True))
+    weights1 = torch.load(tmp_path / "final_rank1.pt", weights_only=True)
+    assert all(torch.equal(v, weights1[k]) for k, v in final.state_dict().items())  # DDP kept ranks in sync
+    live = extract_features(final, reference.spec)
+    z = lineage_test(reference.features, live).z
+    assert rank0["history"][-1]["z"] == pytest.approx(z, rel=1e-6)
+    controls, _, _ = load_controls(tmp_path / "seedprints" / "controls.safetensors")
+    control_z = [lineage_test(c, live).z for c in controls]
+    assert rank0["history"][-1]["control_z"] == pytest.approx(control_z, rel=1e-6)
+
+
+def test_ddp_two_cpu_processes_swap_raises_on_every_rank(tmp_path):
+    result = _run("raise", tmp_path)
+    assert result.returncode == 3, result.stdout[-4000:]
+    reports = _reports(tmp_path, result)
+    for report in reports:
+        assert report["error"] == "IdentityLostError", report
+        assert "at step 4" in report["message"] and "z=" in report["message"]
+        assert [(h["step"], h["related"]) for h in report["history"]] == [(2, True), (4, False)]
+        assert report["global_step"] == 4
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1], Path(sys.argv[2])))
