@@ -1,0 +1,476 @@
+"""After-the-fact lineage checks of saved models: sources, pairwise comparison, audits.
+
+This is the library layer under the ``seedprints`` command line (:mod:`.cli`), usable on its
+own. It knows three kinds of *source* a user can point at:
+
+* a fingerprint file written by :meth:`Fingerprint.save` (any suffix but ``.ckpt``),
+* a ``save_pretrained`` model directory (it has a ``config.json``),
+* a Lightning ``.ckpt`` of :class:`~seedprints_lightning.train.CausalLMModule`.
+
+:func:`compare_sources` tests one source against another (``A`` is the base, ``B`` the
+target), probing models with a shared :class:`ProbeSpec` when needed.
+:func:`audit_checkpoints` tests every checkpoint of a run against one reference fingerprint
+and returns one typed :class:`AuditRow` each: the paper's birth-to-lifecycle trajectory,
+computed after training instead of by the callback during it.
+
+Models are loaded on CPU (``local_files_only``: nothing is downloaded), cast to ``dtype``
+(float32 by default, so fingerprints made on different machines agree), moved to ``device``
+only while they are probed, and released afterwards. Lightning checkpoints are read with
+``torch.load(weights_only=True)`` unless ``trust_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import torch
+
+from .errors import IncompatibleFingerprintsError, InputError, SeedPrintsError
+from .fingerprint import Fingerprint, fingerprint_model
+from .probes import ProbeSpec, find_causal_lm
+from .stats import LineageResult, lineage_test
+
+__all__ = [
+    "AuditRow",
+    "Comparison",
+    "Source",
+    "SourceError",
+    "audit_checkpoints",
+    "classify_source",
+    "compare_sources",
+    "expand_checkpoints",
+    "fingerprint_source",
+    "load_model",
+    "load_source_fingerprint",
+    "spec_for_models",
+]
+
+SourceKind = Literal["fingerprint", "model_dir", "checkpoint"]
+CHECKPOINT_SUFFIX = ".ckpt"
+_KIND_WORDS = {"fingerprint": "fingerprint file", "model_dir": "model directory", "checkpoint": "Lightning checkpoint"}
+
+
+class SourceError(SeedPrintsError, ValueError):
+    """A path is missing, or is not a fingerprint file, model directory or checkpoint."""
+
+
+# --------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """A path the user named, and what kind of thing it is."""
+
+    path: Path
+    kind: SourceKind
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def describe(self) -> str:
+        return f"{self.path} ({_KIND_WORDS[self.kind]})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "kind": self.kind}
+
+
+def classify_source(path: str | Path | Source) -> Source:
+    """Tell what ``path`` is; raise :class:`SourceError` (naming it) when it is none of them."""
+    if isinstance(path, Source):
+        return path
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SourceError(f"{path} does not exist")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return Source(path, "model_dir")
+        hint = ""
+        if any(path.glob(f"*{CHECKPOINT_SUFFIX}")):
+            hint = f"; it holds {CHECKPOINT_SUFFIX} files: name one of them"
+        raise SourceError(f"{path} is a directory but not a save_pretrained model directory (no config.json){hint}")
+    if path.suffix == CHECKPOINT_SUFFIX:
+        return Source(path, "checkpoint")
+    return Source(path, "fingerprint")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _load_checkpoint_dict(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        if not trust_pickle:
+            return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return None
+
+
+def source_step(source: Source, *, trust_pickle: bool = False) -> int | None:
+    """The training step a source records, if any.
+
+    ``global_step`` of a Lightning checkpoint (read memory-mapped, without loading the
+    weights), ``global_step`` of a Hugging Face Trainer's ``trainer_state.json`` next to a
+    model directory, or the step stored in a fingerprint file. ``None`` when unknown.
+    """
+    if source.kind == "checkpoint":
+        checkpoint = _load_checkpoint_dict(source.path, trust_pickle)
+        step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+    elif source.kind == "model_dir":
+        state = _read_json(source.path / "trainer_state.json")
+        step = state.get("global_step") if isinstance(state, dict) else None
+    else:
+        try:
+            step = Fingerprint.load(source.path).step
+        except SeedPrintsError:
+            step = None
+    return int(step) if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def expand_checkpoints(paths: Iterable[str | Path], *, trust_pickle: bool = False) -> list[tuple[Source, int | None]]:
+    """Resolve checkpoint arguments to ``(source, step)`` pairs.
+
+    A file or a model directory stands for itself, in the order given. Any other directory
+    expands to the ``.ckpt`` files and ``save_pretrained`` model directories directly inside
+    it, sorted by their recorded step (unknown steps last, then by name).
+    """
+    out: list[tuple[Source, int | None]] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir() and not (path / "config.json").is_file():
+            members = [Source(p, "checkpoint") for p in path.iterdir() if p.is_file() and p.suffix == CHECKPOINT_SUFFIX]
+            members += [Source(p, "model_dir") for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file()]
+            if not members:
+                raise SourceError(
+                    f"{path} is a directory with no config.json and no {CHECKPOINT_SUFFIX} files or model directories in it"
+                )
+            stepped = [(member, source_step(member, trust_pickle=trust_pickle)) for member in members]
+            stepped.sort(key=lambda item: (item[1] is None, item[1] if item[1] is not None else 0, item[0].path.name))
+            out.extend(stepped)
+        else:
+            source = classify_source(path)
+            out.append((source, source_step(source, trust_pickle=trust_pickle)))
+    return out
+
+
+def load_model(
+    source: str | Path | Source, *, dtype: torch.dtype = torch.float32, trust_pickle: bool = False
+) -> torch.nn.Module:
+    """Load the causal LM of a model directory or checkpoint, on CPU, in eval mode."""
+    source = classify_source(source)
+    if source.kind == "fingerprint":
+        raise SourceError(f"{source.path} is a fingerprint file, not a model")
+    if source.kind == "checkpoint":
+        from .train.module import load_causal_lm_from_checkpoint  # lazy: pulls in Lightning
+
+        try:
+            model = load_causal_lm_from_checkpoint(source.path, trust_pickle=trust_pickle)
+        except InputError as exc:
+            message = str(exc)
+            if "trust_pickle=True" in message:
+                message += " (command line: --trust-pickle)"
+            raise SourceError(message) from exc
+    else:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(source.path), local_files_only=True, dtype=dtype)
+        except Exception as exc:  # transformers raises OSError, ValueError, KeyError, safetensors errors...
+            raise SourceError(
+                f"{source.path} could not be loaded as a save_pretrained model ({type(exc).__name__}: {exc})"
+            ) from exc
+    lm = find_causal_lm(model)
+    return lm.to(dtype=dtype).eval()
+
+
+def _check_fits(model: torch.nn.Module, spec: ProbeSpec, name: str) -> None:
+    """Raise :class:`IncompatibleFingerprintsError` unless ``model`` can take ``spec``'s inputs."""
+    try:
+        spec.resolve(model)  # a resolved spec resolves to itself, or raises on a misfit
+    except InputError as exc:
+        raise IncompatibleFingerprintsError(f"{name} cannot be probed with this probe spec: {exc}") from exc
+
+
+def fingerprint_source(
+    source: str | Path | Source,
+    spec: ProbeSpec | None = None,
+    *,
+    step: int | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_pickle: bool = False,
+    progress: bool = False,
+) -> Fingerprint:
+    """Fingerprint a model directory or checkpoint (a fingerprint file is just loaded).
+
+    With a resolved ``spec`` the model must accept its inputs (vocabulary, width), else
+    :class:`IncompatibleFingerprintsError`; an unresolved or missing spec is resolved from
+    the model. A fingerprint file is returned as it is: check it with
+    :meth:`Fingerprint.check_comparable`.
+    """
+    source = classify_source(source)
+    if source.kind == "fingerprint":
+        return Fingerprint.load(source.path)
+    model = load_model(source, dtype=dtype, trust_pickle=trust_pickle)
+    if spec is not None and spec.is_resolved:
+        _check_fits(model, spec, str(source.path))
+    if step is None:
+        step = source_step(source, trust_pickle=trust_pickle)
+    if device is not None:
+        model.to(device)
+    return fingerprint_model(model, spec, step=step, batch_size=batch_size, progress=progress,
+                             extra={"source": str(source.path)})
+
+
+def load_source_fingerprint(path: str | Path | Source) -> Fingerprint:
+    """Load a fingerprint file, with a clear error when the path is a model instead."""
+    source = classify_source(path)
+    if source.kind != "fingerprint":
+        raise SourceError(f"{source.path} is a {_KIND_WORDS[source.kind]}, not a fingerprint file")
+    return Fingerprint.load(source.path)
+
+
+def _model_sizes(model: torch.nn.Module) -> tuple[int, int]:
+    config = find_causal_lm(model).config
+    hidden = next((getattr(config, n) for n in ("hidden_size", "n_embd", "d_model") if getattr(config, n, None)), None)
+    return int(config.vocab_size), int(hidden) if hidden is not None else -1
+
+
+def spec_for_models(
+    base: torch.nn.Module,
+    target: torch.nn.Module,
+    *,
+    kind: Literal["token", "embedding"] = "token",
+    num_samples: int | None = None,
+    length: int | None = None,
+    seed: int | None = None,
+    vocab_size: int | None = None,
+    names: tuple[str, str] = ("A", "B"),
+) -> ProbeSpec:
+    """The probe both models see (method.md step 1).
+
+    Token probes draw ids from ``[0, V)``, ``V`` the smaller vocabulary of the two (or
+    ``vocab_size``, which must fit both). Embedding probes take the mean and std of the
+    BASE model's input-embedding matrix and need equal hidden sizes.
+    """
+    fields: dict[str, Any] = {"kind": kind}
+    for key, value in (("num_samples", num_samples), ("length", length), ("seed", seed)):
+        if value is not None:
+            fields[key] = value
+    (vocab_a, hidden_a), (vocab_b, hidden_b) = _model_sizes(base), _model_sizes(target)
+    if kind == "token":
+        smallest = min(vocab_a, vocab_b)
+        if vocab_size is not None and vocab_size > smallest:
+            raise IncompatibleFingerprintsError(
+                f"--vocab-size {vocab_size} exceeds the smaller vocabulary of the two models ({names[0]}: {vocab_a}, "
+                f"{names[1]}: {vocab_b}); use at most {smallest}"
+            )
+        fields["vocab_size"] = smallest if vocab_size is None else vocab_size
+    elif vocab_size is not None:
+        raise InputError("--vocab-size applies to token probes only")
+    if kind == "embedding" and hidden_a != hidden_b:
+        raise IncompatibleFingerprintsError(
+            f"embedding probes need one hidden size, but {names[0]} has {hidden_a} and {names[1]} has {hidden_b}; "
+            "use token probes (--kind token) across widths"
+        )
+    return ProbeSpec(**fields).resolve(base)
+
+
+# --------------------------------------------------------------------------------------
+# Pairwise comparison
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The outcome of :func:`compare_sources`: both inputs, the shared probe, the verdict."""
+
+    a: Source
+    b: Source
+    spec: ProbeSpec
+    result: LineageResult
+
+    def to_dict(self) -> dict[str, Any]:
+        """``LineageResult.to_dict()`` at the top level, plus the inputs and the probe."""
+        out = self.result.to_dict()
+        out["verdict"] = verdict_word(self.result.related)
+        out["a"] = self.a.to_dict()
+        out["b"] = self.b.to_dict()
+        out["spec"] = self.spec.to_dict()
+        return out
+
+
+def verdict_word(related: bool | None) -> str:
+    return "undetermined" if related is None else ("related" if related else "unrelated")
+
+
+def _check_same_width(fa: Fingerprint, fb: Fingerprint, names: tuple[str, str]) -> None:
+    if fa.hidden_size != fb.hidden_size:
+        raise IncompatibleFingerprintsError(
+            f"{names[0]} has {fa.hidden_size} feature dimensions and {names[1]} has {fb.hidden_size}: the lineage "
+            "test compares coordinate j of one model with coordinate j of the other, so it needs equal hidden sizes"
+        )
+
+
+def compare_sources(
+    a: str | Path | Source,
+    b: str | Path | Source,
+    *,
+    kind: Literal["token", "embedding"] | None = None,
+    num_samples: int | None = None,
+    length: int | None = None,
+    seed: int | None = None,
+    vocab_size: int | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_pickle: bool = False,
+    progress: bool = False,
+    **test_kwargs: Any,
+) -> Comparison:
+    """Is ``b`` descended from ``a``? Each is a fingerprint file, model directory or checkpoint.
+
+    * two fingerprints: compared as they are (different probe specs raise
+      :class:`IncompatibleFingerprintsError`);
+    * a fingerprint and a model: the model is probed with the fingerprint's spec;
+    * two models: both are probed with :func:`spec_for_models` (``kind`` etc. choose it;
+      both are held in CPU memory at once, and each is on ``device`` only while probed).
+
+    The probe options apply only when both are models; passing one while a fingerprint fixes
+    the probe is an :class:`InputError`. ``test_kwargs`` go to :func:`lineage_test`.
+    """
+    sa, sb = classify_source(a), classify_source(b)
+    names = (f"A ({sa.path})", f"B ({sb.path})")
+    probe_options = {"kind": kind, "num_samples": num_samples, "length": length, "seed": seed, "vocab_size": vocab_size}
+    given = [key for key, value in probe_options.items() if value is not None]
+    common = dict(batch_size=batch_size, device=device, dtype=dtype, trust_pickle=trust_pickle, progress=progress)
+
+    if sa.kind == "fingerprint" or sb.kind == "fingerprint":
+        loaded = {s.path: Fingerprint.load(s.path) for s in (sa, sb) if s.kind == "fingerprint"}  # file errors first
+        if given:
+            flags = ", ".join("--" + key.replace("_", "-") for key in given)
+            raise InputError(f"{flags} cannot be used when A or B is a fingerprint file: its probe spec is used")
+        if sa.kind == "fingerprint":
+            fa = loaded[sa.path]
+            fb = loaded[sb.path] if sb.kind == "fingerprint" else fingerprint_source(sb, fa.spec, **common)
+        else:
+            fb = loaded[sb.path]
+            fa = fingerprint_source(sa, fb.spec, **common)
+        fa.check_comparable(fb)
+        spec = fa.spec
+    else:
+        model_a = load_model(sa, dtype=dtype, trust_pickle=trust_pickle)
+        model_b = load_model(sb, dtype=dtype, trust_pickle=trust_pickle)
+        spec = spec_for_models(model_a, model_b, kind=kind or "token", num_samples=num_samples, length=length,
+                               seed=seed, vocab_size=vocab_size, names=names)
+        _check_fits(model_b, spec, names[1])
+        features = []
+        for model in (model_a, model_b):
+            if device is not None:
+                model.to(device)
+            features.append(fingerprint_model(model, spec, batch_size=batch_size, progress=progress))
+            model.to("cpu")
+        fa, fb = features
+        del model_a, model_b
+    _check_same_width(fa, fb, names)
+    return Comparison(a=sa, b=sb, spec=spec, result=lineage_test(fa.features, fb.features, **test_kwargs))
+
+
+# --------------------------------------------------------------------------------------
+# Audit of a run's checkpoints
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One checkpoint's lineage test against the reference."""
+
+    name: str
+    kind: SourceKind
+    step: int | None
+    z: float
+    log10_p: float
+    tau_mean: float
+    k: int
+    related: bool | None
+    result: LineageResult = field(repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "kind": self.kind, "step": self.step, "z": self.z, "log10_p": self.log10_p,
+            "tau_mean": self.tau_mean, "k": self.k, "related": self.related, "verdict": verdict_word(self.related),
+            "n": self.result.n, "alpha": self.result.alpha, "reason": self.result.reason,
+        }
+
+
+def audit_checkpoints(
+    reference: Fingerprint,
+    checkpoints: Sequence[str | Path | Source],
+    *,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_pickle: bool = False,
+    progress: bool = False,
+    **test_kwargs: Any,
+) -> list[AuditRow]:
+    """Test each checkpoint against ``reference``: ``lineage_test(reference, checkpoint)``.
+
+    Every checkpoint is probed with the reference's spec (one model in memory at a time);
+    directories expand as in :func:`expand_checkpoints`. Rows come in that order. The first
+    checkpoint that cannot be loaded or probed raises (nothing is silently skipped).
+    """
+    expanded = expand_checkpoints(checkpoints, trust_pickle=trust_pickle)
+    items: Iterable[tuple[Source, int | None]] = expanded
+    if progress:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        items = tqdm(expanded, desc="checkpoints", unit="ckpt", file=sys.stderr)
+    rows: list[AuditRow] = []
+    for source, step in items:
+        fp = fingerprint_source(source, reference.spec, step=step, batch_size=batch_size, device=device, dtype=dtype,
+                                trust_pickle=trust_pickle)
+        reference.check_comparable(fp)
+        _check_same_width(reference, fp, ("the reference", str(source.path)))
+        result = lineage_test(reference.features, fp.features, **test_kwargs)
+        rows.append(AuditRow(
+            name=source.name, kind=source.kind, step=step if step is not None else fp.step, z=result.z,
+            log10_p=result.log10_p, tau_mean=result.tau_mean, k=result.k, related=result.related, result=result,
+        ))
+    return rows
+
+
+def format_audit_table(rows: Sequence[AuditRow]) -> str:
+    """A plain-text table of the rows (one line each)."""
+    header = ("checkpoint", "step", "z", "log10 p", "tau_mean", "k", "related")
+    body = [
+        (row.name, "-" if row.step is None else str(row.step), f"{row.z:.2f}", _fmt_log10_p(row.log10_p),
+         f"{row.tau_mean:.4f}", str(row.k), verdict_word(row.related))
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = []
+    for line in [header, *body]:
+        cells = [line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(line[1:], widths[1:])]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def _fmt_log10_p(value: float) -> str:
+    return f"{value:.1f}" if math.isfinite(value) and abs(value) >= 100 else f"{value:.2f}"

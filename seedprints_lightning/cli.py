@@ -1,0 +1,447 @@
+"""The ``seedprints`` command line: thin argparse adapters over the library.
+
+Commands::
+
+    seedprints fingerprint SOURCE -o FILE.safetensors   probe a model, save its fingerprint
+    seedprints compare A B [--expect related|unrelated] is B descended from A?
+    seedprints plot LOGDIR [LOGDIR ...] [-o drift.png]  drift curves from TensorBoard logs
+    seedprints audit REFERENCE CHECKPOINTS... [-o PNG]  every checkpoint against a reference
+
+SOURCE, A, B and REFERENCE may be a ``save_pretrained`` model directory, a Lightning
+``.ckpt`` of ``CausalLMModule``, or (except for ``fingerprint``) a fingerprint file.
+
+Exit codes (also in ``--help``):
+
+    0  success (and the verdict matched ``--expect``, if given)
+    1  the verdict differs from ``--expect`` (an undetermined verdict counts as differing)
+    2  usage or input error: bad arguments or option values, no seedprints data to plot
+    3  file error: a path is missing or is not a model directory / checkpoint / fingerprint,
+       a fingerprint file is truncated or corrupt, or a file cannot be read or written
+    4  incompatible inputs: fingerprints made with different probes, models whose
+       vocabularies or widths the probe does not fit
+    130 interrupted (Ctrl-C)
+
+Every error prints one line, ``seedprints: error: <message>``, to stderr, without a
+traceback. Progress bars go to stderr, results to stdout (``--json`` prints JSON only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ._version import __version__
+from .errors import FingerprintFileError, IncompatibleFingerprintsError, ModelNotFoundError, SeedPrintsError
+
+__all__ = ["EXIT_OK", "EXIT_EXPECT", "EXIT_USAGE", "EXIT_FILE", "EXIT_INCOMPATIBLE", "EXIT_INTERRUPTED",
+           "build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_EXPECT = 1
+EXIT_USAGE = 2
+EXIT_FILE = 3
+EXIT_INCOMPATIBLE = 4
+EXIT_INTERRUPTED = 130
+
+PROG = "seedprints"
+EXIT_CODES_EPILOG = """\
+exit codes:
+  0    success (and the verdict matched --expect, if given)
+  1    the verdict differs from --expect (undetermined counts as differing)
+  2    usage or input error (bad arguments or values, no seedprints data to plot)
+  3    file error (missing path; not a model directory, .ckpt or fingerprint;
+       truncated or corrupt fingerprint; unreadable or unwritable file)
+  4    incompatible inputs (different probe specs, vocabulary or width misfit)
+  130  interrupted
+"""
+
+
+class UsageError(Exception):
+    """A command-line argument error (what argparse would print with the usage)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing the usage and exiting, so errors are one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# --------------------------------------------------------------------------------------
+# Argument types and shared options
+# --------------------------------------------------------------------------------------
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value
+
+
+def _add_probe_options(parser: argparse.ArgumentParser, *, applies: str) -> None:
+    group = parser.add_argument_group("probe", f"which random inputs the models see ({applies})")
+    group.add_argument("--kind", choices=("token", "embedding"), default=None,
+                       help="token ids (any widths) or Gaussian input embeddings (one width); default: token")
+    group.add_argument("--num-samples", type=_int_at_least(3), default=None, metavar="N",
+                       help="number of probe sequences n (default 1000)")
+    group.add_argument("--length", type=_int_at_least(1), default=None, metavar="L",
+                       help="tokens per probe sequence (default 32)")
+    group.add_argument("--seed", type=_int_at_least(0), default=None, metavar="S", help="probe seed (default 42)")
+    group.add_argument("--vocab-size", type=_int_at_least(1), default=None, metavar="V",
+                       help="token probes draw ids from [0, V) (default: the smallest vocabulary involved)")
+
+
+def _probe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for key in ("kind", "num_samples", "length", "seed", "vocab_size")}
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--batch-size", type=_int_at_least(1), default=64, metavar="B",
+                       help="probe sequences per forward pass (default 64)")
+    group.add_argument("--device", default=None,
+                       help="where to run the probes, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                       help="weights dtype while probing (default float32: reproducible across machines)")
+    group.add_argument("--trust-pickle", action="store_true",
+                       help="allow .ckpt files holding arbitrary Python objects (only for files you made yourself)")
+    group.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--device {device!r} is not a torch device ({exc})") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+    return {"batch_size": args.batch_size, "device": device, "dtype": getattr(torch, args.dtype),
+            "trust_pickle": args.trust_pickle, "progress": not args.quiet}
+
+
+def _add_test_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("lineage test")
+    dims = group.add_mutually_exclusive_group()
+    dims.add_argument("--identity-ratio", type=_fraction, default=None, metavar="R",
+                      help="fraction of the hidden dimensions used as identity dimensions (default 1.0)")
+    dims.add_argument("--identity-k", type=_int_at_least(2), default=None, metavar="K",
+                      help="number of identity dimensions (instead of --identity-ratio)")
+    group.add_argument("--mode", choices=("coset", "base"), default="coset",
+                       help="identity dims: intersection of both models' sets (coset, default) or the base's only")
+    group.add_argument("--method", choices=("analytic", "empirical"), default="analytic",
+                       help="closed-form Kendall null (default) or an empirical null of random matrices")
+    group.add_argument("--alpha", type=_alpha, default=0.01, help="significance level of the one-sided test (0.01)")
+    group.add_argument("--agg", action="store_true",
+                       help="add the per-sample aggregate tau signal (max-z with Bonferroni x2)")
+
+
+def _test_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"identity_ratio": args.identity_ratio, "identity_k": args.identity_k, "identity_mode": args.mode,
+            "method": args.method, "alpha": args.alpha, "use_agg": args.agg}
+
+
+def _quiet_transformers() -> None:
+    """Hide transformers' weight-loading bars and info logs: the CLI shows its own progress."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - cosmetic only
+        pass
+
+
+def _fmt_p(log10_p: float) -> str:
+    if log10_p > -4:
+        return f"p = {10 ** log10_p:.3g}"
+    return f"p = 10^{log10_p:.1f}"
+
+
+def _threshold(alpha: float, bonferroni: bool) -> float:
+    """The z a verdict must exceed: one-sided, halved alpha when --agg combined two signals."""
+    from .stats import z_threshold
+
+    return z_threshold(alpha / 2 if bonferroni else alpha)
+
+
+def _verdict_lines(result: Any, threshold: float) -> list[str]:
+    p_rule = "one-sided, Bonferroni x2: p = 2 (1 - Phi(z))" if result.z_agg is not None else "one-sided: p = 1 - Phi(z)"
+    if result.related is None:
+        head = f"verdict: UNDETERMINED ({result.reason})"
+    else:
+        head = "verdict: RELATED (same lineage)" if result.related else "verdict: unrelated"
+    return [
+        head,
+        f"  z           {result.z:.2f}   (related when z > {threshold:.2f}, alpha = {result.alpha:g})",
+        f"  log10 p     {result.log10_p:.2f}   ({_fmt_p(result.log10_p)}, {p_rule})",
+        f"  mean tau    {result.tau_mean:.4f}",
+        f"  dimensions  {result.k} identity dims ({result.identity_mode} mode), n = {result.n} probes,"
+        f" {result.method} null" + (f", {result.dropped_constant} constant dims dropped" if result.dropped_constant else ""),
+    ]
+
+
+def _expect_met(expect: str | None, related: bool | None) -> bool:
+    if expect is None:
+        return True
+    return related is (expect == "related")
+
+
+# --------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------
+
+
+def _cmd_fingerprint(args: argparse.Namespace) -> int:
+    from .audit import classify_source, fingerprint_source, load_source_fingerprint
+    from .probes import ProbeSpec
+
+    out = Path(args.output)
+    if out.suffix == ".ckpt":
+        raise UsageError(f"-o {out}: the .ckpt suffix means a Lightning checkpoint; use .safetensors")
+    source = classify_source(args.source)
+    if source.kind == "fingerprint":
+        raise UsageError(f"{source.path} is already a fingerprint file; SOURCE must be a model directory or .ckpt")
+    probe = _probe_kwargs(args)
+    if args.spec_from is not None:
+        given = [key for key, value in probe.items() if value is not None]
+        if given:
+            flags = ", ".join("--" + key.replace("_", "-") for key in given)
+            raise UsageError(f"{flags} cannot be combined with --spec-from, which fixes the whole probe")
+        spec = load_source_fingerprint(args.spec_from).spec
+    else:
+        fields = {key: value for key, value in probe.items() if value is not None}
+        if fields.get("kind") == "embedding" and "vocab_size" in fields:
+            raise UsageError("--vocab-size applies to token probes only")
+        spec = ProbeSpec(**fields)
+    _quiet_transformers()
+    fp = fingerprint_source(source, spec, **_runtime_kwargs(args))
+    written = fp.save(out)
+    print(f"wrote {written}")
+    print(f"  source    {source.describe()}" + (f", step {fp.step}" if fp.step is not None else ""))
+    print(f"  probe     {fp.spec.describe()}")
+    print(f"  features  [{fp.num_samples}, {fp.hidden_size}] float32 ({fp.model_class})")
+    return EXIT_OK
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .audit import compare_sources
+
+    _quiet_transformers()
+    comparison = compare_sources(args.a, args.b, **_probe_kwargs(args), **_runtime_kwargs(args), **_test_kwargs(args))
+    result = comparison.result
+    met = _expect_met(args.expect, result.related)
+    threshold = _threshold(result.alpha, result.z_agg is not None)
+    if args.json:
+        payload = comparison.to_dict()
+        payload["threshold_z"] = threshold
+        payload["expect"] = args.expect
+        payload["expect_met"] = met if args.expect else None
+        print(json.dumps(payload, indent=2))
+    else:
+        print(f"A (base)    {comparison.a.describe()}")
+        print(f"B (target)  {comparison.b.describe()}")
+        print(f"probe       {comparison.spec.describe()}")
+        print("\n".join(_verdict_lines(result, threshold)))
+        if args.expect:
+            print(f"expected {args.expect}: " + ("yes" if met else "NO"))
+    return EXIT_OK if met else EXIT_EXPECT
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plotting import plot_drift, read_drift_curves, rename
+
+    curves = {}
+    for logdir in args.logdirs:
+        for run, curve in read_drift_curves(logdir).items():
+            name = run if len(args.logdirs) == 1 else f"{logdir.rstrip('/')}:{run}"
+            curves[name] = rename(curve, name)
+    out = Path(args.output) if args.output else Path(args.logdirs[0]) / "drift.png"
+    written = plot_drift(curves, out, title=args.title)
+    print(f"wrote {written}")
+    for name, curve in curves.items():
+        steps = curve.z.steps
+        print(f"  {name}: {len(steps)} points, steps {steps[0]}..{steps[-1]}, last z {curve.z.values[-1]:.2f}")
+    return EXIT_OK
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit_checkpoints, classify_source, fingerprint_source, format_audit_table
+    from .probes import ProbeSpec
+
+    _quiet_transformers()
+    runtime = _runtime_kwargs(args)
+    reference_source = classify_source(args.reference)
+    probe = {key: value for key, value in _probe_kwargs(args).items() if value is not None}
+    if reference_source.kind == "fingerprint" and probe:
+        flags = ", ".join("--" + key.replace("_", "-") for key in probe)
+        raise UsageError(f"{flags} cannot be used with a fingerprint REFERENCE: its probe spec is used")
+    reference = fingerprint_source(reference_source, ProbeSpec(**probe) if probe else None, **runtime)
+    rows = audit_checkpoints(reference, args.checkpoints, **runtime, **_test_kwargs(args))
+    threshold = _threshold(args.alpha, any(row.result.z_agg is not None for row in rows))
+    differing = [row for row in rows if not _expect_met(args.expect, row.related)]
+    written = None
+    if args.output:
+        from .plotting import plot_audit
+
+        written = plot_audit(rows, args.output, threshold=threshold, title=args.title)
+    if args.json:
+        print(json.dumps({
+            "reference": reference_source.to_dict(), "spec": reference.spec.to_dict(), "alpha": args.alpha,
+            "threshold_z": threshold, "rows": [row.to_dict() for row in rows], "expect": args.expect,
+            "expect_met": (not differing) if args.expect else None, "plot": str(written) if written else None,
+        }, indent=2))
+    else:
+        print(f"reference  {reference_source.describe()}")
+        print(f"probe      {reference.spec.describe()}")
+        print(f"test       one-sided, alpha = {args.alpha:g}" + (" (Bonferroni x2, --agg)" if args.agg else "")
+              + f": related when z > {threshold:.2f}")
+        print(format_audit_table(rows))
+        if written:
+            print(f"wrote {written}")
+        if args.expect:
+            print(f"expected {args.expect}: " + ("all rows" if not differing else
+                                                 f"NO for {len(differing)} of {len(rows)} rows"))
+    return EXIT_OK if not differing else EXIT_EXPECT
+
+
+# --------------------------------------------------------------------------------------
+# Parser and entry point
+# --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog=PROG, description="SeedPrints lineage fingerprints: is this model descended from that init?",
+                     epilog=EXIT_CODES_EPILOG, formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fp = sub.add_parser("fingerprint", help="probe a model and save its fingerprint", epilog=EXIT_CODES_EPILOG,
+                        formatter_class=formatter,
+                        description="Probe a model directory or Lightning .ckpt and save a fingerprint file.")
+    fp.add_argument("source", metavar="SOURCE", help="save_pretrained model directory or Lightning .ckpt")
+    fp.add_argument("-o", "--output", required=True, metavar="FILE.safetensors", help="fingerprint file to write")
+    fp.add_argument("--spec-from", metavar="FILE", default=None,
+                    help="use the probe spec of this fingerprint file (so both models see the same inputs)")
+    _add_probe_options(fp, applies="ignored with --spec-from")
+    _add_runtime_options(fp)
+    fp.set_defaults(handler=_cmd_fingerprint)
+
+    cmp_ = sub.add_parser(
+        "compare", help="test whether B is descended from A", epilog=EXIT_CODES_EPILOG, formatter_class=formatter,
+        description="Test whether B descends from A (A is the base). Each is a model directory, a Lightning .ckpt or a "
+                    "fingerprint file. Models are probed with a fingerprint's spec when one is given; two models share "
+                    "a probe built from the options below (token probes: the smaller vocabulary; embedding probes: "
+                    "mean/std of A's embedding matrix). p is one-sided: p = 1 - Phi(z).")
+    cmp_.add_argument("a", metavar="A", help="base: model directory, .ckpt or fingerprint file")
+    cmp_.add_argument("b", metavar="B", help="target: model directory, .ckpt or fingerprint file")
+    cmp_.add_argument("--json", action="store_true", help="print the result as JSON")
+    cmp_.add_argument("--expect", choices=("related", "unrelated"), default=None,
+                      help="exit 1 unless the verdict is this (for CI)")
+    _add_probe_options(cmp_, applies="only when A and B are both models")
+    _add_test_options(cmp_)
+    _add_runtime_options(cmp_)
+    cmp_.set_defaults(handler=_cmd_compare)
+
+    plot = sub.add_parser(
+        "plot", help="draw drift curves from TensorBoard logs", epilog=EXIT_CODES_EPILOG, formatter_class=formatter,
+        description="Draw the seedprints/* scalars SeedPrintsCallback logged: z per step (symlog axis), the "
+                    "negative-control band, the decision threshold and the steps judged not related, one curve per "
+                    "run (every directory with events.out.tfevents.* files).")
+    plot.add_argument("logdirs", nargs="+", metavar="LOGDIR", help="TensorBoard log directory (searched recursively)")
+    plot.add_argument("-o", "--output", default=None, metavar="PNG", help="output image (default: LOGDIR/drift.png)")
+    plot.add_argument("--title", default=None, help="figure title")
+    plot.set_defaults(handler=_cmd_plot)
+
+    audit = sub.add_parser(
+        "audit", help="test every checkpoint of a run against a reference", epilog=EXIT_CODES_EPILOG,
+        formatter_class=formatter,
+        description="Probe each checkpoint with the reference's spec and test it against the reference (a fingerprint "
+                    "file, or a model directory / .ckpt fingerprinted with the probe options). A directory argument "
+                    "expands to the .ckpt files and model directories in it, sorted by their global_step.")
+    audit.add_argument("reference", metavar="REFERENCE", help="fingerprint file, model directory or .ckpt")
+    audit.add_argument("checkpoints", nargs="+", metavar="CHECKPOINTS",
+                       help=".ckpt files, save_pretrained directories, fingerprint files, or directories of them")
+    audit.add_argument("-o", "--output", default=None, metavar="PNG", help="also draw z against step into this PNG")
+    audit.add_argument("--title", default=None, help="figure title (with -o)")
+    audit.add_argument("--json", action="store_true", help="print the rows as JSON")
+    audit.add_argument("--expect", choices=("related", "unrelated"), default=None,
+                       help="exit 1 if any checkpoint's verdict differs from this")
+    _add_probe_options(audit, applies="only when REFERENCE is a model")
+    _add_test_options(audit)
+    _add_runtime_options(audit)
+    audit.set_defaults(handler=_cmd_audit)
+    return parser
+
+
+def _error(message: object, code: int) -> int:
+    text = " ".join(str(message).split()) or "unknown error"
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+    return code
+
+
+def _exit_code(exc: BaseException) -> int:
+    from .audit import SourceError
+
+    if isinstance(exc, IncompatibleFingerprintsError):
+        return EXIT_INCOMPATIBLE
+    if isinstance(exc, (FingerprintFileError, SourceError, ModelNotFoundError, OSError)):
+        return EXIT_FILE
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code (see the module docstring)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return _error(exc, EXIT_USAGE)
+    except SystemExit as exc:  # --help and --version print and exit 0
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    try:
+        return args.handler(args)
+    except UsageError as exc:
+        return _error(f"{exc} (see '{PROG} {args.command} --help')", EXIT_USAGE)
+    except (SeedPrintsError, OSError) as exc:
+        return _error(exc, _exit_code(exc))
+    except KeyboardInterrupt:
+        return _error("interrupted", EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
