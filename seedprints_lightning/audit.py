@@ -29,7 +29,7 @@ from typing import Any, Iterable, Literal, Sequence
 
 import torch
 
-from .errors import IncompatibleFingerprintsError, InputError, SeedPrintsError
+from .errors import IncompatibleFingerprintsError, InputError, SeedPrintsError, SourceError
 from .fingerprint import Fingerprint, fingerprint_model
 from .probes import ProbeSpec, find_causal_lm
 from .stats import LineageResult, lineage_test
@@ -52,10 +52,6 @@ __all__ = [
 SourceKind = Literal["fingerprint", "model_dir", "checkpoint"]
 CHECKPOINT_SUFFIX = ".ckpt"
 _KIND_WORDS = {"fingerprint": "fingerprint file", "model_dir": "model directory", "checkpoint": "Lightning checkpoint"}
-
-
-class SourceError(SeedPrintsError, ValueError):
-    """A path is missing, or is not a fingerprint file, model directory or checkpoint."""
 
 
 # --------------------------------------------------------------------------------------

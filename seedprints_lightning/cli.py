@@ -415,7 +415,7 @@ def _error(message: object, code: int) -> int:
 
 
 def _exit_code(exc: BaseException) -> int:
-    from .audit import SourceError
+    from .errors import SourceError
 
     if isinstance(exc, IncompatibleFingerprintsError):
         return EXIT_INCOMPATIBLE

@@ -21,6 +21,10 @@ class FingerprintFileError(SeedPrintsError, ValueError):
     """A fingerprint file is missing, truncated, of an unknown version, or inconsistent."""
 
 
+class SourceError(SeedPrintsError, ValueError):
+    """A path is missing, or is not a fingerprint file, model directory or checkpoint."""
+
+
 class IncompatibleFingerprintsError(SeedPrintsError, ValueError):
     """Two fingerprints were made with different probes and cannot be compared."""
 

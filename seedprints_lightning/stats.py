@@ -225,7 +225,8 @@ def _count_inversions(perm: torch.Tensor) -> torch.Tensor:
 def _kendall_chunk(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """tau-b for rows of ``x``, ``y`` (``[m, n]``: one column of the caller per row)."""
     n = x.shape[1]
-    y_sorted, y_order = torch.sort(_order_keys(y), dim=1, stable=True)
+    y_keys = _order_keys(y)
+    y_sorted, y_order = torch.sort(y_keys, dim=1, stable=True)
     x_keys = _order_keys(x)
     x_sorted, lex = torch.sort(x_keys, dim=1, stable=True)
     x_ties, y_ties = _has_ties(x_sorted), _has_ties(y_sorted)
@@ -237,7 +238,7 @@ def _kendall_chunk(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if y_ties:
         # Rank y with ties broken by position in lex order: a y-tied pair then never counts
         # as an inversion, and the ranks form a permutation.
-        y_in_lex = torch.gather(_order_keys(y), 1, lex)
+        y_in_lex = torch.gather(y_keys, 1, lex)
         _, order_in_lex = torch.sort(y_in_lex, dim=1, stable=True)
         perm = _inverse_permutation(order_in_lex)
     else:
@@ -250,15 +251,13 @@ def _kendall_chunk(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     ties_y = _tied_pairs(y_sorted) if y_ties else zeros
     ties_xy = zeros
     if x_ties and y_ties:
-        # Joint ties: runs of equal (x, y) in lex order; x ranks fit 32 bits, so pack both.
+        # Joint ties: runs of equal (x, y) in lex order, found as ties of one packed dense key.
         x_lex = torch.gather(x_keys, 1, lex)
-        y_lex = torch.gather(_order_keys(y), 1, lex)
         x_dense = torch.cumsum(torch.cat([torch.zeros_like(x_lex[:, :1]), (x_lex[:, 1:] != x_lex[:, :-1]).long()], 1), 1)
         y_dense = torch.empty_like(y_order).scatter_(
             1, y_order, torch.cumsum(torch.cat([torch.zeros_like(y_sorted[:, :1]),
                                                 (y_sorted[:, 1:] != y_sorted[:, :-1]).long()], 1), 1))
         ties_xy = _tied_pairs(x_dense * n + torch.gather(y_dense, 1, lex))
-        del y_lex
     numerator = n0 - ties_x - ties_y + ties_xy - 2 * discordant
     denominator = torch.sqrt((n0 - ties_x).double() * (n0 - ties_y).double())
     return numerator.double() / denominator
