@@ -65,6 +65,7 @@ from torch import nn
 from ._lightning import CALLBACK_BASES, is_tensorboard_logger, trainer_fn_value
 from .controls import (
     DEFAULT_CONTROL_MARGIN,
+    DEFAULT_NUM_CONTROLS,
     IdentityVerdict,
     control_seeds,
     decide_identity,
@@ -190,7 +191,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         alpha: float = 0.01,
         patience: int = 2,
         on_identity_lost: str = "warn",
-        num_controls: int = 3,
+        num_controls: int = DEFAULT_NUM_CONTROLS,
         control_margin: float = DEFAULT_CONTROL_MARGIN,
         reference: Fingerprint | str | os.PathLike | None = None,
         feature_fn: Callable[[nn.Module, ProbeBatch], torch.Tensor] | None = None,

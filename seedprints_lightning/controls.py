@@ -44,6 +44,7 @@ from .stats import LineageResult, z_threshold
 __all__ = [
     "CONTROL_SEED_BASE",
     "DEFAULT_CONTROL_MARGIN",
+    "DEFAULT_NUM_CONTROLS",
     "IdentityVerdict",
     "build_control_model",
     "control_seeds",
@@ -54,10 +55,19 @@ __all__ = [
     "save_controls",
 ]
 
-#: How far (in z) the live model must stand above the largest control z. 2.33 is the
-#: one-sided 1 % normal quantile: the run's z must exceed the highest measured null value by
-#: what the analytic test alone would demand above 0. Calibration may change it.
-DEFAULT_CONTROL_MARGIN = 2.33
+#: How far (in z) the live model must stand above the largest control z. Measured
+#: (docs/benchmarks.md, "Calibration"): with token probes, n = 1000, all dimensions and 4
+#: controls, unrelated pairs stood at most 3.6 (cross), 3.7 (fresh-init pairs) and 8.8
+#: (peers: other seeds trained on the same data in the same order, a shared response the
+#: fresh-init controls cannot see) above their largest control, and own-lineage checkpoints
+#: at least 22.1 above. 10 clears every unrelated pair with room on both sides; 2.33 (the
+#: bare 1 % quantile) let 2/144 cross and 14/72 peers pairs through. z grows with
+#: sqrt(num_samples), so re-measure the margin when you change num_samples a lot.
+DEFAULT_CONTROL_MARGIN = 10.0
+
+#: Negative controls per run. 2 controls let larger unrelated excursions through than 4;
+#: 6 gained nothing over 4 (docs/benchmarks.md).
+DEFAULT_NUM_CONTROLS = 4
 
 #: Control seeds are ``CONTROL_SEED_BASE + i``: a fixed prime far from the seeds people
 #: type (0, 1, 42, 123, 1234, 2024, ...), so a control is never the run's own init.

@@ -35,7 +35,10 @@ __all__ = [
     "preserve_module_modes",
 ]
 
-# Defaults chosen from the calibration runs recorded in docs/benchmarks.md.
+# Defaults chosen from the calibration runs recorded in docs/benchmarks.md: token probes
+# (embedding probes share a response across unrelated small models: unrelated z up to 150),
+# n = 1000 (own z grows like sqrt(n): min 9.9 / 14.1 / 22.5 at n = 250 / 500 / 1000, the
+# unrelated maximum only 3.3 / 3.9 / 5.1), L = 32 (not varied yet).
 DEFAULT_PROBE_KIND: Literal["token", "embedding"] = "token"
 DEFAULT_NUM_SAMPLES = 1000
 DEFAULT_LENGTH = 32
