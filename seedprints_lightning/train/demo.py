@@ -1,0 +1,538 @@
+"""The CPU demo (``make demo``): a run keeps its SeedPrints identity; a wrong resume loses it.
+
+    python -m seedprints_lightning.train.demo [--out runs] [--steps 300] [--quick] [--threads 1]
+
+Two scenarios, each a real ``Trainer.fit`` of a small LLaMA-style model on the offline
+standard-library prose corpus, with :class:`~seedprints_lightning.SeedPrintsCallback` at its
+defaults apart from a short ``every_n_steps``:
+
+A. "own": pretraining from scratch (init seed 42). The callback must find the live model
+   related to its step-0 reference at every probe.
+B. "wrong resume": the same run, but after step ``steps / 3`` its weights are replaced by
+   those of another run (init seed 123, trained on the same data for the same number of
+   steps: what resuming from the wrong checkpoint directory does), with
+   ``on_identity_lost="raise"``. The callback must raise
+   :class:`~seedprints_lightning.IdentityLostError` after the swap, and not before.
+
+The exit status is 0 only if both scenarios behaved as they should. Outputs: TensorBoard
+logs ``<out>/demo-own/version_N`` and ``<out>/demo-wrong-resume/version_N``, and drift plots
+``<out>/demo-own/drift.png``, ``<out>/demo-wrong-resume/drift.png``, ``<out>/demo-drift.png``.
+
+:data:`DEMO_MODEL` and :func:`time_training_overhead` are also used by ``benchmarks/speed.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytorch_lightning as pl
+import torch
+
+from seedprints_lightning.errors import IdentityLostError
+from seedprints_lightning.train.corpus import build_corpus
+from seedprints_lightning.train.data import TextDataModule
+from seedprints_lightning.train.module import CausalLMModule
+
+__all__ = [
+    "DEMO_DATA",
+    "DEMO_MODEL",
+    "DEMO_STEPS",
+    "ScenarioResult",
+    "check_own",
+    "check_wrong_resume",
+    "format_table",
+    "main",
+    "run_own",
+    "run_wrong_resume",
+    "time_training_overhead",
+]
+
+#: ``make_causal_lm`` keyword arguments of the demo model (everything but ``seed``); the same
+#: sizes as ``configs/demo.yaml``. About 1.1M parameters: ~0.2 s per step on one CPU core.
+DEMO_MODEL: dict[str, Any] = dict(
+    arch="llama",
+    vocab_size=256,  # one id per byte (ByteTokenizer)
+    hidden_size=128,
+    num_layers=4,
+    num_heads=4,
+    intermediate_size=512,
+    max_position_embeddings=128,
+)
+#: TextDataModule arguments of the demo. No validation split: the demo is about the callback.
+DEMO_DATA: dict[str, Any] = dict(corpus="prose", seq_len=64, batch_size=16, val_fraction=0.0, seed=0)
+#: 5e-4, well below what a model this small tolerates, so that the fingerprint survives with a
+#: margin. Measured with the default probe (z of the own run against its step 0; loss at step
+#: 300): lr 3e-3 -> z 2.8 at step 75 (loss 2.07 at 300); 1e-3 -> z 13.8 at 300 (loss 2.11),
+#: barely above the callback's threshold (largest control z + margin 10, about 12); 5e-4 ->
+#: z 52 at 300 (loss 2.17). Fast training erodes the init's imprint.
+DEMO_LR = 5e-4
+DEMO_WARMUP_STEPS = 20
+DEMO_STEPS = 300
+#: Probes per run (``every_n_steps = steps // DEMO_PROBES``).
+DEMO_PROBES = 12
+OWN_SEED = 42  # the seeds of method.md's measurements
+OTHER_SEED = 123
+
+#: ``--quick`` (tests, smoke runs): a smaller model and run, same code path.
+QUICK_MODEL: dict[str, Any] = dict(DEMO_MODEL, hidden_size=64, num_layers=2, intermediate_size=256)
+QUICK_STEPS = 18
+QUICK_PROBES = 6
+
+_INTRO = """\
+SeedPrints demo: does a training run keep the identity of its random init?
+  Data:      prose (docstrings and comments) cut from this Python's standard library,
+             built offline and cached at {corpus}
+  Tokenizer: byte-level (256 ids, one per byte): nothing to download, nothing to train,
+             and the same ids on every machine, so the run is reproducible.
+  Model:     LLaMA-style, hidden {hidden_size}, {num_layers} layers, {num_heads} heads, from scratch; {steps} steps
+             of {batch_size} x {seq_len} bytes, lr {lr:g}; {threads} torch thread(s).
+  Callback:  SeedPrintsCallback at its defaults ({probe_desc}, {num_controls} fresh-init
+             controls, alpha {alpha:g}, control margin {control_margin:g}, patience {patience}), probing every {every} steps.
+"""
+
+
+def _callback_defaults() -> dict[str, Any]:
+    """The SeedPrintsCallback defaults the demo runs with, read from its signature (for the intro)."""
+    import inspect
+
+    from seedprints_lightning.callback import SeedPrintsCallback
+    from seedprints_lightning.probes import ProbeSpec
+
+    params = inspect.signature(SeedPrintsCallback.__init__).parameters
+    defaults = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+    spec = defaults.get("probe") or ProbeSpec()
+    defaults["probe_desc"] = f"{spec.num_samples} random-{spec.kind} probes of length {spec.length}"
+    return defaults
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Keep the demo's output to its own lines: Lightning's banners and known-noise warnings off.
+
+    Logger levels and warning filters are restored on exit, so callers (tests) see no change.
+    """
+    # Import both Lightning packages first: each sets its logger to INFO when imported, and the
+    # callback imports lightning.pytorch (when installed) for its second Callback base.
+    import seedprints_lightning.callback  # noqa: F401
+
+    loggers = [logging.getLogger(name) for name in
+               ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def _trainer(steps: int, callbacks: list[Any], logger: Any = False, root: str | Path | None = None) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=max(1, min(10, steps // 10)),
+        default_root_dir=str(root) if root is not None else None,
+    )
+
+
+def _module(model: dict[str, Any], seed: int) -> CausalLMModule:
+    return CausalLMModule(**model, init_seed=seed, lr=DEMO_LR, warmup_steps=DEMO_WARMUP_STEPS)
+
+
+def _data(data: dict[str, Any] | None = None) -> TextDataModule:
+    return TextDataModule(**(data or DEMO_DATA), vocab_size=256)
+
+
+def _seedprints(**kwargs: Any) -> Any:
+    from seedprints_lightning.callback import SeedPrintsCallback
+
+    return SeedPrintsCallback(**kwargs)
+
+
+class SwapWeights(pl.Callback):
+    """Replace ``pl_module.model``'s weights with ``state_dict`` once, just after ``at_step``.
+
+    Runs at the start of the first batch with ``trainer.global_step == at_step``, so the
+    probe at ``at_step`` (run at the end of the previous batch) still saw the own weights, and
+    every step after ``at_step`` trains the foreign ones. The parameters are overwritten in
+    place: the optimizer keeps its (own-run) moments, as after a resume that loaded the wrong
+    model file but the right optimizer state.
+    """
+
+    def __init__(self, at_step: int, state_dict: dict[str, torch.Tensor], *, verbose: bool = True) -> None:
+        self.at_step, self.state_dict_to_load, self.verbose = at_step, state_dict, verbose
+        self.swapped_at: int | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.swapped_at is None and trainer.global_step == self.at_step:
+            with torch.no_grad():
+                pl_module.model.load_state_dict(self.state_dict_to_load)
+            self.swapped_at = int(trainer.global_step)
+            if self.verbose:
+                print(f"  [step {self.swapped_at}] weights replaced by another run's (init seed {OTHER_SEED}) "
+                      "-- a wrong resume", flush=True)
+
+
+class ProbePrinter(pl.Callback):
+    """Print each new entry of a SeedPrintsCallback's history as it appears (place it after it)."""
+
+    def __init__(self, seedprints: Any) -> None:
+        self.seedprints, self.printed = seedprints, 0
+
+    def _flush(self) -> None:
+        for entry in self.seedprints.history[self.printed:]:
+            print(f"  [step {entry['step']}] {_row(entry)}", flush=True)
+        self.printed = len(self.seedprints.history)
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._flush()
+
+    def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+        self._flush()
+
+
+def _verdict(entry: dict[str, Any]) -> str:
+    return {True: "related", False: "NOT related", None: "undetermined"}[entry.get("related")]
+
+
+def _row(entry: dict[str, Any]) -> str:
+    return (f"z={entry['z']:8.2f}  log10 p={entry['log10_p']:10.1f}  control z max={entry['control_z_max']:6.2f}  "
+            f"threshold={entry['threshold']:6.2f}  {_verdict(entry)}")
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+@dataclass
+class ScenarioResult:
+    """What one scenario did: the callback's ``history`` and how the fit ended."""
+
+    name: str
+    history: list[dict[str, Any]]
+    log_dir: Path
+    final_step: int
+    max_steps: int
+    seconds: float
+    error: IdentityLostError | None = None
+    swap_step: int | None = None
+    drift_png: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _scenario(
+    name: str,
+    out: Path,
+    *,
+    model: dict[str, Any],
+    steps: int,
+    every: int,
+    on_identity_lost: str,
+    swap: SwapWeights | None,
+    verbose: bool,
+    callback_kwargs: dict[str, Any] | None,
+    data: dict[str, Any] | None,
+) -> ScenarioResult:
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    start = time.perf_counter()
+    pl.seed_everything(0, workers=True, verbose=False)
+    seedprints = _seedprints(every_n_steps=every, on_identity_lost=on_identity_lost, **(callback_kwargs or {}))
+    callbacks: list[Any] = [seedprints] + ([swap] if swap is not None else [])
+    if verbose:
+        callbacks.append(ProbePrinter(seedprints))
+    logger = TensorBoardLogger(save_dir=str(out), name=name)
+    trainer = _trainer(steps, callbacks, logger=logger, root=out)
+    error: IdentityLostError | None = None
+    try:
+        trainer.fit(_module(model, OWN_SEED), datamodule=_data(data))
+    except IdentityLostError as exc:
+        error = exc
+    logger.experiment.flush()
+    result = ScenarioResult(
+        name=name, history=list(seedprints.history), log_dir=Path(logger.log_dir), final_step=int(trainer.global_step),
+        max_steps=steps, seconds=time.perf_counter() - start, error=error,
+        swap_step=swap.swapped_at if swap is not None else None,
+    )
+    try:
+        result.drift_png = _plot(result, out / name / "drift.png")
+    except Exception as exc:  # the verdict does not depend on the picture; say why it is missing
+        result.extra["plot_error"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def run_own(
+    out: str | Path,
+    *,
+    steps: int = DEMO_STEPS,
+    every: int | None = None,
+    model: dict[str, Any] | None = None,
+    verbose: bool = True,
+    callback_kwargs: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+) -> ScenarioResult:
+    """Scenario A: pretrain from scratch (seed 42) with the callback warning on identity loss."""
+    every = every or max(1, steps // DEMO_PROBES)
+    return _scenario("demo-own", Path(out), model=model or DEMO_MODEL, steps=steps, every=every,
+                     on_identity_lost="warn", swap=None, verbose=verbose, callback_kwargs=callback_kwargs, data=data)
+
+
+def run_wrong_resume(
+    out: str | Path,
+    *,
+    steps: int = DEMO_STEPS,
+    every: int | None = None,
+    swap_step: int | None = None,
+    model: dict[str, Any] | None = None,
+    verbose: bool = True,
+    callback_kwargs: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+) -> ScenarioResult:
+    """Scenario B: the same run, with another run's weights swapped in after ``swap_step``.
+
+    The foreign weights come from a run with init seed 123 trained for ``swap_step`` steps on
+    the same data (no callback): a checkpoint of the same age, as a wrong resume would load.
+    The callback raises; the result's ``error`` holds the :class:`IdentityLostError`.
+    """
+    every = every or max(1, steps // DEMO_PROBES)
+    if swap_step is None:
+        swap_step = max(every, every * round(steps / 3 / every))
+    model = model or DEMO_MODEL
+    if verbose:
+        print(f"  training the other run (init seed {OTHER_SEED}) for {swap_step} steps: the foreign checkpoint ...",
+              flush=True)
+    pl.seed_everything(0, workers=True, verbose=False)
+    other = _module(model, OTHER_SEED)
+    _trainer(swap_step, [], root=Path(out)).fit(other, datamodule=_data(data))
+    foreign = {k: v.detach().clone() for k, v in other.model.state_dict().items()}
+    swap = SwapWeights(swap_step, foreign, verbose=verbose)
+    return _scenario("demo-wrong-resume", Path(out), model=model, steps=steps, every=every, on_identity_lost="raise",
+                     swap=swap, verbose=verbose, callback_kwargs=callback_kwargs, data=data)
+
+
+def check_own(result: ScenarioResult) -> tuple[bool, str]:
+    """A passes when the run reached its last step and every probe found it related."""
+    if result.error is not None:
+        return False, f"raised {type(result.error).__name__} at step {result.final_step}"
+    if not result.history:
+        return False, "the callback made no probe"
+    bad = [e["step"] for e in result.history if e.get("related") is not True]
+    if bad:
+        return False, f"not related at step(s) {bad}"
+    if result.final_step != result.max_steps:
+        return False, f"stopped at step {result.final_step} of {result.max_steps}"
+    zs = [e["z"] for e in result.history]
+    margin = min(e["z"] - e["threshold"] for e in result.history)
+    return True, (f"related at all {len(result.history)} probes (z from {max(zs):.1f} down to {min(zs):.1f}; "
+                  f"smallest lead over the threshold {margin:.1f})")
+
+
+def check_wrong_resume(result: ScenarioResult) -> tuple[bool, str]:
+    """B passes when the swap happened, every probe before it was related, and the callback raised after it."""
+    if result.swap_step is None:
+        return False, "the weights were never swapped (the run ended first)"
+    before = [e for e in result.history if e["step"] <= result.swap_step]
+    after = [e for e in result.history if e["step"] > result.swap_step]
+    if not before:
+        return False, f"no probe before the swap at step {result.swap_step}: nothing shows the run was related first"
+    early = [e["step"] for e in before if e.get("related") is not True]
+    if early:
+        return False, f"not related before the swap, at step(s) {early}"
+    if result.error is None:
+        return False, f"no IdentityLostError after the swap at step {result.swap_step} (ran to step {result.final_step})"
+    if not after:
+        return False, f"raised before any probe after the swap at step {result.swap_step}"
+    raised_at = after[-1]["step"]
+    return True, (f"related up to the swap after step {result.swap_step}, then IdentityLostError at step {raised_at} "
+                  f"({len(after)} probe(s) after the swap)")
+
+
+def format_table(result: ScenarioResult) -> str:
+    """The scenario's probes as a text table (step, z, log10 p, control z max, threshold, verdict)."""
+    header = f"{'step':>6}  {'z':>8}  {'log10 p':>10}  {'ctrl z max':>10}  {'threshold':>9}  verdict"
+    lines = [header, "-" * len(header)]
+    swapped = False
+    for entry in result.history:
+        if result.swap_step is not None and not swapped and entry["step"] > result.swap_step:
+            lines.append(f"{'':>6}  -- weights swapped after step {result.swap_step} --")
+            swapped = True
+        verdict = _verdict(entry)
+        if result.error is not None and entry is result.history[-1]:
+            verdict += "  -> IdentityLostError"
+        lines.append(f"{entry['step']:>6}  {entry['z']:>8.2f}  {entry['log10_p']:>10.1f}  "
+                     f"{entry['control_z_max']:>10.2f}  {entry['threshold']:>9.2f}  {verdict}")
+    return "\n".join(lines)
+
+
+def _plot(result: ScenarioResult, out_path: Path, title: str | None = None) -> Path:
+    from seedprints_lightning.plotting import plot_drift, read_drift_curves
+
+    curves = [dataclasses.replace(c, run=result.name) for c in read_drift_curves(result.log_dir).values()]
+    if title is None:
+        title = f"SeedPrints drift: {result.name}"
+        if result.swap_step is not None:
+            title += f" (weights swapped after step {result.swap_step})"
+    return plot_drift(curves, out_path, title=title)
+
+
+def _plot_both(own: ScenarioResult, wrong: ScenarioResult, out_path: Path) -> Path:
+    from seedprints_lightning.plotting import plot_drift, read_drift_curves
+
+    curves = []
+    for result in (own, wrong):
+        curves += [dataclasses.replace(c, run=result.name) for c in read_drift_curves(result.log_dir).values()]
+    return plot_drift(curves, out_path, title="SeedPrints: own run vs a wrong resume")
+
+
+# ----------------------------------------------------------------------------- overhead
+
+
+def time_training_overhead(steps: int) -> tuple[float, float]:
+    """Wall seconds of the same seeded CPU fit of the demo model with and without the callback.
+
+    The callback is at its DEFAULT interval (``every_n_steps`` default), so the measured cost
+    is what a user pays for leaving it in a run: the step-0 reference, the fresh-init controls
+    and the probes at the default interval (and one at train end). Neither fit has a logger,
+    checkpointing, a progress bar or validation; the data module is set up before the clock
+    starts, after an untimed 2-step warm-up fit. Torch's thread count is the caller's.
+    Returns ``(with_seconds, without_seconds)``.
+    """
+    from seedprints_lightning.callback import SeedPrintsCallback
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    timings: dict[bool, float] = {}
+    with _quiet_lightning(), tempfile.TemporaryDirectory(prefix="seedprints-overhead-") as root:
+        # An untimed 2-step fit first: the first fit in a process pays one-time costs (lazy
+        # imports, allocator and kernel warm-up) that would otherwise land on one side only.
+        warm = _data()
+        warm.prepare_data()
+        _trainer(2, [], root=root).fit(_module(DEMO_MODEL, OWN_SEED), datamodule=warm)
+        for with_callback in (False, True):
+            pl.seed_everything(0, workers=True, verbose=False)
+            data = _data()
+            data.prepare_data()
+            data.setup("fit")
+            module = _module(DEMO_MODEL, OWN_SEED)
+            callbacks = [SeedPrintsCallback(save_dir=Path(root) / "seedprints")] if with_callback else []
+            trainer = _trainer(steps, callbacks, root=root)
+            start = time.perf_counter()
+            trainer.fit(module, datamodule=data)
+            timings[with_callback] = time.perf_counter() - start
+    return timings[True], timings[False]
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m seedprints_lightning.train.demo",
+        description="SeedPrints CPU demo: an own run keeps its identity, a wrong resume loses it.",
+    )
+    parser.add_argument("--out", default="runs", help="root of the TensorBoard logs and plots (default: runs)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps per scenario (default {DEMO_STEPS}, {QUICK_STEPS} with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller model and run (hidden 64, 2 layers): a smoke test in seconds")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the demo's small matrices gain little from more, and on a "
+                             "shared machine oversubscribed threads are many times slower)")
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 6:
+        parser.error("--steps must be at least 6 (probes before and after the swap at steps/3)")
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both scenarios; print the tables and PASS/FAIL; return 0 only if both passed."""
+    args = _parse(argv)
+    model = QUICK_MODEL if args.quick else DEMO_MODEL
+    steps = args.steps or (QUICK_STEPS if args.quick else DEMO_STEPS)
+    every = max(1, steps // (QUICK_PROBES if args.quick else DEMO_PROBES))
+    out = Path(args.out)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    try:
+        with _quiet_lightning():
+            return _run(args, model=model, steps=steps, every=every, out=out, started=started)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(args: argparse.Namespace, *, model: dict[str, Any], steps: int, every: int, out: Path,
+         started: float) -> int:
+    corpus = build_corpus("prose")
+    defaults = _callback_defaults()
+    print(_INTRO.format(corpus=corpus, steps=steps, lr=DEMO_LR, every=every, threads=args.threads,
+                        seq_len=DEMO_DATA["seq_len"], batch_size=DEMO_DATA["batch_size"],
+                        probe_desc=defaults["probe_desc"], num_controls=defaults["num_controls"],
+                        alpha=defaults["alpha"], control_margin=defaults["control_margin"],
+                        patience=defaults["patience"], **model), flush=True)
+
+    print(f"Scenario A (own): pretraining init seed {OWN_SEED} for {steps} steps; the callback warns if the "
+          "identity is lost.", flush=True)
+    own = run_own(out, steps=steps, every=every, model=model)
+    print(f"  done in {own.seconds:.0f} s; logs in {own.log_dir}\n", flush=True)
+
+    print(f"Scenario B (wrong resume): the same run, but after step ~{steps // 3} the weights are replaced by "
+          f"another run's; the callback raises (on_identity_lost='raise').", flush=True)
+    wrong = run_wrong_resume(out, steps=steps, every=every, model=model)
+    if wrong.error is not None:
+        print(f"  caught IdentityLostError:\n    {wrong.error}", flush=True)
+    print(f"  done in {wrong.seconds:.0f} s; logs in {wrong.log_dir}\n", flush=True)
+
+    both = None
+    try:
+        both = _plot_both(own, wrong, out / "demo-drift.png")
+    except Exception as exc:
+        print(f"  (combined plot not written: {type(exc).__name__}: {exc})")
+
+    ok_a, why_a = check_own(own)
+    ok_b, why_b = check_wrong_resume(wrong)
+    for title, result in (("A: own run (init seed 42)", own), ("B: wrong resume", wrong)):
+        print(f"{title}\n{format_table(result)}\n")
+    for result in (own, wrong):
+        if result.drift_png is not None:
+            print(f"drift plot: {result.drift_png}")
+        else:
+            print(f"drift plot of {result.name} NOT written: {result.extra.get('plot_error')}")
+    if both is not None:
+        print(f"drift plot (both runs): {both}")
+    print(f"see the curves live:  tensorboard --logdir {out}\n")
+    print(f"{'PASS' if ok_a else 'FAIL'}  A own run: {why_a}")
+    print(f"{'PASS' if ok_b else 'FAIL'}  B wrong resume: {why_b}")
+    passed = ok_a and ok_b and own.drift_png is not None
+    print(f"{'PASS' if passed else 'FAIL'}  demo ({time.perf_counter() - started:.0f} s wall)", flush=True)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
