@@ -579,11 +579,12 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def _act(self, trainer: Any, verdict: IdentityVerdict, step: int) -> None:
         ref = verdict.reference
         controls = ", ".join(f"{z:.2f}" for z in verdict.control_z) or "none"
+        reason = f" {verdict.reason.rstrip('.')}." if verdict.reason else ""
         message = (
             f"SeedPrints: the run lost its lineage identity at step {step} ({self.consecutive_failures} consecutive failed "
             f"probes, patience {self.patience}): z={ref.z:.2f}, log10 p={ref.log10_p:.2f}, threshold={verdict.threshold:.2f} "
             f"(alpha={self.alpha:g}, control margin {self.control_margin:g}), controls z max={verdict.control_z_max:.2f}, "
-            f"mean={verdict.control_z_mean:.2f} [{controls}]. {verdict.reason or ''} The weights no longer descend from the "
+            f"mean={verdict.control_z_mean:.2f} [{controls}].{reason} The weights no longer descend from the "
             f"reference ({self.reference_source}, step {self.reference.step}): check for a swapped or wrongly loaded checkpoint."
         )
         if self.on_identity_lost == "raise":

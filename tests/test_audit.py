@@ -26,12 +26,7 @@ from seedprints_lightning.errors import IncompatibleFingerprintsError
 SPEC = ProbeSpec(num_samples=200, length=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(seed: int) -> LlamaForCausalLM:

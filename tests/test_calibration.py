@@ -2,7 +2,7 @@
 
 It trains three tiny LLaMA-style runs for a few steps on the stdlib prose corpus and checks
 the DIRECTION of the measurements at the package's defaults (probe kind, identity ratio,
-controls and margin, as recommended in docs/calibration.md):
+controls and margin, as recommended in docs/benchmarks.md):
 
 * own lineage (seed s at step t vs seed s at init): related, bare and by the full verdict,
   with z at least ``OWN_Z_MARGIN`` above the analytic threshold;

@@ -18,13 +18,7 @@ from seedprints_lightning.cli import EXIT_EXPECT, EXIT_FILE, EXIT_INCOMPATIBLE, 
 PROBE = ["--num-samples", "200", "--length", "8", "-q"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: intra-op threads only contend (40x slower under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(seed: int, vocab: int = 64) -> LlamaForCausalLM:
