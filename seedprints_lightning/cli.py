@@ -89,24 +89,25 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+def _open_interval(include_one: bool):
+    """argparse type: a number in (0, 1] (``include_one``) or (0, 1)."""
+    interval = "(0, 1]" if include_one else "(0, 1)"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (0.0 < value < 1.0 or (include_one and value == 1.0)):
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {value}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
-def _alpha(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
-    return value
+_fraction = _open_interval(include_one=True)
+_alpha = _open_interval(include_one=False)
 
 
 def _add_probe_options(parser: argparse.ArgumentParser, *, applies: str) -> None:
