@@ -308,12 +308,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             )
         features, meta = state_dict.get("reference_features"), state_dict.get("reference_meta")
         if features is not None and meta is not None and not self._explicit:
-            self.reference = Fingerprint(
-                features=features, spec=ProbeSpec.from_dict(meta["spec"]), model_class=meta.get("model_class"),
-                config_digest=meta.get("config_digest"), step=meta.get("step"),
-                package_version=meta.get("package_version", "?"), created=meta.get("created", ""),
-                extra=dict(meta.get("extra") or {}), format_version=meta.get("format_version", 1),
-            )
+            self.reference = Fingerprint.from_metadata(features, meta)
             self.reference_source = "checkpoint"
         controls = state_dict.get("control_features")
         spec = state_dict.get("control_spec")

@@ -116,6 +116,16 @@ class Fingerprint:
             "extra": self.extra,
         }
 
+    @classmethod
+    def from_metadata(cls, features: torch.Tensor, meta: dict[str, Any]) -> "Fingerprint":
+        """Rebuild a fingerprint from its features and :meth:`metadata` (file or callback state)."""
+        return cls(
+            features=features, spec=ProbeSpec.from_dict(meta["spec"]), model_class=meta.get("model_class"),
+            config_digest=meta.get("config_digest"), step=meta.get("step"),
+            package_version=meta.get("package_version", "?"), created=meta.get("created", ""),
+            extra=dict(meta.get("extra") or {}), format_version=meta.get("format_version", FORMAT_VERSION),
+        )
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the file atomically (a crash never leaves a half-written fingerprint)."""
         from safetensors.torch import save_file
@@ -166,12 +176,7 @@ class Fingerprint:
         if not torch.isfinite(features).all():
             raise FingerprintFileError(f"{path}: the features contain NaN or Inf; re-create the fingerprint")
         try:
-            spec = ProbeSpec.from_dict(meta["spec"])
-            return cls(
-                features=features, spec=spec, model_class=meta.get("model_class"), config_digest=meta.get("config_digest"),
-                step=meta.get("step"), package_version=meta.get("package_version", "?"), created=meta.get("created", ""),
-                extra=meta.get("extra") or {}, format_version=version,
-            )
+            return cls.from_metadata(features, meta)
         except (InputError, KeyError, TypeError) as exc:
             raise FingerprintFileError(f"{path}: the fingerprint metadata is inconsistent ({exc})") from exc
 
