@@ -1,11 +1,11 @@
 """seedprints-lightning: a birth certificate for LLM pretraining runs.
 
 The flow: probe inputs (:mod:`.probes`) -> features ``[n, D]`` -> lineage test
-(:mod:`.stats`) -> :class:`LineageResult` -> logs and decisions (:mod:`.callback`).
+(:mod:`.stats`) -> :class:`LineageResult` -> verdict (:mod:`.verdict`) -> logs, custody ledger
+(:mod:`.custody`) and decisions (:mod:`.callback`).
 """
 
 from ._version import __version__
-from .controls import IdentityVerdict, decide_identity
 from .errors import (
     FingerprintFileError,
     IdentityLostError,
@@ -17,9 +17,14 @@ from .errors import (
 from .fingerprint import Fingerprint, fingerprint_model
 from .probes import ProbeSpec, extract_features
 from .stats import LineageResult, kendall_tau_b, lineage_test
+from .verdict import BIRTH_RULE, CUSTODY_RULE, IdentityVerdict, ProbeVerdict, VerdictRule, decide_identity
 
 __all__ = [
     "__version__",
+    "BIRTH_RULE",
+    "CUSTODY_RULE",
+    "ProbeVerdict",
+    "VerdictRule",
     "Fingerprint",
     "FingerprintFileError",
     "IdentityLostError",

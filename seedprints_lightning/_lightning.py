@@ -16,7 +16,7 @@ from typing import Any
 
 import pytorch_lightning as _pl
 
-__all__ = ["CALLBACK_BASES", "LIGHTNING_AVAILABLE", "is_tensorboard_logger", "trainer_fn_value"]
+__all__ = ["CALLBACK_BASES", "LIGHTNING_AVAILABLE", "is_tensorboard_logger", "shards_parameters", "trainer_fn_value"]
 
 try:  # the unified package is optional
     import lightning.pytorch as _lpl
@@ -26,6 +26,27 @@ except Exception:  # pragma: no cover - depends on the environment
 LIGHTNING_AVAILABLE = _lpl is not None
 
 CALLBACK_BASES: tuple[type, ...] = (_pl.Callback,) + ((_lpl.Callback,) if _lpl is not None else ())
+
+
+def _strategy_classes(*names: str) -> tuple[type, ...]:
+    found = []
+    for package in (_pl, _lpl):
+        strategies = getattr(package, "strategies", None) if package is not None else None
+        for name in names:
+            cls = getattr(strategies, name, None) if strategies is not None else None
+            if isinstance(cls, type):
+                found.append(cls)
+    return tuple(found)
+
+
+#: Strategies whose parameters are sharded over ranks, from both package names: a probe must go
+#: through the root module so that every rank's shard is gathered (a collective).
+SHARDED_STRATEGIES: tuple[type, ...] = _strategy_classes("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def shards_parameters(strategy: Any) -> bool:
+    """True when ``strategy`` shards the parameters (FSDP, DeepSpeed, ModelParallel/FSDP2), by type."""
+    return isinstance(strategy, SHARDED_STRATEGIES)
 
 
 def trainer_fn_value(trainer: Any) -> str | None:

@@ -1,11 +1,21 @@
-"""``SeedPrintsCallback``: a birth certificate for a Lightning pretraining run.
+"""``SeedPrintsCallback``: a birth certificate and a chain of custody for a Lightning run.
 
 At step 0 the callback probes the model (the run's init, its "birth") and keeps the features
-as the run's reference; every ``every_n_steps`` optimizer steps it probes again and tests the
-live model against the reference (:func:`~seedprints_lightning.stats.lineage_test`) and
-against a few fresh-init negative controls (:mod:`~seedprints_lightning.controls`). If the
-run stops being of its own lineage for ``patience`` consecutive probes (weights swapped,
-a wrong checkpoint loaded, a merge gone wrong), it warns, stops the run or raises.
+as the run's reference. Then it probes again on a schedule (:mod:`.schedule`: steps 1, 3, 7,
+15, ... doubling up to ``every_n_steps``, closer when a link weakens) and makes two tests at
+every probe (:mod:`.verdict`):
+
+* the **birth test**, live model vs the step-0 reference (``seedprints/z``, the drift curve).
+  It fades at ordinary learning rates; fading is reported (``seedprints/birth_detectable``,
+  one warning), not treated as identity loss;
+* the **custody link**, live model vs the last probe whose own link held, the anchor
+  (``seedprints/link_z`` vs ``seedprints/link_threshold``). A failed link never becomes the
+  anchor, so a swapped-in model keeps failing against the last good probe.
+
+Both are judged against fresh-init negative controls (:mod:`.controls`). The verdict that
+drives the action (``seedprints/related``) is chosen by ``fail_on``: the link (default), the
+birth test, or either. After ``patience`` consecutive failed probes the callback warns,
+stops the run or raises.
 
 Reference resolution (in ``on_train_start``), first match wins:
 
@@ -14,39 +24,24 @@ Reference resolution (in ``on_train_start``), first match wins:
 3. ``trainer.global_step == 0``: a new reference is taken from the current (init) weights;
 4. otherwise a clear error: a reference is never silently taken from trained weights.
 
-Whenever the reference was not taken from the current weights (cases 1 and 2) and this
-step was not probed yet, a probe runs right at train start, so a checkpoint holding another
-run's weights is caught before the first training step. Taking the own step-0 reference is
-not logged as a probe (the model against itself has no information).
+Resume: the checkpoint state holds the reference, the controls, the anchor's features, the
+schedule and the ledger's position. The first thing a resumed run does is a probe linking the
+loaded weights to the last probe before the save, so resuming the wrong weights breaks the
+chain at train start. The same happens when a parent's ``reference=`` is given.
 
 Files (rank 0, under ``save_dir``, default ``<trainer.log_dir or default_root_dir>/seedprints``):
-``reference.safetensors`` (a fingerprint file, :class:`~seedprints_lightning.Fingerprint`)
-and ``controls.safetensors`` (:func:`~seedprints_lightning.controls.save_controls`). Once a
-reference file exists, a DIFFERENT reference coming from a checkpoint or from ``reference=``
-is an error naming both (another run's checkpoint resumed into this run's directory); a new
-step-0 reference (a fresh run in a reused directory) replaces it with a warning.
+``reference.safetensors``, ``controls.safetensors`` and the custody ledger ``custody.jsonl``
+with one features file per probe under ``probes/`` (:mod:`.custody`), which
+``seedprints audit --chain`` re-verifies offline. ``fast_dev_run`` writes no file.
 
-``fast_dev_run``: Lightning swaps the loggers for dummies and writes nothing; so does this
-callback. It still takes the step-0 reference, builds the controls and probes once at
-train end (``fast_dev_run`` runs fewer steps than ``every_n_steps``), so the whole code path
-is exercised and ``history``/``trainer.callback_metrics`` are filled; no file is written.
+Distributed: every rank runs every probe forward (a collective under sharded strategies);
+the features are broadcast from rank 0, so every rank tests the same numbers, takes the same
+decision and follows the same schedule. Under FSDP, DeepSpeed and ModelParallel (recognised
+by type) the probe goes through the root wrapper so that parameters are gathered.
 
-Distributed: every rank runs every probe forward (all ``num_samples`` samples: the probe
-does not get cheaper with more ranks, but no rank can skip a collective forward). The step-0
-reference and the controls are broadcast from rank 0 so every rank holds identical state;
-decisions are reduced over ranks; errors found on rank 0 are broadcast and raised on all
-ranks. Under DDP the inner model is called directly (the DDP wrapper's forward is a
-collective that routes to ``training_step``). Under FSDP and DeepSpeed the probe goes
-through the root wrapper ``trainer.strategy.model`` so parameters are gathered: the
-LightningModule's ``forward`` is temporarily replaced (an instance attribute) by the probe,
-the wrapper is called, and ``forward`` is restored. The FSDP/DeepSpeed path is NOT tested
-(those strategies need GPUs and none was available when this was written).
-
-Zero observer effect: every probe and control build runs under
-:func:`~seedprints_lightning.controls.preserve_rng_state` (Python, NumPy, torch CPU and CUDA
-RNG states restored), with ``torch.no_grad()`` and submodule train/eval flags restored
-(:func:`~seedprints_lightning.probes.extract_features`); the optimizer and data loaders are
-never touched. A seeded fit ends with bit-identical parameters with or without the callback.
+Zero observer effect: probes and control builds run under
+:func:`~seedprints_lightning.controls.preserve_rng_state`, ``torch.no_grad()`` and restored
+module modes; the optimizer and the data are never touched.
 """
 
 from __future__ import annotations
@@ -57,64 +52,42 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
 
-from ._lightning import CALLBACK_BASES, is_tensorboard_logger, trainer_fn_value
-from .controls import (
-    DEFAULT_CONTROL_MARGIN,
-    DEFAULT_NUM_CONTROLS,
-    IdentityVerdict,
-    control_seeds,
-    decide_identity,
-    preserve_rng_state,
-    probe_controls,
-    save_controls,
-)
+from ._lightning import CALLBACK_BASES, is_tensorboard_logger, shards_parameters, trainer_fn_value
+from .controls import DEFAULT_NUM_CONTROLS, control_seeds, preserve_rng_state, probe_control_models, save_controls
+from .custody import CONTROLS_FILE, REFERENCE_FILE, CustodyLedger, storage_features
 from .errors import FingerprintFileError, IdentityLostError, InputError, ModelNotFoundError
-from .fingerprint import Fingerprint, config_digest
+from .fingerprint import Fingerprint, config_digest, file_sha256
 from .probes import ProbeBatch, ProbeSpec, _hidden_size, extract_features, find_causal_lm
-from .stats import LineageResult, lineage_test
+from .schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
+from .verdict import (
+    CUSTOM_SCALARS_LAYOUT,
+    DEFAULT_BIRTH_Z_MARGIN,
+    DEFAULT_LINK_TAU_MARGIN,
+    DEFAULT_LINK_Z_MARGIN,
+    FAIL_ON,
+    METRIC_NAMES,
+    METRIC_TAGS,
+    ProbeVerdict,
+    VerdictRule,
+    judge_probe,
+)
 
 __all__ = ["IdentityWarning", "SeedPrintsCallback", "METRIC_TAGS", "STATE_FORMAT_VERSION"]
 
-#: Version of :meth:`SeedPrintsCallback.state_dict`'s layout.
-STATE_FORMAT_VERSION = 1
-
-#: Every tag the callback logs, in order.
-METRIC_TAGS = (
-    "seedprints/z",
-    "seedprints/log10_p",
-    "seedprints/tau_mean",
-    "seedprints/identity_dims",
-    "seedprints/related",
-    "seedprints/control_z_max",
-    "seedprints/control_z_mean",
-    "seedprints/threshold",
-    "seedprints/probe_seconds",
-)
-
-#: TensorBoard custom-scalars layout: the run's z, its controls and the threshold on one chart.
-CUSTOM_SCALARS_LAYOUT = {
-    "seedprints": {
-        "lineage z vs fresh-init controls": [
-            "Multiline",
-            [r"^seedprints/z$", r"^seedprints/control_z_max$", r"^seedprints/control_z_mean$",
-             r"^seedprints/threshold$"],
-        ],
-    },
-}
+#: Version of :meth:`SeedPrintsCallback.state_dict`'s layout (2: custody chain).
+STATE_FORMAT_VERSION = 2
 
 _ACTIONS = ("warn", "stop", "raise")
-_REFERENCE_FILE = "reference.safetensors"
-_CONTROLS_FILE = "controls.safetensors"
 
 
 class IdentityWarning(UserWarning):
-    """Warned (rank 0) when the run's identity is lost with ``on_identity_lost="warn"``, or
-    when a probe is undetermined."""
+    """Warned (rank 0) when the run's identity is lost with ``on_identity_lost="warn"``, when the
+    birth test stops being detectable, or when a probe is undetermined."""
 
 
 def _is_int(value: Any) -> bool:
@@ -126,62 +99,55 @@ def _is_number(value: Any) -> bool:
 
 
 class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
-    """Probe the model's SeedPrints lineage during training; act when it is lost.
+    """Probe the model's SeedPrints lineage during training; act when its custody breaks.
 
     Works with both ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer``. See the
-    module docstring for reference resolution, files, ``fast_dev_run`` and distributed
+    module docstring for the two tests, reference resolution, resume, files and distributed
     behaviour.
 
     Args:
-        every_n_steps: optimizer steps (``trainer.global_step``) between probes; gradient
-            accumulation does not multiply probes. One more probe runs at train end if the
-            last step was not probed.
+        every_n_steps: the longest interval between probes, in optimizer steps
+            (``trainer.global_step``; gradient accumulation does not multiply probes).
         probe: the :class:`~seedprints_lightning.ProbeSpec`; ``None`` = ``ProbeSpec()``.
-            Unresolved fields are filled from the model at step 0 (embedding probes take
-            mean/std from the INIT embedding). Ignored when ``reference`` is given (the
-            reference's spec is used; a different ``probe`` is an error).
-        alpha: significance level of the one-sided lineage test.
-        patience: consecutive failed probes before acting. Undetermined probes neither
-            count as failures nor reset the count; a kept identity resets it.
-        on_identity_lost: ``"warn"`` (an :class:`IdentityWarning` with the figures, rank 0),
-            ``"stop"`` (``trainer.should_stop = True`` on every rank, after reducing the
-            decision), ``"raise"`` (:class:`~seedprints_lightning.IdentityLostError` on every
-            rank).
-        num_controls: fresh-init negative controls (seeds
-            :func:`~seedprints_lightning.controls.control_seeds`); 0 turns them off and the
-            verdict uses the analytic threshold alone. Needs a transformers model (not
-            available with ``feature_fn``).
-        control_margin: how far above the largest control z the run's z must be
-            (:func:`~seedprints_lightning.decide_identity`).
-        reference: a parent's :class:`~seedprints_lightning.Fingerprint` or the path of its
-            file; ``None`` = this run's step-0 reference.
-        feature_fn: ``feature_fn(pl_module, batch: ProbeBatch) -> [b, D]`` for models that
-            are not ``transformers`` PreTrainedModels (batch tensors are on the CPU: move
-            them, e.g. ``batch.model_kwargs(pl_module.device)``). ``probe`` must then be
-            resolved unless the module also holds a PreTrainedModel.
-        save_dir: where fingerprint files go; default
-            ``<trainer.log_dir or trainer.default_root_dir>/seedprints``.
+            Ignored when ``reference`` is given (a different ``probe`` is an error).
+        alpha: significance level of the one-sided lineage tests.
+        patience: consecutive failed probes before acting. Undetermined probes neither count
+            as failures nor reset the count; a held verdict resets it.
+        on_identity_lost: ``"warn"``, ``"stop"`` (``trainer.should_stop`` on every rank, after
+            reducing the decision) or ``"raise"`` (:class:`~seedprints_lightning.IdentityLostError`
+            on every rank).
+        fail_on: which verdict is the run's identity: ``"custody"`` (the link to the last good
+            probe; default), ``"birth"`` (the step-0 test itself must stay detectable) or
+            ``"either"`` (both must hold).
+        num_controls: fresh-init negative controls; 0 turns them off (the verdicts then use
+            the analytic threshold and the effect-size margin alone).
+        birth_z_margin: z over the largest control z that the birth test must clear.
+        link_z_margin, link_tau_margin: what a custody link must clear over the controls, in
+            z and in ``tau_mean`` (effect size). See :mod:`seedprints_lightning.verdict`.
+        adaptive_schedule: dense probes at the start and closer probes when a link weakens
+            (:class:`~seedprints_lightning.schedule.ProbeSchedule`); ``False`` probes every
+            ``every_n_steps`` only (custody then needs a gentle learning rate: measured in
+            docs/benchmarks.md).
+        reference: a parent's :class:`~seedprints_lightning.Fingerprint` or its file path.
+        feature_fn: ``feature_fn(module, batch: ProbeBatch) -> [b, D]`` for models that are not
+            ``transformers`` PreTrainedModels. ``module`` is the LightningModule during
+            training and a control model (from ``control_factory``) for the controls.
+        control_factory: ``control_factory(seed) -> nn.Module``: a fresh init of the model with
+            that seed, for controls of models the callback cannot rebuild itself (needed with
+            ``feature_fn`` and ``num_controls > 0``). Default: ``type(lm)(lm.config)``.
+        save_dir: where the fingerprint files and the custody ledger go.
         probe_batch_size: probe samples per forward.
-        identity_ratio, identity_mode: forwarded to
-            :func:`~seedprints_lightning.lineage_test`.
+        identity_ratio, identity_mode: forwarded to :func:`~seedprints_lightning.lineage_test`
+            for the birth test (links always use ``"coset"``).
 
     Attributes:
-        history: one plain dict per probe: ``step``, ``event``, the metrics under short
-            names (``z``, ``log10_p``, ...), ``control_z`` (list), ``related``
-            (True/False/None), ``reason``, ``consecutive_failures``.
-        last_verdict: the latest :class:`~seedprints_lightning.IdentityVerdict`.
-        reference: the reference :class:`~seedprints_lightning.Fingerprint` in use.
-        reference_source: ``"explicit"``, ``"checkpoint"`` (restored state) or ``"step0"``.
+        history: one plain dict per probe (``step``, ``event``, the logged metrics under short
+            names, ``related``, ``birth_detectable``, ``anchor_step``, ``control_z``,
+            ``reason``, ``consecutive_failures``, ``next_step``).
+        last_verdict: the latest :class:`~seedprints_lightning.verdict.ProbeVerdict`.
+        reference, reference_source (``"explicit"``, ``"checkpoint"`` or ``"step0"``).
 
-    Logged (every logger via ``log_metrics(step=global_step)``, and into
-    ``trainer.callback_metrics`` as tensors for ModelCheckpoint/EarlyStopping): the tags in
-    :data:`METRIC_TAGS`, never NaN. An undetermined probe logs z = log10_p = 0 and
-    related = 0 (related is 1 only for a confirmed lineage). On TensorBoard a custom-scalars
-    chart puts z, control_z_max, control_z_mean and threshold together.
-
-    Only one instance per Trainer (its ``state_key`` is fixed, ``"SeedPrintsCallback"``, so
-    a resumed run finds its state even if arguments changed). One instance = one run: the
-    reference it holds in memory is reused by a later ``fit`` with the same instance.
+    Logged (every logger, and ``trainer.callback_metrics``): :data:`METRIC_TAGS`, never NaN.
     """
 
     def __init__(
@@ -190,37 +156,48 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         probe: ProbeSpec | None = None,
         alpha: float = 0.01,
         patience: int = 2,
-        on_identity_lost: str = "warn",
+        on_identity_lost: Literal["warn", "stop", "raise"] = "warn",
+        fail_on: Literal["custody", "birth", "either"] = "custody",
         num_controls: int = DEFAULT_NUM_CONTROLS,
-        control_margin: float = DEFAULT_CONTROL_MARGIN,
+        birth_z_margin: float = DEFAULT_BIRTH_Z_MARGIN,
+        link_z_margin: float = DEFAULT_LINK_Z_MARGIN,
+        link_tau_margin: float = DEFAULT_LINK_TAU_MARGIN,
+        adaptive_schedule: bool = True,
         reference: Fingerprint | str | os.PathLike | None = None,
         feature_fn: Callable[[nn.Module, ProbeBatch], torch.Tensor] | None = None,
+        control_factory: Callable[[int], nn.Module] | None = None,
         save_dir: str | os.PathLike | None = None,
         probe_batch_size: int = 64,
         identity_ratio: float | None = None,
-        identity_mode: str = "coset",
+        identity_mode: Literal["coset", "base"] = "coset",
     ) -> None:
         super().__init__()
         if not _is_int(every_n_steps) or every_n_steps < 1:
             raise InputError(f"every_n_steps must be an integer >= 1 (optimizer steps between probes), got {every_n_steps!r}")
         if probe is not None and not isinstance(probe, ProbeSpec):
             raise InputError(f"probe must be a seedprints_lightning.ProbeSpec or None, got {type(probe).__name__}")
-        if not _is_number(alpha) or not (0.0 < float(alpha) < 1.0) or not math.isfinite(alpha):
+        if not _is_number(alpha) or not math.isfinite(alpha) or not (0.0 < float(alpha) < 1.0):
             raise InputError(f"alpha must be a number in (0, 1), e.g. 0.01, got {alpha!r}")
         if not _is_int(patience) or patience < 1:
             raise InputError(f"patience must be an integer >= 1 (consecutive failed probes before acting), got {patience!r}")
         if on_identity_lost not in _ACTIONS:
             raise InputError(f"on_identity_lost must be one of {', '.join(map(repr, _ACTIONS))}, got {on_identity_lost!r}")
+        if fail_on not in FAIL_ON:
+            raise InputError(f"fail_on must be one of {', '.join(map(repr, FAIL_ON))}, got {fail_on!r}")
         if not _is_int(num_controls) or not (0 <= num_controls <= 64):
             raise InputError(f"num_controls must be an integer in [0, 64] (0 turns controls off), got {num_controls!r}")
-        if not _is_number(control_margin) or not math.isfinite(control_margin) or control_margin < 0:
-            raise InputError(f"control_margin must be a finite number >= 0 (z units), got {control_margin!r}")
+        if not isinstance(adaptive_schedule, bool):
+            raise InputError(f"adaptive_schedule must be True or False, got {adaptive_schedule!r}")
         if feature_fn is not None and not callable(feature_fn):
-            raise InputError(f"feature_fn must be callable as feature_fn(pl_module, batch) -> [b, D], got {type(feature_fn).__name__}")
-        if feature_fn is not None and num_controls > 0:
+            raise InputError(f"feature_fn must be callable as feature_fn(module, batch) -> [b, D], got {type(feature_fn).__name__}")
+        if control_factory is not None and not callable(control_factory):
+            raise InputError(f"control_factory must be callable as control_factory(seed) -> nn.Module, got "
+                             f"{type(control_factory).__name__}")
+        if feature_fn is not None and num_controls > 0 and control_factory is None:
             raise InputError(
-                "num_controls > 0 needs a transformers model to re-initialise, and a control cannot go through a custom "
-                "feature_fn: pass num_controls=0 with feature_fn (the verdict then uses the analytic threshold alone)"
+                "num_controls > 0 with a feature_fn needs control_factory(seed) -> a fresh init of your model (the "
+                "callback cannot rebuild a model it does not know); pass control_factory=..., or num_controls=0 to "
+                "judge by the analytic threshold and the effect-size margin alone"
             )
         if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
             raise InputError(f"save_dir must be a path (str or os.PathLike) or None, got {type(save_dir).__name__}")
@@ -230,6 +207,15 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             raise InputError(f"identity_ratio must be a fraction in (0, 1] or None (the default, all dimensions), got {identity_ratio!r}")
         if identity_mode not in ("coset", "base"):
             raise InputError(f"identity_mode must be 'coset' or 'base', got {identity_mode!r}")
+        # VerdictRule validates the margins with the argument's name in the message.
+        try:
+            self.birth_rule = VerdictRule(alpha=float(alpha), z_margin=birth_z_margin, tau_margin=0.0)
+        except InputError as exc:
+            raise InputError(f"birth_{exc}") from None
+        try:
+            self.custody_rule = VerdictRule(alpha=float(alpha), z_margin=link_z_margin, tau_margin=link_tau_margin)
+        except InputError as exc:
+            raise InputError(f"link_{exc}") from None
 
         explicit: Fingerprint | None = None
         self._reference_origin: str | None = None
@@ -251,13 +237,16 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 )
 
         self.every_n_steps = int(every_n_steps)
+        self.schedule = ProbeSchedule(every_n_steps=self.every_n_steps, adaptive=adaptive_schedule,
+                                      adapt_headroom=DEFAULT_ADAPT_HEADROOM)
         self.probe = probe
         self.alpha = float(alpha)
         self.patience = int(patience)
         self.on_identity_lost = on_identity_lost
+        self.fail_on = fail_on
         self.num_controls = int(num_controls)
-        self.control_margin = float(control_margin)
         self.feature_fn = feature_fn
+        self.control_factory = control_factory
         self.probe_batch_size = int(probe_batch_size)
         self.identity_ratio = None if identity_ratio is None else float(identity_ratio)
         self.identity_mode = identity_mode
@@ -269,12 +258,23 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.control_features: torch.Tensor | None = None
         self.control_seeds: tuple[int, ...] = ()
         self.control_spec: ProbeSpec | None = None
+        # The custody chain: the last held probe's features (None = the reference itself).
+        self.anchor_features: torch.Tensor | None = None
+        self.anchor_step: int | None = None
+        self.anchor_index: int | None = None
+        self.next_probe_step, self.interval = self.schedule.first()
         self.last_probed_step: int = -1
         self.consecutive_failures: int = 0
         self.history: list[dict[str, Any]] = []
-        self.last_verdict: IdentityVerdict | None = None
+        self.last_verdict: ProbeVerdict | None = None
         self.save_dir: Path | None = None
+        self.ledger: CustodyLedger | None = None
+        self._ledger_state: tuple[int, str | None] = (0, None)
+        self._reference_sha: str | None = None
+        self._controls_sha: str | None = None
+        self._restored = False
         self._warned_undetermined = False
+        self._warned_birth = False
         self._layout_written: set[int] = set()
 
     # ------------------------------------------------------------------ Lightning API
@@ -285,6 +285,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def state_dict(self) -> dict[str, Any]:
         """CPU tensors and plain types only (loads with ``torch.load(weights_only=True)``); never empty."""
         ref = self.reference
+        ledger_index, ledger_sha = (self.ledger.next_index, self.ledger.last_sha256) if self.ledger else self._ledger_state
         return {
             "format_version": STATE_FORMAT_VERSION,
             "reference_features": None if ref is None else ref.features.detach().cpu().clone(),
@@ -293,9 +294,17 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             "control_features": None if self.control_features is None else self.control_features.detach().cpu().clone(),
             "control_seeds": [int(s) for s in self.control_seeds],
             "control_spec": None if self.control_spec is None else self.control_spec.to_dict(),
+            "anchor_features": None if self.anchor_features is None else self.anchor_features.clone(),
+            "anchor_step": self.anchor_step,
+            "anchor_index": self.anchor_index,
+            "next_probe_step": int(self.next_probe_step),
+            "interval": int(self.interval),
+            "ledger_next_index": int(ledger_index),
+            "ledger_last_sha256": ledger_sha,
             "last_probed_step": int(self.last_probed_step),
             "consecutive_failures": int(self.consecutive_failures),
             "warned_undetermined": bool(self._warned_undetermined),
+            "warned_birth": bool(self._warned_birth),
             "history": [dict(entry) for entry in self.history],
         }
 
@@ -304,7 +313,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if not _is_int(version) or version > STATE_FORMAT_VERSION or version < 1:
             raise InputError(
                 f"the checkpoint's SeedPrintsCallback state has format version {version!r}; this seedprints-lightning reads "
-                f"version {STATE_FORMAT_VERSION}: upgrade the package"
+                f"versions 1 to {STATE_FORMAT_VERSION}: upgrade the package"
             )
         features, meta = state_dict.get("reference_features"), state_dict.get("reference_meta")
         if features is not None and meta is not None and not self._explicit:
@@ -318,7 +327,19 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.last_probed_step = int(state_dict.get("last_probed_step", -1))
         self.consecutive_failures = int(state_dict.get("consecutive_failures", 0))
         self._warned_undetermined = bool(state_dict.get("warned_undetermined", False))
+        self._warned_birth = bool(state_dict.get("warned_birth", False))
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
+        # Version 1 had no chain: its last probe is unknown, so the chain restarts at the reference.
+        self.anchor_features = state_dict.get("anchor_features")
+        self.anchor_step = state_dict.get("anchor_step")
+        self.anchor_index = state_dict.get("anchor_index")
+        if "next_probe_step" in state_dict:
+            self.next_probe_step, self.interval = int(state_dict["next_probe_step"]), int(state_dict["interval"])
+        else:
+            self.next_probe_step = self.last_probed_step + self.every_n_steps
+            self.interval = self.every_n_steps
+        self._ledger_state = (int(state_dict.get("ledger_next_index", 0)), state_dict.get("ledger_last_sha256"))
+        self._restored = True
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -350,19 +371,25 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 raise InputError(
                     f"SeedPrintsCallback has no reference at global_step={step}: the checkpoint has no SeedPrintsCallback "
                     f"state (state_key {self.state_key!r}), so the run's step-0 reference is unknown and will not be "
-                    f"taken from trained weights. Pass reference=<run>/seedprints/{_REFERENCE_FILE} (e.g. "
-                    f"{self.save_dir / _REFERENCE_FILE if self.save_dir else 'the run directory'}) or resume from a "
+                    f"taken from trained weights. Pass reference=<run>/seedprints/{REFERENCE_FILE} (e.g. "
+                    f"{self.save_dir / REFERENCE_FILE if self.save_dir else 'the run directory'}) or resume from a "
                     "checkpoint saved with the callback"
                 )
             self.reference = self._take_reference(trainer, pl_module, step)
             self.reference_source = "step0"
             self.last_probed_step = step
+            self.anchor_features, self.anchor_step, self.anchor_index = None, None, None
+            self.next_probe_step, self.interval = self.schedule.first()
+            self.next_probe_step += step
+            self.ledger, self._ledger_state = None, (0, None)
             fresh = True
         self._sync_reference_file(trainer, fresh)
         self._ensure_controls(trainer, pl_module)
+        self._open_ledger(trainer)
         self._write_layout(trainer)
-        if not fresh and self.last_probed_step != step:
-            self._probe(trainer, pl_module, "train_start")
+        if not fresh:
+            # A parent's reference, or a resume: link the loaded weights to the chain at once.
+            self._probe(trainer, pl_module, "resume" if self._restored else "train_start")
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer_fn_value(trainer) != "fit" or getattr(trainer, "sanity_checking", False) or self.reference is None:
@@ -370,7 +397,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         step = int(trainer.global_step)
         # global_step counts optimizer steps: under accumulation this hook fires on every
         # micro-batch with the same step, hence the last_probed_step guard.
-        if step > 0 and step % self.every_n_steps == 0 and step != self.last_probed_step:
+        if step >= self.next_probe_step and step != self.last_probed_step:
             self._probe(trainer, pl_module, "interval")
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -379,7 +406,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if int(trainer.global_step) != self.last_probed_step:
             self._probe(trainer, pl_module, "train_end")
 
-    # ------------------------------------------------------------------ probing
+    # ------------------------------------------------------------------ set-up
     def _check_compatible(self, lm: nn.Module, reference: Fingerprint) -> None:
         hidden = _hidden_size(lm.config)
         if reference.hidden_size != hidden:
@@ -401,20 +428,20 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         return Path(base if base else trainer.default_root_dir) / "seedprints"
 
     @staticmethod
-    def _uses_root_wrapper(trainer: Any) -> bool:
-        name = type(trainer.strategy).__name__
-        return "FSDP" in name or "DeepSpeed" in name
+    def _writes_files(trainer: Any) -> bool:
+        return not getattr(trainer, "fast_dev_run", False)
 
     def _run_model_code(self, trainer: Any, pl_module: Any, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (probe forwards) so that parameters are usable on every strategy.
 
-        FSDP/DeepSpeed (untested here): route the LightningModule's ``forward`` to ``fn``
-        and call the root wrapper, which gathers the sharded parameters around it.
-        Everything else: call ``fn`` directly (the DDP wrapper is not called).
+        Sharded strategies: route the LightningModule's ``forward`` to ``fn`` and call the root
+        wrapper, which gathers the sharded parameters around it. Everything else (DDP
+        included: its wrapper's forward is a collective that routes to ``training_step``):
+        call ``fn`` directly.
         """
         wrapper = getattr(trainer.strategy, "model", None)
         with preserve_rng_state(), trainer.precision_plugin.forward_context():
-            if not self._uses_root_wrapper(trainer) or wrapper is None or wrapper is pl_module:
+            if not shards_parameters(trainer.strategy) or wrapper is None or wrapper is pl_module:
                 return fn()
             result: dict[str, Any] = {}
             had_own = "forward" in pl_module.__dict__
@@ -435,15 +462,17 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
                     del pl_module.forward
             return result["value"]
 
-    def _features(self, trainer: Any, pl_module: Any, spec: ProbeSpec) -> torch.Tensor:
-        def fn() -> torch.Tensor:
-            if self.feature_fn is not None:
-                feature_fn = self.feature_fn
-                return extract_features(pl_module, spec, batch_size=self.probe_batch_size,
-                                        forward_fn=lambda batch: feature_fn(pl_module, batch))
-            return extract_features(find_causal_lm(pl_module), spec, batch_size=self.probe_batch_size)
+    def _features_of(self, module: nn.Module, spec: ProbeSpec) -> torch.Tensor:
+        if self.feature_fn is not None:
+            feature_fn = self.feature_fn
+            return extract_features(module, spec, batch_size=self.probe_batch_size,
+                                    forward_fn=lambda batch: feature_fn(module, batch))
+        return extract_features(find_causal_lm(module), spec, batch_size=self.probe_batch_size)
 
-        return self._run_model_code(trainer, pl_module, fn)
+    def _measure(self, trainer: Any, pl_module: Any, spec: ProbeSpec) -> torch.Tensor:
+        """The live model's features, identical on every rank (rank 0's, broadcast)."""
+        features = self._run_model_code(trainer, pl_module, lambda: self._features_of(pl_module, spec))
+        return trainer.strategy.broadcast(features, src=0)
 
     def _take_reference(self, trainer: Any, pl_module: Any, step: int) -> Fingerprint:
         spec = self.probe or ProbeSpec()
@@ -456,13 +485,19 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             base_spec = spec
             spec = self._run_model_code(trainer, pl_module, lambda: base_spec.resolve(lm))
         spec = trainer.strategy.broadcast(spec, src=0)
-        features = trainer.strategy.broadcast(self._features(trainer, pl_module, spec), src=0)
         return Fingerprint(
-            features=features, spec=spec,
+            features=self._measure(trainer, pl_module, spec), spec=spec,
             model_class=type(lm).__name__ if lm is not None else type(pl_module).__name__,
             config_digest=config_digest(lm.config) if lm is not None else None, step=step,
             extra={"source": "SeedPrintsCallback step-0 reference"},
         )
+
+    def _control_factory(self, pl_module: Any) -> Callable[[int], nn.Module]:
+        if self.control_factory is not None:
+            return self.control_factory
+        from .controls import build_control_model
+
+        return lambda seed: build_control_model(pl_module, seed)
 
     def _ensure_controls(self, trainer: Any, pl_module: Any) -> None:
         seeds = control_seeds(self.num_controls)
@@ -470,23 +505,32 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if not seeds:
             self.control_features, self.control_seeds, self.control_spec = None, (), None
             return
-        if (self.control_features is not None and self.control_seeds == seeds and self.control_spec == spec
-                and self.control_features.shape[1:] == self.reference.features.shape):
-            return  # restored from the checkpoint: kept bit for bit
-        features = probe_controls(
-            pl_module, spec, seeds, batch_size=self.probe_batch_size,
-            context=trainer.precision_plugin.forward_context,
-        )
-        self.control_features = trainer.strategy.broadcast(features, src=0)
-        self.control_seeds, self.control_spec = seeds, spec
+        restored = (self.control_features is not None and self.control_seeds == seeds and self.control_spec == spec
+                    and self.control_features.shape[1:] == self.reference.features.shape)
+        if not restored:
+            features = probe_control_models(
+                self._control_factory(pl_module), seeds, lambda control: self._features_of(control, spec),
+                device=pl_module.device, context=trainer.precision_plugin.forward_context,
+                log=self._progress(trainer),
+            )
+            self.control_features = trainer.strategy.broadcast(features, src=0)
+            self.control_seeds, self.control_spec = seeds, spec
         if self._writes_files(trainer) and trainer.is_global_zero:
-            lm = find_causal_lm(pl_module)
-            save_controls(self.save_dir / _CONTROLS_FILE, self.control_features, seeds, spec,
-                          extra={"model_class": type(lm).__name__, "config_digest": config_digest(lm.config)})
+            path = self.save_dir / CONTROLS_FILE
+            if not restored or not path.exists():
+                lm = None
+                with contextlib.suppress(ModelNotFoundError):
+                    lm = find_causal_lm(pl_module)
+                extra = {"model_class": type(lm if lm is not None else pl_module).__name__,
+                         "config_digest": config_digest(lm.config) if lm is not None else None}
+                save_controls(path, self.control_features, seeds, spec, extra=extra)
 
     @staticmethod
-    def _writes_files(trainer: Any) -> bool:
-        return not getattr(trainer, "fast_dev_run", False)
+    def _progress(trainer: Any) -> Callable[[str], None]:
+        def log(message: str) -> None:
+            if trainer.is_global_zero:
+                print(f"[seedprints] {message}", flush=True)
+        return log
 
     def _sync_reference_file(self, trainer: Any, fresh: bool) -> None:
         """Write ``reference.safetensors`` (rank 0); refuse a different reference for this directory."""
@@ -494,7 +538,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             return
         error: str | None = None
         if trainer.is_global_zero:
-            path = self.save_dir / _REFERENCE_FILE
+            path = self.save_dir / REFERENCE_FILE
             ref = self.reference
             existing = None
             if path.exists():
@@ -507,7 +551,8 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             if error is None and existing is not None and not same:
                 if fresh:
                     self._warn(trainer, f"SeedPrints: replacing {path} (another run's reference, taken at step "
-                                        f"{existing.step}) with this run's new step-0 reference")
+                                        f"{existing.step}) with this run's new step-0 reference; its custody ledger "
+                                        "starts anew")
                 else:
                     origin = self._reference_origin if self.reference_source == "explicit" else (
                         f"the SeedPrintsCallback state in checkpoint {getattr(trainer, 'ckpt_path', None)!r}")
@@ -519,37 +564,88 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
                     )
             if error is None and not same:
                 ref.save(path)
+            if error is None:
+                self._reference_sha = file_sha256(path)
         error = trainer.strategy.broadcast(error, src=0)
         if error is not None:
             raise InputError(error)
 
-    def _test(self, base: torch.Tensor, live: torch.Tensor) -> LineageResult:
-        try:
-            return lineage_test(base, live, identity_mode=self.identity_mode, identity_ratio=self.identity_ratio,
-                                alpha=self.alpha)
-        except InputError as exc:  # e.g. non-finite hidden states of a diverged model
-            return LineageResult(z=0.0, log10_p=0.0, p_value=1.0, tau_mean=0.0, k=0, n=int(live.shape[0]),
-                                 related=None, alpha=self.alpha, identity_mode=self.identity_mode, reason=str(exc))
+    def _open_ledger(self, trainer: Any) -> None:
+        """Start the custody ledger (a new reference) or continue it where the checkpoint left it (rank 0)."""
+        if not self._writes_files(trainer) or not trainer.is_global_zero:
+            return
+        if self.control_features is not None:
+            self._controls_sha = file_sha256(self.save_dir / CONTROLS_FILE)
+        ledger = CustodyLedger(self.save_dir)
+        next_index, last_sha = self._ledger_state
+        if self.ledger is not None:  # the same instance fits again: continue its chain
+            next_index, last_sha = self.ledger.next_index, self.ledger.last_sha256
+        if last_sha is None or next_index == 0:
+            ledger.start(self._reference_sha)
+            if ledger.path.exists():
+                moved = ledger.rewind_to(self._reference_sha, 0)
+                if moved is not None:
+                    self._warn(trainer, f"SeedPrints: a new chain starts in {ledger.path}; the previous records "
+                                        f"were moved to {moved}")
+        else:
+            moved = ledger.rewind_to(last_sha, next_index)
+            if moved is not None:
+                self._warn(trainer, f"SeedPrints: resumed from a checkpoint older than the last probe; the ledger's "
+                                    f"records after it (an abandoned branch of the run) were moved to {moved}")
+        self.ledger = ledger
 
-    def _probe(self, trainer: Any, pl_module: Any, event: str) -> IdentityVerdict:
+    # ------------------------------------------------------------------ a probe: measure -> decide -> record -> act
+    def _probe(self, trainer: Any, pl_module: Any, event: str) -> ProbeVerdict:
         start = time.perf_counter()
         step = int(trainer.global_step)
         ref = self.reference
-        live = self._features(trainer, pl_module, ref.spec)
+        live = self._measure(trainer, pl_module, ref.spec)
         if live.shape != ref.features.shape:
             raise InputError(
                 f"the probe returned features of shape {tuple(live.shape)} but the reference has "
                 f"{tuple(ref.features.shape)}: the model (or feature_fn) no longer matches the reference"
             )
-        ref_result = self._test(ref.features, live)
-        controls = tuple(self._test(c, live) for c in (self.control_features if self.control_features is not None else ()))
-        verdict = decide_identity(ref_result, controls, alpha=self.alpha, control_margin=self.control_margin)
+        stored = storage_features(live)
+        live = stored.float()
+        anchor = self.anchor_features.float() if self.anchor_features is not None else ref.features
+        verdict = judge_probe(
+            step, live, reference=ref.features, anchor=anchor,
+            anchor_step=self.anchor_step if self.anchor_step is not None else int(ref.step or 0),
+            controls=() if self.control_features is None else list(self.control_features),
+            birth_rule=self.birth_rule, custody_rule=self.custody_rule, fail_on=self.fail_on,
+            identity_mode=self.identity_mode, identity_ratio=self.identity_ratio,
+        )
         seconds = time.perf_counter() - start
-        metrics = verdict.to_metrics(seconds)
+        self._record(trainer, verdict, stored, event, seconds)
+        if verdict.link.related is True:
+            self.anchor_features, self.anchor_step = stored, step
+            self.anchor_index = self.history[-1].get("record_index")
         self.last_probed_step = step
         self.last_verdict = verdict
-        self._log(trainer, metrics, step)
+        self.next_probe_step, self.interval = self.schedule.after(step, self.interval, verdict.link.related,
+                                                                  verdict.link.headroom)
+        self.history[-1]["next_step"] = int(self.next_probe_step)
+        self._act(trainer, verdict, step)
+        return verdict
 
+    def _record(self, trainer: Any, verdict: ProbeVerdict, stored: torch.Tensor, event: str, seconds: float) -> None:
+        metrics = verdict.to_metrics(seconds)
+        self._log(trainer, metrics, verdict.step)
+        entry: dict[str, Any] = {"step": verdict.step, "event": event}
+        entry.update({name: metrics[tag] for name, tag in zip(METRIC_NAMES, METRIC_TAGS)})
+        entry.update({"related": verdict.related, "birth_detectable": verdict.birth_detectable,
+                      "link_related": verdict.link.related, "anchor_step": verdict.anchor_step,
+                      "control_z": [float(z) for z in verdict.birth.control_z], "reason": verdict.reason})
+        if self.ledger is not None:
+            record = self.ledger.append(
+                verdict, stored, event=event, anchor_index=self.anchor_index, reference_sha256=self._reference_sha,
+                controls_sha256=self._controls_sha, identity_mode=self.identity_mode, identity_ratio=self.identity_ratio)
+            entry["record_index"] = record["index"]
+        # Rank 0 writes the ledger; every rank keeps the same anchor index.
+        entry["record_index"] = trainer.strategy.broadcast(entry.get("record_index"), src=0)
+        self.history.append(entry)
+
+    def _act(self, trainer: Any, verdict: ProbeVerdict, step: int) -> None:
         # Reduced over ranks so that every rank updates the same counter and acts alike.
         failed = bool(trainer.strategy.reduce_boolean_decision(verdict.related is False, all=False))
         kept = bool(trainer.strategy.reduce_boolean_decision(verdict.related is True, all=True))
@@ -557,30 +653,35 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             self.consecutive_failures += 1
         elif kept:
             self.consecutive_failures = 0
-        entry: dict[str, Any] = {"step": step, "event": event}
-        entry.update({tag.split("/", 1)[1]: value for tag, value in metrics.items()})
-        entry.update({"related": verdict.related, "control_z": [float(z) for z in verdict.control_z],
-                      "reason": verdict.reason, "consecutive_failures": int(self.consecutive_failures)})
-        self.history.append(entry)
-
+        self.history[-1]["consecutive_failures"] = int(self.consecutive_failures)
         if verdict.related is None and not failed and not self._warned_undetermined:
             self._warned_undetermined = True
             self._warn(trainer, f"SeedPrints: the lineage probe at step {step} is undetermined ({verdict.reason}); "
                                 "it counts neither as a failure nor as a success. Further undetermined probes are not reported")
+        if (self.fail_on == "custody" and verdict.birth.related is False and verdict.link.related
+                and not self._warned_birth):
+            self._warned_birth = True
+            self._warn(trainer, (
+                f"SeedPrints: the birth test is no longer detectable at step {step} (z={verdict.birth.z:.2f}, "
+                f"threshold {verdict.birth.threshold:.2f}): training has moved the weights far from their init, as "
+                "it does at ordinary learning rates. This is NOT identity loss: the custody chain holds (link z="
+                f"{verdict.link.z:.2f} from step {verdict.anchor_step}). To keep the birth test itself detectable, "
+                "probe with more samples (ProbeSpec(num_samples=4000 or more): z grows like sqrt(n)) or the other "
+                "probe kind; pass fail_on='birth' or 'either' if your audit needs it to hold."))
         if failed and self.consecutive_failures >= self.patience:
-            self._act(trainer, verdict, step)
-        return verdict
+            self._identity_lost(trainer, verdict, step)
 
-    def _act(self, trainer: Any, verdict: IdentityVerdict, step: int) -> None:
-        ref = verdict.reference
-        controls = ", ".join(f"{z:.2f}" for z in verdict.control_z) or "none"
+    def _identity_lost(self, trainer: Any, verdict: ProbeVerdict, step: int) -> None:
+        link, birth = verdict.link, verdict.birth
+        controls = ", ".join(f"{z:.2f}" for z in birth.control_z) or "none"
         reason = f" {verdict.reason.rstrip('.')}." if verdict.reason else ""
         message = (
             f"SeedPrints: the run lost its lineage identity at step {step} ({self.consecutive_failures} consecutive failed "
-            f"probes, patience {self.patience}): z={ref.z:.2f}, log10 p={ref.log10_p:.2f}, threshold={verdict.threshold:.2f} "
-            f"(alpha={self.alpha:g}, control margin {self.control_margin:g}), controls z max={verdict.control_z_max:.2f}, "
-            f"mean={verdict.control_z_mean:.2f} [{controls}].{reason} The weights no longer descend from the "
-            f"reference ({self.reference_source}, step {self.reference.step}): check for a swapped or wrongly loaded checkpoint."
+            f"probes, patience {self.patience}, fail_on={self.fail_on!r}): custody link from step {verdict.anchor_step} "
+            f"z={link.z:.2f} (threshold {link.threshold:.2f}), birth z={birth.z:.2f} (threshold {birth.threshold:.2f}), "
+            f"controls z [{controls}].{reason} The weights do not descend from the run's last good probe "
+            f"(reference: {self.reference_source}, step {self.reference.step}): check for a swapped or wrongly "
+            "loaded checkpoint."
         )
         if self.on_identity_lost == "raise":
             raise IdentityLostError(message)

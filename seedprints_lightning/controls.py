@@ -18,6 +18,8 @@ model, whose own z was 17.7; against a swapped-in unrelated model (z = 4.1) the 
 2.3 to 6.2. So :func:`decide_identity` asks the run to stand clear of its controls by
 ``control_margin``, not just to pass the analytic threshold.
 
+The verdict itself (how far above the controls a test must stand) is in :mod:`.verdict`.
+
 Everything here is deterministic and leaves every global RNG (Python, NumPy, torch CPU and
 CUDA) exactly as it found it.
 """
@@ -26,9 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -39,31 +41,18 @@ from torch import nn
 
 from .errors import FingerprintFileError, InputError
 from .probes import ProbeSpec, extract_features, find_causal_lm
-from .stats import LineageResult, z_threshold
 
 __all__ = [
     "CONTROL_SEED_BASE",
-    "DEFAULT_CONTROL_MARGIN",
     "DEFAULT_NUM_CONTROLS",
-    "IdentityVerdict",
     "build_control_model",
     "control_seeds",
-    "decide_identity",
     "load_controls",
     "preserve_rng_state",
+    "probe_control_models",
     "probe_controls",
     "save_controls",
 ]
-
-#: How far (in z) the live model must stand above the largest control z. Measured
-#: (docs/benchmarks.md, "Calibration"): with token probes, n = 1000, all dimensions and 4
-#: controls, unrelated pairs stood at most 3.6 (cross), 3.7 (fresh-init pairs) and 8.8
-#: (peers: other seeds trained on the same data in the same order, a shared response the
-#: fresh-init controls cannot see) above their largest control, and own-lineage checkpoints
-#: at least 22.1 above. 10 clears every unrelated pair with room on both sides; 2.33 (the
-#: bare 1 % quantile) let 2/144 cross and 14/72 peers pairs through. z grows with
-#: sqrt(num_samples), so re-measure the margin when you change num_samples a lot.
-DEFAULT_CONTROL_MARGIN = 10.0
 
 #: Negative controls per run. 2 controls let larger unrelated excursions through than 4;
 #: 6 gained nothing over 4 (docs/benchmarks.md).
@@ -195,6 +184,46 @@ def probe_controls(
     return torch.stack(out)
 
 
+def probe_control_models(
+    factory: Callable[[int], nn.Module],
+    seeds: Sequence[int],
+    features_of: Callable[[nn.Module], torch.Tensor],
+    *,
+    device: torch.device | str | None = None,
+    context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> torch.Tensor:
+    """Features ``[c, n, D]`` of ``factory(seed)`` for each seed, one control alive at a time.
+
+    ``factory(seed)`` returns a fresh init of the model (it runs under ``torch.manual_seed(seed)``
+    with every global RNG restored after, so a factory that just constructs the model is seeded
+    too); the control is moved to ``device``, put in eval mode, probed by ``features_of`` and
+    freed before the next is built. ``log`` gets one progress line per control: for a large
+    model the step-0 work takes minutes.
+    """
+    seeds = [_check_int("seed", s, 0) for s in seeds]
+    out = []
+    with preserve_rng_state():
+        for i, seed in enumerate(seeds):
+            start = time.perf_counter()
+            torch.manual_seed(seed)
+            control = factory(seed)
+            if not isinstance(control, nn.Module):
+                raise InputError(f"control_factory({seed}) returned {type(control).__name__}, not a torch.nn.Module")
+            if device is not None:
+                control = control.to(device)
+            control.eval()
+            control.requires_grad_(False)
+            try:
+                with (context() if context is not None else contextlib.nullcontext()):
+                    out.append(features_of(control).to(device="cpu", dtype=torch.float32))
+            finally:
+                del control
+            if log is not None:
+                log(f"control {i + 1}/{len(seeds)} (init seed {seed}) probed in {time.perf_counter() - start:.1f} s")
+    return torch.stack(out)
+
+
 def save_controls(path: str | os.PathLike, features: torch.Tensor, seeds: Sequence[int], spec: ProbeSpec,
                   extra: dict[str, Any] | None = None) -> Path:
     """Write control features ``[c, n, D]`` with their seeds and spec (safetensors, atomic)."""
@@ -229,140 +258,3 @@ def load_controls(path: str | os.PathLike) -> tuple[torch.Tensor, tuple[int, ...
     if meta.get("format") != _CONTROLS_FORMAT or meta.get("format_version") != _CONTROLS_FORMAT_VERSION:
         raise FingerprintFileError(f"{path}: not a seedprints controls file of version {_CONTROLS_FORMAT_VERSION}")
     return features, tuple(int(s) for s in meta["seeds"]), ProbeSpec.from_dict(meta["spec"])
-
-
-# --------------------------------------------------------------------------------------
-# The verdict
-# --------------------------------------------------------------------------------------
-
-
-def _finite(value: float) -> float:
-    value = float(value)
-    return value if math.isfinite(value) else 0.0
-
-
-@dataclass(frozen=True)
-class IdentityVerdict:
-    """Is the live model still of the reference's lineage, judged against its controls?
-
-    ``related`` is ``True`` (kept), ``False`` (lost) or ``None`` (undetermined: the test
-    could not be made; ``reason`` says why). ``reason`` also explains a ``False``.
-    ``control_z_max`` / ``control_z_mean`` are over the controls whose test was determined,
-    and 0.0 when there are none (never NaN). ``threshold`` is the z the live model had to
-    exceed: ``max(z_threshold(alpha), control_z_max + control_margin)``.
-    """
-
-    reference: LineageResult
-    controls: tuple[LineageResult, ...]
-    control_z_max: float
-    control_z_mean: float
-    threshold: float
-    related: bool | None
-    reason: str | None
-    alpha: float = 0.01
-    control_margin: float = DEFAULT_CONTROL_MARGIN
-
-    @property
-    def control_z(self) -> tuple[float, ...]:
-        """Every control's z (undetermined controls give 0.0)."""
-        return tuple(float(c.z) for c in self.controls)
-
-    def to_metrics(self, probe_seconds: float = 0.0) -> dict[str, float]:
-        """The callback's log tags, all finite floats.
-
-        An undetermined verdict logs ``z = log10_p = 0`` (no evidence, p = 1, as
-        :class:`LineageResult` carries it) and ``related = 0``: ``related`` is 1 only for a
-        confirmed lineage.
-        """
-        ref = self.reference
-        return {
-            "seedprints/z": _finite(ref.z),
-            "seedprints/log10_p": _finite(ref.log10_p),
-            "seedprints/tau_mean": _finite(ref.tau_mean),
-            "seedprints/identity_dims": float(ref.k),
-            "seedprints/related": 1.0 if self.related else 0.0,
-            "seedprints/control_z_max": _finite(self.control_z_max),
-            "seedprints/control_z_mean": _finite(self.control_z_mean),
-            "seedprints/threshold": _finite(self.threshold),
-            "seedprints/probe_seconds": _finite(probe_seconds),
-        }
-
-    def summary(self) -> str:
-        """One readable line with the figures behind the verdict."""
-        ref = self.reference
-        controls = ", ".join(f"{z:.2f}" for z in self.control_z) or "none"
-        state = {True: "identity kept", False: "IDENTITY LOST", None: "undetermined"}[self.related]
-        text = (f"{state}: z={ref.z:.2f} (log10 p={ref.log10_p:.2f}, tau_mean={ref.tau_mean:.4f}, k={ref.k}, "
-                f"n={ref.n}) vs threshold {self.threshold:.2f} [analytic {z_threshold(self.alpha):.2f} at "
-                f"alpha={self.alpha:g}; controls z max {self.control_z_max:.2f} + margin {self.control_margin:g}; "
-                f"control z: {controls}]")
-        return text + (f"; {self.reason}" if self.reason else "")
-
-
-def decide_identity(
-    reference_result: LineageResult,
-    control_results: Sequence[LineageResult] = (),
-    *,
-    alpha: float = 0.01,
-    control_margin: float = DEFAULT_CONTROL_MARGIN,
-) -> IdentityVerdict:
-    """The identity rule: related iff the run beats the analytic threshold AND its controls.
-
-    ``reference_result`` is ``lineage_test(reference_features, live_features)``;
-    ``control_results[i]`` is ``lineage_test(control_i_features, live_features)``, each
-    fresh-init control as the base and the live model as the target (the "cross" relation,
-    measured in real time).
-
-    Rule::
-
-        threshold = max(z_threshold(alpha), control_z_max + control_margin)   # with controls
-        threshold = z_threshold(alpha)                                         # without
-        related   = reference_result.related and reference_result.z > control_z_max + control_margin
-
-    Why: ``method.md`` shows the analytic null is inflated for some architectures and probes
-    (unrelated pairs at z = 4 to 9.5). Fresh-init controls measure that inflated null: on
-    the narrow model they gave z = 1.7-4.9 while the run's own z was 17.7, and 2.3-6.2
-    around a swapped-in unrelated model's z = 4.1. The analytic test alone would have called
-    the swapped model related (4.1 > 2.33); standing ``control_margin`` clear of the
-    controls does not.
-
-    Undetermined cases give ``related = None`` with a reason (they are not failures):
-    the reference test itself undetermined, or controls given but none of them testable
-    (then the null cannot be measured). Undetermined controls are left out of the max/mean.
-    """
-    if not isinstance(reference_result, LineageResult):
-        raise InputError(f"reference_result must be a LineageResult, got {type(reference_result).__name__}")
-    controls = tuple(control_results)
-    for i, c in enumerate(controls):
-        if not isinstance(c, LineageResult):
-            raise InputError(f"control_results[{i}] must be a LineageResult, got {type(c).__name__}")
-    analytic = z_threshold(alpha)  # validates alpha
-    if isinstance(control_margin, bool) or not isinstance(control_margin, (int, float)) or not (
-            math.isfinite(control_margin) and control_margin >= 0):
-        raise InputError(f"control_margin must be a finite number >= 0, got {control_margin!r}")
-    control_margin = float(control_margin)
-
-    determined = [float(c.z) for c in controls if c.related is not None and math.isfinite(c.z)]
-    z_max = max(determined) if determined else 0.0
-    z_mean = sum(determined) / len(determined) if determined else 0.0
-    threshold = max(analytic, z_max + control_margin) if determined else analytic
-
-    def verdict(related: bool | None, reason: str | None) -> IdentityVerdict:
-        return IdentityVerdict(reference=reference_result, controls=controls, control_z_max=z_max,
-                               control_z_mean=z_mean, threshold=threshold, related=related, reason=reason,
-                               alpha=float(alpha), control_margin=control_margin)
-
-    z = float(reference_result.z)
-    if reference_result.related is None:
-        return verdict(None, f"the lineage test against the reference was undetermined: {reference_result.reason}")
-    if controls and not determined:
-        reasons = "; ".join(sorted({str(c.reason) for c in controls}))
-        return verdict(None, f"none of the {len(controls)} control tests was determined ({reasons}), so the null "
-                             "cannot be measured")
-    if not reference_result.related:
-        return verdict(False, f"z={z:.2f} is not significant at alpha={alpha:g} (needs > {analytic:.2f})")
-    if determined and not z > z_max + control_margin:
-        return verdict(False, f"z={z:.2f} does not stand clear of the fresh-init controls (max z {z_max:.2f} + "
-                              f"margin {control_margin:g} = {z_max + control_margin:.2f}): the model responds like an "
-                              "unrelated init of the same architecture")
-    return verdict(True, None)
