@@ -26,8 +26,8 @@ What it does, all on CPU, nothing stored on disk but the optional markdown:
   (:func:`seedprints_lightning.controls.probe_controls` with
   :func:`~seedprints_lightning.controls.control_seeds`, each tested as
   ``lineage_test(control, live)``) so the callback's full verdict
-  (:func:`~seedprints_lightning.controls.decide_identity`) can be tabulated for several
-  margins and control counts;
+  (:func:`~seedprints_lightning.verdict.decide_identity`, birth rule: z over the controls) can be
+  tabulated for several z margins and control counts;
 * reports how z scales with the number of probe samples by re-testing row subsets.
 
 ``run_calibration(CalibrationConfig(...)) -> CalibrationReport`` is the callable API (the
@@ -56,7 +56,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from seedprints_lightning.controls import control_seeds, decide_identity, probe_controls  # noqa: E402
+from seedprints_lightning.controls import control_seeds, probe_controls  # noqa: E402
+from seedprints_lightning.verdict import VerdictRule, decide_identity  # noqa: E402
 from seedprints_lightning.probes import ProbeSpec, extract_features  # noqa: E402
 from seedprints_lightning.stats import LineageResult, lineage_test, z_threshold  # noqa: E402
 from seedprints_lightning.train.corpus import build_corpus  # noqa: E402
@@ -205,8 +206,8 @@ class PairRecord:
         return self.relation == "own"
 
     def verdict(self, num_controls: int, margin: float, alpha: float) -> bool:
-        """The callback's verdict (``decide_identity``) with the first ``num_controls``."""
-        v = decide_identity(self.reference, self.controls[:num_controls], alpha=alpha, control_margin=margin)
+        """The birth-test verdict (``decide_identity``, z margin ``margin``) with the first ``num_controls``."""
+        v = decide_identity(self.reference, self.controls[:num_controls], VerdictRule(alpha=alpha, z_margin=margin))
         return bool(v.related)
 
     def slack(self, num_controls: int) -> float:

@@ -29,14 +29,18 @@ from typing import Any, Iterable, Literal, Sequence
 
 import torch
 
-from .errors import IncompatibleFingerprintsError, InputError, SeedPrintsError, SourceError
+from .errors import FingerprintFileError, IncompatibleFingerprintsError, InputError, SeedPrintsError, SourceError
 from .fingerprint import Fingerprint, fingerprint_model
 from .probes import ProbeSpec, find_causal_lm
 from .stats import LineageResult, lineage_test
+from .verdict import BIRTH_RULE, CUSTODY_RULE, IdentityVerdict, VerdictRule, decide_identity
 
 __all__ = [
     "AuditRow",
     "Comparison",
+    "Evidence",
+    "find_controls",
+    "rule_for_base",
     "Source",
     "SourceError",
     "audit_checkpoints",
@@ -210,8 +214,11 @@ def fingerprint_source(
     dtype: torch.dtype = torch.float32,
     trust_pickle: bool = False,
     progress: bool = False,
+    num_controls: int = 0,
 ) -> Fingerprint:
     """Fingerprint a model directory or checkpoint (a fingerprint file is just loaded).
+
+    ``num_controls`` fresh inits of the model's config are probed and stored with it.
 
     With a resolved ``spec`` the model must accept its inputs (vocabulary, width), else
     :class:`IncompatibleFingerprintsError`; an unresolved or missing spec is resolved from
@@ -229,7 +236,7 @@ def fingerprint_source(
     if device is not None:
         model.to(device)
     return fingerprint_model(model, spec, step=step, batch_size=batch_size, progress=progress,
-                             extra={"source": str(source.path)})
+                             extra={"source": str(source.path)}, num_controls=num_controls)
 
 
 def load_source_fingerprint(path: str | Path | Source) -> Fingerprint:
@@ -292,18 +299,120 @@ def spec_for_models(
 
 
 @dataclass(frozen=True)
+class Evidence:
+    """What a verdict was judged against: the controls' features (or none) and where they came from."""
+
+    controls: torch.Tensor | None
+    description: str
+
+    @property
+    def num_controls(self) -> int:
+        return 0 if self.controls is None else int(self.controls.shape[0])
+
+
+def _sibling_controls(path: Path, spec: ProbeSpec) -> torch.Tensor | None:
+    """The callback's ``controls.safetensors`` beside a reference file, if it was made on ``spec``."""
+    from .controls import load_controls
+    from .custody import CONTROLS_FILE
+
+    sibling = path.parent / CONTROLS_FILE
+    if not sibling.is_file():
+        return None
+    try:
+        features, _, control_spec = load_controls(sibling)
+    except FingerprintFileError:
+        return None
+    return features if control_spec == spec else None
+
+
+def find_controls(
+    spec: ProbeSpec,
+    fingerprints: Sequence[tuple[Source, Fingerprint]] = (),
+    models: Sequence[tuple[Source, torch.nn.Module]] = (),
+    *,
+    num_controls: int = 4,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+) -> Evidence:
+    """The fresh-init controls an offline verdict is judged against, from the best source at hand.
+
+    In order: controls stored in a fingerprint file (made on the same spec); fresh inits built
+    from a model's config (the callback's control seeds); the callback's ``controls.safetensors``
+    beside a fingerprint file. ``num_controls=0`` asks for none. Without controls the verdict
+    rests on the analytic threshold and the effect-size margin alone, and says so.
+    """
+    from .controls import control_seeds, probe_controls
+
+    if num_controls == 0:
+        return Evidence(None, "no controls (--controls 0): analytic threshold and effect-size margin only")
+    for source, fp in fingerprints:
+        if fp.controls is not None and fp.controls.shape[0] > 0:
+            return Evidence(fp.controls[:num_controls], f"{min(num_controls, fp.controls.shape[0])} fresh-init "
+                                                        f"controls stored in {source.path}")
+    for source, model in models:
+        seeds = control_seeds(num_controls)
+        features = probe_controls(model, spec, seeds, batch_size=batch_size, device=device)
+        return Evidence(features, f"{len(seeds)} fresh inits of {source.path}'s config (seeds {seeds[0]}..{seeds[-1]})")
+    for source, _ in fingerprints:
+        found = _sibling_controls(source.path, spec)
+        if found is not None:
+            return Evidence(found[:num_controls], f"{min(num_controls, found.shape[0])} fresh-init controls from "
+                                                  f"{source.path.parent / 'controls.safetensors'}")
+    return Evidence(None, "no controls available (fingerprints without stored controls; re-create them with "
+                          "`seedprints fingerprint --controls 4`): analytic threshold and effect-size margin only")
+
+
+def rule_for_base(base_step: int | None, rule: str = "auto", alpha: float = 0.01) -> VerdictRule:
+    """The callback's rule for a base fingerprint: ``birth`` for an init (step 0), ``custody`` otherwise.
+
+    A base that is an init is judged like the callback's birth test (fresh-init controls measure
+    exactly the unrelated relation); a trained base like a custody link (with the effect-size
+    margin: models trained on the same data share a small response the controls cannot see).
+    A base of unknown step gets the stricter custody rule.
+    """
+    if rule not in ("auto", "birth", "custody"):
+        raise InputError(f"rule must be 'auto', 'birth' or 'custody', got {rule!r}")
+    if rule == "auto":
+        rule = "birth" if base_step == 0 else "custody"
+    base = BIRTH_RULE if rule == "birth" else CUSTODY_RULE
+    return VerdictRule(alpha=alpha, z_margin=base.z_margin, tau_margin=base.tau_margin)
+
+
+def judge(base: torch.Tensor, target: torch.Tensor, evidence: Evidence, rule: VerdictRule,
+          **test_kwargs: Any) -> IdentityVerdict:
+    """``lineage_test(base, target)`` and each ``lineage_test(control, target)``, judged by ``rule``."""
+    test_kwargs["alpha"] = rule.alpha
+    result = lineage_test(base, target, **test_kwargs)
+    controls = [] if evidence.controls is None else list(evidence.controls)
+    return decide_identity(result, [lineage_test(c, target, **test_kwargs) for c in controls], rule)
+
+
+@dataclass(frozen=True)
 class Comparison:
-    """The outcome of :func:`compare_sources`: both inputs, the shared probe, the verdict."""
+    """The outcome of :func:`compare_sources`: both inputs, the shared probe, the verdict and its evidence."""
 
     a: Source
     b: Source
     spec: ProbeSpec
-    result: LineageResult
+    verdict: IdentityVerdict
+    evidence: Evidence
+    rule_name: str
+
+    @property
+    def result(self) -> LineageResult:
+        return self.verdict.result
+
+    @property
+    def related(self) -> bool | None:
+        return self.verdict.related
 
     def to_dict(self) -> dict[str, Any]:
-        """``LineageResult.to_dict()`` at the top level, plus the inputs and the probe."""
+        """``LineageResult.to_dict()`` at the top level, plus the verdict, the inputs and the probe."""
         out = self.result.to_dict()
-        out["verdict"] = verdict_word(self.result.related)
+        out.update(self.verdict.to_dict())
+        out["verdict"] = verdict_word(self.related)
+        out["rule_name"] = self.rule_name
+        out["evidence"] = self.evidence.description
         out["a"] = self.a.to_dict()
         out["b"] = self.b.to_dict()
         out["spec"] = self.spec.to_dict()
@@ -311,7 +420,7 @@ class Comparison:
 
 
 def verdict_word(related: bool | None) -> str:
-    return "undetermined" if related is None else ("related" if related else "unrelated")
+    return "undetermined" if related is None else ("related" if related else "not shown related")
 
 
 def _check_same_width(fa: Fingerprint, fb: Fingerprint, names: tuple[str, str]) -> None:
@@ -336,9 +445,16 @@ def compare_sources(
     dtype: torch.dtype = torch.float32,
     trust_pickle: bool = False,
     progress: bool = False,
+    num_controls: int = 4,
+    rule: str = "auto",
+    alpha: float = 0.01,
     **test_kwargs: Any,
 ) -> Comparison:
     """Is ``b`` descended from ``a``? Each is a fingerprint file, model directory or checkpoint.
+
+    Judged by the callback's verdict (:mod:`.verdict`) against fresh-init controls found by
+    :func:`find_controls`, with the rule of :func:`rule_for_base` (birth rule when ``a`` is an
+    init, custody rule otherwise; ``rule`` forces one).
 
     * two fingerprints: compared as they are (different probe specs raise
       :class:`IncompatibleFingerprintsError`);
@@ -368,6 +484,16 @@ def compare_sources(
             fa = fingerprint_source(sa, fb.spec, **common)
         fa.check_comparable(fb)
         spec = fa.spec
+        fingerprints = [(s, loaded[s.path]) for s in (sa, sb) if s.kind == "fingerprint"]
+        evidence = find_controls(spec, fingerprints, [], num_controls=num_controls, batch_size=batch_size,
+                                 device=device)
+        if evidence.controls is None and num_controls:
+            model_source = next((s for s in (sa, sb) if s.kind != "fingerprint"), None)
+            if model_source is not None:
+                model = load_model(model_source, dtype=dtype, trust_pickle=trust_pickle)
+                evidence = find_controls(spec, [], [(model_source, model)], num_controls=num_controls,
+                                         batch_size=batch_size, device=device)
+                del model
     else:
         model_a = load_model(sa, dtype=dtype, trust_pickle=trust_pickle)
         model_b = load_model(sb, dtype=dtype, trust_pickle=trust_pickle)
@@ -378,12 +504,18 @@ def compare_sources(
         for model in (model_a, model_b):
             if device is not None:
                 model.to(device)
-            features.append(fingerprint_model(model, spec, batch_size=batch_size, progress=progress))
+            step = source_step(sa if model is model_a else sb, trust_pickle=trust_pickle)
+            features.append(fingerprint_model(model, spec, step=step, batch_size=batch_size, progress=progress))
             model.to("cpu")
         fa, fb = features
+        evidence = find_controls(spec, [], [(sa, model_a)], num_controls=num_controls, batch_size=batch_size,
+                                 device=device)
         del model_a, model_b
     _check_same_width(fa, fb, names)
-    return Comparison(a=sa, b=sb, spec=spec, result=lineage_test(fa.features, fb.features, **test_kwargs))
+    chosen = rule_for_base(fa.step, rule, alpha)
+    rule_name = rule if rule != "auto" else ("birth" if fa.step == 0 else "custody")
+    verdict = judge(fa.features, fb.features, evidence, chosen, **test_kwargs)
+    return Comparison(a=sa, b=sb, spec=spec, verdict=verdict, evidence=evidence, rule_name=rule_name)
 
 
 # --------------------------------------------------------------------------------------
@@ -403,13 +535,17 @@ class AuditRow:
     tau_mean: float
     k: int
     related: bool | None
+    threshold: float
     result: LineageResult = field(repr=False, compare=False)
+    verdict: IdentityVerdict | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "kind": self.kind, "step": self.step, "z": self.z, "log10_p": self.log10_p,
             "tau_mean": self.tau_mean, "k": self.k, "related": self.related, "verdict": verdict_word(self.related),
-            "n": self.result.n, "alpha": self.result.alpha, "reason": self.result.reason,
+            "threshold": self.threshold, "control_z": list(self.verdict.control_z) if self.verdict else [],
+            "n": self.result.n, "alpha": self.result.alpha,
+            "reason": self.verdict.reason if self.verdict else self.result.reason,
         }
 
 
@@ -422,14 +558,25 @@ def audit_checkpoints(
     dtype: torch.dtype = torch.float32,
     trust_pickle: bool = False,
     progress: bool = False,
+    evidence: Evidence | None = None,
+    rule: VerdictRule | None = None,
     **test_kwargs: Any,
 ) -> list[AuditRow]:
-    """Test each checkpoint against ``reference``: ``lineage_test(reference, checkpoint)``.
+    """Test each checkpoint against ``reference`` with the callback's verdict.
+
+    ``evidence`` holds the controls (default: those stored in the reference, else none);
+    ``rule`` defaults to :func:`rule_for_base` of the reference's step.
 
     Every checkpoint is probed with the reference's spec (one model in memory at a time);
     directories expand as in :func:`expand_checkpoints`. Rows come in that order. The first
     checkpoint that cannot be loaded or probed raises (nothing is silently skipped).
     """
+    if evidence is None:
+        evidence = (Evidence(reference.controls, f"{reference.controls.shape[0]} fresh-init controls stored with the "
+                                                 "reference")
+                    if reference.controls is not None else Evidence(None, "no controls: analytic threshold and "
+                                                                          "effect-size margin only"))
+    rule = rule or rule_for_base(reference.step, "auto", test_kwargs.pop("alpha", 0.01))
     expanded = expand_checkpoints(checkpoints, trust_pickle=trust_pickle)
     items: Iterable[tuple[Source, int | None]] = expanded
     if progress:
@@ -444,20 +591,22 @@ def audit_checkpoints(
                                 trust_pickle=trust_pickle)
         reference.check_comparable(fp)
         _check_same_width(reference, fp, ("the reference", str(source.path)))
-        result = lineage_test(reference.features, fp.features, **test_kwargs)
+        verdict = judge(reference.features, fp.features, evidence, rule, **test_kwargs)
+        result = verdict.result
         rows.append(AuditRow(
             name=source.name, kind=source.kind, step=step if step is not None else fp.step, z=result.z,
-            log10_p=result.log10_p, tau_mean=result.tau_mean, k=result.k, related=result.related, result=result,
+            log10_p=result.log10_p, tau_mean=result.tau_mean, k=result.k, related=verdict.related,
+            threshold=verdict.threshold, result=result, verdict=verdict,
         ))
     return rows
 
 
 def format_audit_table(rows: Sequence[AuditRow]) -> str:
     """A plain-text table of the rows (one line each)."""
-    header = ("checkpoint", "step", "z", "log10 p", "tau_mean", "k", "related")
+    header = ("checkpoint", "step", "z", "threshold", "log10 p", "tau_mean", "k", "verdict")
     body = [
-        (row.name, "-" if row.step is None else str(row.step), f"{row.z:.2f}", _fmt_log10_p(row.log10_p),
-         f"{row.tau_mean:.4f}", str(row.k), verdict_word(row.related))
+        (row.name, "-" if row.step is None else str(row.step), f"{row.z:.2f}", f"{row.threshold:.2f}",
+         _fmt_log10_p(row.log10_p), f"{row.tau_mean:.4f}", str(row.k), verdict_word(row.related))
         for row in rows
     ]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]

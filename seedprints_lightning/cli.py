@@ -6,6 +6,7 @@ Commands::
     seedprints compare A B [--expect related|unrelated] is B descended from A?
     seedprints plot LOGDIR [LOGDIR ...] [-o drift.png]  drift curves from TensorBoard logs
     seedprints audit REFERENCE CHECKPOINTS... [-o PNG]  every checkpoint against a reference
+    seedprints audit --chain RUN_DIR [CKPT]             re-verify a run's custody ledger offline
 
 SOURCE, A, B and REFERENCE may be a ``save_pretrained`` model directory, a Lightning
 ``.ckpt`` of ``CausalLMModule``, or (except for ``fingerprint``) a fingerprint file.
@@ -19,7 +20,13 @@ Exit codes (also in ``--help``):
        a fingerprint file is truncated or corrupt, or a file cannot be read or written
     4  incompatible inputs: fingerprints made with different probes, models whose
        vocabularies or widths the probe does not fit
+    5  audit --chain: the ledger was tampered with (a record edited, missing or reordered,
+       a features file altered or missing); 1 there means a broken custody link
     130 interrupted (Ctrl-C)
+
+Every verdict is the callback's (:mod:`.verdict`): a test must clear the analytic threshold
+and the fresh-init controls (stored in a fingerprint file, or built from a model's config),
+with the birth rule when the base is an init (step 0) and the custody rule otherwise.
 
 Every error prints one line, ``seedprints: error: <message>``, to stderr, without a
 traceback. Progress bars go to stderr, results to stdout (``--json`` prints JSON only).
@@ -36,7 +43,7 @@ from typing import Any, Callable, Sequence
 from ._version import __version__
 from .errors import FingerprintFileError, IncompatibleFingerprintsError, ModelNotFoundError, SeedPrintsError
 
-__all__ = ["EXIT_OK", "EXIT_EXPECT", "EXIT_USAGE", "EXIT_FILE", "EXIT_INCOMPATIBLE", "EXIT_INTERRUPTED",
+__all__ = ["EXIT_OK", "EXIT_EXPECT", "EXIT_USAGE", "EXIT_FILE", "EXIT_INCOMPATIBLE", "EXIT_TAMPERED", "EXIT_INTERRUPTED",
            "build_parser", "main"]
 
 EXIT_OK = 0
@@ -44,6 +51,7 @@ EXIT_EXPECT = 1
 EXIT_USAGE = 2
 EXIT_FILE = 3
 EXIT_INCOMPATIBLE = 4
+EXIT_TAMPERED = 5
 EXIT_INTERRUPTED = 130
 
 PROG = "seedprints"
@@ -55,6 +63,8 @@ exit codes:
   3    file error (missing path; not a model directory, .ckpt or fingerprint;
        truncated or corrupt fingerprint; unreadable or unwritable file)
   4    incompatible inputs (different probe specs, vocabulary or width misfit)
+  5    audit --chain: ledger tampered (record edited, missing or reordered;
+       features altered); 1 there means a broken custody link
   130  interrupted
 """
 
@@ -168,11 +178,17 @@ def _add_test_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--alpha", type=_alpha, default=0.01, help="significance level of the one-sided test (0.01)")
     group.add_argument("--agg", action="store_true",
                        help="add the per-sample aggregate tau signal (max-z with Bonferroni x2)")
+    group.add_argument("--controls", type=_int_at_least(0), default=4, metavar="N",
+                       help="fresh-init controls to judge against (default 4; stored in a fingerprint file, else "
+                            "built from a model's config; 0 = none)")
+    group.add_argument("--rule", choices=("auto", "birth", "custody"), default="auto",
+                       help="the callback's verdict rule: birth (base is an init), custody (base is trained: adds "
+                            "the effect-size margin), auto (default: birth when the base's step is 0)")
 
 
 def _test_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"identity_ratio": args.identity_ratio, "identity_k": args.identity_k, "identity_mode": args.mode,
-            "method": args.method, "alpha": args.alpha, "use_agg": args.agg}
+            "method": args.method, "use_agg": args.agg}
 
 
 def _quiet_transformers() -> None:
@@ -192,27 +208,28 @@ def _fmt_p(log10_p: float) -> str:
     return f"p = 10^{log10_p:.1f}"
 
 
-def _threshold(alpha: float, bonferroni: bool) -> float:
-    """The z a verdict must exceed: one-sided, halved alpha when --agg combined two signals."""
-    from .stats import z_threshold
-
-    return z_threshold(alpha / 2 if bonferroni else alpha)
-
-
-def _verdict_lines(result: Any, threshold: float) -> list[str]:
+def _verdict_lines(verdict: Any, evidence: str, rule_name: str) -> list[str]:
+    result = verdict.result
     p_rule = "one-sided, Bonferroni x2: p = 2 (1 - Phi(z))" if result.z_agg is not None else "one-sided: p = 1 - Phi(z)"
-    if result.related is None:
-        head = f"verdict: UNDETERMINED ({result.reason})"
+    if verdict.related is None:
+        head = f"verdict: UNDETERMINED ({verdict.reason})"
     else:
-        head = "verdict: RELATED (same lineage)" if result.related else "verdict: unrelated"
-    return [
+        head = "verdict: RELATED (same lineage)" if verdict.related else "verdict: NOT SHOWN RELATED"
+    controls = ", ".join(f"{z:.2f}" for z in verdict.control_z) or "none"
+    lines = [
         head,
-        f"  z           {result.z:.2f}   (related when z > {threshold:.2f}, alpha = {result.alpha:g})",
+        f"  z           {result.z:.2f}   (related when z > {verdict.threshold:.2f}: {rule_name} rule, "
+        f"{verdict.rule.describe()})",
         f"  log10 p     {result.log10_p:.2f}   ({_fmt_p(result.log10_p)}, {p_rule})",
-        f"  mean tau    {result.tau_mean:.4f}",
+        f"  mean tau    {result.tau_mean:.4f}   (controls: tau max {verdict.control_tau_max:.4f})",
+        f"  controls z  {controls}",
+        f"  evidence    {evidence}",
         f"  dimensions  {result.k} identity dims ({result.identity_mode} mode), n = {result.n} probes,"
         f" {result.method} null" + (f", {result.dropped_constant} constant dims dropped" if result.dropped_constant else ""),
     ]
+    if verdict.related is False and verdict.reason:
+        lines.append(f"  why         {verdict.reason}")
+    return lines
 
 
 def _expect_met(expect: str | None, related: bool | None) -> bool:
@@ -249,12 +266,13 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
             raise UsageError("--vocab-size applies to token probes only")
         spec = ProbeSpec(**fields)
     _quiet_transformers()
-    fp = fingerprint_source(source, spec, **_runtime_kwargs(args))
+    fp = fingerprint_source(source, spec, num_controls=args.controls, **_runtime_kwargs(args))
     written = fp.save(out)
     print(f"wrote {written}")
     print(f"  source    {source.describe()}" + (f", step {fp.step}" if fp.step is not None else ""))
     print(f"  probe     {fp.spec.describe()}")
     print(f"  features  [{fp.num_samples}, {fp.hidden_size}] float32 ({fp.model_class})")
+    print(f"  controls  {len(fp.control_seeds)} fresh inits of its config stored with it (offline verdicts)")
     return EXIT_OK
 
 
@@ -262,13 +280,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .audit import compare_sources
 
     _quiet_transformers()
-    comparison = compare_sources(args.a, args.b, **_probe_kwargs(args), **_runtime_kwargs(args), **_test_kwargs(args))
-    result = comparison.result
-    met = _expect_met(args.expect, result.related)
-    threshold = _threshold(result.alpha, result.z_agg is not None)
+    comparison = compare_sources(args.a, args.b, **_probe_kwargs(args), **_runtime_kwargs(args), **_test_kwargs(args),
+                                 num_controls=args.controls, rule=args.rule, alpha=args.alpha)
+    met = _expect_met(args.expect, comparison.related)
     if args.json:
         payload = comparison.to_dict()
-        payload["threshold_z"] = threshold
+        payload["threshold_z"] = comparison.verdict.threshold
         payload["expect"] = args.expect
         payload["expect_met"] = met if args.expect else None
         print(json.dumps(payload, indent=2))
@@ -276,7 +293,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"A (base)    {comparison.a.describe()}")
         print(f"B (target)  {comparison.b.describe()}")
         print(f"probe       {comparison.spec.describe()}")
-        print("\n".join(_verdict_lines(result, threshold)))
+        print("\n".join(_verdict_lines(comparison.verdict, comparison.evidence.description, comparison.rule_name)))
         if args.expect:
             print(f"expected {args.expect}: " + ("yes" if met else "NO"))
     return EXIT_OK if met else EXIT_EXPECT
@@ -300,9 +317,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import audit_checkpoints, classify_source, fingerprint_source, format_audit_table
+    if args.chain is not None:
+        return _cmd_audit_chain(args)
+    from .audit import audit_checkpoints, classify_source, find_controls, fingerprint_source, format_audit_table
+    from .audit import rule_for_base
     from .probes import ProbeSpec
 
+    if args.reference is None or not args.checkpoints:
+        raise UsageError("audit needs REFERENCE and at least one checkpoint (or --chain RUN_DIR [CKPT])")
     _quiet_transformers()
     runtime = _runtime_kwargs(args)
     reference_source = classify_source(args.reference)
@@ -310,26 +332,33 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if reference_source.kind == "fingerprint" and probe:
         flags = ", ".join("--" + key.replace("_", "-") for key in probe)
         raise UsageError(f"{flags} cannot be used with a fingerprint REFERENCE: its probe spec is used")
-    reference = fingerprint_source(reference_source, ProbeSpec(**probe) if probe else None, **runtime)
-    rows = audit_checkpoints(reference, args.checkpoints, **runtime, **_test_kwargs(args))
-    threshold = _threshold(args.alpha, any(row.result.z_agg is not None for row in rows))
+    reference = fingerprint_source(reference_source, ProbeSpec(**probe) if probe else None,
+                                   num_controls=args.controls if reference_source.kind != "fingerprint" else 0,
+                                   **runtime)
+    evidence = find_controls(reference.spec, [(reference_source, reference)], num_controls=args.controls,
+                             batch_size=runtime["batch_size"], device=runtime["device"])
+    rule_name = args.rule if args.rule != "auto" else ("birth" if reference.step == 0 else "custody")
+    rule = rule_for_base(reference.step, args.rule, args.alpha)
+    rows = audit_checkpoints(reference, args.checkpoints, **runtime, **_test_kwargs(args), evidence=evidence,
+                             rule=rule)
     differing = [row for row in rows if not _expect_met(args.expect, row.related)]
     written = None
     if args.output:
         from .plotting import plot_audit
 
-        written = plot_audit(rows, args.output, threshold=threshold, title=args.title)
+        written = plot_audit(rows, args.output, title=args.title)
     if args.json:
         print(json.dumps({
             "reference": reference_source.to_dict(), "spec": reference.spec.to_dict(), "alpha": args.alpha,
-            "threshold_z": threshold, "rows": [row.to_dict() for row in rows], "expect": args.expect,
+            "rule": rule.to_dict(), "rule_name": rule_name, "evidence": evidence.description,
+            "rows": [row.to_dict() for row in rows], "expect": args.expect,
             "expect_met": (not differing) if args.expect else None, "plot": str(written) if written else None,
         }, indent=2))
     else:
         print(f"reference  {reference_source.describe()}")
         print(f"probe      {reference.spec.describe()}")
-        print(f"test       one-sided, alpha = {args.alpha:g}" + (" (Bonferroni x2, --agg)" if args.agg else "")
-              + f": related when z > {threshold:.2f}")
+        print(f"rule       {rule_name}: {rule.describe()} (one-sided)" + (" (Bonferroni x2, --agg)" if args.agg else ""))
+        print(f"evidence   {evidence.description}")
         print(format_audit_table(rows))
         if written:
             print(f"wrote {written}")
@@ -337,6 +366,57 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             print(f"expected {args.expect}: " + ("all rows" if not differing else
                                                  f"NO for {len(differing)} of {len(rows)} rows"))
     return EXIT_OK if not differing else EXIT_EXPECT
+
+
+def _cmd_audit_chain(args: argparse.Namespace) -> int:
+    from .audit import classify_source, fingerprint_source, source_step
+    from .custody import verify_chain
+
+    positional = [p for p in [args.reference, *args.checkpoints] if p is not None]
+    if len(positional) > 1:
+        raise UsageError("audit --chain takes at most one checkpoint: seedprints audit --chain RUN_DIR [CKPT]")
+    checkpoint_features = checkpoint_step = checkpoint_name = None
+    if positional:
+        _quiet_transformers()
+        from .fingerprint import Fingerprint
+
+        run_dir = Path(args.chain)
+        ref_path = run_dir / "reference.safetensors"
+        if not ref_path.exists():
+            ref_path = run_dir / "seedprints" / "reference.safetensors"
+        spec = Fingerprint.load(ref_path).spec
+        source = classify_source(positional[0])
+        runtime = _runtime_kwargs(args)
+        fp = fingerprint_source(source, spec, **runtime)
+        fp_step = fp.step if fp.step is not None else source_step(source, trust_pickle=args.trust_pickle)
+        checkpoint_features, checkpoint_step, checkpoint_name = fp.features, fp_step, str(source.path)
+    audit = verify_chain(args.chain, checkpoint_features, checkpoint_step=checkpoint_step,
+                         checkpoint_name=checkpoint_name)
+    if args.json:
+        print(json.dumps({
+            "run_dir": str(audit.run_dir), "ok": audit.ok, "evidence": audit.evidence, "records": len(audit.records),
+            "problems": [{"record": p.index, "kind": p.kind, "message": p.message} for p in audit.problems],
+            "links": [None if v is None else {"step": v.step, "anchor_step": v.anchor_step, **v.link.to_dict()}
+                      for v in audit.recomputed],
+            "checkpoint": None if audit.checkpoint is None else {"name": audit.checkpoint_name,
+                                                                 "step": audit.checkpoint.step,
+                                                                 **audit.checkpoint.link.to_dict()},
+        }, indent=2))
+    else:
+        print(f"run        {audit.run_dir}")
+        print(f"evidence   {audit.evidence}")
+        print(audit.table())
+        for problem in audit.problems:
+            print(f"PROBLEM    [{problem.kind}] {problem.message}")
+        if audit.ok:
+            last = next((v for v in reversed(audit.recomputed) if v is not None), None)
+            target = (f"checkpoint {audit.checkpoint_name}" if audit.checkpoint is not None
+                      else f"the last probe (step {last.step})" if last is not None else "the last probe")
+            print(f"chain      intact: {len(audit.records)} records, every link held; {target} descends from the "
+                  "birth fingerprint")
+    if audit.tampered:
+        return EXIT_TAMPERED
+    return EXIT_OK if audit.ok else EXIT_EXPECT
 
 
 # --------------------------------------------------------------------------------------
@@ -356,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Probe a model directory or Lightning .ckpt and save a fingerprint file.")
     fp.add_argument("source", metavar="SOURCE", help="save_pretrained model directory or Lightning .ckpt")
     fp.add_argument("-o", "--output", required=True, metavar="FILE.safetensors", help="fingerprint file to write")
+    fp.add_argument("--controls", type=_int_at_least(0), default=4, metavar="N",
+                    help="also store N fresh-init controls of the model's config (default 4), so compare/audit can "
+                         "judge this file like the callback does; 0 = none")
     fp.add_argument("--spec-from", metavar="FILE", default=None,
                     help="use the probe spec of this fingerprint file (so both models see the same inputs)")
     _add_probe_options(fp, applies="ignored with --spec-from")
@@ -389,14 +472,20 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(handler=_cmd_plot)
 
     audit = sub.add_parser(
-        "audit", help="test every checkpoint of a run against a reference", epilog=EXIT_CODES_EPILOG,
-        formatter_class=formatter,
+        "audit", help="test checkpoints against a reference, or re-verify a run's custody chain",
+        epilog=EXIT_CODES_EPILOG, formatter_class=formatter,
         description="Probe each checkpoint with the reference's spec and test it against the reference (a fingerprint "
                     "file, or a model directory / .ckpt fingerprinted with the probe options). A directory argument "
-                    "expands to the .ckpt files and model directories in it, sorted by their global_step.")
-    audit.add_argument("reference", metavar="REFERENCE", help="fingerprint file, model directory or .ckpt")
-    audit.add_argument("checkpoints", nargs="+", metavar="CHECKPOINTS",
+                    "expands to the .ckpt files and model directories in it, sorted by their global_step. "
+                    "With --chain RUN_DIR [CKPT]: re-verify the custody ledger SeedPrintsCallback wrote (hash chain, "
+                    "features files, every link recomputed) and, given a checkpoint, that it descends from the chain.")
+    audit.add_argument("reference", metavar="REFERENCE", nargs="?", default=None,
+                       help="fingerprint file, model directory or .ckpt (with --chain: the optional checkpoint)")
+    audit.add_argument("checkpoints", nargs="*", metavar="CHECKPOINTS",
                        help=".ckpt files, save_pretrained directories, fingerprint files, or directories of them")
+    audit.add_argument("--chain", metavar="RUN_DIR", default=None,
+                       help="the callback's seedprints directory (or the log directory holding it): verify its "
+                            "custody.jsonl link by link")
     audit.add_argument("-o", "--output", default=None, metavar="PNG", help="also draw z against step into this PNG")
     audit.add_argument("--title", default=None, help="figure title (with -o)")
     audit.add_argument("--json", action="store_true", help="print the rows as JSON")

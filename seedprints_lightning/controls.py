@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .errors import FingerprintFileError, InputError
+from .fingerprint import save_safetensors
 from .probes import ProbeSpec, extract_features, find_causal_lm
 
 __all__ = [
@@ -227,19 +228,12 @@ def probe_control_models(
 def save_controls(path: str | os.PathLike, features: torch.Tensor, seeds: Sequence[int], spec: ProbeSpec,
                   extra: dict[str, Any] | None = None) -> Path:
     """Write control features ``[c, n, D]`` with their seeds and spec (safetensors, atomic)."""
-    from safetensors.torch import save_file
-
     features = features.detach().to(device="cpu", dtype=torch.float32).contiguous()
     if features.dim() != 3 or features.shape[0] != len(seeds):
         raise InputError(f"control features must be [len(seeds)={len(seeds)}, n, D], got {tuple(features.shape)}")
     meta = {"format": _CONTROLS_FORMAT, "format_version": _CONTROLS_FORMAT_VERSION, "seeds": [int(s) for s in seeds],
             "spec": spec.to_dict(), "extra": dict(extra or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"features": features}, str(tmp), metadata={_META_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
-    return path
+    return save_safetensors(path, {"features": features}, {_META_KEY: json.dumps(meta)})
 
 
 def load_controls(path: str | os.PathLike) -> tuple[torch.Tensor, tuple[int, ...], ProbeSpec]:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .errors import FingerprintFileError, InputError
-from .fingerprint import Fingerprint, file_sha256
+from .fingerprint import Fingerprint, file_sha256, save_safetensors
 from .verdict import ProbeVerdict, VerdictRule, judge_probe
 
 __all__ = [
@@ -77,18 +77,6 @@ def _canonical(record: dict[str, Any]) -> str:
     return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def _save_tensor(path: Path, features: torch.Tensor, meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({"features": features}, str(tmp), metadata={"seedprints": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load_probe_features(path: Path) -> torch.Tensor:
     from safetensors import safe_open
 
@@ -125,7 +113,7 @@ class CustodyLedger:
         index = self.next_index
         name = f"{PROBES_DIR}/{index:06d}-step{verdict.step:08d}.safetensors"
         feature_path = Path(self.directory) / name
-        _save_tensor(feature_path, features, {"index": index, "step": verdict.step})
+        save_safetensors(feature_path, {"features": features}, {"seedprints": json.dumps({"index": index, "step": verdict.step})})
         record = {
             "format": LEDGER_FORMAT, "version": LEDGER_VERSION, "index": index, "step": int(verdict.step),
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "event": event,

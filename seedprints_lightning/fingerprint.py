@@ -1,7 +1,9 @@
 """The portable fingerprint: probe features plus what is needed to reproduce and trust them.
 
-A fingerprint file is a ``safetensors`` file with one tensor, ``features`` (``[n, D]``
-float32), and JSON metadata under the key ``seedprints``: format version, the resolved
+A fingerprint file is a ``safetensors`` file with the tensor ``features`` (``[n, D]``
+float32), optionally ``controls`` (``[c, n, D]``: the features of ``c`` fresh inits of the
+same config on the same probe, so that the file can be judged offline by the same verdict as
+the callback, :mod:`.verdict`), and JSON metadata under the key ``seedprints``: format version, the resolved
 probe spec, the model class and a digest of its config, the training step, the package
 version and the creation time. Nothing in it is pickled, so loading a file from someone
 else runs no code.
@@ -25,7 +27,7 @@ from .errors import FingerprintFileError, IncompatibleFingerprintsError, InputEr
 from .probes import ProbeSpec, extract_features, find_causal_lm
 from .stats import LineageResult, lineage_test
 
-__all__ = ["FORMAT_VERSION", "Fingerprint", "fingerprint_model", "config_digest", "file_sha256"]
+__all__ = ["FORMAT_VERSION", "Fingerprint", "fingerprint_model", "config_digest", "file_sha256", "save_safetensors"]
 
 FORMAT_VERSION = 1
 _FORMAT_NAME = "seedprints-fingerprint"
@@ -42,7 +44,23 @@ def config_digest(config: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write a safetensors file atomically: a temp file beside it, renamed over it, removed on failure."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (the custody ledger's hash of feature and reference files)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -50,9 +68,13 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-@dataclass
+@dataclass(eq=False)
 class Fingerprint:
-    """Features of one model on one probe, with metadata; see the module docstring."""
+    """Features of one model on one probe, with metadata; see the module docstring.
+
+    Compared by identity (``eq=False``): two fingerprints are "the same" when
+    :meth:`check_comparable` passes and their features are equal, not by dataclass equality.
+    """
 
     features: torch.Tensor
     spec: ProbeSpec
@@ -63,6 +85,8 @@ class Fingerprint:
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    controls: torch.Tensor | None = None
+    control_seeds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.features, torch.Tensor) or self.features.dim() != 2:
@@ -75,6 +99,14 @@ class Fingerprint:
                 f"{self.spec.num_samples}"
             )
         self.features = self.features.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        if self.controls is not None:
+            if (not isinstance(self.controls, torch.Tensor) or self.controls.dim() != 3
+                    or tuple(self.controls.shape[1:]) != tuple(self.features.shape)
+                    or self.controls.shape[0] != len(self.control_seeds)):
+                raise InputError(f"Fingerprint.controls must be [len(control_seeds)={len(self.control_seeds)}, "
+                                 f"{self.features.shape[0]}, {self.features.shape[1]}]")
+            self.controls = self.controls.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        self.control_seeds = tuple(int(s) for s in self.control_seeds)
 
     @property
     def num_samples(self) -> int:
@@ -114,28 +146,27 @@ class Fingerprint:
             "num_samples": self.num_samples,
             "hidden_size": self.hidden_size,
             "extra": self.extra,
+            "control_seeds": list(self.control_seeds),
         }
 
     @classmethod
-    def from_metadata(cls, features: torch.Tensor, meta: dict[str, Any]) -> "Fingerprint":
+    def from_metadata(cls, features: torch.Tensor, meta: dict[str, Any],
+                      controls: torch.Tensor | None = None) -> "Fingerprint":
         """Rebuild a fingerprint from its features and :meth:`metadata` (file or callback state)."""
         return cls(
             features=features, spec=ProbeSpec.from_dict(meta["spec"]), model_class=meta.get("model_class"),
             config_digest=meta.get("config_digest"), step=meta.get("step"),
             package_version=meta.get("package_version", "?"), created=meta.get("created", ""),
             extra=dict(meta.get("extra") or {}), format_version=meta.get("format_version", FORMAT_VERSION),
+            controls=controls, control_seeds=tuple(meta.get("control_seeds") or ()) if controls is not None else (),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the file atomically (a crash never leaves a half-written fingerprint)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"features": self.features}, str(tmp), metadata={_META_KEY: json.dumps(self.metadata())})
-        os.replace(tmp, path)
-        return path
+        tensors = {"features": self.features}
+        if self.controls is not None:
+            tensors["controls"] = self.controls
+        return save_safetensors(path, tensors, {_META_KEY: json.dumps(self.metadata())})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Fingerprint":
@@ -149,6 +180,7 @@ class Fingerprint:
                 raw_meta = (handle.metadata() or {}).get(_META_KEY)
                 keys = list(handle.keys())
                 features = handle.get_tensor("features") if "features" in keys else None
+                controls = handle.get_tensor("controls") if "controls" in keys else None
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise FingerprintFileError(
                 f"{path} is not a readable fingerprint file (truncated or not safetensors: {exc}); re-create it with "
@@ -176,7 +208,7 @@ class Fingerprint:
         if not torch.isfinite(features).all():
             raise FingerprintFileError(f"{path}: the features contain NaN or Inf; re-create the fingerprint")
         try:
-            return cls.from_metadata(features, meta)
+            return cls.from_metadata(features, meta, controls=controls)
         except (InputError, KeyError, TypeError) as exc:
             raise FingerprintFileError(f"{path}: the fingerprint metadata is inconsistent ({exc})") from exc
 
@@ -190,12 +222,22 @@ def fingerprint_model(
     device: torch.device | str | None = None,
     progress: bool = False,
     extra: dict[str, Any] | None = None,
+    num_controls: int = 0,
 ) -> Fingerprint:
-    """Probe ``model`` and wrap the features with their metadata."""
+    """Probe ``model`` and wrap the features with their metadata.
+
+    ``num_controls > 0`` also probes that many fresh inits of the model's config (the
+    callback's control seeds) and stores their features in the fingerprint, so the file can be
+    judged offline against the measured null (:mod:`.verdict`).
+    """
+    from .controls import control_seeds, probe_controls
+
     lm = find_causal_lm(model)
     spec = (spec or ProbeSpec()).resolve(lm)
     features = extract_features(lm, spec, batch_size=batch_size, device=device, progress=progress)
+    seeds = control_seeds(num_controls)
+    controls = probe_controls(lm, spec, seeds, batch_size=batch_size, device=device) if seeds else None
     return Fingerprint(
         features=features, spec=spec, model_class=type(lm).__name__, config_digest=config_digest(lm.config),
-        step=step, extra=dict(extra or {}),
+        step=step, extra=dict(extra or {}), controls=controls, control_seeds=seeds,
     )

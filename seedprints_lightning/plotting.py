@@ -3,7 +3,8 @@
 :func:`read_drift_curves` turns a log directory into one typed :class:`DriftCurves` per run
 (a run is every directory holding ``events.out.tfevents.*`` files, named by its path relative
 to the log directory). :func:`plot_drift` draws them to a PNG; :func:`plot_audit` draws the
-rows of :func:`~seedprints_lightning.audit.audit_checkpoints`.
+rows of :func:`~seedprints_lightning.audit.audit_checkpoints`. :func:`draw_drift` and
+:func:`draw_audit` return their figures unsaved (each artist's ``gid`` names what it shows).
 
 The z axis is **symlog** (linear for ``|z| < 1``, logarithmic beyond): z spans from about
 -3 (unrelated pairs) to several hundred (a fresh run against its own init), and symlog shows
@@ -25,6 +26,7 @@ import numpy as np
 
 from .errors import InputError
 from .stats import log10_normal_sf
+from .verdict import METRIC_NAMES, tag
 
 if TYPE_CHECKING:  # pragma: no cover
     from .audit import AuditRow
@@ -35,19 +37,17 @@ __all__ = [
     "DriftCurves",
     "NoDriftDataError",
     "Series",
+    "draw_audit",
+    "draw_drift",
     "find_run_dirs",
     "plot_audit",
     "plot_drift",
     "read_drift_curves",
 ]
 
-TAG_PREFIX = "seedprints/"
-#: DriftCurves field -> TensorBoard tag written by SeedPrintsCallback.
-TAGS: dict[str, str] = {
-    name: TAG_PREFIX + name
-    for name in ("z", "log10_p", "tau_mean", "identity_dims", "related", "control_z_max", "control_z_mean",
-                 "threshold", "probe_seconds")
-}
+TAG_PREFIX = tag("")
+#: DriftCurves field -> TensorBoard tag written by SeedPrintsCallback (:data:`~seedprints_lightning.verdict.METRIC_TAGS`).
+TAGS: dict[str, str] = {name: tag(name) for name in METRIC_NAMES}
 _EVENT_PATTERN = "events.out.tfevents.*"
 _Z_LINTHRESH = 1.0
 
@@ -89,16 +89,30 @@ class DriftCurves:
     log10_p: Series = field(default_factory=Series)
     tau_mean: Series = field(default_factory=Series)
     identity_dims: Series = field(default_factory=Series)
+    threshold: Series = field(default_factory=Series)
+    birth_detectable: Series = field(default_factory=Series)
+    link_z: Series = field(default_factory=Series)
+    link_log10_p: Series = field(default_factory=Series)
+    link_tau_mean: Series = field(default_factory=Series)
+    link_threshold: Series = field(default_factory=Series)
+    link_span: Series = field(default_factory=Series)
     related: Series = field(default_factory=Series)
     control_z_max: Series = field(default_factory=Series)
     control_z_mean: Series = field(default_factory=Series)
-    threshold: Series = field(default_factory=Series)
     probe_seconds: Series = field(default_factory=Series)
 
     def unrelated_points(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(steps, z)`` where the run logged ``related == 0`` (and a z at the same step)."""
+        """``(steps, z)`` where the run logged ``related == 0``: on the custody link's curve when it was
+        logged (the link drives the verdict by default), else on the birth curve (logs of version 0.1)."""
         flagged = self.related.steps[self.related.values == 0]
-        mask = np.isin(self.z.steps, flagged)
+        series = self.link_z if len(self.link_z) else self.z
+        mask = np.isin(series.steps, flagged)
+        return series.steps[mask], series.values[mask]
+
+    def faded_points(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, z)`` of the birth curve where the birth test was not detectable."""
+        faded = self.birth_detectable.steps[self.birth_detectable.values == 0]
+        mask = np.isin(self.z.steps, faded)
         return self.z.steps[mask], self.z.values[mask]
 
 
@@ -205,11 +219,31 @@ def plot_drift(
 ) -> Path:
     """Draw the drift curves of one or more runs into a PNG at ``out_path``; return the path.
 
-    Per run (one colour each, named in the legend): z per step (symlog y axis), the
-    negative-control band from ``control_z_mean`` to ``control_z_max`` (shaded), the decision
-    threshold (dashed) and, marked with a red cross, every step the callback logged
-    ``related = 0``. A second panel shows ``log10 p`` when any run logged it (or when
-    ``log10_p_panel`` says so).
+    The figure is :func:`draw_drift`'s.
+    """
+    return _save(draw_drift(curves, title=title, log10_p_panel=log10_p_panel), out_path)
+
+
+def draw_drift(
+    curves: Mapping[str, DriftCurves] | Sequence[DriftCurves],
+    *,
+    title: str | None = None,
+    log10_p_panel: bool | None = None,
+) -> Any:
+    """The drift figure of :func:`plot_drift`, as a :class:`matplotlib.figure.Figure` (not saved).
+
+    Per run (one colour each, named in the legend), symlog y axes:
+
+    * top panel, the birth test: z per step, the negative-control band from ``control_z_mean`` to
+      ``control_z_max`` (shaded), its threshold (dashed), hollow circles where the birth test was
+      not detectable;
+    * second panel (when any run logged it), the custody link: ``link_z`` and ``link_threshold``
+      (dashed), and a red cross at every probe the callback logged ``related = 0``;
+    * a ``log10 p`` panel of the birth test when ``log10_p_panel`` is True.
+
+    Every drawn artist of a run carries a ``gid`` naming what it shows, ``"<what>:<run>"`` with
+    ``<what>`` one of ``z``, ``control_band``, ``threshold``, ``link_z``, ``link_threshold``,
+    ``faded``, ``unrelated``, ``log10_p``, ``log10_p_threshold``.
     """
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -218,54 +252,77 @@ def plot_drift(
     runs = list(curves.values()) if isinstance(curves, Mapping) else list(curves)
     if not runs:
         raise NoDriftDataError("no runs to plot")
-    show_p = any(len(c.log10_p) for c in runs) if log10_p_panel is None else bool(log10_p_panel)
-    fig, axes = _new_figure(2 if show_p else 1)
+    show_link = any(len(c.link_z) for c in runs)
+    show_p = bool(log10_p_panel)
+    fig, axes = _new_figure(1 + show_link + show_p)
     ax = axes[0]
+    lax = axes[1] if show_link else ax
     colours = [f"C{i % 10}" for i in range(len(runs))]
     handles: list[Any] = []
-    any_band = any_threshold = any_unrelated = False
+    any_band = any_threshold = any_unrelated = any_faded = False
     for curve, colour in zip(runs, colours):
-        (line,) = ax.plot(curve.z.steps, curve.z.values, "-", marker=".", color=colour, label=curve.run, zorder=3)
+        (line,) = ax.plot(curve.z.steps, curve.z.values, "-", marker=".", color=colour, label=curve.run, zorder=3,
+                          gid=f"z:{curve.run}")
         handles.append(line)
         if len(curve.control_z_mean) and len(curve.control_z_max):
             common, i_mean, i_max = np.intersect1d(curve.control_z_mean.steps, curve.control_z_max.steps,
                                                    return_indices=True)
             if len(common):
                 ax.fill_between(common, curve.control_z_mean.values[i_mean], curve.control_z_max.values[i_max],
-                                color=colour, alpha=0.18, linewidth=0, zorder=1)
+                                color=colour, alpha=0.18, linewidth=0, zorder=1, gid=f"control_band:{curve.run}")
                 any_band = True
-        if len(curve.threshold):
-            ax.plot(curve.threshold.steps, curve.threshold.values, "--", color=colour, linewidth=1.2,
-                    drawstyle="steps-post", zorder=2)
-            any_threshold = True
+        for axis, threshold, name in ((ax, curve.threshold, "threshold"),
+                                      (lax, curve.link_threshold, "link_threshold")):
+            if len(threshold):
+                axis.plot(threshold.steps, threshold.values, "--", color=colour, linewidth=1.2,
+                          drawstyle="steps-post", zorder=2, gid=f"{name}:{curve.run}")
+                any_threshold = True
+        if show_link and len(curve.link_z):
+            lax.plot(curve.link_z.steps, curve.link_z.values, "-", marker=".", color=colour, zorder=3,
+                     gid=f"link_z:{curve.run}")
+        steps, z = curve.faded_points()
+        if len(steps):
+            ax.plot(steps, z, "o", markerfacecolor="none", color=colour, markersize=8, zorder=4,
+                    gid=f"faded:{curve.run}")
+            any_faded = True
         steps, z = curve.unrelated_points()
         if len(steps):
-            ax.plot(steps, z, "x", color="red", markersize=8, markeredgewidth=2, zorder=4)
+            (lax if len(curve.link_z) else ax).plot(steps, z, "x", color="red", markersize=8, markeredgewidth=2,
+                                                    zorder=5, gid=f"unrelated:{curve.run}")
             any_unrelated = True
     if any_band:
         handles.append(Patch(color="grey", alpha=0.3, label="negative controls (mean..max z)"))
     if any_threshold:
-        handles.append(Line2D([], [], linestyle="--", color="grey", label="decision threshold"))
+        handles.append(Line2D([], [], linestyle="--", color="grey", label="threshold"))
+    if any_faded:
+        handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="none", color="grey",
+                              label="birth test not detectable"))
     if any_unrelated:
-        handles.append(Line2D([], [], linestyle="", marker="x", color="red", markeredgewidth=2, label="not related"))
+        handles.append(Line2D([], [], linestyle="", marker="x", color="red", markeredgewidth=2,
+                              label="identity not shown (verdict)"))
     _symlog(ax)
-    ax.set_ylabel("lineage z (symlog)")
+    ax.set_ylabel("birth test z (symlog)")
     ax.legend(handles=handles, loc="best", fontsize="small")
     ax.set_title(title or "SeedPrints lineage drift")
+    if show_link:
+        _symlog(lax)
+        lax.set_ylabel("custody link z (symlog)")
 
     if show_p:
-        pax = axes[1]
+        pax = axes[-1]
         for curve, colour in zip(runs, colours):
             if len(curve.log10_p):
-                pax.plot(curve.log10_p.steps, curve.log10_p.values, "-", marker=".", color=colour)
+                pax.plot(curve.log10_p.steps, curve.log10_p.values, "-", marker=".", color=colour,
+                         gid=f"log10_p:{curve.run}")
             if len(curve.threshold):
                 limit = np.array([log10_normal_sf(t) for t in curve.threshold.values])
-                pax.plot(curve.threshold.steps, limit, "--", color=colour, linewidth=1.2, drawstyle="steps-post")
+                pax.plot(curve.threshold.steps, limit, "--", color=colour, linewidth=1.2, drawstyle="steps-post",
+                         gid=f"log10_p_threshold:{curve.run}")
         _symlog(pax)
-        pax.set_ylabel("log10 p (one-sided, symlog)")
+        pax.set_ylabel("birth log10 p (one-sided, symlog)")
     axes[-1].set_xlabel("global step")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    return _save(fig, out_path)
+    return fig
 
 
 def plot_audit(
@@ -275,7 +332,24 @@ def plot_audit(
     threshold: float | None = None,
     title: str | None = None,
 ) -> Path:
-    """Draw z against step for audited checkpoints (index order where steps are unknown)."""
+    """Draw z against step for audited checkpoints (index order where steps are unknown) into a PNG.
+
+    The figure is :func:`draw_audit`'s.
+    """
+    return _save(draw_audit(rows, threshold=threshold, title=title), out_path)
+
+
+def draw_audit(
+    rows: Sequence["AuditRow"],
+    *,
+    threshold: float | None = None,
+    title: str | None = None,
+) -> Any:
+    """The audit figure of :func:`plot_audit`, as a :class:`matplotlib.figure.Figure` (not saved).
+
+    Artists carry a ``gid``: ``z`` (every row), ``unrelated`` (red crosses at rows not shown
+    related), ``threshold`` (each row's own threshold, or the fixed ``threshold`` given).
+    """
     if not rows:
         raise InputError("no audit rows to plot")
     known = all(row.step is not None for row in rows)
@@ -283,13 +357,18 @@ def plot_audit(
     z = np.array([row.z for row in rows], dtype=np.float64)
     order = np.argsort(x, kind="stable")
     fig, (ax,) = _new_figure(1)
-    ax.plot(x[order], z[order], "-", marker="o", color="C0", label="z vs reference", zorder=3)
+    ax.plot(x[order], z[order], "-", marker="o", color="C0", label="z vs reference", zorder=3, gid="z")
     not_related = np.array([row.related is not True for row in rows])
     if not_related.any():
         ax.plot(x[not_related], z[not_related], "x", color="red", markersize=9, markeredgewidth=2,
-                label="not related", zorder=4)
+                label="not related", zorder=4, gid="unrelated")
     if threshold is not None:
-        ax.axhline(threshold, linestyle="--", color="grey", label=f"threshold z = {threshold:.2f}")
+        ax.axhline(threshold, linestyle="--", color="grey", label=f"threshold z = {threshold:.2f}", gid="threshold")
+    else:
+        thresholds = np.array([getattr(row, "threshold", np.nan) for row in rows], dtype=np.float64)
+        if np.isfinite(thresholds).all():
+            ax.plot(x[order], thresholds[order], "--", color="grey", label="threshold (analytic + controls)",
+                    gid="threshold")
     _symlog(ax)
     ax.set_ylabel("lineage z (symlog)")
     if known:
@@ -301,7 +380,7 @@ def plot_audit(
     ax.set_xlabel("global step" if known else "checkpoint (in the order given: not every step is known)")
     ax.set_title(title or "SeedPrints audit: checkpoints against the reference")
     ax.legend(loc="best", fontsize="small")
-    return _save(fig, out_path)
+    return fig
 
 
 def rename(curves: DriftCurves, run: str) -> DriftCurves:

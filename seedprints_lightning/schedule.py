@@ -12,7 +12,8 @@ The rule:
 
 * the interval starts at ``first_interval`` and doubles after each link that held with
   headroom ``>= adapt_headroom``, up to ``every_n_steps``; once there, probes fall on
-  multiples of ``every_n_steps`` (so they line up with checkpoints saved every N steps);
+  multiples of ``every_n_steps`` (so they line up with checkpoints saved every N steps), and
+  a shorter interval never steps over such a multiple (the probe falls on it instead);
 * a link that held with headroom below ``adapt_headroom`` halves the interval (not below
   ``min_interval``): the next link spans fewer steps, so it is stronger;
 * a failed link halves it too, so the failure is confirmed (or cleared) soon;
@@ -84,4 +85,5 @@ class ProbeSchedule:
             new = min(n, interval * 2)
         if new >= n:
             return aligned, n
-        return step + new, new
+        # Never step over a multiple of every_n_steps: every checkpoint step keeps its probe.
+        return min(step + new, aligned), new

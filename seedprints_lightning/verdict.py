@@ -207,7 +207,8 @@ def decide_identity(
     z_max = max((float(c.z) for c in determined), default=0.0)
     z_mean = sum(float(c.z) for c in determined) / len(determined) if determined else 0.0
     tau_max = max((float(c.tau_mean) for c in determined), default=0.0)
-    analytic = z_threshold(rule.alpha)
+    # With the aggregate signal (use_agg) the test's p is Bonferroni x2: significance needs z > z(alpha / 2).
+    analytic = z_threshold(rule.alpha / 2 if result.z_agg is not None else rule.alpha)
     threshold = analytic
     if result.related is not None:
         if determined:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from seedprints_lightning.controls import DEFAULT_CONTROL_MARGIN
+from seedprints_lightning.verdict import DEFAULT_BIRTH_Z_MARGIN as DEFAULT_CONTROL_MARGIN
 from seedprints_lightning.probes import DEFAULT_LENGTH, DEFAULT_PROBE_KIND
 from seedprints_lightning.stats import DEFAULT_IDENTITY_RATIO, z_threshold
 

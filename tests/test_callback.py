@@ -102,7 +102,9 @@ class SwapWeights(pl.Callback):
 
 
 def callback(**kwargs) -> SeedPrintsCallback:
-    args = dict(every_n_steps=10, probe=SPEC, num_controls=3)
+    # A fixed interval keeps the probe steps of these tests exact; the adaptive schedule (the
+    # default) has its own tests below.
+    args = dict(every_n_steps=10, probe=SPEC, num_controls=3, adaptive_schedule=False)
     args.update(kwargs)
     return SeedPrintsCallback(**args)
 
@@ -122,11 +124,16 @@ def callback(**kwargs) -> SeedPrintsCallback:
     ({"on_identity_lost": "crash"}, "on_identity_lost"),
     ({"num_controls": -1}, "num_controls"),
     ({"num_controls": 1000}, "num_controls"),
-    ({"control_margin": -0.5}, "control_margin"),
-    ({"control_margin": float("inf")}, "control_margin"),
+    ({"birth_z_margin": -0.5}, "birth_z_margin"),
+    ({"link_z_margin": float("inf")}, "link_z_margin"),
+    ({"link_tau_margin": -0.1}, "link_tau_margin"),
+    ({"link_tau_margin": True}, "link_tau_margin"),
+    ({"fail_on": "loss"}, "fail_on"),
+    ({"adaptive_schedule": "yes"}, "adaptive_schedule"),
+    ({"control_factory": 3}, "control_factory must be callable"),
     ({"reference": 3}, "reference must be"),
     ({"feature_fn": "abc", "num_controls": 0}, "feature_fn must be callable"),
-    ({"feature_fn": lambda m, b: b, "num_controls": 2}, "num_controls=0 with feature_fn"),
+    ({"feature_fn": lambda m, b: b, "num_controls": 2}, "control_factory"),
     ({"save_dir": 5}, "save_dir"),
     ({"probe_batch_size": 0}, "probe_batch_size"),
     ({"identity_ratio": 0.0}, "identity_ratio"),
@@ -153,11 +160,14 @@ def test_constructor_reference_path_and_probe_conflict(tmp_path):
 
 def test_defaults_and_state_key():
     cb = SeedPrintsCallback()
-    from seedprints_lightning.controls import DEFAULT_CONTROL_MARGIN, DEFAULT_NUM_CONTROLS
+    from seedprints_lightning.controls import DEFAULT_NUM_CONTROLS
+    from seedprints_lightning.verdict import BIRTH_RULE, CUSTODY_RULE
 
-    # The measured defaults live in controls.py (docs/benchmarks.md); the callback uses them.
-    assert (cb.num_controls, cb.control_margin) == (DEFAULT_NUM_CONTROLS, DEFAULT_CONTROL_MARGIN)
-    assert (cb.alpha, cb.on_identity_lost) == (0.01, "warn")
+    # The measured defaults live in controls.py and verdict.py (docs/benchmarks.md); the callback uses them.
+    assert cb.num_controls == DEFAULT_NUM_CONTROLS
+    assert (cb.birth_rule, cb.custody_rule) == (BIRTH_RULE, CUSTODY_RULE)
+    assert (cb.alpha, cb.on_identity_lost, cb.fail_on) == (0.01, "warn", "custody")
+    assert cb.schedule.adaptive and cb.schedule.every_n_steps == 1000
     assert cb.state_key == "SeedPrintsCallback"
     assert isinstance(cb, pl.Callback)
     lpl = pytest.importorskip("lightning.pytorch")
@@ -225,7 +235,8 @@ def test_identity_kept_llama_logs_tags_and_files(tmp_path):
 
     assert [h["step"] for h in cb.history] == [10, 20, 30]
     assert [h["related"] for h in cb.history] == [True, True, True]
-    assert all(h["z"] > h["threshold"] for h in cb.history)
+    assert all(h["link_z"] > h["link_threshold"] for h in cb.history)
+    assert [h["anchor_step"] for h in cb.history] == [0, 10, 20]  # each held link becomes the next anchor
     assert cb.last_verdict.related is True and cb.reference_source == "step0" and cb.consecutive_failures == 0
     for tag in METRIC_TAGS:
         value = trainer.callback_metrics[tag]
@@ -254,9 +265,17 @@ def test_identity_kept_llama_logs_tags_and_files(tmp_path):
     assert "custom_scalars__config__" in acc.Tags()["tensors"]
     proto = acc.Tensors("custom_scalars__config__")[0].tensor_proto
     layout = layout_pb2.Layout.FromString(proto.string_val[0])
-    chart = layout.category[0].chart[0]
-    assert set(chart.multiline.tag) == {r"^seedprints/z$", r"^seedprints/control_z_max$",
-                                        r"^seedprints/control_z_mean$", r"^seedprints/threshold$"}
+    charts = {chart.title: set(chart.multiline.tag) for chart in layout.category[0].chart}
+    assert {r"^seedprints/z$", r"^seedprints/control_z_max$", r"^seedprints/threshold$"} <= set().union(*charts.values())
+    assert {r"^seedprints/link_z$", r"^seedprints/link_threshold$"} in charts.values()
+
+    # The custody ledger: one record per probe, and it re-verifies offline.
+    from seedprints_lightning.custody import verify_chain
+
+    audit = verify_chain(seedprints_dir)
+    assert audit.ok, audit.problems
+    assert [r["step"] for r in audit.records] == [10, 20, 30]
+    assert [v.link.z for v in audit.recomputed] == pytest.approx([h["link_z"] for h in cb.history], rel=1e-6)
 
 
 def test_identity_kept_qwen2(tmp_path):
@@ -277,14 +296,16 @@ def test_swap_is_flagged_at_first_probe_and_warns_after_patience(tmp_path):
         make_trainer(tmp_path, max_steps=30, callbacks=[cb, SwapWeights(at=15)]).fit(TinyLM(), loader())
     assert [(h["step"], h["related"]) for h in cb.history] == [(10, True), (20, False), (30, False)]
     assert [h["consecutive_failures"] for h in cb.history] == [0, 1, 2]
-    lost = [str(w.message) for w in record if issubclass(w.category, IdentityWarning)]
-    assert len(lost) == 1 and "z=" in lost[0] and "log10 p=" in lost[0] and "controls z max" in lost[0]
+    # A failed link never becomes the anchor: both probes after the swap link to step 10.
+    assert [h["anchor_step"] for h in cb.history] == [0, 10, 10]
+    lost = [str(w.message) for w in record if "lost its lineage" in str(w.message)]
+    assert len(lost) == 1 and "custody link from step 10" in lost[0] and "controls z [" in lost[0]
 
 
 def test_swap_with_raise(tmp_path):
     cb = callback(every_n_steps=5, patience=2, on_identity_lost="raise")
     trainer = make_trainer(tmp_path, max_steps=40, callbacks=[cb, SwapWeights(at=12)])
-    with pytest.raises(IdentityLostError, match=r"at step 20 \(2 consecutive.*z=.*log10 p=.*controls z max"):
+    with pytest.raises(IdentityLostError, match=r"at step 20 \(2 consecutive.*custody link from step 10 z="):
         trainer.fit(TinyLM(), loader())
     assert [(h["step"], h["related"]) for h in cb.history] == [(5, True), (10, True), (15, False), (20, False)]
 
@@ -318,7 +339,8 @@ def test_resume_restores_state_and_catches_wrong_checkpoints(tmp_path):
 
     # The state survives a weights-only load and holds only CPU tensors / plain types.
     state = torch.load(ckpt_a, weights_only=True)["callbacks"]["SeedPrintsCallback"]
-    assert state["format_version"] == 1 and state["last_probed_step"] == 20
+    assert state["format_version"] == 2 and state["last_probed_step"] == 20
+    assert state["anchor_step"] == 20 and state["anchor_features"].dtype == torch.float16
     buffer = io.BytesIO()
     torch.save(cb_a.state_dict(), buffer)
     buffer.seek(0)
@@ -332,10 +354,18 @@ def test_resume_restores_state_and_catches_wrong_checkpoints(tmp_path):
     assert torch.equal(cb.reference.features, cb_a.reference.features)
     assert cb.reference.created == cb_a.reference.created and cb.reference.step == 0
     assert torch.equal(cb.control_features, cb_a.control_features)
-    assert [h["step"] for h in cb.history] == [10, 20, 30]
+    # The resumed run first links the loaded weights to the last probe before the save.
+    assert [(h["step"], h["event"]) for h in cb.history] == [(10, "interval"), (20, "interval"), (20, "resume"),
+                                                               (30, "interval")]
     assert cb.history[:2] == cb_a.history
-    assert cb.history[-1]["related"] is True
+    assert cb.history[2]["anchor_step"] == 20 and cb.history[2]["link_span"] == 0.0
+    assert all(h["related"] is True for h in cb.history)
     assert (dir_a / "reference.safetensors").stat().st_mtime_ns == file_mtime
+    from seedprints_lightning.custody import verify_chain
+
+    audit = verify_chain(dir_a)
+    assert audit.ok, audit.problems
+    assert [r["event"] for r in audit.records] == ["interval", "interval", "resume", "interval"]
 
     # 2. Callback state stripped from the checkpoint: a clear error, no reference from trained weights.
     raw = torch.load(ckpt_a, weights_only=False)
@@ -375,7 +405,7 @@ def test_gradient_accumulation_probes_once_per_interval(tmp_path):
             calls.append((trainer.global_step, event))
             return super()._probe(trainer, pl_module, event)
 
-    cb = Spy(every_n_steps=2, probe=ProbeSpec(num_samples=60, length=8), num_controls=0)
+    cb = Spy(every_n_steps=2, probe=ProbeSpec(num_samples=60, length=8), num_controls=0, adaptive_schedule=False)
     batches = []
 
     class Count(pl.Callback):
@@ -443,9 +473,15 @@ def test_root_wrapper_route_for_sharded_strategies():
             self.calls += 1
             return self.inner(*args, **kwargs)
 
-    class FakeFSDPStrategy:
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    class FakeFSDPStrategy(FSDPStrategy):  # recognised by type, as the real one is
         def __init__(self, model):
-            self.model = model
+            self._model = model
+
+        @property
+        def model(self):
+            return self._model
 
         def broadcast(self, obj, src=0):
             return obj
@@ -461,12 +497,12 @@ def test_root_wrapper_route_for_sharded_strategies():
     trainer.strategy, trainer.precision_plugin = FakeFSDPStrategy(Wrapper(module)), Precision()
     cb = callback()
     spec = SPEC.resolve(module.model)
-    routed = cb._features(trainer, module, spec)
+    routed = cb._measure(trainer, module, spec)
     assert trainer.strategy.model.calls == 1 and "forward" not in module.__dict__
     direct = extract_features(module.model, spec)
     assert torch.equal(routed, direct)
     module.forward = marker = lambda *a, **k: "own"  # an instance forward of the user's survives too
-    cb._features(trainer, module, spec)
+    cb._measure(trainer, module, spec)
     assert module.forward is marker and trainer.strategy.model.calls == 2
 
 
@@ -507,7 +543,7 @@ class Bag(pl.LightningModule):
 
 def test_feature_fn_for_a_non_transformers_model(tmp_path):
     spec = ProbeSpec(num_samples=100, length=8, vocab_size=VOCAB)
-    cb = SeedPrintsCallback(every_n_steps=4, probe=spec, num_controls=0, save_dir=tmp_path / "sp",
+    cb = SeedPrintsCallback(every_n_steps=4, probe=spec, num_controls=0, save_dir=tmp_path / "sp", adaptive_schedule=False,
                             feature_fn=lambda module, batch: module.features(batch.input_ids.to(module.device)))
     make_trainer(tmp_path, max_steps=8, callbacks=[cb]).fit(Bag(), loader())
     assert [h["step"] for h in cb.history] == [4, 8] and all(h["related"] for h in cb.history)
@@ -522,6 +558,7 @@ def test_feature_fn_for_a_non_transformers_model(tmp_path):
 def test_undetermined_probe_warns_once_and_is_not_a_failure(tmp_path):
     spec = ProbeSpec(num_samples=50, length=4, vocab_size=VOCAB)
     cb = SeedPrintsCallback(every_n_steps=2, probe=spec, num_controls=0, patience=1, on_identity_lost="raise",
+                            adaptive_schedule=False,
                             feature_fn=lambda module, batch: torch.zeros(batch.size, 8))
     with pytest.warns(IdentityWarning, match="undetermined") as record:
         make_trainer(tmp_path, max_steps=6, callbacks=[cb]).fit(Bag(), loader())
@@ -530,3 +567,87 @@ def test_undetermined_probe_warns_once_and_is_not_a_failure(tmp_path):
     assert cb.consecutive_failures == 0
     assert all(math.isfinite(h["z"]) and h["related"] is None for h in cb.history)
     assert all(h[k] == 0.0 for h in cb.history for k in ("z", "log10_p"))
+
+
+# ------------------------------------------------------------------ custody chain (issue #8)
+
+
+def test_adaptive_schedule_is_dense_at_start_then_every_n(tmp_path):
+    cb = callback(every_n_steps=20, adaptive_schedule=True, num_controls=2)
+    make_trainer(tmp_path, max_steps=60, callbacks=[cb]).fit(TinyLM(lr=3e-3), loader(n=600))
+    steps = [h["step"] for h in cb.history]
+    assert steps[:3] == [1, 3, 7]  # the interval doubles from 1 while the links are strong
+    assert steps == sorted(set(steps))
+    # Every probe happened where the previous one scheduled it, and the schedule reached every_n_steps.
+    for previous, current in zip(cb.history, cb.history[1:]):
+        assert current["step"] == previous["next_step"]
+    assert steps[-2:] == [40, 60] and all(h["related"] is True for h in cb.history)
+    assert cb.interval == 20
+
+
+def test_weak_link_shortens_the_interval(tmp_path):
+    # An adapt headroom no link can reach: every held link counts as weak, so the interval never grows.
+    cb = callback(every_n_steps=8, adaptive_schedule=True, num_controls=0)
+    from seedprints_lightning.schedule import ProbeSchedule
+
+    cb.schedule = ProbeSchedule(every_n_steps=8, adapt_headroom=1e9)
+    make_trainer(tmp_path, max_steps=6, callbacks=[cb]).fit(TinyLM(), loader())
+    assert [h["step"] for h in cb.history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_wrong_weights_at_resume_break_the_chain_at_train_start(tmp_path):
+    save_dir = tmp_path / "run" / "seedprints"
+    cb_a, ckpt = _fit_and_save(tmp_path, 0, 20, save_dir)
+    raw = torch.load(ckpt, weights_only=False)
+    foreign = TinyLM(seed=5)  # same architecture, another init: a wrong checkpoint's weights
+    trainer = make_trainer(tmp_path, max_steps=20, callbacks=[])
+    trainer.fit(foreign, loader())
+    raw["state_dict"] = {k: v.clone() for k, v in foreign.state_dict().items()}
+    wrong = tmp_path / "wrong.ckpt"
+    torch.save(raw, wrong)
+    cb = callback(save_dir=save_dir, num_controls=2, patience=1, on_identity_lost="raise")
+    with pytest.raises(IdentityLostError, match="at step 20 .*custody link from step 20"):
+        make_trainer(tmp_path, max_steps=40, callbacks=[cb]).fit(TinyLM(seed=0), loader(), ckpt_path=wrong)
+    assert cb.history[-1]["event"] == "resume" and cb.history[-1]["related"] is False
+    assert cb.history[-1]["link_span"] == 0.0
+    from seedprints_lightning.custody import verify_chain
+
+    audit = verify_chain(save_dir)
+    assert not audit.ok and [p.index for p in audit.broken_links] == [2] and not audit.tampered
+
+
+def test_birth_fading_is_reported_not_acted_on(tmp_path):
+    # A birth margin no test can clear stands in for a faded birth test (ordinary learning rates).
+    cb = callback(birth_z_margin=1e6, patience=1, on_identity_lost="raise")
+    with pytest.warns(IdentityWarning, match="birth test is no longer detectable.*NOT identity loss") as record:
+        make_trainer(tmp_path, max_steps=30, callbacks=[cb]).fit(TinyLM(), loader())
+    assert sum("no longer detectable" in str(w.message) for w in record) == 1
+    assert [h["birth_detectable"] for h in cb.history] == [False, False, False]
+    assert [h["related"] for h in cb.history] == [True, True, True]
+
+
+@pytest.mark.parametrize("fail_on", ["birth", "either"])
+def test_fail_on_birth_acts_on_the_birth_test(tmp_path, fail_on):
+    cb = callback(birth_z_margin=1e6, patience=1, on_identity_lost="raise", fail_on=fail_on)
+    with pytest.raises(IdentityLostError, match=f"fail_on='{fail_on}'.*birth test"):
+        make_trainer(tmp_path, max_steps=30, callbacks=[cb]).fit(TinyLM(), loader())
+    assert [h["step"] for h in cb.history] == [10] and cb.history[0]["link_related"] is True
+
+
+def test_control_factory_gives_feature_fn_models_controls(tmp_path):
+    spec = ProbeSpec(num_samples=100, length=8, vocab_size=VOCAB)
+    built = []
+
+    def factory(seed):
+        built.append(seed)
+        return Bag(seed)
+
+    cb = SeedPrintsCallback(every_n_steps=4, probe=spec, num_controls=2, control_factory=factory,
+                            adaptive_schedule=False, save_dir=tmp_path / "sp",
+                            feature_fn=lambda module, batch: module.features(batch.input_ids.to(module.emb.weight.device)))
+    make_trainer(tmp_path, max_steps=8, callbacks=[cb]).fit(Bag(), loader())
+    from seedprints_lightning.controls import control_seeds
+
+    assert built == list(control_seeds(2)) and cb.control_features.shape == (2, 100, 32)
+    assert all(h["related"] for h in cb.history) and all(len(h["control_z"]) == 2 for h in cb.history)
+    assert not torch.equal(cb.control_features[0], cb.control_features[1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from seedprints_lightning import Fingerprint
 from seedprints_lightning.cli import EXIT_EXPECT, EXIT_FILE, EXIT_INCOMPATIBLE, EXIT_OK, EXIT_USAGE, main
+from seedprints_lightning.controls import control_seeds
+from seedprints_lightning.verdict import BIRTH_RULE, CUSTODY_RULE
 
 PROBE = ["--num-samples", "200", "--length", "8", "-q"]
 
@@ -39,6 +42,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             scale = p.std() if p.numel() > 1 else p.abs().mean()
             p.add_(torch.randn(p.shape, generator=gen) * 1e-3 * scale)
     noisy.save_pretrained(root / "seed0_noisy")
+    # seed0 as an init: a Hugging Face Trainer's trainer_state.json records global_step 0.
+    shutil.copytree(root / "seed0", root / "seed0_step0")
+    (root / "seed0_step0" / "trainer_state.json").write_text(json.dumps({"global_step": 0}))
     _tiny(1).save_pretrained(root / "seed1")
     _tiny(1, vocab=48).save_pretrained(root / "seed1_v48")
     (root / "not_a_model").mkdir()
@@ -73,8 +79,28 @@ def test_fingerprint_writes_loadable_file_with_requested_spec(models, tmp_path, 
     assert (fp.spec.kind, fp.spec.num_samples, fp.spec.length, fp.spec.seed, fp.spec.vocab_size) == ("token", 50, 5, 7, 40)
     assert tuple(fp.features.shape) == (50, 32)
     assert fp.model_class == "LlamaForCausalLM"
+    # --controls defaults to 4: fresh inits of the model's config on the same probe, stored with it.
+    assert fp.controls is not None and tuple(fp.controls.shape) == (4, 50, 32)
+    assert fp.control_seeds == control_seeds(4)
     stdout = capsys.readouterr().out
     assert str(out) in stdout and "n=50, L=5, seed=7, V=40" in stdout and "[50, 32]" in stdout
+    assert "controls  4 fresh inits" in stdout
+
+
+def test_fingerprint_controls_option(models, tmp_path, capsys) -> None:
+    none = tmp_path / "none.safetensors"
+    assert main(["fingerprint", str(models["seed0"]), "-o", str(none), *PROBE, "--controls", "0"]) == EXIT_OK
+    fp = Fingerprint.load(none)
+    assert fp.controls is None and fp.control_seeds == () and fp.step is None
+    assert "controls  0 fresh inits" in capsys.readouterr().out
+    two = tmp_path / "two.safetensors"
+    assert main(["fingerprint", str(models["seed0_step0"]), "-o", str(two), *PROBE, "--controls", "2"]) == EXIT_OK
+    fp = Fingerprint.load(two)
+    assert fp.control_seeds == control_seeds(2) and tuple(fp.controls.shape) == (2, 200, 32)
+    assert fp.step == 0  # from trainer_state.json
+    assert ", step 0" in capsys.readouterr().out
+    assert main(["fingerprint", str(models["seed0"]), "-o", str(none), "--controls", "-1"]) == EXIT_USAGE
+    assert "--controls" in _one_line_error(capsys)
 
 
 def test_fingerprint_embedding_and_spec_from(models, fp0, tmp_path) -> None:
@@ -104,15 +130,24 @@ def test_compare_noisy_copy_is_related(models, capsys) -> None:
     code = main(["compare", str(models["seed0"]), str(models["seed0_noisy"]), *PROBE, "--expect", "related"])
     assert code == EXIT_OK
     out = capsys.readouterr().out
-    assert "RELATED" in out and "one-sided" in out and "expected related: yes" in out
+    assert "verdict: RELATED (same lineage)" in out and "one-sided" in out and "expected related: yes" in out
+    # Two models: the controls are fresh inits of A's config (the callback's control seeds).
+    seeds = control_seeds(4)
+    assert f"evidence    4 fresh inits of {models['seed0']}'s config (seeds {seeds[0]}..{seeds[-1]})" in out
+    assert "custody rule" in out  # A's step is unknown: the stricter rule
 
 
-def test_compare_fresh_inits_are_unrelated(models, capsys) -> None:
+def test_compare_fresh_inits_are_not_shown_related(models, capsys) -> None:
     a, b = str(models["seed0"]), str(models["seed1"])
     assert main(["compare", a, b, *PROBE, "--expect", "unrelated"]) == EXIT_OK
-    assert "verdict: unrelated" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "verdict: NOT SHOWN RELATED" in out and "expected unrelated: yes" in out
+    assert "  why " in out  # the reason is printed
     assert main(["compare", a, b, *PROBE, "--expect", "related"]) == EXIT_EXPECT
     assert "expected related: NO" in capsys.readouterr().out
+    # The same verdict under either rule, and with a step-0 base.
+    assert main(["compare", str(models["seed0_step0"]), b, *PROBE, "--expect", "unrelated"]) == EXIT_OK
+    assert main(["compare", a, b, *PROBE, "--rule", "birth", "--expect", "unrelated"]) == EXIT_OK
 
 
 def test_compare_json(models, capsys) -> None:
@@ -124,6 +159,50 @@ def test_compare_json(models, capsys) -> None:
     assert data["p_sided"] == "one-sided"
     assert data["a"] == {"path": str(models["seed0"]), "kind": "model_dir"}
     assert data["spec"]["num_samples"] == 200 and data["spec"]["vocab_size"] == 64
+    # The verdict's figures: threshold, controls, rule and where the controls came from.
+    assert data["threshold_z"] == data["threshold"] and data["z"] > data["threshold_z"]
+    assert len(data["control_z"]) == 4 and data["threshold_z"] >= max(data["control_z"]) + CUSTODY_RULE.z_margin
+    assert data["rule_name"] == "custody" and data["rule"] == CUSTODY_RULE.to_dict()
+    assert "4 fresh inits" in data["evidence"] and str(models["seed0"]) in data["evidence"]
+    assert data["reason"] is None and data["expect"] is None and data["expect_met"] is None
+
+
+def test_compare_unrelated_json(models, capsys) -> None:
+    code = main(["compare", str(models["seed0"]), str(models["seed1"]), *PROBE, "--json", "--expect", "unrelated"])
+    assert code == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert data["related"] is False and data["verdict"] == "not shown related" and data["reason"]
+    assert data["z"] < data["threshold_z"] and data["expect_met"] is True
+
+
+def test_compare_rule_auto_picks_birth_for_a_step0_base(models, capsys) -> None:
+    a, b = str(models["seed0_step0"]), str(models["seed0_noisy"])
+    assert main(["compare", a, b, *PROBE, "--json"]) == EXIT_OK
+    birth = json.loads(capsys.readouterr().out)
+    assert birth["rule_name"] == "birth" and birth["rule"] == BIRTH_RULE.to_dict() and birth["related"] is True
+    # Birth rule: no effect-size margin, so the threshold is the controls' largest z plus the margin.
+    assert birth["threshold_z"] == pytest.approx(max(2.3263, max(birth["control_z"]) + BIRTH_RULE.z_margin), abs=1e-3)
+    assert main(["compare", a, b, *PROBE, "--json", "--rule", "custody"]) == EXIT_OK
+    custody = json.loads(capsys.readouterr().out)
+    assert custody["rule_name"] == "custody" and custody["rule"] == CUSTODY_RULE.to_dict()
+    assert custody["threshold_z"] > birth["threshold_z"]  # the tau margin adds to the threshold
+    assert custody["z"] == pytest.approx(birth["z"]) and custody["related"] is True
+    assert main(["compare", a, b, *PROBE]) == EXIT_OK
+    assert "birth rule" in capsys.readouterr().out
+    assert main(["compare", a, b, *PROBE, "--rule", "nope"]) == EXIT_USAGE
+    assert "--rule" in _one_line_error(capsys)
+
+
+def test_compare_without_controls(models, capsys) -> None:
+    a, b = str(models["seed0_step0"]), str(models["seed0_noisy"])
+    assert main(["compare", a, b, *PROBE, "--controls", "0"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "evidence    no controls (--controls 0)" in out and "controls z  none" in out
+    assert main(["compare", a, b, *PROBE, "--controls", "0", "--json"]) == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert data["evidence"].startswith("no controls") and data["control_z"] == []
+    assert data["threshold_z"] == pytest.approx(2.3263, abs=1e-3)  # birth rule without controls: analytic only
+    assert data["related"] is True
 
 
 def test_compare_models_use_smaller_vocabulary(models, capsys) -> None:
@@ -136,6 +215,7 @@ def test_compare_fingerprint_with_model_either_order(models, fp0, capsys) -> Non
     data = json.loads(capsys.readouterr().out)
     assert data["related"] is True and data["a"]["kind"] == "fingerprint" and data["b"]["kind"] == "model_dir"
     assert data["spec"] == Fingerprint.load(fp0).spec.to_dict()
+    assert data["evidence"] == f"4 fresh-init controls stored in {fp0}"
     assert main(["compare", str(models["seed1"]), str(fp0), "-q", "--expect", "unrelated"]) == EXIT_OK
 
 
@@ -144,7 +224,34 @@ def test_compare_two_fingerprints(models, fp0, tmp_path, capsys) -> None:
     assert main(["fingerprint", str(models["seed0_noisy"]), "-o", str(other), "--spec-from", str(fp0), "-q"]) == 0
     capsys.readouterr()
     assert main(["compare", str(fp0), str(other), "--expect", "related"]) == EXIT_OK
-    assert "RELATED" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "verdict: RELATED" in out
+    # The controls stored in A are used: nothing is re-probed, and the evidence says so.
+    stored = Fingerprint.load(fp0)
+    assert f"evidence    4 fresh-init controls stored in {fp0}" in out
+    assert main(["compare", str(fp0), str(other), "--json", "--controls", "2"]) == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert data["evidence"] == f"2 fresh-init controls stored in {fp0}" and len(data["control_z"]) == 2
+    from seedprints_lightning.stats import lineage_test
+
+    expected = [lineage_test(c, Fingerprint.load(other).features).z for c in stored.controls[:2]]
+    assert data["control_z"] == pytest.approx(expected)
+
+
+def test_compare_fingerprints_without_controls(models, fp0, tmp_path, capsys) -> None:
+    """Files made with --controls 0: the verdict says it had no controls; a model in the pair supplies them."""
+    bare_a, bare_b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for model, out in ((models["seed0"], bare_a), (models["seed1"], bare_b)):
+        assert main(["fingerprint", str(model), "-o", str(out), "--spec-from", str(fp0), "--controls", "0",
+                     "-q"]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["compare", str(bare_a), str(bare_b), "--json", "--expect", "unrelated"]) == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert data["evidence"].startswith("no controls available") and data["control_z"] == []
+    assert main(["compare", str(bare_a), str(models["seed1"]), "--json", "-q"]) == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert "fresh inits of" in data["evidence"] and str(models["seed1"]) in data["evidence"]
+    assert len(data["control_z"]) == 4 and data["related"] is False
 
 
 def test_compare_incompatible_fingerprints(models, fp0, tmp_path, capsys) -> None:
@@ -179,10 +286,15 @@ def test_compare_embedding_probes_take_mean_std_from_a(models, capsys) -> None:
 
 
 def test_compare_agg_threshold_and_bad_device(models, capsys) -> None:
-    code = main(["compare", str(models["seed0"]), str(models["seed1"]), *PROBE, "--agg", "--json"])
+    a, b = str(models["seed0_step0"]), str(models["seed1"])
+    code = main(["compare", a, b, *PROBE, "--agg", "--json", "--controls", "0"])
     assert code == EXIT_OK
     data = json.loads(capsys.readouterr().out)
-    assert data["z_agg"] is not None and data["threshold_z"] == pytest.approx(2.5758, abs=1e-3)  # alpha / 2
+    # Two signals, Bonferroni x2: the analytic threshold is z(alpha / 2).
+    assert data["z_agg"] is not None and data["threshold_z"] == pytest.approx(2.5758, abs=1e-3)
+    assert main(["compare", a, b, *PROBE, "--agg", "--json"]) == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert data["threshold_z"] == pytest.approx(max(2.5758, max(data["control_z"]) + BIRTH_RULE.z_margin), abs=1e-3)
     assert main(["compare", str(models["seed0"]), str(models["seed1"]), "--device", "nonsense"]) == EXIT_USAGE
     assert "--device" in _one_line_error(capsys)
 
