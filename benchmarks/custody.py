@@ -7,7 +7,8 @@
 betas 0.9/0.95, linear warmup over 20 steps then a constant learning rate, batch 8 x 64 bytes of
 the offline stdlib prose corpus, the SAME windows in the SAME order for every run) from two
 init seeds (42 and 123), for 2000 steps, and probes each run with the callback's default probe
-(token, n = 1000, L = 32) at steps 0, 1, 2, 4, 8, 16, 32 and every 50 steps after. It keeps
+(token, n = 1000, L = 32) at steps 0, 1, 2, 4, 8, 16, 32 and every 50 steps after ("dense-*"
+jobs: every step from 0 to 100, the fastest-moving stretch). It keeps
 only the probe features (fp16, as the callback's custody ledger keeps them), plus the features
 of the 4 fresh-init controls of each config. One extra job ("birth") probes LLaMA width 128 at
 lr 3e-3 with n = 10000 token AND embedding probes at a few steps, to measure how the birth
@@ -58,14 +59,18 @@ def probe_steps(last: int = STEPS) -> list[int]:
     return sorted(set(s for s in steps if s <= last))
 
 
+DENSE_LAST = 100
+
+
 def all_jobs() -> list[str]:
     jobs = [f"llama-{w}-{lr}" for lr in ("1e-3", "3e-3", "6e-3") for w in (64, 128, 256)]
     jobs += [f"qwen2-128-{lr}" for lr in ("1e-3", "3e-3", "6e-3")]
+    jobs += [f"dense-{job}" for job in ("llama-128-3e-3", "llama-128-6e-3", "qwen2-128-6e-3")]
     return jobs + ["birth"]
 
 
 def parse_job(job: str) -> tuple[str, int, float]:
-    arch, width, lr = job.split("-", 2)
+    arch, width, lr = job.removeprefix("dense-").split("-", 2)
     return arch, int(width), float(lr)
 
 
@@ -129,7 +134,10 @@ def collect(job: str, out: Path) -> None:
     runs = {}
     seeds = SEEDS[:1] if job == "birth" else SEEDS
     for seed in seeds:
-        steps = list(BIRTH_STEPS) if job == "birth" else probe_steps()
+        # "dense-*" jobs probe every step up to DENSE_LAST: the first ~100 steps (warmup ending,
+        # peak learning rate) move the model fastest, and links there need the finest look.
+        steps = (list(BIRTH_STEPS) if job == "birth" else list(range(DENSE_LAST + 1)) if job.startswith("dense-")
+                 else probe_steps())
         runs[seed] = _train(build(arch, width, seed), tokens, lr, steps, probe)
         print(f"[custody] {job} seed {seed}: {time.perf_counter() - t0:.0f} s, loss {runs[seed][steps[-1]]['loss']:.3f}",
               flush=True)

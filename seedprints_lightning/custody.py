@@ -209,6 +209,10 @@ class ChainAudit:
         header = f"{'record':>6}  {'step':>8}  {'anchor':>8}  {'link z':>9}  {'link thr':>9}  {'birth z':>8}  verdict"
         lines = [header, "-" * len(header)]
         for record, verdict in zip(self.records, self.recomputed):
+            if verdict is None:  # its features file is missing, or the record cannot be re-tested
+                lines.append(f"{record.get('index', '?')!s:>6}  {record.get('step', '?')!s:>8}  "
+                             f"{record.get('anchor_step', '?')!s:>8}  {'-':>9}  {'-':>9}  {'-':>8}  not re-tested")
+                continue
             word = {True: "link held", False: "LINK BROKEN", None: "undetermined"}[verdict.link.related]
             lines.append(f"{record['index']:>6}  {verdict.step:>8}  {verdict.anchor_step:>8}  {verdict.link.z:>9.2f}  "
                          f"{verdict.link.threshold:>9.2f}  {verdict.birth.z:>8.2f}  {word}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal
@@ -231,14 +232,42 @@ def preserve_module_modes(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def _accepts(module: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _last_hidden_state(lm: nn.Module, batch: ProbeBatch, device: torch.device | None) -> torch.Tensor:
-    """Last-layer hidden state at the last position, through the decoder (no LM head)."""
+    """Last-layer hidden state at the last position: the decoder's output, taken by calling the ROOT model.
+
+    The root is called (not the inner decoder) because under FSDP2 (``fully_shard``) only the
+    root's forward gathers the root's own sharded parameters (embeddings, final norm): calling the
+    decoder directly fails with "mixed torch.Tensor and DTensor". A forward hook on the decoder
+    captures its output; ``logits_to_keep=1`` keeps the LM head to the last position, so the
+    detour costs one ``[b, D] x [D, V]`` product.
+    """
     decoder = getattr(lm, "base_model", None)
-    decoder = lm if decoder is None else decoder
     dtype = lm.get_input_embeddings().weight.dtype
-    outputs = decoder(**batch.model_kwargs(device, dtype), use_cache=False)
-    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    return hidden[:, -1, :]
+    kwargs = dict(batch.model_kwargs(device, dtype), use_cache=False)
+    if decoder is None or decoder is lm:
+        outputs = lm(**kwargs)
+        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        return hidden[:, -1, :]
+    captured: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: Any, output: Any) -> None:
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    if _accepts(lm, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1
+    handle = decoder.register_forward_hook(keep)
+    try:
+        lm(**kwargs)
+    finally:
+        handle.remove()
+    return captured[-1][:, -1, :]
 
 
 def extract_features(

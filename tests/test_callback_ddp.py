@@ -1,4 +1,9 @@
-"""SeedPrintsCallback under DDP: 2 CPU processes (gloo), run in a subprocess with a timeout.
+"""SeedPrintsCallback under DDP and FSDP2: 2 CPU processes (gloo), run in a subprocess with a timeout.
+
+FSDP2 is Lightning's ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` with
+``fully_shard`` on every decoder layer and then on the root causal LM in ``configure_model``:
+the parameters are DTensors, every probe forward is a collective, and the probe must go through
+the root module (calling the inner decoder fails with "mixed torch.Tensor and DTensor").
 
 Slow (two processes importing torch, transformers and Lightning): two small fits in total.
 The fit runs this file as a script under ``strategy="ddp"`` (Lightning re-launches the script
@@ -62,22 +67,56 @@ def _worker(mode: str, out: Path) -> int:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == self.at and not self.done:
                 self.done = True
-                pl_module.model.load_state_dict(make_lm(7).state_dict())
+                foreign = make_lm(7).state_dict()
+                if mode.startswith("fsdp2"):  # full tensors into the DTensor shards, on every rank
+                    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    if mode == "kept":
-        cb = SeedPrintsCallback(every_n_steps=3, probe=ProbeSpec(num_samples=120, length=8), num_controls=2,
-                                save_dir=out / "seedprints")
+                    set_model_state_dict(pl_module.model, foreign, options=StateDictOptions(full_state_dict=True))
+                else:
+                    pl_module.model.load_state_dict(foreign)
+
+    class ShardedLM(TinyLM):
+        """FSDP2: every decoder layer, then the root causal LM, fully_shard-ed over the data-parallel mesh."""
+
+        def __init__(self):
+            pl.LightningModule.__init__(self)
+            self.model = None
+
+        def configure_model(self):
+            if self.model is not None:
+                return
+            from torch.distributed.fsdp import fully_shard
+
+            self.model = make_lm(0)
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.model.parameters(), lr=3e-3)
+
+    sharded = mode.startswith("fsdp2")
+    common = dict(probe=ProbeSpec(num_samples=120, length=8), num_controls=2, adaptive_schedule=False,
+                  save_dir=out / "seedprints")
+    if mode.endswith("kept"):
+        cb = SeedPrintsCallback(every_n_steps=3, **common)
         callbacks, max_steps = [cb], 6
     else:
-        cb = SeedPrintsCallback(every_n_steps=2, probe=ProbeSpec(num_samples=120, length=8), num_controls=2,
-                                patience=1, on_identity_lost="raise", save_dir=out / "seedprints")
+        cb = SeedPrintsCallback(every_n_steps=2, patience=1, on_identity_lost="raise", **common)
         callbacks, max_steps = [cb, Swap(at=3)], 20
     data = torch.randint(0, VOCAB, (64, 16), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=max_steps, logger=False,
+    if sharded:
+        from pytorch_lightning.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    else:
+        strategy = "ddp"
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=callbacks, default_root_dir=str(out))
-    module = TinyLM()
+    module = ShardedLM() if sharded else TinyLM()
     error = None
     try:
         trainer.fit(module, loader)
@@ -89,7 +128,14 @@ def _worker(mode: str, out: Path) -> int:
               "message": str(error) if error else None}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     if error is None:
-        torch.save(module.model.state_dict(), out / f"final_rank{rank}.pt")
+        if sharded:  # gather the full weights (a collective: every rank calls it)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                torch.save(state, out / "final_rank0.pt")
+        else:
+            torch.save(module.model.state_dict(), out / f"final_rank{rank}.pt")
     return 3 if error is not None else 0
 
 
@@ -114,11 +160,13 @@ def _reports(out: Path, result: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(f.read_text()) for f in files]
 
 
-def test_ddp_two_cpu_processes_matches_single_process(tmp_path):
+@pytest.mark.parametrize("mode", ["kept", "fsdp2-kept"])
+def test_two_cpu_processes_match_single_process(tmp_path, mode):
     from seedprints_lightning import Fingerprint, extract_features, lineage_test
     from seedprints_lightning.controls import load_controls
+    from seedprints_lightning.custody import storage_features, verify_chain
 
-    result = _run("kept", tmp_path)
+    result = _run(mode, tmp_path)
     assert result.returncode == 0, result.stdout[-4000:]
     rank0, rank1 = _reports(tmp_path, result)
     assert (rank0["rank"], rank1["rank"], rank0["world_size"]) == (0, 1, 2)
@@ -135,23 +183,28 @@ def test_ddp_two_cpu_processes_matches_single_process(tmp_path):
     # The last probe's figures equal a single-process probe of the final (rank-0) weights.
     final = make_lm(0)
     final.load_state_dict(torch.load(tmp_path / "final_rank0.pt", weights_only=True))
-    weights1 = torch.load(tmp_path / "final_rank1.pt", weights_only=True)
-    assert all(torch.equal(v, weights1[k]) for k, v in final.state_dict().items())  # DDP kept ranks in sync
-    live = extract_features(final, reference.spec)
+    if mode == "kept":
+        weights1 = torch.load(tmp_path / "final_rank1.pt", weights_only=True)
+        assert all(torch.equal(v, weights1[k]) for k, v in final.state_dict().items())  # DDP kept ranks in sync
+    # The callback tests the features as its ledger stores them (fp16-rounded).
+    live = storage_features(extract_features(final, reference.spec)).float()
     z = lineage_test(reference.features, live).z
     assert rank0["history"][-1]["z"] == pytest.approx(z, rel=1e-6)
     controls, _, _ = load_controls(tmp_path / "seedprints" / "controls.safetensors")
     control_z = [lineage_test(c, live).z for c in controls]
     assert rank0["history"][-1]["control_z"] == pytest.approx(control_z, rel=1e-6)
+    audit = verify_chain(tmp_path / "seedprints")  # rank 0 wrote one ledger, and it re-verifies
+    assert audit.ok and len(audit.records) == 2, audit.problems
 
 
-def test_ddp_two_cpu_processes_swap_raises_on_every_rank(tmp_path):
-    result = _run("raise", tmp_path)
+@pytest.mark.parametrize("mode", ["raise", "fsdp2-raise"])
+def test_two_cpu_processes_swap_raises_on_every_rank(tmp_path, mode):
+    result = _run(mode, tmp_path)
     assert result.returncode == 3, result.stdout[-4000:]
     reports = _reports(tmp_path, result)
     for report in reports:
         assert report["error"] == "IdentityLostError", report
-        assert "at step 4" in report["message"] and "z=" in report["message"]
+        assert "at step 4" in report["message"] and "custody link from step 2" in report["message"]
         assert [(h["step"], h["related"]) for h in report["history"]] == [(2, True), (4, False)]
         assert report["global_step"] == 4
 

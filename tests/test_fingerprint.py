@@ -246,8 +246,12 @@ def test_file_without_controls_loads_with_none(small_fp: Fingerprint, tmp_path: 
 def test_inconsistent_controls_raise(small_fp: Fingerprint, shape: tuple, seeds: tuple) -> None:
     with pytest.raises(InputError, match=r"Fingerprint\.controls must be \[len\(control_seeds\)"):
         Fingerprint(features=small_fp.features, spec=small_fp.spec, controls=torch.zeros(shape), control_seeds=seeds)
+
+
+def test_controls_must_be_a_tensor(small_fp: Fingerprint) -> None:
     with pytest.raises(InputError, match="controls must be"):
-        Fingerprint(features=small_fp.features, spec=small_fp.spec, controls=[[0.0]], control_seeds=(1,))  # type: ignore[arg-type]
+        Fingerprint(features=small_fp.features, spec=small_fp.spec, controls=[[0.0]],  # type: ignore[arg-type]
+                    control_seeds=(1,))
 
 
 def test_file_with_inconsistent_controls(small_fp: Fingerprint, tmp_path: Path) -> None:
