@@ -14,9 +14,12 @@ from pathlib import Path
 
 import torch
 
-from seedprints_lightning.schedule import ProbeSchedule
+from seedprints_lightning.schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
 from seedprints_lightning.stats import lineage_test
-from seedprints_lightning.verdict import BIRTH_RULE, CUSTODY_RULE, decide_identity
+from seedprints_lightning.verdict import BIRTH_RULE, CUSTODY_RULE, VerdictRule, decide_identity
+
+#: (tau margin, adapt headroom) pairs replayed besides the defaults, to show how the choice was made.
+VARIANTS = ((0.03, 2.0), (0.04, 2.0), (0.04, 2.5), (0.05, 2.5), (0.1, 2.0))
 
 PATIENCE = 2
 SWAP_STEPS = (100, 1000, 1900)
@@ -48,12 +51,13 @@ class Replay:
 
 def replay(features: dict[int, torch.Tensor], steps: list[int], controls: torch.Tensor, *, every_n: int,
            swap_at: int | None = None, swapped: dict[int, torch.Tensor] | None = None,
-           adaptive: bool = True, last: int = 2000) -> Replay:
+           adaptive: bool = True, last: int = 2000, rule=CUSTODY_RULE,
+           adapt_headroom: float = DEFAULT_ADAPT_HEADROOM) -> Replay:
     """The callback's probe loop on the stored grid: the schedule's next step is rounded up to a stored step.
 
     From ``swap_at`` on, the live model is ``swapped`` (another seed's run at the same steps).
     """
-    schedule = ProbeSchedule(every_n_steps=every_n, adaptive=adaptive)
+    schedule = ProbeSchedule(every_n_steps=every_n, adaptive=adaptive, adapt_headroom=adapt_headroom)
     reference = features[0]
     anchor, anchor_step = reference, 0
     nxt, interval = schedule.first()
@@ -79,8 +83,10 @@ def replay(features: dict[int, torch.Tensor], steps: list[int], controls: torch.
         is_swapped = swap_at is not None and step >= swap_at
         live = (swapped if is_swapped else features)[step]
         # judge_probe's link verdict, with the control tests cached across replays.
-        link = decide_identity(lineage_test(anchor, live, identity_mode="coset"), _control_results(live, controls),
-                               CUSTODY_RULE)
+        key = (id(anchor), id(live))
+        if key not in _LINK_CACHE:
+            _LINK_CACHE[key] = lineage_test(anchor, live, identity_mode="coset")
+        link = decide_identity(_LINK_CACHE[key], _control_results(live, controls), rule)
         probes.append(step)
         if not is_swapped:
             min_headroom = min(min_headroom, link.headroom)
@@ -101,19 +107,24 @@ def replay(features: dict[int, torch.Tensor], steps: list[int], controls: torch.
 
 
 _CONTROL_CACHE: dict[int, list] = {}
+_LINK_CACHE: dict[tuple[int, int], object] = {}
 
 
-def _control_results(live: torch.Tensor, controls: torch.Tensor) -> list:
-    """``lineage_test(control, live)`` per control, cached by the live tensor (each is tested against many bases)."""
+def _control_results(live: torch.Tensor, controls: torch.Tensor, cache: bool = True) -> list:
+    """``lineage_test(control, live)`` per control, cached by the live tensor (each is tested against many
+    bases). Only for tensors that stay alive (the stored features): ``id`` of a freed temporary is reused."""
+    if not cache:
+        return [lineage_test(c, live) for c in controls]
     key = id(live)
     if key not in _CONTROL_CACHE:
-        _CONTROL_CACHE[key] = [lineage_test(c, live) for c in controls]
-    return _CONTROL_CACHE[key]
+        _CONTROL_CACHE[key] = ([lineage_test(c, live) for c in controls], live)
+    return _CONTROL_CACHE[key][0]
 
 
-def _z_tau(base: torch.Tensor, live: torch.Tensor, controls: torch.Tensor, rule) -> tuple[float, float, float]:
+def _z_tau(base: torch.Tensor, live: torch.Tensor, controls: torch.Tensor, rule,
+           cache: bool = True) -> tuple[float, float, float]:
     result = lineage_test(base, live, alpha=rule.alpha)
-    verdict = decide_identity(result, _control_results(live, controls), rule)
+    verdict = decide_identity(result, _control_results(live, controls, cache), rule)
     return verdict.z, verdict.threshold, result.tau_mean - verdict.control_tau_max
 
 
@@ -152,18 +163,22 @@ def analyse_job(data: dict) -> dict:
                 z, _, dtau = _z_tau(feats[seed][a], feats[other][t], controls, CUSTODY_RULE)
                 worst_tau, worst_z = max(worst_tau, dtau), max(worst_z, z)
     out["peer_worst_dtau"], out["peer_worst_z"] = worst_tau, worst_z
-    # 3. replays at the default interval and a few others
+    # 3. replays of the callback at every_n_steps = 1000: the defaults, a few (margin, headroom)
+    #    variants, and the fixed interval without the adaptive schedule
     replays = {}
-    for every_n in (100, 1000):
-        for adaptive in (True, False):
-            healthy = [replay(feats[seed], steps, controls, every_n=every_n, adaptive=adaptive) for seed in seeds]
-            swaps = []
-            for swap_at in SWAP_STEPS:
-                for seed in seeds:
-                    other = [s for s in seeds if s != seed][0]
-                    swaps.append((swap_at, replay(feats[seed], steps, controls, every_n=every_n, adaptive=adaptive,
-                                                  swap_at=swap_at, swapped=feats[other])))
-            replays[(every_n, adaptive)] = (healthy, swaps)
+    settings = [("default", CUSTODY_RULE, DEFAULT_ADAPT_HEADROOM, True)]
+    settings += [(f"tau {m:g}, headroom {h:g}", VerdictRule(z_margin=CUSTODY_RULE.z_margin, tau_margin=m), h, True)
+                 for m, h in VARIANTS]
+    settings.append(("default rule, fixed interval", CUSTODY_RULE, DEFAULT_ADAPT_HEADROOM, False))
+    for name, rule, headroom, adaptive in settings:
+        kw = dict(every_n=1000, adaptive=adaptive, rule=rule, adapt_headroom=headroom)
+        healthy = [replay(feats[seed], steps, controls, **kw) for seed in seeds]
+        swaps = []
+        for swap_at in SWAP_STEPS:
+            for seed in seeds:
+                other = [s for s in seeds if s != seed][0]
+                swaps.append((swap_at, replay(feats[seed], steps, controls, swap_at=swap_at, swapped=feats[other], **kw)))
+        replays[name] = (healthy, swaps)
     out["replays"] = replays
     # 4. birth test along the run (seed 42)
     out["birth"] = {s: _z_tau(feats[seeds[0]][0], feats[seeds[0]][s], controls, BIRTH_RULE)[:2]
@@ -180,7 +195,7 @@ def analyse_birth(data: dict) -> dict:
         for n in BIRTH_NS:
             for step in sorted(s for s in run if s > 0):
                 base, live = run[0][kind][:n], run[step][kind][:n]
-                z, threshold, _ = _z_tau(base, live, controls[:, :n], BIRTH_RULE)
+                z, threshold, _ = _z_tau(base, live, controls[:, :n], BIRTH_RULE, cache=False)
                 cz = max(lineage_test(c[:n], live).z for c in controls)
                 table[(kind, n, step)] = (z, threshold, cz)
     return table
@@ -190,7 +205,7 @@ def analyse(cache: Path) -> str:
     torch.set_num_threads(1)
     lines: list[str] = []
     add = lines.append
-    jobs = sorted(p for p in Path(cache).glob("*.pt") if p.stem != "birth")
+    jobs = sorted(p for p in Path(cache).glob("*.pt") if p.stem != "birth" and not p.stem.startswith("dense-"))
     results = {}
     for path in jobs:
         print(f"[analyse] {path.stem}", file=sys.stderr, flush=True)
@@ -214,20 +229,23 @@ def analyse(cache: Path) -> str:
         loss = " / ".join(f"{v:.2f}" for v in r["loss"].values())
         add(f"| {job} | {r['peer_worst_dtau']:.4f} | {r['peer_worst_z']:.1f} | {loss} |")
     add("")
-    add(f"### Replayed callback (defaults, patience {PATIENCE}): healthy runs and swaps at steps {SWAP_STEPS}")
+    add(f"### Replayed callback (every_n_steps 1000, patience {PATIENCE}): healthy runs and swaps at steps {SWAP_STEPS}")
     add("")
-    add("| job | every_n, schedule | healthy: probes, false failures, min headroom | swaps caught within patience "
+    add("Probes fall on the stored grid (0, 1, 2, 4, 8, 16, 32, then every 50 steps): a scheduled step is rounded up "
+        "to the next stored one, so replayed links span at least as many steps as the callback's would.")
+    add("")
+    add("| job | setting | healthy: probes, false failures, min headroom | swaps caught within patience "
         "| swap called kept | probes from swap to action |")
     add("|---|---|---|---|---|---|")
     for job, r in results.items():
-        for (every_n, adaptive), (healthy, swaps) in r["replays"].items():
+        for setting, (healthy, swaps) in r["replays"].items():
             false = sum(len(h.failed) for h in healthy)
             probes = "/".join(str(len(h.probes)) for h in healthy)
             head = min(h.min_headroom for h in healthy)
             caught = sum(1 for _, sw in swaps if sw.acted_at is not None)
             kept = sum(len(sw.kept_after_swap) for _, sw in swaps)
             delays = [sum(1 for p in sw.probes if p >= at) for at, sw in swaps if sw.acted_at is not None]
-            add(f"| {job} | {every_n}, {'adaptive' if adaptive else 'fixed'} | {probes}, {false}, {head:.1f} | "
+            add(f"| {job} | {setting} | {probes}, {false}, {head:.1f} | "
                 f"{caught}/{len(swaps)} | {kept} | {max(delays) if delays else '-'} |")
     add("")
     add("### Birth test along the run (seed 42, n = 1000): z / threshold")
@@ -236,6 +254,8 @@ def analyse(cache: Path) -> str:
     add("|---|" + "---|" * 5)
     for job, r in results.items():
         add(f"| {job} | " + " | ".join(f"{z:.1f} / {t:.1f}" for z, t in r["birth"].values()) + " |")
+    add("")
+    lines.extend(dense_markdown(cache))
     birth_path = Path(cache) / "birth.pt"
     if birth_path.exists():
         table = analyse_birth(_load(birth_path))
@@ -255,3 +275,39 @@ def analyse(cache: Path) -> str:
         add("")
         add("Bold: birth test detectable (z above its threshold).")
     return "\n".join(lines) + "\n"
+
+
+DENSE_SPANS = (1, 2, 4, 8, 16)
+
+
+def analyse_dense(data: dict) -> dict:
+    """Links of short spans over the first 100 steps, and the replayed schedule on that stretch."""
+    controls = data["controls"]["token"]
+    out = {}
+    for seed, run in data["runs"].items():
+        feats = {s: run[s]["token"] for s in run if isinstance(s, int)}
+        steps = sorted(feats)
+        worst = {}
+        for span in DENSE_SPANS:
+            rows = [(s, *_z_tau(feats[s], feats[s + span], controls, CUSTODY_RULE)) for s in steps if s + span in feats]
+            s, z, t, _ = min(rows, key=lambda r: r[1] / r[2])
+            worst[span] = (z / t, s, z)
+        replayed = replay(feats, steps, controls, every_n=1000, last=steps[-1])
+        out[seed] = (worst, replayed)
+    return out
+
+
+def dense_markdown(cache: Path) -> list[str]:
+    lines = ["### The first 100 steps, probed at every step: the weakest link of each span",
+             "",
+             "Smallest link z / threshold over all links of that span starting in steps 0..100 (at step s), and the "
+             "replayed adaptive schedule on this stretch (every probe step available).",
+             "",
+             "| job, seed | " + " | ".join(f"span {s}" for s in DENSE_SPANS) + " | replay: probes, failed links |",
+             "|---|" + "---|" * (len(DENSE_SPANS) + 1)]
+    for path in sorted(Path(cache).glob("dense-*.pt")):
+        for seed, (worst, rep) in analyse_dense(_load(path)).items():
+            cells = [f"{h:.1f} (s={s}, z={z:.0f})" for h, s, z in (worst[span] for span in DENSE_SPANS)]
+            lines.append(f"| {path.stem.removeprefix('dense-')}, {seed} | " + " | ".join(cells)
+                         + f" | {len(rep.probes)}, {rep.failed or 'none'} |")
+    return lines

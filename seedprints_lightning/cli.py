@@ -368,6 +368,20 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK if not differing else EXIT_EXPECT
 
 
+def _ledger_head(path: str, trust_pickle: bool) -> tuple[int, str] | None:
+    """``(records, last record's sha256)`` from a Lightning checkpoint's SeedPrintsCallback state, if it has one."""
+    from .audit import _load_checkpoint_dict, classify_source
+
+    source = classify_source(path)
+    if source.kind != "checkpoint":
+        return None
+    checkpoint = _load_checkpoint_dict(source.path, trust_pickle)
+    state = (checkpoint or {}).get("callbacks", {}).get("SeedPrintsCallback") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not state.get("ledger_last_sha256"):
+        return None
+    return int(state.get("ledger_next_index", 0)), str(state["ledger_last_sha256"])
+
+
 def _cmd_audit_chain(args: argparse.Namespace) -> int:
     from .audit import classify_source, fingerprint_source, source_step
     from .custody import verify_chain
@@ -390,8 +404,9 @@ def _cmd_audit_chain(args: argparse.Namespace) -> int:
         fp = fingerprint_source(source, spec, **runtime)
         fp_step = fp.step if fp.step is not None else source_step(source, trust_pickle=args.trust_pickle)
         checkpoint_features, checkpoint_step, checkpoint_name = fp.features, fp_step, str(source.path)
+    expected_head = _ledger_head(positional[0], args.trust_pickle) if positional else None
     audit = verify_chain(args.chain, checkpoint_features, checkpoint_step=checkpoint_step,
-                         checkpoint_name=checkpoint_name)
+                         checkpoint_name=checkpoint_name, expected_head=expected_head)
     if args.json:
         print(json.dumps({
             "run_dir": str(audit.run_dir), "ok": audit.ok, "evidence": audit.evidence, "records": len(audit.records),

@@ -239,13 +239,19 @@ def _load_controls(run_dir: Path) -> tuple[torch.Tensor | None, str | None]:
 
 
 def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor | None = None, *,
-                 checkpoint_step: int | None = None, checkpoint_name: str | None = None) -> ChainAudit:
+                 checkpoint_step: int | None = None, checkpoint_name: str | None = None,
+                 expected_head: tuple[int, str] | None = None) -> ChainAudit:
     """Re-verify a run's custody ledger offline, record by record, from its files.
 
     ``run_dir`` is the callback's ``seedprints`` directory (or a directory holding it). Every
     record's hash chain, features hash and recomputed verdicts are checked; with
     ``checkpoint_features`` (the features of a checkpoint on the reference's probe), the
     checkpoint is linked to the last held record at or before ``checkpoint_step``.
+
+    ``expected_head`` is ``(number of records, sha256 of the last one)`` as a checkpoint's
+    callback state knows it: the ledger must hold that record at that place. Without it, records
+    cut from the END of the ledger cannot be told from a run that made fewer probes (the hash
+    chain only protects what precedes a record).
     """
     run_dir = Path(run_dir)
     if not (run_dir / CUSTODY_FILE).exists() and (run_dir / "seedprints" / CUSTODY_FILE).exists():
@@ -334,6 +340,14 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
             anchor, anchor_step, anchor_index = live, step, line_no
             anchors.append((step, line_no, live))
 
+    if expected_head is not None:
+        count, head_sha = expected_head
+        if count > len(lines):
+            problem(None, "tampered", f"{ledger.name} holds {len(lines)} records but the checkpoint's callback state "
+                                      f"chained to record {count - 1}: records were removed from the end")
+        elif count > 0 and _line_sha256(lines[count - 1]) != head_sha:
+            problem(count - 1, "tampered", f"record {count - 1} is not the one the checkpoint's callback state chained "
+                                           "to (hash mismatch): it was edited, or the ledger is another run's")
     if checkpoint_features is not None:
         candidates = [a for a in anchors if checkpoint_step is None or a[0] <= checkpoint_step]
         a_step, _, a_features = candidates[-1] if candidates else (int(reference.step or 0), None, reference.features)

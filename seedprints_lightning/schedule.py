@@ -28,12 +28,14 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["DEFAULT_ADAPT_HEADROOM", "ProbeSchedule"]
+__all__ = ["DEFAULT_ADAPT_HEADROOM", "DEFAULT_RAMP_FRACTION", "ProbeSchedule"]
 
 #: Shorten the interval when a link's z falls below this multiple of its threshold. Measured in
 #: docs/benchmarks.md ("Custody"): own links lose at most about half their z when the span
 #: doubles, so a link at 2x its threshold still leaves a doubled span above it.
 DEFAULT_ADAPT_HEADROOM = 2.0
+#: The largest interval, as a fraction of the step it starts from, while the schedule ramps up.
+DEFAULT_RAMP_FRACTION = 0.25
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -51,6 +53,7 @@ class ProbeSchedule:
     min_interval: int = 1
     adapt_headroom: float = DEFAULT_ADAPT_HEADROOM
     adaptive: bool = True
+    ramp_fraction: float = DEFAULT_RAMP_FRACTION
 
     def __post_init__(self) -> None:
         _positive_int("every_n_steps", self.every_n_steps)
@@ -61,6 +64,9 @@ class ProbeSchedule:
         h = self.adapt_headroom
         if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or h < 1.0:
             raise InputError(f"adapt_headroom must be a finite number >= 1 (z / threshold), got {h!r}")
+        r = self.ramp_fraction
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+            raise InputError(f"ramp_fraction must be a finite number > 0 (largest interval / current step), got {r!r}")
         if not isinstance(self.adaptive, bool):
             raise InputError(f"adaptive must be True or False, got {self.adaptive!r}")
 
@@ -82,7 +88,7 @@ class ProbeSchedule:
         elif link_related is False or headroom < self.adapt_headroom:
             new = max(self.min_interval, interval // 2)
         else:
-            new = min(n, interval * 2)
+            new = min(n, interval * 2, max(self.min_interval, int(step * self.ramp_fraction)))
         if new >= n:
             return aligned, n
         # Never step over a multiple of every_n_steps: every checkpoint step keeps its probe.

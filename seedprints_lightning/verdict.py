@@ -65,15 +65,16 @@ __all__ = [
     "tag",
 ]
 
-#: Over the largest fresh-init control z (a noise allowance, z units). The controls' own
-#: spread: z of unrelated pairs around their largest control stayed within 3.7 at n = 1000
-#: (cross and fresh-init pairs, docs/benchmarks.md "Calibration").
-DEFAULT_BIRTH_Z_MARGIN = 3.0
-DEFAULT_LINK_Z_MARGIN = 3.0
-#: Effect-size margin of the custody link over the largest control tau. Measured in
-#: docs/benchmarks.md ("Custody"): swapped-in peers reached tau at most ~0.03 above the controls
-#: against any anchor; own links at the default schedule stayed at least ~0.3 above them.
-DEFAULT_LINK_TAU_MARGIN = 0.1
+#: Over the largest fresh-init control z (a noise allowance, z units): unrelated pairs stood at
+#: most 3.7 above their largest control at n = 1000 (cross and fresh-init pairs,
+#: docs/benchmarks.md "Calibration").
+DEFAULT_BIRTH_Z_MARGIN = 4.0
+DEFAULT_LINK_Z_MARGIN = 4.0
+#: Effect-size margin of the custody link over the largest control tau (docs/benchmarks.md,
+#: "Custody"): another seed trained on the same data in the same order reached at most 0.017
+#: above the controls against any of our probes (Qwen2, lr 6e-3; 0.016 on the 160M model in
+#: method.md), so 0.04 leaves a factor 2.4; own links of up to 200 steps stayed >= 0.069 above them.
+DEFAULT_LINK_TAU_MARGIN = 0.04
 
 FAIL_ON = ("custody", "birth", "either")
 

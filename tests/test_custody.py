@@ -475,3 +475,17 @@ def test_append_before_start_raises(run):
         CustodyLedger(run.dir).append(run.verdicts[0], storage_features(run.last), event="x", anchor_index=None,
                                       reference_sha256="", controls_sha256=None, identity_mode="coset",
                                       identity_ratio=None)
+
+
+def test_expected_head_catches_records_cut_from_the_end(run):
+    ledger = run.dir / "custody.jsonl"
+    lines = ledger.read_text().splitlines()
+    head = (len(lines), sha256_bytes(lines[-1].encode()))
+    assert verify_chain(run.dir, expected_head=head).ok
+    ledger.write_text("".join(line + "\n" for line in lines[:-1]))
+    cut = verify_chain(run.dir, expected_head=head)
+    assert not verify_chain(run.dir).problems  # the hash chain alone cannot see a cut at the end
+    assert [p.kind for p in cut.problems] == ["tampered"] and "removed from the end" in cut.problems[0].message
+    ledger.write_text("".join(line + "\n" for line in lines))
+    other = (len(lines), "0" * 64)
+    assert [p.index for p in verify_chain(run.dir, expected_head=other).problems] == [len(lines) - 1]

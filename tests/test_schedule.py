@@ -8,6 +8,7 @@ from seedprints_lightning import InputError
 from seedprints_lightning.schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
 
 STRONG = 10.0  # headroom (z / threshold) well above DEFAULT_ADAPT_HEADROOM = 2
+NO_RAMP = 1e9  # ramp_fraction that never binds: isolates the doubling / halving rules
 WEAK = 1.5  # held, but below the adapt headroom
 
 
@@ -41,6 +42,8 @@ def run(schedule: ProbeSchedule, outcomes: list[tuple[bool | None, float]]) -> l
     ({"adapt_headroom": True}, "adapt_headroom must be a finite number >= 1"),
     ({"adapt_headroom": "2"}, "adapt_headroom must be a finite number >= 1"),
     ({"adaptive": 1}, "adaptive must be True or False"),
+    ({"ramp_fraction": 0}, "ramp_fraction must be a finite number > 0"),
+    ({"ramp_fraction": float("nan")}, "ramp_fraction must be a finite number > 0"),
     ({"adaptive": "yes"}, "adaptive must be True or False"),
 ])
 def test_schedule_validates(kwargs, match):
@@ -60,7 +63,7 @@ def test_defaults_and_edges_accepted():
 
 
 def test_geometric_start_with_strong_links_reaches_every_n_aligned():
-    s = ProbeSchedule(every_n_steps=1000)
+    s = ProbeSchedule(every_n_steps=1000, ramp_fraction=NO_RAMP)
     steps = [step for step, _ in run(s, [(True, STRONG)] * 12)]
     # By hand: the interval doubles 1, 2, 4, ..., 256 (steps 1, 3, 7, ..., 511); the next
     # interval, 512, would overshoot 1000, so the probe falls on 1000; then 1024 >= 1000
@@ -69,7 +72,7 @@ def test_geometric_start_with_strong_links_reaches_every_n_aligned():
 
 
 def test_geometric_start_intervals():
-    s = ProbeSchedule(every_n_steps=1000)
+    s = ProbeSchedule(every_n_steps=1000, ramp_fraction=NO_RAMP)
     got = run(s, [(True, STRONG)] * 11)
     assert [i for _, i in got] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 1000]
 
@@ -77,13 +80,13 @@ def test_geometric_start_intervals():
 def test_first_interval_and_small_every_n():
     assert ProbeSchedule(every_n_steps=1000, first_interval=8).first() == (8, 8)
     assert ProbeSchedule(every_n_steps=10, first_interval=50).first() == (10, 10)
-    s = ProbeSchedule(every_n_steps=10, first_interval=3)
+    s = ProbeSchedule(every_n_steps=10, first_interval=3, ramp_fraction=NO_RAMP)
     # 3, then 3 + 6 = 9, then 12 >= 10: aligned 10, 20, 30.
     assert [step for step, _ in run(s, [(True, STRONG)] * 4)] == [3, 9, 10, 20, 30]
 
 
 def test_headroom_equal_to_adapt_headroom_counts_as_strong():
-    s = ProbeSchedule(every_n_steps=1000)
+    s = ProbeSchedule(every_n_steps=1000, ramp_fraction=NO_RAMP)
     assert s.after(7, 4, True, DEFAULT_ADAPT_HEADROOM) == (15, 8)
     assert s.after(7, 4, True, DEFAULT_ADAPT_HEADROOM - 1e-9) == (9, 2)
 
@@ -126,7 +129,7 @@ def test_undetermined_keeps_the_interval():
 
 
 def test_recovery_after_weak_links_realigns():
-    s = ProbeSchedule(every_n_steps=1000)
+    s = ProbeSchedule(every_n_steps=1000, ramp_fraction=NO_RAMP)
     got = [(2000, 1000)]
     for related, headroom in [(True, WEAK), (True, WEAK), (True, STRONG), (True, STRONG), (True, STRONG)]:
         got.append(s.after(*got[-1], related, headroom))
@@ -159,7 +162,7 @@ def test_non_adaptive_always_next_multiple(related, headroom):
 
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_resume_at_an_arbitrary_step_aligns_to_the_next_multiple(adaptive):
-    s = ProbeSchedule(every_n_steps=1000, adaptive=adaptive)
+    s = ProbeSchedule(every_n_steps=1000, adaptive=adaptive, ramp_fraction=NO_RAMP)
     # A resumed run's first probe is at the checkpoint's step, whatever it is; with the full
     # interval the next probe is the next multiple of every_n_steps.
     assert s.after(1234, 1000, True, STRONG) == (2000, 1000)
@@ -176,3 +179,17 @@ def test_schedule_is_a_pure_function():
     assert s.after(7, 4, True, STRONG) == s.after(7, 4, True, STRONG)
     with pytest.raises(Exception):
         s.every_n_steps = 10  # frozen
+
+
+def test_ramp_keeps_early_intervals_within_a_quarter_of_the_step():
+    s = ProbeSchedule(every_n_steps=1000)
+    got = run(s, [(True, STRONG)] * 45)
+    steps = [step for step, _ in got]
+    # By hand: interval <= step // 4 (at least 1) while it doubles: 1..8 one step apart, then
+    # 10, 12, 15, ... each about 1.25x the last; 1000 is never stepped over; the full interval of
+    # 1000 is reached only from step 4000 (4 x every_n_steps) on.
+    assert steps[:16] == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 18, 22, 27, 33, 41]
+    assert 1000 in steps and 2000 in steps and 4000 in steps
+    for (a, _), (b, _) in zip(got, got[1:]):
+        assert b - a <= max(1, a // 4) or b % 1000 == 0
+    assert [step for step in steps if step >= 4000][:3] == [4000, 5000, 6000]
