@@ -166,6 +166,57 @@ def expand_checkpoints(paths: Iterable[str | Path], *, trust_pickle: bool = Fals
     return out
 
 
+#: Checkpoint key under which a LightningModule stores its model's transformers config
+#: (``CausalLMModule.on_save_checkpoint`` does; any module can).
+HF_CONFIG_KEY = "hf_config"
+
+
+def _model_from_lightning_checkpoint(path: Path, trust_pickle: bool) -> torch.nn.Module:
+    """Rebuild the transformers model of a Lightning checkpoint from its ``hf_config`` and ``model.*`` weights.
+
+    Needs no training code: the checkpoint carries the model's config (``CausalLMModule``
+    stores it; another LightningModule can too, with ``checkpoint["hf_config"] =
+    json.loads(model.config.to_json_string())`` in ``on_save_checkpoint``).
+    """
+    import zipfile
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not zipfile.is_zipfile(path):
+        raise SourceError(f"{path} is not a PyTorch checkpoint (not a torch.save zip archive): pass a .ckpt written "
+                          "by a Trainer")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:
+        if not trust_pickle:
+            raise SourceError(
+                f"{path} contains Python objects beyond tensors and plain containers (often callback state), which a "
+                "safe load refuses. If you created this checkpoint yourself, pass trust_pickle=True (command line: "
+                f"--trust-pickle) ({type(exc).__name__}: {exc})"
+            ) from exc
+        raise SourceError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise SourceError(f"{path} is not a Lightning checkpoint (no 'state_dict'): save it with Trainer.save_checkpoint")
+    config_dict = checkpoint.get(HF_CONFIG_KEY)
+    state_dict = {key[len("model."):]: value for key, value in checkpoint["state_dict"].items()
+                  if key.startswith("model.")}
+    if not isinstance(config_dict, dict) or not state_dict:
+        raise SourceError(
+            f"{path} has no '{HF_CONFIG_KEY}' entry or no 'model.*' weights, so the model cannot be rebuilt from it: "
+            "save the checkpoint with seedprints_lightning.train.CausalLMModule (or store the config under "
+            f"checkpoint['{HF_CONFIG_KEY}'] in on_save_checkpoint), or export the model with save_pretrained"
+        )
+    config_dict = dict(config_dict)
+    try:
+        config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(state_dict, strict=True)
+    except Exception as exc:
+        raise SourceError(f"{path}: the weights do not match the model its '{HF_CONFIG_KEY}' describes "
+                          f"({type(exc).__name__}: {exc})") from exc
+    return model
+
+
 def load_model(
     source: str | Path | Source, *, dtype: torch.dtype = torch.float32, trust_pickle: bool = False
 ) -> torch.nn.Module:
@@ -174,15 +225,7 @@ def load_model(
     if source.kind == "fingerprint":
         raise SourceError(f"{source.path} is a fingerprint file, not a model")
     if source.kind == "checkpoint":
-        from .train.module import load_causal_lm_from_checkpoint  # lazy: pulls in Lightning
-
-        try:
-            model = load_causal_lm_from_checkpoint(source.path, trust_pickle=trust_pickle)
-        except InputError as exc:
-            message = str(exc)
-            if "trust_pickle=True" in message:
-                message += " (command line: --trust-pickle)"
-            raise SourceError(message) from exc
+        model = _model_from_lightning_checkpoint(source.path, trust_pickle)
     else:
         from transformers import AutoModelForCausalLM
 

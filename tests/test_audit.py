@@ -67,8 +67,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # Written out of step order on purpose; names sort differently from steps too.
     for name, step, seed in (("b.ckpt", 300, 5), ("c.ckpt", 100, 0), ("a.ckpt", 200, 0)):
         module = module0 if seed == 0 else CausalLMModule(**tiny, init_seed=seed)
-        torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                    "global_step": step}, ckpts / name)
+        checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": step}
+        module.on_save_checkpoint(checkpoint)  # what Trainer.save_checkpoint calls: adds the model's config
+        torch.save(checkpoint, ckpts / name)
     return {p.name: p for p in root.iterdir()}
 
 
@@ -522,3 +523,17 @@ def test_chain_unrelated_checkpoint_does_not_descend(chain_run, capsys) -> None:
 def test_chain_truncated_ledger_is_detected(run_copy) -> None:
     _write_ledger(run_copy, _ledger_lines(run_copy)[:-1])
     assert main(["audit", "--chain", str(run_copy), "-q"]) == EXIT_TAMPERED
+
+
+def test_checkpoint_without_a_config_is_refused_with_the_fix(run, tmp_path) -> None:
+    from seedprints_lightning.audit import load_model
+
+    raw = torch.load(run["checkpoints"] / "a.ckpt", weights_only=True)
+    del raw["hf_config"]
+    bare = tmp_path / "bare.ckpt"
+    torch.save(raw, bare)
+    with pytest.raises(SourceError, match="no 'hf_config' entry.*save_pretrained"):
+        load_model(bare)
+    model = load_model(run["checkpoints"] / "a.ckpt")  # rebuilt from the checkpoint alone
+    reference = load_model(run["module_seed0"])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))

@@ -10,6 +10,7 @@ SeedPrints callback finds it as the module's first ``PreTrainedModel`` attribute
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import pickle
 import zipfile
@@ -25,6 +26,9 @@ from seedprints_lightning.errors import InputError
 from seedprints_lightning.train.models import make_causal_lm
 
 __all__ = ["CausalLMModule", "load_causal_lm_from_checkpoint"]
+
+#: Checkpoint key of the model's transformers config (read by seedprints_lightning.audit.load_model).
+HF_CONFIG_KEY = "hf_config"
 
 Batch = dict[str, torch.Tensor]
 
@@ -140,6 +144,11 @@ class CausalLMModule(pl.LightningModule):
         loss = self._loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].size(0))
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The model's transformers config, as plain JSON types: lets the seedprints library (and
+        # any tool) rebuild the model from the checkpoint without this training package.
+        checkpoint[HF_CONFIG_KEY] = json.loads(self.model.config.to_json_string())
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
