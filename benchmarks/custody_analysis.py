@@ -59,7 +59,7 @@ def replay(features: dict[int, torch.Tensor], steps: list[int], controls: torch.
     """
     schedule = ProbeSchedule(every_n_steps=every_n, adaptive=adaptive, adapt_headroom=adapt_headroom)
     reference = features[0]
-    anchor, anchor_step = reference, 0
+    anchor = reference
     nxt, interval = schedule.first()
     probes, failed, kept_after = [], [], []
     failures, acted, min_headroom = 0, None, math.inf
@@ -97,7 +97,7 @@ def replay(features: dict[int, torch.Tensor], steps: list[int], controls: torch.
                 acted = step
         elif link.related:
             failures = 0
-            anchor, anchor_step = live, step
+            anchor = live
             if is_swapped:
                 kept_after.append(step)
         nxt, interval = schedule.after(step, interval, link.related, link.headroom)

@@ -113,6 +113,8 @@ def bench_overhead(repeats: int, steps: int) -> dict[str, float]:
 
     from seedprints_lightning import ProbeSpec, SeedPrintsCallback, extract_features, lineage_test
     from seedprints_lightning.controls import DEFAULT_NUM_CONTROLS
+    from seedprints_lightning.custody import storage_features
+    from seedprints_lightning.schedule import ProbeSchedule
     from seedprints_lightning.train.demo import DEMO_MODEL, time_training_overhead
     from seedprints_lightning.train.models import make_causal_lm
 
@@ -129,18 +131,33 @@ def bench_overhead(repeats: int, steps: int) -> dict[str, float]:
     reference = extract_features(model, spec)
 
     def one_probe():
-        live = extract_features(model, spec)
-        for _ in range(1 + DEFAULT_NUM_CONTROLS):
+        # What the callback does per probe: features, fp16 rounding (the ledger's), the birth
+        # test, the custody link and one test per control.
+        live = storage_features(extract_features(model, spec)).float()
+        for _ in range(2 + DEFAULT_NUM_CONTROLS):
             lineage_test(reference, live)
 
     probe_s = min(best_of(one_probe, 1) for _ in range(repeats))
     steady = 100 * probe_s / (interval * step_s)
+    # The dense start: probes the default schedule makes while ramping up to every_n_steps
+    # (strong links), and what they cost over that stretch and over a 100k-step run.
+    schedule = ProbeSchedule(every_n_steps=interval)
+    probe_steps, (step, gap) = [], schedule.first()
+    while step <= 100_000:
+        probe_steps.append(step)
+        step, gap = schedule.after(step, gap, True, 10.0)
+    ramp_end = 4 * interval
+    ramp_probes = sum(1 for s in probe_steps if s <= ramp_end)
+    ramp_pct = 100 * ramp_probes * probe_s / (ramp_end * step_s)
+    run_pct = 100 * len(probe_steps) * probe_s / (100_000 * step_s)
     end_to_end = 100 * (min(with_cb) / min(without_cb) - 1)
     print(f"[overhead] CPU demo model: {steps}-step fit with callback {min(with_cb):.2f} s, without {min(without_cb):.2f} s "
-          f"({end_to_end:+.1f} %, mostly the one-time step-0 reference + {DEFAULT_NUM_CONTROLS} controls); "
+          f"({end_to_end:+.1f} %, the step-0 reference + {DEFAULT_NUM_CONTROLS} controls and the dense start's probes); "
           f"train step {1000 * step_s:.1f} ms, one probe {probe_s:.2f} s -> steady-state overhead at the default "
-          f"every_n_steps={interval}: {steady:.2f} %")
-    return {"with_s": min(with_cb), "without_s": min(without_cb), "end_to_end_pct": end_to_end, "steady_pct": steady}
+          f"every_n_steps={interval}: {steady:.2f} %; dense start: {ramp_probes} probes in the first {ramp_end} steps "
+          f"({ramp_pct:.1f} % of that stretch); a 100k-step run: {len(probe_steps)} probes, {run_pct:.2f} %")
+    return {"with_s": min(with_cb), "without_s": min(without_cb), "end_to_end_pct": end_to_end, "steady_pct": steady,
+            "ramp_probes": ramp_probes, "ramp_pct": ramp_pct, "run_pct": run_pct}
 
 
 def main() -> None:

@@ -155,9 +155,9 @@ def _read_run(run: str, directory: Path) -> DriftCurves | None:
         accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
         accumulator.Reload()
         available = set(accumulator.Tags().get("scalars", []))
-        for name, tag in TAGS.items():
-            if tag in available:
-                for event in accumulator.Scalars(tag):  # in file order: a later event wins
+        for name, metric_tag in TAGS.items():
+            if metric_tag in available:
+                for event in accumulator.Scalars(metric_tag):  # in file order: a later event wins
                     merged[name][int(event.step)] = float(event.value)
     if not merged["z"]:
         return None

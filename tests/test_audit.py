@@ -467,7 +467,7 @@ def test_chain_altered_features_file_is_tampering(run_copy, capsys) -> None:
     path.write_bytes(bytes(data))
     assert main(["audit", "--chain", str(run_copy)]) == EXIT_TAMPERED
     problems = _problems(capsys.readouterr().out)
-    assert any(f"record 1 " in p and f"{path.name} was altered (sha256 mismatch)" in p for p in problems)
+    assert any("record 1 " in p and f"{path.name} was altered (sha256 mismatch)" in p for p in problems)
 
 
 def test_chain_replaced_reference_or_controls_is_tampering(run_copy, capsys) -> None:
