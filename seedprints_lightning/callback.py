@@ -59,7 +59,7 @@ from torch import nn
 
 from ._lightning import CALLBACK_BASES, is_tensorboard_logger, shards_parameters, trainer_fn_value
 from .controls import DEFAULT_NUM_CONTROLS, control_seeds, preserve_rng_state, probe_control_models, save_controls
-from .custody import CONTROLS_FILE, REFERENCE_FILE, CustodyLedger, storage_features
+from .custody import CONTROLS_FILE, REFERENCE_FILE, CustodyLedger, last_held_probe, save_parent_anchor, storage_features
 from .errors import FingerprintFileError, IdentityLostError, InputError, ModelNotFoundError
 from .fingerprint import Fingerprint, config_digest, file_sha256
 from .probes import ProbeBatch, ProbeSpec, _hidden_size, extract_features, find_causal_lm
@@ -88,6 +88,21 @@ _ACTIONS = ("warn", "stop", "raise")
 class IdentityWarning(UserWarning):
     """Warned (rank 0) when the run's identity is lost with ``on_identity_lost="warn"``, when the
     birth test stops being detectable, or when a probe is undetermined."""
+
+
+def _parent_chain(run_dir: Path) -> tuple[Fingerprint, tuple[torch.Tensor, int]]:
+    """A parent run's birth fingerprint and its last held probe, after re-verifying its ledger."""
+    from .custody import verify_chain
+
+    audit = verify_chain(run_dir)
+    if not audit.ok:
+        first = audit.problems[0].message if audit.problems else "no record"
+        raise InputError(
+            f"reference={str(run_dir)!r}: the parent run's custody chain does not verify ({first}); a child run can "
+            "only continue an intact chain. Pass the parent's fingerprint file instead to start a new chain from it"
+        )
+    features, step = last_held_probe(audit)
+    return Fingerprint.load(audit.run_dir / REFERENCE_FILE), (features, step)
 
 
 def _is_int(value: Any) -> bool:
@@ -128,7 +143,10 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             (:class:`~seedprints_lightning.schedule.ProbeSchedule`); ``False`` probes every
             ``every_n_steps`` only (custody then needs a gentle learning rate: measured in
             docs/benchmarks.md).
-        reference: a parent's :class:`~seedprints_lightning.Fingerprint` or its file path.
+        reference: a parent's :class:`~seedprints_lightning.Fingerprint`, its file path, or the
+            parent run's ``seedprints`` directory: then the birth test uses the parent's step-0
+            reference and the custody chain continues from the parent's last held probe (its
+            ledger is re-verified first), as continued training needs.
         feature_fn: ``feature_fn(module, batch: ProbeBatch) -> [b, D]`` for models that are not
             ``transformers`` PreTrainedModels. ``module`` is the LightningModule during
             training and a control model (from ``control_factory``) for the controls.
@@ -218,11 +236,15 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             raise InputError(f"link_{exc}") from None
 
         explicit: Fingerprint | None = None
+        parent_anchor: tuple[torch.Tensor, int] | None = None
         self._reference_origin: str | None = None
         if reference is not None:
             if isinstance(reference, Fingerprint):
                 explicit = reference
                 self._reference_origin = "the Fingerprint passed as reference="
+            elif isinstance(reference, (str, os.PathLike)) and Path(reference).is_dir():
+                explicit, parent_anchor = _parent_chain(Path(reference))
+                self._reference_origin = f"reference={os.fspath(reference)!r} (the parent run's birth fingerprint)"
             elif isinstance(reference, (str, os.PathLike)):
                 explicit = Fingerprint.load(reference)  # raises FingerprintFileError with the path
                 self._reference_origin = f"reference={os.fspath(reference)!r}"
@@ -258,9 +280,11 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.control_features: torch.Tensor | None = None
         self.control_seeds: tuple[int, ...] = ()
         self.control_spec: ProbeSpec | None = None
-        # The custody chain: the last held probe's features (None = the reference itself).
-        self.anchor_features: torch.Tensor | None = None
-        self.anchor_step: int | None = None
+        # The custody chain: the last held probe's features (None = the reference itself). A
+        # parent run's directory as reference= starts the chain at the parent's last held probe.
+        self._parent_anchor = parent_anchor
+        self.anchor_features: torch.Tensor | None = None if parent_anchor is None else parent_anchor[0]
+        self.anchor_step: int | None = None if parent_anchor is None else parent_anchor[1]
         self.anchor_index: int | None = None
         self.next_probe_step, self.interval = self.schedule.first()
         self.last_probed_step: int = -1
@@ -272,6 +296,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._ledger_state: tuple[int, str | None] = (0, None)
         self._reference_sha: str | None = None
         self._controls_sha: str | None = None
+        self._initial_anchor_sha: str | None = None
         self._restored = False
         self._warned_undetermined = False
         self._warned_birth = False
@@ -580,6 +605,9 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         next_index, last_sha = self._ledger_state
         if self.ledger is not None:  # the same instance fits again: continue its chain
             next_index, last_sha = self.ledger.next_index, self.ledger.last_sha256
+        if self._parent_anchor is not None:
+            path = save_parent_anchor(self.save_dir, *self._parent_anchor)
+            self._initial_anchor_sha = file_sha256(path)
         if last_sha is None or next_index == 0:
             ledger.start(self._reference_sha)
             if ledger.path.exists():
@@ -639,7 +667,8 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if self.ledger is not None:
             record = self.ledger.append(
                 verdict, stored, event=event, anchor_index=self.anchor_index, reference_sha256=self._reference_sha,
-                controls_sha256=self._controls_sha, identity_mode=self.identity_mode, identity_ratio=self.identity_ratio)
+                controls_sha256=self._controls_sha, identity_mode=self.identity_mode, identity_ratio=self.identity_ratio,
+                initial_anchor_sha256=self._initial_anchor_sha)
             entry["record_index"] = record["index"]
         # Rank 0 writes the ledger; every rank keeps the same anchor index.
         entry["record_index"] = trainer.strategy.broadcast(entry.get("record_index"), src=0)

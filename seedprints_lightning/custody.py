@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 REFERENCE_FILE = "reference.safetensors"
+#: A child run's copy of its parent run's last held probe: the first anchor of its chain.
+PARENT_ANCHOR_FILE = "parent_anchor.safetensors"
 CONTROLS_FILE = "controls.safetensors"
 CUSTODY_FILE = "custody.jsonl"
 PROBES_DIR = "probes"
@@ -75,6 +77,20 @@ def _line_sha256(line: str) -> str:
 
 def _canonical(record: dict[str, Any]) -> str:
     return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def save_parent_anchor(directory: Path, features: torch.Tensor, step: int) -> Path:
+    """Write the parent run's last held probe as this run's first anchor (``parent_anchor.safetensors``)."""
+    return save_safetensors(Path(directory) / PARENT_ANCHOR_FILE, {"features": storage_features(features)},
+                            {"seedprints": json.dumps({"step": int(step)})})
+
+
+def last_held_probe(audit: "ChainAudit") -> tuple[torch.Tensor, int]:
+    """The features and step of the last record whose link held in a verified chain (the chain's end)."""
+    for record, verdict in zip(reversed(audit.records), reversed(audit.recomputed)):
+        if verdict is not None and verdict.link.related:
+            return load_probe_features(audit.run_dir / record["features_file"]), int(record["step"])
+    raise InputError(f"{audit.run_dir}: the ledger has no record whose link held")
 
 
 def load_probe_features(path: Path) -> torch.Tensor:
@@ -106,7 +122,7 @@ class CustodyLedger:
 
     def append(self, verdict: ProbeVerdict, features: torch.Tensor, *, event: str, anchor_index: int | None,
                reference_sha256: str, controls_sha256: str | None, identity_mode: str,
-               identity_ratio: float | None) -> dict[str, Any]:
+               identity_ratio: float | None, initial_anchor_sha256: str | None = None) -> dict[str, Any]:
         """Write the features file and append one record; return the record (with its ``sha256``)."""
         if self.last_sha256 is None:
             raise InputError("CustodyLedger.append before start(): the chain has no root")
@@ -123,7 +139,7 @@ class CustodyLedger:
             "related": verdict.related, "birth_detectable": verdict.birth_detectable, "fail_on": verdict.fail_on,
             "identity_mode": identity_mode, "identity_ratio": identity_ratio,
             "reference_sha256": reference_sha256, "controls_sha256": controls_sha256,
-            "prev_sha256": self.last_sha256,
+            "initial_anchor_sha256": initial_anchor_sha256, "prev_sha256": self.last_sha256,
         }
         line = _canonical(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,7 +294,16 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
 
     prev_sha, last_step = reference_sha, -1
     anchor, anchor_step, anchor_index = reference.features, int(reference.step or 0), None
-    anchors: list[tuple[int, int, torch.Tensor]] = []  # (step, index, features) of held records
+    initial_path, initial_sha = run_dir / PARENT_ANCHOR_FILE, None
+    if initial_path.exists():  # a child run: its chain continues from its parent's last held probe
+        from safetensors import safe_open
+
+        with safe_open(str(initial_path), framework="pt") as handle:
+            anchor = handle.get_tensor("features").float()
+            anchor_step = int(json.loads((handle.metadata() or {})["seedprints"])["step"])
+        initial_sha = file_sha256(initial_path)
+        audit.evidence += f"; the chain starts at the parent run's last probe (step {anchor_step}, {PARENT_ANCHOR_FILE})"
+    anchors: list[tuple[int, int | None, torch.Tensor]] = [(anchor_step, None, anchor)]  # the chain's held anchors
     for line_no, line in enumerate(lines):
         where = f"record {line_no} (line {line_no + 1} of {ledger.name})"
         try:
@@ -301,6 +326,9 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
         last_step = step
         if record.get("reference_sha256") != reference_sha:
             problem(line_no, "tampered", f"{where} was made against another {REFERENCE_FILE} (hash mismatch)")
+        if record.get("initial_anchor_sha256") != initial_sha:
+            problem(line_no, "tampered", f"{where} was made from another first anchor than {PARENT_ANCHOR_FILE} "
+                                         "(hash mismatch, or the file was added or removed)")
         if record.get("controls_sha256") != controls_sha:
             problem(line_no, "tampered", f"{where} was made with other controls than {CONTROLS_FILE} (hash mismatch)")
         feature_path = run_dir / str(record.get("features_file", ""))
@@ -350,7 +378,7 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
                                            "to (hash mismatch): it was edited, or the ledger is another run's")
     if checkpoint_features is not None:
         candidates = [a for a in anchors if checkpoint_step is None or a[0] <= checkpoint_step]
-        a_step, _, a_features = candidates[-1] if candidates else (int(reference.step or 0), None, reference.features)
+        a_step, _, a_features = candidates[-1] if candidates else anchors[0]
         last = audit.recomputed[-1] if audit.recomputed and audit.recomputed[-1] is not None else None
         rules = (last.birth.rule, last.link.rule) if last is not None else (None, None)
         kwargs = {} if rules[0] is None else {"birth_rule": rules[0], "custody_rule": rules[1]}

@@ -651,3 +651,26 @@ def test_control_factory_gives_feature_fn_models_controls(tmp_path):
     assert built == list(control_seeds(2)) and cb.control_features.shape == (2, 100, 32)
     assert all(h["related"] for h in cb.history) and all(len(h["control_z"]) == 2 for h in cb.history)
     assert not torch.equal(cb.control_features[0], cb.control_features[1])
+
+
+def test_parent_run_directory_continues_its_chain_and_refuses_a_broken_one(tmp_path):
+    parent_dir = tmp_path / "parent" / "seedprints"
+    cb_parent, ckpt = _fit_and_save(tmp_path, 0, 20, parent_dir)
+    child_dir = tmp_path / "child" / "seedprints"
+    cb = callback(reference=parent_dir, probe=None, save_dir=child_dir, num_controls=2)
+    assert cb.anchor_step == 20 and cb.reference.step == 0
+    child = TinyLM(seed=3)  # continued training: another init, overwritten by the parent's final weights
+    parent_weights = torch.load(ckpt, weights_only=False)["state_dict"]
+    child.model.load_state_dict({k[len("model."):]: v for k, v in parent_weights.items()})
+    make_trainer(tmp_path, max_steps=10, callbacks=[cb]).fit(child, loader())
+    assert [(h["step"], h["anchor_step"]) for h in cb.history] == [(0, 20), (10, 0)]
+    assert all(h["related"] is True for h in cb.history)
+    from seedprints_lightning.custody import verify_chain
+
+    assert verify_chain(child_dir).ok
+    # A parent whose ledger was edited cannot be continued.
+    ledger = parent_dir / "custody.jsonl"
+    lines = ledger.read_text().splitlines()
+    ledger.write_text(lines[1] + "\n" + lines[0] + "\n")
+    with pytest.raises(InputError, match="custody chain does not verify"):
+        callback(reference=parent_dir, probe=None)

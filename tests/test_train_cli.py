@@ -135,7 +135,7 @@ def test_missing_reference_file_is_one_clear_error(tmp_path, monkeypatch, capsys
         main(["fit", "--config", str(CONFIG_DIR / "continue-from-parent.yaml")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "reference='runs/demo/seedprints/reference.safetensors' does not exist" in err
+    assert "reference='runs/demo/seedprints' does not exist" in err
 
 
 def test_demo_config_fits_then_a_child_continues_from_it(tmp_path, monkeypatch):
@@ -160,7 +160,14 @@ def test_demo_config_fits_then_a_child_continues_from_it(tmp_path, monkeypatch):
     assert cb.reference_source == "explicit"
     assert cb.history[0]["step"] == 0 and cb.history[0]["event"] == "train_start"
     assert all(e["related"] is True for e in cb.history), cb.history
-    assert (tmp_path / "runs" / "continue" / "seedprints" / "reference.safetensors").is_file()
+    # The child continues the parent's chain: its first link is to the parent's last probe (step 3).
+    assert cb.history[0]["anchor_step"] == 3
+    child_dir = tmp_path / "runs" / "continue" / "seedprints"
+    assert (child_dir / "reference.safetensors").is_file() and (child_dir / "parent_anchor.safetensors").is_file()
+    from seedprints_lightning.custody import verify_chain
+
+    audit = verify_chain(child_dir)
+    assert audit.ok, audit.problems
 
 
 def test_init_from_with_other_sizes_is_refused(tmp_path, monkeypatch, capsys):

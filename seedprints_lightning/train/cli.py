@@ -70,11 +70,13 @@ class SeedPrintsTrainCLI(LightningCLI):
             init_args = getattr(entry, "init_args", None)
             reference = init_args.get("reference") if init_args is not None else None
             if class_path.endswith("SeedPrintsCallback") and isinstance(reference, str):
-                if not Path(reference).expanduser().is_file():
+                path = Path(reference).expanduser()
+                if not (path.is_file() or (path / "reference.safetensors").is_file()):
                     raise FingerprintFileError(
                         f"SeedPrintsCallback reference={reference!r} does not exist: point it at the parent run's "
-                        "<save_dir>/reference.safetensors (train the parent first, e.g. seedprints-train fit "
-                        "--config configs/demo.yaml), or leave reference unset to take this run's own step-0 reference."
+                        "<save_dir> (its seedprints directory, to continue its custody chain) or a fingerprint file "
+                        "(train the parent first, e.g. seedprints-train fit --config configs/demo.yaml), or leave "
+                        "reference unset to take this run's own step-0 reference."
                     )
 
     # LightningCLI calls before_<subcommand>; weights are loaded for every subcommand so that
