@@ -117,7 +117,7 @@ def test_verdict_rule_normalises_and_round_trips():
     assert isinstance(rule.z_margin, float) and isinstance(rule.tau_margin, float)
     assert VerdictRule.from_dict(json.loads(json.dumps(rule.to_dict()))) == rule
     assert "control tau" not in rule.describe()
-    assert "control tau + 0.1" in CUSTODY_RULE.describe()
+    assert f"control tau + {CUSTODY_RULE.tau_margin:g}" in CUSTODY_RULE.describe()
     assert BIRTH_RULE.tau_margin == 0.0 and CUSTODY_RULE.tau_margin > 0.0
 
 
