@@ -40,12 +40,7 @@ NOISE = 0.3
 SPEC = ProbeSpec(kind="token", num_samples=N, length=8, vocab_size=64, seed=7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny models, one thread
 
 
 def sha256_bytes(data: bytes) -> str:
