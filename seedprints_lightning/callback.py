@@ -34,8 +34,9 @@ Files (rank 0, under ``save_dir``, default ``<trainer.log_dir or default_root_di
 with one features file per probe under ``probes/`` (:mod:`.custody`), which
 ``seedprints audit --chain`` re-verifies offline. ``fast_dev_run`` writes no file.
 
-Distributed: every rank runs every probe forward (a collective under sharded strategies);
-the features are broadcast from rank 0, so every rank tests the same numbers, takes the same
+Distributed: each rank probes its slice of the samples (every rank runs the same number of
+forwards: a collective under sharded strategies) and the slices are all-gathered in sample
+order, then broadcast from rank 0, so every rank tests the same numbers, takes the same
 decision and follows the same schedule. Under FSDP, DeepSpeed and ModelParallel (recognised
 by type) the probe goes through the root wrapper so that parameters are gathered.
 
@@ -47,6 +48,7 @@ module modes; the optimizer and the data are never touched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -495,8 +497,36 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         return extract_features(find_causal_lm(module), spec, batch_size=self.probe_batch_size)
 
     def _measure(self, trainer: Any, pl_module: Any, spec: ProbeSpec) -> torch.Tensor:
-        """The live model's features, identical on every rank (rank 0's, broadcast)."""
-        features = self._run_model_code(trainer, pl_module, lambda: self._features_of(pl_module, spec))
+        """The live model's ``[n, D]`` features, identical on every rank.
+
+        With several ranks each probes its own slice of the samples and the slices are
+        all-gathered in sample order, so more ranks make a probe faster. Every rank runs the
+        same number of forwards (under FSDP a forward is a collective): the samples are padded
+        to a multiple of the world size with further samples of the same probe seed, which are
+        dropped after the gather. Rank 0's result is then broadcast, so every rank tests the same
+        numbers whatever the collective's arithmetic.
+        """
+        world = int(getattr(trainer, "world_size", 1) or 1)
+        if world == 1:
+            return self._run_model_code(trainer, pl_module, lambda: self._features_of(pl_module, spec))
+        n = spec.num_samples
+        per_rank = math.ceil(n / world)
+        padded = dataclasses.replace(spec, num_samples=per_rank * world)
+        start = int(trainer.global_rank) * per_rank
+
+        def local() -> torch.Tensor:
+            if self.feature_fn is not None:
+                feature_fn = self.feature_fn
+                return extract_features(pl_module, padded, batch_size=self.probe_batch_size,
+                                        sample_range=(start, start + per_rank),
+                                        forward_fn=lambda batch: feature_fn(pl_module, batch))
+            return extract_features(find_causal_lm(pl_module), padded, batch_size=self.probe_batch_size,
+                                    sample_range=(start, start + per_rank))
+
+        mine = self._run_model_code(trainer, pl_module, local)
+        device = getattr(trainer.strategy, "root_device", mine.device)
+        gathered = trainer.strategy.all_gather(mine.to(device))  # [world, per_rank, D]
+        features = gathered.reshape(world * per_rank, -1)[:n].to("cpu")
         return trainer.strategy.broadcast(features, src=0)
 
     def _take_reference(self, trainer: Any, pl_module: Any, step: int) -> Fingerprint:

@@ -96,6 +96,18 @@ def _worker(mode: str, out: Path) -> int:
         def configure_optimizers(self):
             return torch.optim.AdamW(self.model.parameters(), lr=3e-3)
 
+    # Count the samples each rank probes: with 2 ranks each probes half of them.
+    import seedprints_lightning.callback as callback_module
+
+    probed: list[int] = []
+    original = callback_module.extract_features
+
+    def counting(model, spec, **kwargs):
+        start, stop = kwargs.get("sample_range") or (0, spec.num_samples)
+        probed.append(stop - start)
+        return original(model, spec, **kwargs)
+
+    callback_module.extract_features = counting
     sharded = mode.startswith("fsdp2")
     common = dict(probe=ProbeSpec(num_samples=120, length=8), num_controls=2, adaptive_schedule=False,
                   save_dir=out / "seedprints")
@@ -123,7 +135,7 @@ def _worker(mode: str, out: Path) -> int:
     except IdentityLostError as exc:
         error = exc
     rank = trainer.global_rank
-    report = {"rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
+    report = {"rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step, "probed": probed,
               "history": cb.history, "error": type(error).__name__ if error else None,
               "message": str(error) if error else None}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
@@ -171,6 +183,10 @@ def test_two_cpu_processes_match_single_process(tmp_path, mode):
     rank0, rank1 = _reports(tmp_path, result)
     assert (rank0["rank"], rank1["rank"], rank0["world_size"]) == (0, 1, 2)
     assert [h["step"] for h in rank0["history"]] == [3, 6] == [h["step"] for h in rank1["history"]]
+    # The probe is split over the ranks: each probed 60 of the 120 samples per measurement (the
+    # step-0 reference and two probes); the controls (120 each) are probed whole on every rank.
+    for report in (rank0, rank1):
+        assert [p for p in report["probed"] if p != 120] == [60, 60, 60], report["probed"]
     assert all(h["related"] is True for h in rank0["history"] + rank1["history"])
     for h0, h1 in zip(rank0["history"], rank1["history"]):
         assert h0["z"] == pytest.approx(h1["z"], rel=1e-9) and h0["control_z"] == pytest.approx(h1["control_z"], rel=1e-9)
