@@ -107,6 +107,10 @@ def _parent_chain(run_dir: Path) -> tuple[Fingerprint, tuple[torch.Tensor, int]]
     return Fingerprint.load(audit.run_dir / REFERENCE_FILE), (features, step)
 
 
+def _unused_factory(seed: int) -> nn.Module:  # controls come from a file: nothing is ever built
+    raise AssertionError("unreachable: the controls were loaded from a file")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -155,6 +159,11 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         control_factory: ``control_factory(seed) -> nn.Module``: a fresh init of the model with
             that seed, for controls of models the callback cannot rebuild itself (needed with
             ``feature_fn`` and ``num_controls > 0``). Default: ``type(lm)(lm.config)``.
+        controls: a controls file precomputed with ``seedprints controls`` (or
+            :func:`~seedprints_lightning.controls.save_controls`): loaded instead of building the
+            controls inside the run, so no rank ever holds an unsharded copy of the model. It must
+            match the run's probe spec and, when it records one, the model's config digest; its
+            control count replaces ``num_controls``.
         save_dir: where the fingerprint files and the custody ledger go.
         probe_batch_size: probe samples per forward.
         identity_ratio, identity_mode: forwarded to :func:`~seedprints_lightning.lineage_test`
@@ -186,6 +195,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         reference: Fingerprint | str | os.PathLike | None = None,
         feature_fn: Callable[[nn.Module, ProbeBatch], torch.Tensor] | None = None,
         control_factory: Callable[[int], nn.Module] | None = None,
+        controls: str | os.PathLike | None = None,
         save_dir: str | os.PathLike | None = None,
         probe_batch_size: int = 64,
         identity_ratio: float | None = None,
@@ -213,6 +223,16 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if control_factory is not None and not callable(control_factory):
             raise InputError(f"control_factory must be callable as control_factory(seed) -> nn.Module, got "
                              f"{type(control_factory).__name__}")
+        self._controls_file: tuple[torch.Tensor, tuple[int, ...], ProbeSpec, dict[str, Any], str] | None = None
+        if controls is not None:
+            if not isinstance(controls, (str, os.PathLike)):
+                raise InputError(f"controls must be the path of a controls file or None, got {type(controls).__name__}")
+            from .controls import load_controls_with_meta
+
+            self._controls_file = (*load_controls_with_meta(controls), os.fspath(controls))
+            num_controls = int(self._controls_file[0].shape[0])
+            if feature_fn is not None and control_factory is None:
+                control_factory = _unused_factory
         if feature_fn is not None and num_controls > 0 and control_factory is None:
             raise InputError(
                 "num_controls > 0 with a feature_fn needs control_factory(seed) -> a fresh init of your model (the "
@@ -562,6 +582,9 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             return
         restored = (self.control_features is not None and self.control_seeds == seeds and self.control_spec == spec
                     and self.control_features.shape[1:] == self.reference.features.shape)
+        if not restored and self._controls_file is not None:
+            self._use_controls_file(pl_module, spec)
+            restored = True
         if not restored:
             features = probe_control_models(
                 self._control_factory(pl_module), seeds, lambda control: self._features_of(control, spec),
@@ -579,6 +602,24 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 extra = {"model_class": type(lm if lm is not None else pl_module).__name__,
                          "config_digest": config_digest(lm.config) if lm is not None else None}
                 save_controls(path, self.control_features, seeds, spec, extra=extra)
+
+    def _use_controls_file(self, pl_module: Any, spec: ProbeSpec) -> None:
+        features, seeds, file_spec, extra, path = self._controls_file
+        if file_spec != spec:
+            raise InputError(
+                f"the controls file {path} was made on another probe ({file_spec.describe()}) than this run's reference "
+                f"({spec.describe()}); re-create it with `seedprints controls ... --spec-from <reference.safetensors>`"
+            )
+        lm = None
+        with contextlib.suppress(ModelNotFoundError):
+            lm = find_causal_lm(pl_module)
+        digest = extra.get("config_digest")
+        if lm is not None and digest is not None and digest != config_digest(lm.config):
+            raise InputError(
+                f"the controls file {path} was made from another model config (digest {digest[:12]}...) than this "
+                f"run's model ({config_digest(lm.config)[:12]}...): controls must be fresh inits of the SAME config"
+            )
+        self.control_features, self.control_seeds, self.control_spec = features.float(), tuple(seeds), spec
 
     @staticmethod
     def _progress(trainer: Any) -> Callable[[str], None]:

@@ -3,6 +3,7 @@
 Commands::
 
     seedprints fingerprint SOURCE -o FILE.safetensors   probe a model, save its fingerprint
+    seedprints controls SOURCE -o controls.safetensors  precompute a run's fresh-init controls
     seedprints compare A B [--expect related|unrelated] is B descended from A?
     seedprints plot LOGDIR [LOGDIR ...] [-o drift.png]  drift curves from TensorBoard logs
     seedprints audit REFERENCE CHECKPOINTS... [-o PNG]  every checkpoint against a reference
@@ -276,6 +277,45 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_controls(args: argparse.Namespace) -> int:
+    from .audit import load_source_fingerprint
+    from .controls import controls_from_config, load_config, save_controls
+    from .fingerprint import config_digest
+    from .probes import ProbeSpec
+
+    out = Path(args.output)
+    probe = {key: value for key, value in _probe_kwargs(args).items() if value is not None}
+    if args.spec_from is not None:
+        if probe:
+            flags = ", ".join("--" + key.replace("_", "-") for key in probe)
+            raise UsageError(f"{flags} cannot be combined with --spec-from, which fixes the whole probe")
+        spec = load_source_fingerprint(args.spec_from).spec
+    else:
+        spec = ProbeSpec(**probe)
+        if spec.kind == "embedding":
+            raise UsageError("embedding probes take mean/std from the run's INIT embedding: use --spec-from "
+                             "<the run's reference.safetensors>")
+    _quiet_transformers()
+    config = load_config(args.source)
+    runtime = _runtime_kwargs(args)
+    log = None if args.quiet else (lambda message: print(f"  {message}", file=sys.stderr, flush=True))
+    features, seeds = controls_from_config(config, spec, args.num, batch_size=runtime["batch_size"],
+                                           device=runtime["device"], dtype=runtime["dtype"], log=log)
+    if spec.kind == "token" and spec.vocab_size is None:
+        spec = ProbeSpec(**{**spec.to_dict(), "vocab_size": int(config.vocab_size)})
+    architectures = getattr(config, "architectures", None) or [type(config).__name__]
+    written = save_controls(out, features, seeds, spec,
+                            extra={"model_class": architectures[0], "config_digest": config_digest(config),
+                                   "source": str(args.source)})
+    print(f"wrote {written}")
+    print(f"  config    {args.source} ({architectures[0]})")
+    print(f"  probe     {spec.describe()}")
+    print(f"  controls  {len(seeds)} fresh inits, seeds {seeds[0]}..{seeds[-1]}, features [{features.shape[1]}, "
+          f"{features.shape[2]}] each")
+    print(f"  use it    SeedPrintsCallback(controls={str(written)!r})")
+    return EXIT_OK
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .audit import compare_sources
 
@@ -459,6 +499,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_probe_options(fp, applies="ignored with --spec-from")
     _add_runtime_options(fp)
     fp.set_defaults(handler=_cmd_fingerprint)
+
+    ctl = sub.add_parser(
+        "controls", help="precompute a run's fresh-init controls from a model config", epilog=EXIT_CODES_EPILOG,
+        formatter_class=formatter,
+        description="Probe N fresh inits of a model's config (the callback's control seeds) and save their features, "
+                    "for SeedPrintsCallback(controls=FILE): the training ranks then never build an unsharded copy of "
+                    "the model. SOURCE is a model directory or its config.json (only the config is read).")
+    ctl.add_argument("source", metavar="SOURCE", help="model directory or config.json")
+    ctl.add_argument("-o", "--output", required=True, metavar="FILE.safetensors", help="controls file to write")
+    ctl.add_argument("--num", type=_int_at_least(1), default=4, metavar="N", help="number of controls (default 4)")
+    ctl.add_argument("--spec-from", metavar="FILE", default=None,
+                     help="use the probe spec of this fingerprint file (the run's reference.safetensors)")
+    _add_probe_options(ctl, applies="ignored with --spec-from; must match the run's probe")
+    _add_runtime_options(ctl)
+    ctl.set_defaults(handler=_cmd_controls)
 
     cmp_ = sub.add_parser(
         "compare", help="test whether B is descended from A", epilog=EXIT_CODES_EPILOG, formatter_class=formatter,

@@ -27,6 +27,7 @@ CUDA) exactly as it found it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -48,7 +49,10 @@ __all__ = [
     "build_control_model",
     "control_seeds",
     "load_controls",
+    "load_controls_with_meta",
     "preserve_rng_state",
+    "controls_from_config",
+    "load_config",
     "probe_control_models",
     "probe_controls",
     "save_controls",
@@ -237,6 +241,12 @@ def save_controls(path: str | os.PathLike, features: torch.Tensor, seeds: Sequen
 
 def load_controls(path: str | os.PathLike) -> tuple[torch.Tensor, tuple[int, ...], ProbeSpec]:
     """Read a file written by :func:`save_controls`: ``(features [c, n, D], seeds, spec)``."""
+    features, seeds, spec, _ = load_controls_with_meta(path)
+    return features, seeds, spec
+
+
+def load_controls_with_meta(path: str | os.PathLike) -> tuple[torch.Tensor, tuple[int, ...], ProbeSpec, dict[str, Any]]:
+    """:func:`load_controls` plus the file's ``extra`` metadata (model class, config digest)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -250,4 +260,67 @@ def load_controls(path: str | os.PathLike) -> tuple[torch.Tensor, tuple[int, ...
         raise FingerprintFileError(f"{path} is not a readable seedprints controls file ({exc})") from exc
     if meta.get("format") != _CONTROLS_FORMAT or meta.get("format_version") != _CONTROLS_FORMAT_VERSION:
         raise FingerprintFileError(f"{path}: not a seedprints controls file of version {_CONTROLS_FORMAT_VERSION}")
-    return features, tuple(int(s) for s in meta["seeds"]), ProbeSpec.from_dict(meta["spec"])
+    if features.dim() != 3 or features.shape[0] != len(meta["seeds"]):
+        raise FingerprintFileError(f"{path}: the features tensor {tuple(features.shape)} does not match its "
+                                   f"{len(meta['seeds'])} seeds; re-create the file")
+    return features, tuple(int(s) for s in meta["seeds"]), ProbeSpec.from_dict(meta["spec"]), dict(meta.get("extra") or {})
+
+
+# --------------------------------------------------------------------------------------
+# Precomputed controls: once per (config, probe spec, seeds), outside the training run
+# --------------------------------------------------------------------------------------
+
+
+def load_config(source: str | os.PathLike) -> Any:
+    """A transformers config from a model directory (its ``config.json``) or a ``config.json`` file.
+
+    Only the config is read: controls are fresh inits, so no weights are needed (nothing is
+    downloaded: ``local_files_only``).
+    """
+    from transformers import AutoConfig
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FingerprintFileError(f"{path} does not exist: give a model directory or its config.json")
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError for a bad config
+        raise FingerprintFileError(f"{path} is not a readable transformers config ({type(exc).__name__}: {exc})") from exc
+
+
+def controls_from_config(
+    config: Any,
+    spec: ProbeSpec,
+    num_controls: int,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    log: Callable[[str], None] | None = None,
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``(features [c, n, D], seeds)`` of ``num_controls`` fresh inits of ``config`` (the callback's seeds).
+
+    What ``SeedPrintsCallback(controls=FILE)`` loads instead of building the controls inside the
+    run: precomputed once, on any machine with room for one copy of the model, so the training
+    ranks never hold an unsharded copy. ``spec`` must be the run's reference spec (token probes
+    resolve from the config alone; embedding probes need the run's init statistics).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if not spec.is_resolved:
+        if spec.kind != "token":
+            raise InputError("embedding probes take mean/std from the run's INIT embedding: pass the run's resolved spec "
+                             "(seedprints controls --spec-from <reference.safetensors>)")
+        spec = dataclasses.replace(spec, vocab_size=int(config.vocab_size))
+    seeds = control_seeds(num_controls)
+
+    def factory(seed: int) -> nn.Module:
+        with torch.device("cpu"):
+            model = AutoModelForCausalLM.from_config(config)
+        return model.to(dtype=dtype)
+
+    features = probe_control_models(factory, seeds, lambda model: extract_features(model, spec, batch_size=batch_size),
+                                    device=device, log=log)
+    return features, seeds

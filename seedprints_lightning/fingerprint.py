@@ -34,7 +34,7 @@ _FORMAT_NAME = "seedprints-fingerprint"
 _META_KEY = "seedprints"
 # Config entries that say nothing about the architecture or the init.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
-                         "_attn_implementation_autoset", "_attn_implementation", "use_cache"}
+                         "_attn_implementation_autoset", "_attn_implementation", "use_cache", "architectures"}
 
 
 def config_digest(config: Any) -> str:

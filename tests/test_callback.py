@@ -675,3 +675,49 @@ def test_parent_run_directory_continues_its_chain_and_refuses_a_broken_one(tmp_p
     ledger.write_text(lines[1] + "\n" + lines[0] + "\n")
     with pytest.raises(InputError, match="custody chain does not verify"):
         callback(reference=parent_dir, probe=None)
+
+
+# ------------------------------------------------------------------ precomputed controls (issue #9)
+
+
+def test_precomputed_controls_are_used_instead_of_building_them(tmp_path, monkeypatch):
+    from seedprints_lightning.cli import main as cli_main
+    from seedprints_lightning.controls import load_controls, probe_controls
+
+    module = TinyLM(seed=0)
+    model_dir = tmp_path / "model"
+    module.model.save_pretrained(model_dir)
+    out = tmp_path / "controls.safetensors"
+    assert cli_main(["controls", str(model_dir), "-o", str(out), "--num", "2", "--num-samples", "200",
+                     "--length", "8", "-q"]) == 0
+    features, seeds, spec = load_controls(out)
+    assert spec == SPEC.resolve(module.model) and features.shape == (2, 200, 32)
+    # The same fresh inits the callback would build itself (float noise only: another attention kernel).
+    assert torch.allclose(features, probe_controls(module.model, spec, seeds), atol=1e-5)
+
+    import seedprints_lightning.controls as controls_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a control was built although controls= was given")
+
+    monkeypatch.setattr(controls_module, "build_control_model", refuse)
+    cb = callback(controls=out)
+    make_trainer(tmp_path, max_steps=10, callbacks=[cb]).fit(module, loader())
+    assert cb.num_controls == 2 and torch.equal(cb.control_features, features)
+    assert all(h["related"] is True and len(h["control_z"]) == 2 for h in cb.history)
+
+
+def test_precomputed_controls_must_match_spec_and_config(tmp_path):
+    from seedprints_lightning.controls import save_controls
+
+    features = torch.randn(2, 200, 32)
+    other_spec = tmp_path / "spec.safetensors"
+    save_controls(other_spec, features, (1, 2), ProbeSpec(kind="token", num_samples=200, length=8, vocab_size=32))
+    with pytest.raises(InputError, match="another probe"):
+        make_trainer(tmp_path, max_steps=2, callbacks=[callback(controls=other_spec)]).fit(TinyLM(), loader())
+    other_config = tmp_path / "config.safetensors"
+    save_controls(other_config, features, (1, 2), SPEC.resolve(make_lm()), extra={"config_digest": "0" * 64})
+    with pytest.raises(InputError, match="another model config"):
+        make_trainer(tmp_path, max_steps=2, callbacks=[callback(controls=other_config)]).fit(TinyLM(), loader())
+    with pytest.raises(InputError, match="controls must be the path"):
+        callback(controls=3)
