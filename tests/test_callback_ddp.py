@@ -111,9 +111,12 @@ def _worker(mode: str, out: Path) -> int:
     sharded = mode.startswith("fsdp2")
     common = dict(probe=ProbeSpec(num_samples=120, length=8), num_controls=2, adaptive_schedule=False,
                   save_dir=out / "seedprints")
-    if mode.endswith("kept"):
+    if mode.endswith("kept") or mode.endswith("save"):
         cb = SeedPrintsCallback(every_n_steps=3, **common)
         callbacks, max_steps = [cb], 6
+    elif mode.endswith("resume"):
+        cb = SeedPrintsCallback(every_n_steps=3, **common)
+        callbacks, max_steps = [cb], 9
     else:
         cb = SeedPrintsCallback(every_n_steps=2, patience=1, on_identity_lost="raise", **common)
         callbacks, max_steps = [cb, Swap(at=3)], 20
@@ -131,14 +134,18 @@ def _worker(mode: str, out: Path) -> int:
     module = ShardedLM() if sharded else TinyLM()
     error = None
     try:
-        trainer.fit(module, loader)
+        # A distributed (sharded) checkpoint directory under FSDP2: the callback state rides in its metadata.
+        trainer.fit(module, loader, ckpt_path=str(out / "ckpt") if mode.endswith("resume") else None)
     except IdentityLostError as exc:
         error = exc
+    if mode.endswith("save"):
+        trainer.save_checkpoint(out / "ckpt")
     rank = trainer.global_rank
     report = {"rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step, "probed": probed,
               "history": cb.history, "error": type(error).__name__ if error else None,
               "message": str(error) if error else None}
-    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    (out / f"{mode}-rank{rank}.json" if mode.endswith(("save", "resume")) else out / f"rank{rank}.json").write_text(
+        json.dumps(report))
     if error is None:
         if sharded:  # gather the full weights (a collective: every rank calls it)
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -227,3 +234,24 @@ def test_two_cpu_processes_swap_raises_on_every_rank(tmp_path, mode):
 
 if __name__ == "__main__":
     sys.exit(_worker(sys.argv[1], Path(sys.argv[2])))
+
+
+def test_fsdp2_resume_links_to_the_last_probe_before_the_save(tmp_path):
+    from seedprints_lightning.custody import verify_chain
+
+    saved = _run("fsdp2-save", tmp_path)
+    assert saved.returncode == 0, saved.stdout[-4000:]
+    resumed = _run("fsdp2-resume", tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    reports = [json.loads((tmp_path / f"fsdp2-resume-rank{r}.json").read_text()) for r in (0, 1)]
+    for report in reports:
+        history = report["history"]
+        # Steps 3 and 6 come back with the state; the resume probe links step 6's weights to step 6's probe.
+        assert [(h["step"], h["event"]) for h in history] == [(3, "interval"), (6, "interval"), (6, "resume"),
+                                                              (9, "interval")]
+        assert history[2]["anchor_step"] == 6 and all(h["related"] is True for h in history)
+        assert report["global_step"] == 9
+    timeless = [[{k: v for k, v in h.items() if k != "probe_seconds"} for h in r["history"]] for r in reports]
+    assert timeless[0] == timeless[1]  # every rank saw the same figures
+    audit = verify_chain(tmp_path / "seedprints")
+    assert audit.ok and [r["event"] for r in audit.records] == ["interval", "interval", "resume", "interval"]
