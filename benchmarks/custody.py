@@ -65,7 +65,8 @@ DENSE_LAST = 100
 def all_jobs() -> list[str]:
     jobs = [f"llama-{w}-{lr}" for lr in ("1e-3", "3e-3", "6e-3") for w in (64, 128, 256)]
     jobs += [f"qwen2-128-{lr}" for lr in ("1e-3", "3e-3", "6e-3")]
-    jobs += [f"dense-{job}" for job in ("llama-128-3e-3", "llama-128-6e-3", "qwen2-128-6e-3")]
+    jobs += [f"dense-{job}" for job in ("llama-128-3e-3", "llama-128-6e-3", "qwen2-128-6e-3", "llama-256-3e-3",
+                                        "llama-256-6e-3")]
     return jobs + ["birth"]
 
 

@@ -24,7 +24,7 @@ transfer to n = 10000, D = 4096. The rule therefore has two parts that do not ne
 * ``tau_margin``, in units of ``tau_mean`` (an effect size: it does not grow with n or k), over
   the largest control tau. It is needed by the custody link only: a model trained from another
   seed on the same data in the same order shares a small response with the run's trained
-  anchor (tau about 0.01-0.02: ``peers`` z of 5-11 at n = 1000), which fresh-init controls
+  anchor (tau up to 0.023: ``peers`` z of 5-18 at n = 1000), which fresh-init controls
   cannot see, and whose z grows with ``sqrt(n k)``. Own links stand far above it (measured in
   docs/benchmarks.md, "Custody"). The birth test has no such shared response (the unrelated
   relation at birth is exactly what the controls measure), so its ``tau_margin`` is 0.
@@ -71,9 +71,9 @@ __all__ = [
 DEFAULT_BIRTH_Z_MARGIN = 4.0
 DEFAULT_LINK_Z_MARGIN = 4.0
 #: Effect-size margin of the custody link over the largest control tau (docs/benchmarks.md,
-#: "Custody"): another seed trained on the same data in the same order reached at most 0.017
-#: above the controls against any of our probes (Qwen2, lr 6e-3; 0.016 on the 160M model in
-#: method.md), so 0.04 leaves a factor 2.4; own links of up to 200 steps stayed >= 0.069 above them.
+#: "Custody"): another seed trained on the same data in the same order reached at most 0.023
+#: above the controls against any of our probes (LLaMA width 256, lr 6e-3), so 0.04 leaves a
+#: factor 1.7; own links of up to 200 steps stayed >= 0.060 above them at every lr and width.
 DEFAULT_LINK_TAU_MARGIN = 0.04
 
 FAIL_ON = ("custody", "birth", "either")
