@@ -278,10 +278,14 @@ def test_identity_kept_llama_logs_tags_and_files(tmp_path):
     assert [v.link.z for v in audit.recomputed] == pytest.approx([h["link_z"] for h in cb.history], rel=1e-6)
 
 
-def test_identity_kept_qwen2(tmp_path):
+def test_identity_kept_qwen2(tmp_path, capsys):
     cb = callback()
     module = module_class(pl)("qwen2", seed=3, lr=3e-3)
     make_trainer(tmp_path, max_steps=30, callbacks=[cb]).fit(module, loader())
+    # The step-0 work shows progress, one rank-zero line per control (minutes for a large model).
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[seedprints] control")]
+    assert [line.split(" probed")[0] for line in progress] == [
+        f"[seedprints] control {i}/3 (init seed {1_000_003 + i - 1})" for i in (1, 2, 3)]
     assert [h["step"] for h in cb.history] == [10, 20, 30]
     assert all(h["related"] is True for h in cb.history)
     assert cb.reference.model_class == "Qwen2ForCausalLM"
