@@ -725,3 +725,20 @@ def test_precomputed_controls_must_match_spec_and_config(tmp_path):
         make_trainer(tmp_path, max_steps=2, callbacks=[callback(controls=other_config)]).fit(TinyLM(), loader())
     with pytest.raises(InputError, match="controls must be the path"):
         callback(controls=3)
+
+
+def test_version_1_state_loads_and_restarts_the_chain_at_the_reference(tmp_path):
+    cb_a, _ = _fit_and_save(tmp_path, 0, 20, tmp_path / "sp")
+    state = cb_a.state_dict()
+    for key in ("anchor_features", "anchor_step", "anchor_index", "next_probe_step", "interval",
+                "ledger_next_index", "ledger_last_sha256", "warned_birth"):
+        del state[key]
+    state["format_version"] = 1
+    cb = callback()
+    cb.load_state_dict(state)
+    assert cb.anchor_features is None and cb.anchor_step is None  # the chain restarts at the reference
+    assert (cb.next_probe_step, cb.interval) == (20 + cb.every_n_steps, cb.every_n_steps)
+    assert torch.equal(cb.reference.features, cb_a.reference.features)
+    state["format_version"] = 3
+    with pytest.raises(InputError, match="format version 3"):
+        callback().load_state_dict(state)
