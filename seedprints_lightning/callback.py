@@ -509,12 +509,14 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
                     del pl_module.forward
             return result["value"]
 
-    def _features_of(self, module: nn.Module, spec: ProbeSpec) -> torch.Tensor:
+    def _features_of(self, module: nn.Module, spec: ProbeSpec,
+                     sample_range: tuple[int, int] | None = None) -> torch.Tensor:
         if self.feature_fn is not None:
             feature_fn = self.feature_fn
-            return extract_features(module, spec, batch_size=self.probe_batch_size,
+            return extract_features(module, spec, batch_size=self.probe_batch_size, sample_range=sample_range,
                                     forward_fn=lambda batch: feature_fn(module, batch))
-        return extract_features(find_causal_lm(module), spec, batch_size=self.probe_batch_size)
+        return extract_features(find_causal_lm(module), spec, batch_size=self.probe_batch_size,
+                                sample_range=sample_range)
 
     def _measure(self, trainer: Any, pl_module: Any, spec: ProbeSpec) -> torch.Tensor:
         """The live model's ``[n, D]`` features, identical on every rank.
@@ -534,16 +536,8 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         padded = dataclasses.replace(spec, num_samples=per_rank * world)
         start = int(trainer.global_rank) * per_rank
 
-        def local() -> torch.Tensor:
-            if self.feature_fn is not None:
-                feature_fn = self.feature_fn
-                return extract_features(pl_module, padded, batch_size=self.probe_batch_size,
-                                        sample_range=(start, start + per_rank),
-                                        forward_fn=lambda batch: feature_fn(pl_module, batch))
-            return extract_features(find_causal_lm(pl_module), padded, batch_size=self.probe_batch_size,
-                                    sample_range=(start, start + per_rank))
-
-        mine = self._run_model_code(trainer, pl_module, local)
+        mine = self._run_model_code(
+            trainer, pl_module, lambda: self._features_of(pl_module, padded, (start, start + per_rank)))
         device = getattr(trainer.strategy, "root_device", mine.device)
         gathered = trainer.strategy.all_gather(mine.to(device))  # [world, per_rank, D]
         features = gathered.reshape(world * per_rank, -1)[:n].to("cpu")
