@@ -107,10 +107,6 @@ def _parent_chain(run_dir: Path) -> tuple[Fingerprint, tuple[torch.Tensor, int]]
     return Fingerprint.load(audit.run_dir / REFERENCE_FILE), (features, step)
 
 
-def _unused_factory(seed: int) -> nn.Module:  # controls come from a file: nothing is ever built
-    raise AssertionError("unreachable: the controls were loaded from a file")
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -231,9 +227,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
             self._controls_file = (*load_controls_with_meta(controls), os.fspath(controls))
             num_controls = int(self._controls_file[0].shape[0])
-            if feature_fn is not None and control_factory is None:
-                control_factory = _unused_factory
-        if feature_fn is not None and num_controls > 0 and control_factory is None:
+        if feature_fn is not None and num_controls > 0 and control_factory is None and controls is None:
             raise InputError(
                 "num_controls > 0 with a feature_fn needs control_factory(seed) -> a fresh init of your model (the "
                 "callback cannot rebuild a model it does not know); pass control_factory=..., or num_controls=0 to "
