@@ -85,6 +85,14 @@ def save_parent_anchor(directory: Path, features: torch.Tensor, step: int) -> Pa
                             {"seedprints": json.dumps({"step": int(step)})})
 
 
+def load_parent_anchor(path: Path) -> tuple[torch.Tensor, int]:
+    """``(features, step)`` of a file written by :func:`save_parent_anchor`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor("features"), int(json.loads((handle.metadata() or {})["seedprints"])["step"])
+
+
 def last_held_probe(audit: "ChainAudit") -> tuple[torch.Tensor, int]:
     """The features and step of the last record whose link held in a verified chain (the chain's end)."""
     for record, verdict in zip(reversed(audit.records), reversed(audit.recomputed)):
@@ -296,11 +304,8 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
     anchor, anchor_step, anchor_index = reference.features, int(reference.step or 0), None
     initial_path, initial_sha = run_dir / PARENT_ANCHOR_FILE, None
     if initial_path.exists():  # a child run: its chain continues from its parent's last held probe
-        from safetensors import safe_open
-
-        with safe_open(str(initial_path), framework="pt") as handle:
-            anchor = handle.get_tensor("features").float()
-            anchor_step = int(json.loads((handle.metadata() or {})["seedprints"])["step"])
+        anchor, anchor_step = load_parent_anchor(initial_path)
+        anchor = anchor.float()
         initial_sha = file_sha256(initial_path)
         audit.evidence += f"; the chain starts at the parent run's last probe (step {anchor_step}, {PARENT_ANCHOR_FILE})"
     anchors: list[tuple[int, int | None, torch.Tensor]] = [(anchor_step, None, anchor)]  # the chain's held anchors
