@@ -667,18 +667,16 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if self._parent_anchor is not None:
             path = save_parent_anchor(self.save_dir, *self._parent_anchor)
             self._initial_anchor_sha = file_sha256(path)
-        if last_sha is None or next_index == 0:
-            ledger.start(self._reference_sha)
-            if ledger.path.exists():
-                moved = ledger.rewind_to(self._reference_sha, 0)
-                if moved is not None:
-                    self._warn(trainer, f"SeedPrints: a new chain starts in {ledger.path}; the previous records "
-                                        f"were moved to {moved}")
-        else:
-            moved = ledger.rewind_to(last_sha, next_index)
-            if moved is not None:
-                self._warn(trainer, f"SeedPrints: resumed from a checkpoint older than the last probe; the ledger's "
-                                    f"records after it (an abandoned branch of the run) were moved to {moved}")
+        new_chain = last_sha is None or next_index == 0
+        if new_chain:  # rooted in the reference file; an earlier run's records in this directory move aside
+            next_index, last_sha = 0, self._reference_sha
+        moved = ledger.rewind_to(last_sha, next_index)
+        if moved is not None and new_chain:
+            self._warn(trainer, f"SeedPrints: a new chain starts in {ledger.path}; the previous records were moved "
+                                f"to {moved}")
+        elif moved is not None:
+            self._warn(trainer, f"SeedPrints: resumed from a checkpoint older than the last probe; the ledger's "
+                                f"records after it (an abandoned branch of the run) were moved to {moved}")
         self.ledger = ledger
 
     # ------------------------------------------------------------------ a probe: measure -> decide -> record -> act
