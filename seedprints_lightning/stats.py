@@ -33,6 +33,7 @@ import torch
 from scipy import special
 from scipy import stats as sps
 
+from ._kendall_cpu import tau_b_rows
 from .errors import InputError
 
 __all__ = [
@@ -275,6 +276,16 @@ def kendall_tau_b(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise InputError(f"kendall_tau_b needs two [n, m] tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[0] < 2:
         raise InputError(f"Kendall's tau needs at least 2 samples, got {x.shape[0]}")
+    if x.device.type == "cpu":
+        # The compiled per-column kernel (x3 and more over the torch sweep on a CPU).
+        taus = tau_b_rows(x.t().to(torch.float64).numpy(), y.t().to(torch.float64).numpy(),
+                          threads=torch.get_num_threads())
+        return torch.from_numpy(taus)
+    return _kendall_tau_b_torch(x, y)
+
+
+def _kendall_tau_b_torch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The vectorised torch implementation: the path for CUDA tensors (any device works)."""
     xt, yt = x.t(), y.t()
     return torch.cat([
         _kendall_chunk(xt[i:i + _COLUMN_CHUNK].contiguous(), yt[i:i + _COLUMN_CHUNK].contiguous())
@@ -318,7 +329,9 @@ def _as_float_matrix(features: FeatureLike, name: str) -> torch.Tensor:
             "the model produced non-finite hidden states on these probes: check for overflow "
             "(e.g. fp16) or diverged weights"
         )
-    return tensor.to(torch.float64)
+    # Kept in its own dtype: the float64 copies are made after the identity dims are chosen
+    # (softmax_normalise), so only the k columns tested are ever widened.
+    return tensor
 
 
 def _resolve_k(dim: int, identity_k: int | None, identity_ratio: float | None) -> int:
@@ -348,18 +361,24 @@ def select_identity_dims(
     """Indices (sorted, int64) of the identity dimensions: the ``k`` smallest column means."""
     if mode not in ("coset", "base"):
         raise InputError(f"identity_mode must be 'coset' or 'base', got {mode!r}")
-    base_dims = torch.topk(base.mean(dim=0), k, largest=False).indices
+    base_dims = torch.topk(base.mean(dim=0, dtype=torch.float64), k, largest=False).indices
     if mode == "base":
         return torch.sort(base_dims).values
-    target_dims = torch.topk(target.mean(dim=0), k, largest=False).indices
+    target_dims = torch.topk(target.mean(dim=0, dtype=torch.float64), k, largest=False).indices
     in_target = torch.zeros(base.shape[1], dtype=torch.bool, device=base.device)
     in_target[target_dims] = True
     return torch.sort(base_dims[in_target[base_dims]]).values
 
 
 def softmax_normalise(features: torch.Tensor, dims: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Row-wise ``softmax(x[:, dims] / T)``."""
-    return torch.softmax(features[:, dims] / temperature, dim=1)
+    """Row-wise ``softmax(x[:, dims] / T)`` in float64, ``[n, len(dims)]``.
+
+    Computed on the transpose and returned as its view (column-major storage): the Kendall
+    kernel reads one column at a time, and this saves it a transposing copy. The columns
+    are gathered before they are widened to float64, which halves the bytes moved.
+    """
+    columns = features.t().index_select(0, dims).to(torch.float64)
+    return torch.softmax(columns.div_(temperature), dim=0).t()
 
 
 # --------------------------------------------------------------------------------------
@@ -515,7 +534,8 @@ def lineage_test(
 
     z_agg = None
     if use_agg:
-        agg_tau = float(kendall_tau_b(a[:, dims].mean(dim=1, keepdim=True), b[:, dims].mean(dim=1, keepdim=True))[0])
+        agg_tau = float(kendall_tau_b(a[:, dims].mean(dim=1, keepdim=True, dtype=torch.float64),
+                                     b[:, dims].mean(dim=1, keepdim=True, dtype=torch.float64))[0])
         if math.isfinite(agg_tau):
             z_agg = agg_tau / sigma
             best = max(z, z_agg)

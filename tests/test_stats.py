@@ -16,6 +16,7 @@ import torch
 from scipy import special
 from scipy import stats as sps
 
+from seedprints_lightning import _kendall_cpu, stats
 from seedprints_lightning.errors import InputError
 from seedprints_lightning.stats import (
     LineageResult,
@@ -175,77 +176,105 @@ def _kendall_case(name: str, n: int, m: int, seed: int) -> tuple[np.ndarray, np.
     raise AssertionError(name)
 
 
+# Two implementations: the compiled CPU kernel behind kendall_tau_b, and the torch sweep
+# that CUDA tensors take (run here on the CPU, where it gives the same integers).
+KENDALL_IMPLS = {"cpu_kernel": kendall_tau_b, "torch": stats._kendall_tau_b_torch}
+
+
+@pytest.fixture(params=sorted(KENDALL_IMPLS))
+def tau_b(request):
+    return KENDALL_IMPLS[request.param]
+
+
 KENDALL_NAMES = ["continuous", "ties_x", "ties_y", "ties_both_int", "ties_both_rounded", "correlated_ties",
                  "signed_zeros", "negative"]
 
 
 @pytest.mark.parametrize("name", KENDALL_NAMES)
 @pytest.mark.parametrize("n, m, seed", [(60, 40, 0), (257, 5, 1)])  # 40 columns: more than one chunk
-def test_kendall_matches_scipy(name: str, n: int, m: int, seed: int) -> None:
+def test_kendall_matches_scipy(name: str, n: int, m: int, seed: int, tau_b) -> None:
     x, y = _kendall_case(name, n, m, seed)
-    got = kendall_tau_b(torch.from_numpy(x), torch.from_numpy(y))
+    got = tau_b(torch.from_numpy(x), torch.from_numpy(y))
     assert got.dtype == torch.float64 and got.shape == (m,)
     np.testing.assert_allclose(got.numpy(), _scipy_taus(x, y), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
 @pytest.mark.parametrize("name", ["continuous", "ties_x", "ties_y", "ties_both_int", "signed_zeros"])
-def test_kendall_small_n_matches_scipy(n: int, name: str) -> None:
+def test_kendall_small_n_matches_scipy(n: int, name: str, tau_b) -> None:
     # Many columns so that every small-n pattern (incl. all-tied -> NaN) shows up.
     x, y = _kendall_case(name, n, 200, seed=100 + n)
-    got = kendall_tau_b(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+    got = tau_b(torch.from_numpy(x), torch.from_numpy(y)).numpy()
     np.testing.assert_allclose(got, _scipy_taus(x, y), rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
-def test_kendall_exhaustive_n3_permutations() -> None:
+def test_kendall_exhaustive_n3_permutations(tau_b) -> None:
     # Every ordering pair of 3 distinct values: tau in {-1, -1/3, 1/3, 1}.
     import itertools
 
     perms = [np.array(p, dtype=np.float64) for p in itertools.permutations([0.0, 1.0, 2.0])]
     x = np.stack([p for p in perms for _ in perms], axis=1)
     y = np.stack([q for _ in perms for q in perms], axis=1)
-    got = kendall_tau_b(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+    got = tau_b(torch.from_numpy(x), torch.from_numpy(y)).numpy()
     np.testing.assert_allclose(got, _scipy_taus(x, y), rtol=1e-12, atol=1e-12)
 
 
-def test_kendall_signed_zero_is_a_tie() -> None:
+def test_kendall_signed_zero_is_a_tie(tau_b) -> None:
     x = torch.tensor([[-0.0], [0.0], [1.0]], dtype=torch.float64)
     y = torch.tensor([[1.0], [0.0], [2.0]], dtype=torch.float64)
     # -0.0 == 0.0: the first pair is an x tie, not a discordant pair.
     expected = sps.kendalltau([0.0, 0.0, 1.0], [1.0, 0.0, 2.0], variant="b").statistic
-    assert float(kendall_tau_b(x, y)[0]) == pytest.approx(expected, abs=1e-15)
-    assert float(kendall_tau_b(x, y)[0]) == pytest.approx(2 / math.sqrt(2 * 3), abs=1e-15)
+    assert float(tau_b(x, y)[0]) == pytest.approx(expected, abs=1e-15)
+    assert float(tau_b(x, y)[0]) == pytest.approx(2 / math.sqrt(2 * 3), abs=1e-15)
 
 
-def test_kendall_constant_column_is_nan() -> None:
+def test_kendall_constant_column_is_nan(tau_b) -> None:
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(30, 4)), rng.normal(size=(30, 4))
     x[:, 1] = 2.5  # constant in x
     y[:, 3] = -1.0  # constant in y
-    got = kendall_tau_b(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+    got = tau_b(torch.from_numpy(x), torch.from_numpy(y)).numpy()
     assert np.isnan(got[1]) and np.isnan(got[3])
     np.testing.assert_allclose(got[[0, 2]], _scipy_taus(x[:, [0, 2]], y[:, [0, 2]]), rtol=1e-12)
 
 
 @pytest.mark.parametrize("n", [3000, 40000, 50000])  # int16 / int32-sum / int64-sum paths
-def test_kendall_large_n_matches_scipy(n: int) -> None:
+def test_kendall_large_n_matches_scipy(n: int, tau_b) -> None:
     rng = np.random.default_rng(n)
     x = rng.normal(size=(n, 3))
     y = 0.3 * x + rng.normal(size=(n, 3))
     y[:, 2] = np.round(y[:, 2], 1)  # one column with ties
-    got = kendall_tau_b(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+    got = tau_b(torch.from_numpy(x), torch.from_numpy(y)).numpy()
     np.testing.assert_allclose(got, _scipy_taus(x, y), rtol=1e-12, atol=1e-12)
 
 
-def test_kendall_float32_and_identity() -> None:
+def test_kendall_float32_and_identity(tau_b) -> None:
     rng = np.random.default_rng(9)
     x = rng.normal(size=(100, 3)).astype(np.float32)
     y = rng.normal(size=(100, 3)).astype(np.float32)
-    got = kendall_tau_b(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+    got = tau_b(torch.from_numpy(x), torch.from_numpy(y)).numpy()
     np.testing.assert_allclose(got, _scipy_taus(x.astype(np.float64), y.astype(np.float64)), rtol=1e-12)
-    same = kendall_tau_b(torch.from_numpy(x), torch.from_numpy(x)).numpy()
+    same = tau_b(torch.from_numpy(x), torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(same, 1.0, rtol=0, atol=1e-15)
-    np.testing.assert_allclose(kendall_tau_b(torch.from_numpy(x), -torch.from_numpy(x)).numpy(), -1.0, atol=1e-15)
+    np.testing.assert_allclose(tau_b(torch.from_numpy(x), -torch.from_numpy(x)).numpy(), -1.0, atol=1e-15)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 64, 100, 1025])
+def test_cpu_inversion_count_matches_brute_force(n: int) -> None:
+    # The radix count relies on its input being a permutation of 0..n-1 (group layout);
+    # sizes around powers of two exercise the clipped last group.
+    rng = np.random.default_rng(n)
+    for ranks in (rng.permutation(n), np.arange(n), np.arange(n)[::-1].copy()):
+        brute = sum(int(ranks[p] > ranks[q]) for p in range(n) for q in range(p + 1, n))
+        got = _kendall_cpu._count_inversions(ranks.astype(np.int64), np.empty(n, dtype=np.int64))
+        assert got == brute
+
+
+def test_cpu_kernel_is_independent_of_thread_count() -> None:
+    x, y = _kendall_case("correlated_ties", 300, 9, seed=4)
+    one = _kendall_cpu.tau_b_rows(x.T, y.T, threads=1)
+    two = _kendall_cpu.tau_b_rows(x.T, y.T, threads=2)
+    np.testing.assert_array_equal(one, two)
 
 
 def test_kendall_shape_errors() -> None:
