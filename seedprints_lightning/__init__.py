@@ -16,13 +16,14 @@ from .errors import (
 )
 from .fingerprint import Fingerprint, fingerprint_model
 from .probes import ProbeSpec, extract_features
-from .stats import LineageResult, kendall_tau_b, lineage_test
+from .stats import EmpiricalNull, LineageResult, kendall_tau_b, lineage_test
 from .verdict import BIRTH_RULE, CUSTODY_RULE, IdentityVerdict, ProbeVerdict, VerdictRule, decide_identity
 
 __all__ = [
     "__version__",
     "BIRTH_RULE",
     "CUSTODY_RULE",
+    "EmpiricalNull",
     "ProbeVerdict",
     "VerdictRule",
     "Fingerprint",

@@ -211,7 +211,8 @@ def _fmt_p(log10_p: float) -> str:
 
 def _verdict_lines(verdict: Any, evidence: str, rule_name: str) -> list[str]:
     result = verdict.result
-    p_rule = "one-sided, Bonferroni x2: p = 2 (1 - Phi(z))" if result.z_agg is not None else "one-sided: p = 1 - Phi(z)"
+    p_rule = ("one-sided, two signals with Bonferroni x2: p = min(1, 2 min(p_tau, p_agg)) = 1 - Phi(z)"
+              if result.z_agg is not None else "one-sided: p = 1 - Phi(z)")
     if verdict.related is None:
         head = f"verdict: UNDETERMINED ({verdict.reason})"
     else:

@@ -39,6 +39,7 @@ from .errors import InputError
 __all__ = [
     "DEFAULT_IDENTITY_RATIO",
     "DEFAULT_TEMPERATURE",
+    "EmpiricalNull",
     "LineageResult",
     "kendall_tau_b",
     "kendall_null_sigma",
@@ -386,6 +387,41 @@ def softmax_normalise(features: torch.Tensor, dims: torch.Tensor, temperature: f
 # --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class EmpiricalNull:
+    """Options of ``method="empirical"``: the null taus come from random matrices.
+
+    ``draws`` matrices of ``N(0, I)`` noise replace ``base``, pass through the same
+    normalisation (re-selecting identity dims when ``reselect``, else reusing the observed
+    ones), and the observed per-dimension taus are compared with the null taus by ``test``
+    (Welch t or Mann-Whitney U). Seeded by ``seed``; the global RNG is not touched.
+    Validated when built, so a bad option fails before any test runs.
+    """
+
+    draws: int = 4
+    seed: int = 0
+    reselect: bool = True
+    test: Literal["ttest", "mannwhitney"] = "ttest"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.draws, bool) or not isinstance(self.draws, (int, np.integer)) or self.draws < 1:
+            raise InputError(f"EmpiricalNull.draws must be an integer >= 1, got {self.draws!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise InputError(f"EmpiricalNull.seed must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.reselect, bool):
+            raise InputError(f"EmpiricalNull.reselect must be True or False, got {self.reselect!r}")
+        if self.test not in ("ttest", "mannwhitney"):
+            raise InputError(f"EmpiricalNull.test must be 'ttest' or 'mannwhitney', got {self.test!r}")
+
+
+@dataclass(frozen=True)
+class _Signal:
+    """One test statistic on the analytic scale, with its one-sided p in log10."""
+
+    z: float
+    log10_p: float
+
+
 def _undetermined(n: int, k: int, alpha: float, method: str, mode: str, reason: str, dropped: int = 0,
                   dims: tuple[int, ...] = ()) -> LineageResult:
     return LineageResult(
@@ -429,62 +465,68 @@ def _empirical_tails(observed: torch.Tensor, null: torch.Tensor, test: str) -> t
     return float(special.log_ndtr(-u_z)), float(special.log_ndtr(u_z))
 
 
-def lineage_test(
-    base: FeatureLike,
-    target: FeatureLike,
-    *,
-    identity_mode: Literal["coset", "base"] = "coset",
-    identity_k: int | None = None,
-    identity_ratio: float | None = None,
-    temperature: float = DEFAULT_TEMPERATURE,
-    method: Literal["analytic", "empirical"] = "analytic",
-    alpha: float = 0.01,
-    use_agg: bool = False,
-    null_draws: int = 4,
-    null_seed: int = 0,
-    null_select: bool = True,
-    null_test: Literal["ttest", "mannwhitney"] = "ttest",
-) -> LineageResult:
-    """Test whether ``target`` descends from ``base`` (same init seed lineage).
+def _analytic_signal(taus: torch.Tensor, n: int) -> _Signal:
+    """Mean tau against the closed-form Kendall null: ``z = tau_mean / (sigma_n / sqrt(k))``."""
+    z = float(taus.mean()) / (kendall_null_sigma(n) / math.sqrt(taus.numel()))
+    return _Signal(z=z, log10_p=log10_normal_sf(z))
 
-    Args:
-        base, target: ``[n, D]`` features of the two models on the SAME probe inputs, same
-            row order (torch tensors, any device, or numpy arrays).
-        identity_mode: ``"coset"`` (intersection of both models' bottom-k dims; use when
-            neither model is the init itself) or ``"base"`` (the base's bottom-k only).
-        identity_k / identity_ratio: number or fraction of dimensions (alternatives; the
-            default is ``DEFAULT_IDENTITY_RATIO``).
-        temperature: softmax temperature ``T``.
-        method: ``"analytic"`` uses the closed-form Kendall null. ``"empirical"`` builds
-            the null from ``null_draws`` random ``N(0, I)`` matrices that replace ``base``,
-            pass through the same normalisation (re-selecting identity dims when
-            ``null_select``, else reusing the observed ones), and compares the observed
-            per-dimension taus with the null taus by ``null_test`` (Welch t or
-            Mann-Whitney U). Seeded by ``null_seed``; the global RNG is not touched.
-        alpha: significance level of the one-sided test.
-        use_agg: add the paper's second signal, one Kendall tau between the per-sample
-            means over the identity dims (raw features: after softmax every row sums to
-            one, so its mean is constant), combined by max-z with a Bonferroni factor 2.
 
-    Returns:
-        :class:`LineageResult`. ``related`` is ``None`` (with ``reason``) when fewer than
-        2 identity dims intersect, or every identity column is constant.
+def _empirical_signal(taus: torch.Tensor, target: torch.Tensor, dims: torch.Tensor, k_requested: int, mode: str,
+                      temperature: float, null: EmpiricalNull) -> _Signal:
+    """Observed taus against taus of random matrices; z is the normal quantile of that p."""
+    null_taus = _empirical_null_taus(target, dims, k_requested, mode, temperature, null)
+    log_upper, log_lower = _empirical_tails(taus, null_taus, null.test)
+    # Taken from the smaller tail, so z stays finite at both ends.
+    z = float(-special.ndtri_exp(log_upper)) if log_upper < log_lower else float(special.ndtri_exp(log_lower))
+    return _Signal(z=z, log10_p=log_upper / _LN10)
 
-    Constant columns (after normalisation, in either model) have no Kendall tau: they are
-    dropped and counted in ``dropped_constant``; ``k`` is the number actually tested.
+
+def _aggregate_signal(base: torch.Tensor, target: torch.Tensor, dims: torch.Tensor) -> _Signal | None:
+    """The paper's second signal: one tau between the per-sample means over the identity dims.
+
+    Raw features, not softmax: after softmax every row sums to one, so its mean is constant.
+    ``None`` when either mean is constant over the samples (no tau).
     """
+    agg_tau = float(kendall_tau_b(base[:, dims].mean(dim=1, keepdim=True, dtype=torch.float64),
+                                  target[:, dims].mean(dim=1, keepdim=True, dtype=torch.float64))[0])
+    if not math.isfinite(agg_tau):
+        return None
+    z = agg_tau / kendall_null_sigma(base.shape[0])
+    return _Signal(z=z, log10_p=log10_normal_sf(z))
+
+
+def _bonferroni(main: _Signal, agg: _Signal) -> _Signal:
+    """Either signal may reject: ``p = min(1, 2 min(p_main, p_agg))``, z from that same p.
+
+    z is the normal quantile of the corrected p wherever that p is below 1/2 (so a verdict
+    on z and one on p agree); with no evidence (p >= 1/2, where the quantile runs to -inf as
+    p reaches 1) it is ``min(best z, 0)``, which keeps it finite and monotone.
+    """
+    log10_p = min(0.0, math.log10(2.0) + min(main.log10_p, agg.log10_p))
+    best = max(main.z, agg.z)
+    quantile = float(-special.ndtri_exp(log10_p * _LN10)) if log10_p < 0.0 else -math.inf
+    return _Signal(z=max(quantile, min(best, 0.0)), log10_p=log10_p)
+
+
+def _check_test_options(identity_mode: str, temperature: float, method: str, alpha: float, use_agg: bool,
+                        null: EmpiricalNull | None) -> None:
     _check_alpha(alpha)
     if method not in ("analytic", "empirical"):
         raise InputError(f"method must be 'analytic' or 'empirical', got {method!r}")
-    if null_test not in ("ttest", "mannwhitney"):
-        raise InputError(f"null_test must be 'ttest' or 'mannwhitney', got {null_test!r}")
+    if null is not None and not isinstance(null, EmpiricalNull):
+        raise InputError(f"null must be an EmpiricalNull(draws=..., seed=..., reselect=..., test=...), got {null!r}")
+    if null is not None and method != "empirical":
+        raise InputError("null= sets the empirical null's options: pass method='empirical' with it, or leave it out")
     if identity_mode not in ("coset", "base"):
         raise InputError(f"identity_mode must be 'coset' or 'base', got {identity_mode!r}")
     if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
             and math.isfinite(temperature) and temperature > 0):
         raise InputError(f"temperature must be a positive finite number, got {temperature!r}")
-    a = _as_float_matrix(base, "base")
-    b = _as_float_matrix(target, "target").to(a.device)
+    if not isinstance(use_agg, bool):
+        raise InputError(f"use_agg must be True or False, got {use_agg!r}")
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     n, dim = a.shape
     if b.shape[0] != n:
         raise InputError(
@@ -497,6 +539,51 @@ def lineage_test(
         )
     if n < 3:
         raise InputError(f"the lineage test needs at least 3 probe samples, got n={n}")
+
+
+def lineage_test(
+    base: FeatureLike,
+    target: FeatureLike,
+    *,
+    identity_mode: Literal["coset", "base"] = "coset",
+    identity_k: int | None = None,
+    identity_ratio: float | None = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+    method: Literal["analytic", "empirical"] = "analytic",
+    alpha: float = 0.01,
+    use_agg: bool = False,
+    null: EmpiricalNull | None = None,
+) -> LineageResult:
+    """Test whether ``target`` descends from ``base`` (same init seed lineage).
+
+    Args:
+        base, target: ``[n, D]`` features of the two models on the SAME probe inputs, same
+            row order (torch tensors, any device, or numpy arrays).
+        identity_mode: ``"coset"`` (intersection of both models' bottom-k dims; use when
+            neither model is the init itself) or ``"base"`` (the base's bottom-k only).
+        identity_k / identity_ratio: number or fraction of dimensions (alternatives; the
+            default is ``DEFAULT_IDENTITY_RATIO``).
+        temperature: softmax temperature ``T``.
+        method: ``"analytic"`` uses the closed-form Kendall null; ``"empirical"`` a null of
+            random matrices, configured by ``null`` (an :class:`EmpiricalNull`, default
+            options when left out).
+        alpha: significance level of the one-sided test.
+        use_agg: add the paper's second signal, one Kendall tau between the per-sample
+            means over the identity dims, combined with the first by Bonferroni (factor 2
+            on the smaller p); ``z`` is then the normal quantile of that corrected p.
+
+    Returns:
+        :class:`LineageResult`. ``related`` is ``None`` (with ``reason``) when fewer than
+        2 identity dims intersect, or every identity column is constant.
+
+    Constant columns (after normalisation, in either model) have no Kendall tau: they are
+    dropped and counted in ``dropped_constant``; ``k`` is the number actually tested.
+    """
+    _check_test_options(identity_mode, temperature, method, alpha, use_agg, null)
+    a = _as_float_matrix(base, "base")
+    b = _as_float_matrix(target, "target").to(a.device)
+    _check_pair(a, b)
+    n, dim = a.shape
     k_requested = _resolve_k(dim, identity_k, identity_ratio)
 
     dims = select_identity_dims(a, b, k_requested, identity_mode)
@@ -517,52 +604,31 @@ def lineage_test(
         return _undetermined(n, 0, alpha, method, identity_mode,
                              "every identity column is constant in one of the models: the features carry no signal",
                              dropped=dropped)
-    tau_mean = float(taus.mean())
-    sigma = kendall_null_sigma(n)
 
     if method == "analytic":
-        z = tau_mean / (sigma / math.sqrt(k))
-        log10_p = log10_normal_sf(z)
+        signal = _analytic_signal(taus, n)
     else:
-        null_taus = _empirical_null_taus(b, dims, k_requested, identity_mode, temperature, null_draws,
-                                         null_seed, null_select)
-        log_upper, log_lower = _empirical_tails(taus, null_taus, null_test)
-        log10_p = log_upper / _LN10
-        # Report z on the analytic test's scale: the normal quantile of the same p, taken
-        # from the smaller tail so it stays finite at both ends.
-        z = float(-special.ndtri_exp(log_upper)) if log_upper < log_lower else float(special.ndtri_exp(log_lower))
+        signal = _empirical_signal(taus, b, dims, k_requested, identity_mode, temperature, null or EmpiricalNull())
+    agg = _aggregate_signal(a, b, dims) if use_agg else None
+    if agg is not None:
+        signal = _bonferroni(signal, agg)
 
-    z_agg = None
-    if use_agg:
-        agg_tau = float(kendall_tau_b(a[:, dims].mean(dim=1, keepdim=True, dtype=torch.float64),
-                                     b[:, dims].mean(dim=1, keepdim=True, dtype=torch.float64))[0])
-        if math.isfinite(agg_tau):
-            z_agg = agg_tau / sigma
-            best = max(z, z_agg)
-            # Bonferroni over the two signals: p = min(1, 2 * p(best)).
-            log10_p = min(0.0, math.log10(2.0) + log10_normal_sf(best))
-            z = best
-
-    related = bool(log10_p < math.log10(alpha))
     return LineageResult(
-        z=float(z), log10_p=float(log10_p), p_value=float(10.0**log10_p), tau_mean=tau_mean, k=k, n=n,
-        related=related, alpha=float(alpha), method=method, identity_mode=identity_mode,
-        dropped_constant=dropped, identity_dims=tuple(int(d) for d in dims.tolist()), z_agg=z_agg,
+        z=float(signal.z), log10_p=float(signal.log10_p), p_value=float(10.0**signal.log10_p),
+        tau_mean=float(taus.mean()), k=k, n=n, related=bool(signal.log10_p < math.log10(alpha)),
+        alpha=float(alpha), method=method, identity_mode=identity_mode, dropped_constant=dropped,
+        identity_dims=tuple(int(d) for d in dims.tolist()), z_agg=None if agg is None else float(agg.z),
     )
 
 
-def _empirical_null_taus(
-    target: torch.Tensor, dims: torch.Tensor, k: int, mode: str, temperature: float, draws: int, seed: int,
-    select: bool,
-) -> torch.Tensor:
-    if not isinstance(draws, int) or draws < 1:
-        raise InputError(f"null_draws must be a positive integer, got {draws!r}")
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+def _empirical_null_taus(target: torch.Tensor, dims: torch.Tensor, k: int, mode: str, temperature: float,
+                         null: EmpiricalNull) -> torch.Tensor:
+    generator = torch.Generator(device="cpu").manual_seed(int(null.seed))
     n, dim = target.shape
     out = []
-    for _ in range(draws):
+    for _ in range(null.draws):
         noise = torch.randn(n, dim, generator=generator, dtype=torch.float64).to(target.device)
-        null_dims = select_identity_dims(noise, target, k, mode) if select else dims
+        null_dims = select_identity_dims(noise, target, k, mode) if null.reselect else dims
         if null_dims.numel() < 2:
             continue
         taus = kendall_tau_b(softmax_normalise(noise, null_dims, temperature),
@@ -570,7 +636,7 @@ def _empirical_null_taus(
         out.append(taus[torch.isfinite(taus)])
     if not out:
         raise InputError("the empirical null produced no usable dimensions; use method='analytic' or raise identity_k")
-    null = torch.cat(out)
-    if null.numel() < 2:
+    null_taus = torch.cat(out)
+    if null_taus.numel() < 2:
         raise InputError("the empirical null produced fewer than 2 usable dimensions; use method='analytic' or raise identity_k")
-    return null
+    return null_taus

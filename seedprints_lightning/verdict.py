@@ -208,9 +208,9 @@ def decide_identity(
     z_max = max((float(c.z) for c in determined), default=0.0)
     z_mean = sum(float(c.z) for c in determined) / len(determined) if determined else 0.0
     tau_max = max((float(c.tau_mean) for c in determined), default=0.0)
-    # With the aggregate signal (use_agg) the test's p is Bonferroni x2: significance needs z > z(alpha / 2).
-    analytic = z_threshold(rule.alpha / 2 if result.z_agg is not None else rule.alpha)
-    threshold = analytic
+    # z is the normal quantile of the test's own p (Bonferroni-corrected with use_agg), so
+    # the analytic threshold is z(alpha) either way.
+    threshold = z_threshold(rule.alpha)
     if result.related is not None:
         if determined:
             threshold = max(threshold, z_max + rule.z_margin)
@@ -228,7 +228,7 @@ def decide_identity(
         return verdict(None, f"none of the {len(controls)} control tests was determined ({reasons}), so the null "
                              "cannot be measured")
     if not result.related:
-        return verdict(False, f"z={z:.2f} is not significant at alpha={rule.alpha:g} (needs > {analytic:.2f})")
+        return verdict(False, f"z={z:.2f} is not significant at alpha={rule.alpha:g} (needs > {z_threshold(rule.alpha):.2f})")
     if not z > threshold:
         return verdict(False, f"z={z:.2f} (tau_mean {result.tau_mean:.4f}) does not stand clear of the fresh-init "
                               f"controls (z max {z_max:.2f}, tau max {tau_max:.4f}; needs z > {threshold:.2f} with "

@@ -19,6 +19,7 @@ from scipy import stats as sps
 from seedprints_lightning import _kendall_cpu, stats
 from seedprints_lightning.errors import InputError
 from seedprints_lightning.stats import (
+    EmpiricalNull,
     LineageResult,
     kendall_null_sigma,
     kendall_tau_b,
@@ -327,12 +328,17 @@ def test_negative_z_gives_log10_p_near_zero() -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _bonferroni_z(log10_p: float, best: float) -> float:
+    """What lineage_test reports as z with two signals: the quantile of the corrected p, floored."""
+    quantile = float(sps.norm.isf(10.0**log10_p)) if log10_p < 0 else -math.inf
+    return max(quantile, min(best, 0.0))
+
+
 @pytest.mark.parametrize("related, seed", [(True, 31), (False, 32), (False, 33)])
-def test_use_agg_combines_by_max_z_with_bonferroni(related: bool, seed: int) -> None:
+def test_use_agg_combines_by_bonferroni(related: bool, seed: int) -> None:
     base, target = make_pair(150, 24, related, seed, noise=2.0)
     plain = lineage_test(base, target, identity_k=12)
     agg = lineage_test(base, target, identity_k=12, use_agg=True)
-    assert agg.z >= plain.z
     assert agg.tau_mean == plain.tau_mean and agg.k == plain.k
     # Manual: one Kendall tau between the per-sample means of the RAW features over the dims.
     dims = np.array(plain.identity_dims)
@@ -340,32 +346,47 @@ def test_use_agg_combines_by_max_z_with_bonferroni(related: bool, seed: int) -> 
     z_agg = agg_tau / kendall_null_sigma(150)
     assert agg.z_agg == pytest.approx(z_agg, rel=1e-9)
     best = max(plain.z, z_agg)
-    assert agg.z == pytest.approx(best, rel=1e-12)
     expected = min(0.0, math.log10(2.0) + sps.norm.logsf(best) / LN10)
     assert agg.log10_p == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert agg.z == pytest.approx(_bonferroni_z(expected, best), rel=1e-7, abs=1e-9)
     assert agg.related == (expected < math.log10(0.01))
     if related:
         assert agg.related is True
 
 
-def test_use_agg_bonferroni_factor_when_plain_wins() -> None:
-    # Related pair with many dims: the per-dim z dominates, so log10 p is exactly the plain
-    # one plus log10(2).
+def test_use_agg_z_and_log10_p_agree() -> None:
+    # The reported z is the normal quantile of the reported (corrected) p, not the raw max z:
+    # a z-threshold verdict and a p verdict can no longer disagree.
     base, target = make_pair(150, 24, True, seed=34, noise=3.0)
     plain = lineage_test(base, target)
     agg = lineage_test(base, target, use_agg=True)
-    assert agg.z_agg is not None and agg.z_agg < plain.z  # precondition for this seed
-    assert agg.z == plain.z
+    assert agg.z_agg is not None and agg.z_agg < plain.z  # precondition for this seed: plain wins
     assert agg.log10_p - plain.log10_p == pytest.approx(math.log10(2.0), rel=1e-9)
+    assert log10_normal_sf(agg.z) == pytest.approx(agg.log10_p, rel=1e-9)
+    assert agg.z < plain.z  # the Bonferroni factor costs z
+    assert (agg.z > z_threshold(0.01)) == agg.related
+
+
+def test_use_agg_z_is_finite_and_monotone_without_evidence() -> None:
+    # Where the corrected p reaches 1 its quantile is -inf; z is floored at min(best z, 0).
+    for best in (-3.0, -0.5, 0.0, 0.3, 0.6, 0.7, 1.0, 3.0):
+        log10_p = min(0.0, math.log10(2.0) + log10_normal_sf(best))
+        got = stats._bonferroni(stats._Signal(best, log10_normal_sf(best)),
+                                stats._Signal(best - 1.0, log10_normal_sf(best - 1.0)))
+        assert got.log10_p == pytest.approx(log10_p, abs=1e-12)
+        assert math.isfinite(got.z) and got.z == pytest.approx(_bonferroni_z(log10_p, best), abs=1e-9)
+    zs = [stats._bonferroni(stats._Signal(b, log10_normal_sf(b)), stats._Signal(-9.0, 0.0)).z
+          for b in np.linspace(-4, 4, 81)]
+    assert all(later >= earlier for earlier, later in zip(zs, zs[1:]))
 
 
 @pytest.mark.parametrize("null_test", ["ttest", "mannwhitney"])
 def test_empirical_null_verdicts_and_determinism(null_test: str) -> None:
     rel_base, rel_target = make_pair(200, 32, True, seed=41, noise=1.5)
     unr_base, unr_target = make_pair(200, 32, False, seed=42)
-    kwargs = dict(method="empirical", null_test=null_test, identity_k=16, null_draws=4)
-    related = lineage_test(rel_base, rel_target, null_seed=0, **kwargs)
-    unrelated = lineage_test(unr_base, unr_target, null_seed=0, **kwargs)
+    kwargs = dict(method="empirical", identity_k=16)
+    related = lineage_test(rel_base, rel_target, null=EmpiricalNull(test=null_test, seed=0), **kwargs)
+    unrelated = lineage_test(unr_base, unr_target, null=EmpiricalNull(test=null_test, seed=0), **kwargs)
     assert related.method == "empirical"
     # Margins (fixed seeds): the related pair's log10 p is far below log10(0.01) = -2, the
     # unrelated pair's far above it.
@@ -375,29 +396,60 @@ def test_empirical_null_verdicts_and_determinism(null_test: str) -> None:
         assert all(math.isfinite(v) for v in (res.z, res.log10_p, res.p_value, res.tau_mean))
         # z is reported on the analytic scale: the normal quantile of the same p.
         assert float(special.log_ndtr(-res.z) / LN10) == pytest.approx(res.log10_p, rel=1e-6, abs=1e-9)
-    again = lineage_test(unr_base, unr_target, null_seed=0, **kwargs)
+    again = lineage_test(unr_base, unr_target, null=EmpiricalNull(test=null_test, seed=0), **kwargs)
     assert again == unrelated
-    other = lineage_test(unr_base, unr_target, null_seed=1, **kwargs)
+    other = lineage_test(unr_base, unr_target, null=EmpiricalNull(test=null_test, seed=1), **kwargs)
     assert other.log10_p != unrelated.log10_p
+
+
+def test_empirical_with_agg_keeps_the_empirical_p() -> None:
+    # Bonferroni over the empirical p and the agg's analytic p: the empirical p is not replaced.
+    base, target = make_pair(200, 32, True, seed=45, noise=2.5)
+    empirical = lineage_test(base, target, identity_k=16, method="empirical")
+    both = lineage_test(base, target, identity_k=16, method="empirical", use_agg=True)
+    agg_log10_p = log10_normal_sf(both.z_agg)
+    expected = min(0.0, math.log10(2.0) + min(empirical.log10_p, agg_log10_p))
+    assert both.log10_p == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert both.method == "empirical"
+    assert empirical.log10_p < agg_log10_p  # precondition for this seed: the empirical p is the smaller
 
 
 def test_empirical_z_is_finite_for_anti_related_pair() -> None:
     base = np.random.default_rng(44).normal(size=(200, 64))
-    res = lineage_test(base, -base, identity_mode="base", method="empirical", null_test="ttest")
+    res = lineage_test(base, -base, identity_mode="base", method="empirical")
     assert res.related is False  # holds today
     assert math.isfinite(res.z) and res.z < -10
 
 
-@pytest.mark.parametrize("null_select", [True, False])
-def test_empirical_null_select_option(null_select: bool) -> None:
+@pytest.mark.parametrize("reselect", [True, False])
+def test_empirical_null_reselect_option(reselect: bool) -> None:
     base, target = make_pair(150, 24, True, seed=43, noise=1.0)
-    res = lineage_test(base, target, method="empirical", identity_k=12, null_select=null_select)
+    res = lineage_test(base, target, method="empirical", identity_k=12, null=EmpiricalNull(reselect=reselect))
     assert res.related is True
-    with pytest.raises(InputError, match="null_draws"):
-        lineage_test(base, target, method="empirical", null_draws=0)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"method": "empirical"}, {"method": "empirical", "null_test": "mannwhitney"},
+@pytest.mark.parametrize("options, message", [
+    ({"draws": 0}, r"EmpiricalNull.draws must be an integer >= 1, got 0"),
+    ({"draws": 2.0}, r"EmpiricalNull.draws must be an integer"),
+    ({"seed": -1}, r"EmpiricalNull.seed must be an integer >= 0"),
+    ({"reselect": 1}, r"EmpiricalNull.reselect must be True or False"),
+    ({"test": "ks"}, r"EmpiricalNull.test must be 'ttest' or 'mannwhitney'"),
+])
+def test_empirical_options_are_validated_when_built(options: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        EmpiricalNull(**options)
+
+
+def test_empirical_options_are_checked_before_any_work() -> None:
+    # Bad combinations fail before the features are even read (these features are invalid too).
+    with pytest.raises(InputError, match="pass method='empirical'"):
+        lineage_test(np.zeros((2, 2)), np.zeros((2, 2)), null=EmpiricalNull())
+    with pytest.raises(InputError, match="null must be an EmpiricalNull"):
+        lineage_test(np.zeros((2, 2)), np.zeros((2, 2)), method="empirical", null={"draws": 4})
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"method": "empirical"},
+                                    {"method": "empirical", "null": EmpiricalNull(test="mannwhitney")},
                                     {"use_agg": True}])
 def test_global_rng_untouched(kwargs: dict) -> None:
     base, target = make_pair(100, 16, True, seed=51)
@@ -472,7 +524,7 @@ def test_nan_and_inf_rows_are_reported() -> None:
         (_good(), _good(), {"temperature": True}, r"temperature must be a positive finite number"),
         (_good(), _good(), {"identity_mode": "both"}, r"identity_mode must be 'coset' or 'base'"),
         (_good(), _good(), {"method": "bootstrap"}, r"method must be 'analytic' or 'empirical'"),
-        (_good(), _good(), {"null_test": "ks"}, r"null_test must be 'ttest' or 'mannwhitney'"),
+        (_good(), _good(), {"use_agg": 1}, r"use_agg must be True or False"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(base, target, kwargs, message) -> None:
