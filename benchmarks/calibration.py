@@ -47,8 +47,8 @@ import platform
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -57,12 +57,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from seedprints_lightning.controls import control_seeds, probe_controls  # noqa: E402
-from seedprints_lightning.verdict import VerdictRule, decide_identity  # noqa: E402
 from seedprints_lightning.probes import ProbeSpec, extract_features  # noqa: E402
 from seedprints_lightning.stats import LineageResult, lineage_test, z_threshold  # noqa: E402
 from seedprints_lightning.train.corpus import build_corpus  # noqa: E402
 from seedprints_lightning.train.models import make_causal_lm  # noqa: E402
 from seedprints_lightning.train.tokenizer import tokenize_directory  # noqa: E402
+from seedprints_lightning.verdict import VerdictRule, decide_identity  # noqa: E402
 
 __all__ = [
     "CalibrationConfig",
@@ -310,7 +310,8 @@ class CalibrationReport:
             for kind in cfg.probe_kinds:
                 for ratio in cfg.ratios:
                     init = self.select(model=m.name, kind=kind, ratio=ratio, relation="init")
-                    add(f"| {m.name} | {kind} | {ratio:g} | 0 (init pairs) | | | {_rate(init)} | {_mean_max(init)} | | |")
+                    add(f"| {m.name} | {kind} | {ratio:g} | 0 (init pairs) | | | {_rate(init)} | {_mean_max(init)} | | "
+                        "|")
                     for step in cfg.steps[1:]:
                         own = self.select(model=m.name, kind=kind, ratio=ratio, relation="own", step=step)
                         cross = self.select(model=m.name, kind=kind, ratio=ratio, relation="cross", step=step)
@@ -325,7 +326,8 @@ class CalibrationReport:
         add("")
         add(f"own z min (must exceed {alpha_z:.2f}); unrelated z max per relation (must stay below it).")
         add("")
-        add("| probe | k/D | own z min | own det | cross z max | cross FP | peers z max | peers FP | init z max | init FP |")
+        add("| probe | k/D | own z min | own det | cross z max | cross FP | peers z max | peers FP | init z max | init "
+            "FP |")
         add("|---|---|---|---|---|---|---|---|---|---|")
         for kind in cfg.probe_kinds:
             for ratio in cfg.ratios:
@@ -383,7 +385,8 @@ class CalibrationReport:
                 for c in (0,) + tuple(cfg.num_controls):
                     for margin in (cfg.margins if c else (0.0,)):
                         check = self.defaults_check(kind, ratio, c, margin)
-                        cells = [f"{h}/{t}" for h, t in (check.get(r, (0, 0)) for r in ("own", "cross", "peers", "init"))]
+                        counts = (check.get(r, (0, 0)) for r in ("own", "cross", "peers", "init"))
+                        cells = [f"{h}/{t}" for h, t in counts]
                         streak = self.own_miss_streak(kind, ratio, c, margin)
                         add(f"| {kind} | {ratio:g} | {c} | {margin:g} | " + " | ".join(cells) + f" | {streak} |")
         add("")
@@ -414,7 +417,8 @@ class CalibrationReport:
                     for v in ("plain",) + tuple(variants):
                         step = cfg.steps[-1] + (cfg.domain_steps if v == "code" else 0)
                         own = self.select(model=m.name, kind=kind, ratio=ratio, relation="own", variant=v, step=step)
-                        cross = self.select(model=m.name, kind=kind, ratio=ratio, relation="cross", variant=v, step=step)
+                        cross = self.select(model=m.name, kind=kind, ratio=ratio, relation="cross", variant=v,
+                                            step=step)
                         if not own:
                             continue
                         verdicts = []
@@ -431,7 +435,8 @@ class CalibrationReport:
         ns = sorted(set(cfg.n_scaling) | {cfg.num_samples})
         if len(ns) < 2:
             return
-        add(f"### z against the number of probe samples n (k/D = {cfg.n_scaling_ratio:g}, row subsets of one probe set)")
+        add(f"### z against the number of probe samples n (k/D = {cfg.n_scaling_ratio:g}, row subsets of one probe "
+            "set)")
         add("")
         add("own z mean at each checkpoint (all models), and the unrelated z max (cross + init). "
             "Under a calibrated null own z grows like sqrt(n) and unrelated z stays O(1).")
@@ -567,7 +572,7 @@ def run_calibration(config: CalibrationConfig | None = None) -> CalibrationRepor
 
     ctl_seeds = control_seeds(cfg.max_controls)
     for size in cfg.models:
-        def build(seed: int):
+        def build(seed: int, size=size):  # bound now: used within this iteration only
             return make_causal_lm(size.arch, seed=seed, vocab_size=cfg.vocab_size, hidden_size=size.hidden_size,
                                   num_layers=size.num_layers, num_heads=size.num_heads)
 
@@ -579,7 +584,7 @@ def run_calibration(config: CalibrationConfig | None = None) -> CalibrationRepor
                                  seed=cfg.probe_seed).resolve(first) for kind in cfg.probe_kinds}
         del first
 
-        def probe(model) -> dict[str, torch.Tensor]:
+        def probe(model, specs=specs) -> dict[str, torch.Tensor]:
             t = time.perf_counter()
             out = {kind: extract_features(model, spec, batch_size=cfg.probe_batch_size) for kind, spec in specs.items()}
             timings["probe"] += time.perf_counter() - t
@@ -649,7 +654,9 @@ def _test_pairs(cfg: CalibrationConfig, model_name: str, feats, controls) -> lis
                     pairs.append(("cross", "plain", step, ("plain", s, 0), ("plain", s2, step)))
         for s, s2 in itertools.combinations(cfg.seeds, 2):
             pairs.append(("peers", "plain", step, ("plain", s, step), ("plain", s2, step)))
-    variants = [(m, last) for m in cfg.modifications] + ([("code", last + cfg.domain_steps)] if cfg.domain_steps else [])
+    variants = [(m, last) for m in cfg.modifications]
+    if cfg.domain_steps:
+        variants.append(("code", last + cfg.domain_steps))
     for variant, step in variants:
         for s in cfg.seeds:
             pairs.append(("own", variant, step, ("plain", s, 0), (variant, s, step)))
@@ -660,7 +667,7 @@ def _test_pairs(cfg: CalibrationConfig, model_name: str, feats, controls) -> lis
     records: list[PairRecord] = []
     for kind in cfg.probe_kinds:
         for ratio in cfg.ratios:
-            def test(base, target, n=None):
+            def test(base, target, n=None, ratio=ratio):
                 if n is not None:
                     base, target = base[:n], target[:n]
                 return lineage_test(base, target, identity_ratio=ratio, alpha=cfg.alpha)

@@ -140,7 +140,8 @@ def collect(job: str, out: Path) -> None:
         steps = (list(BIRTH_STEPS) if job == "birth" else list(range(DENSE_LAST + 1)) if job.startswith("dense-")
                  else probe_steps())
         runs[seed] = _train(build(arch, width, seed), tokens, lr, steps, probe)
-        print(f"[custody] {job} seed {seed}: {time.perf_counter() - t0:.0f} s, loss {runs[seed][steps[-1]]['loss']:.3f}",
+        print(f"[custody] {job} seed {seed}: {time.perf_counter() - t0:.0f} s, loss "
+              f"{runs[seed][steps[-1]]['loss']:.3f}",
               flush=True)
     torch.save({"job": job, "arch": arch, "width": width, "lr": lr, "controls": controls, "runs": runs,
                 "specs": {k: s.to_dict() for k, s in specs.items()}, "seconds": time.perf_counter() - t0},

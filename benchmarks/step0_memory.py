@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode, label in (("none", "no callback"), ("built", "callback, 4 controls built in the run"),
                         ("file", "callback, controls=FILE")):
         extra = results[mode]["peak_mb"] - results["none"]["peak_mb"]
-        print(f"  {label:40s} {results[mode]['peak_mb']:8.0f} MB  ({extra:+.0f} MB, {extra / model_mb:+.2f} x the model)")
+        print(f"  {label:40s} {results[mode]['peak_mb']:8.0f} MB  ({extra:+.0f} MB, {extra / model_mb:+.2f} x the "
+              "model)")
     return 0
 
 

@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
-
 # numba's default threading layer (workqueue) aborts the process when two Python threads
 # launch parallel kernels at once; a user may run tests from several threads.
 _KERNEL_LOCK = threading.Lock()

@@ -16,14 +16,12 @@ from typing import Any
 
 import pytorch_lightning as _pl
 
-__all__ = ["CALLBACK_BASES", "LIGHTNING_AVAILABLE", "is_tensorboard_logger", "shards_parameters", "trainer_fn_value"]
+__all__ = ["CALLBACK_BASES", "is_tensorboard_logger", "shards_parameters", "trainer_fn_value"]
 
 try:  # the unified package is optional
     import lightning.pytorch as _lpl
 except Exception:  # pragma: no cover - depends on the environment
     _lpl = None
-
-LIGHTNING_AVAILABLE = _lpl is not None
 
 CALLBACK_BASES: tuple[type, ...] = (_pl.Callback,) + ((_lpl.Callback,) if _lpl is not None else ())
 

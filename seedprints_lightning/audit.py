@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
+from .checks import check_int
 from .errors import FingerprintFileError, IncompatibleFingerprintsError, InputError, SeedPrintsError, SourceError
 from .fingerprint import Fingerprint, fingerprint_model
 from .probes import ProbeSpec, find_causal_lm
@@ -39,6 +41,7 @@ __all__ = [
     "AuditRow",
     "Comparison",
     "Evidence",
+    "ProbeRuntime",
     "find_controls",
     "rule_for_base",
     "Source",
@@ -155,7 +158,8 @@ def expand_checkpoints(paths: Iterable[str | Path], *, trust_pickle: bool = Fals
             members += [Source(p, "model_dir") for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file()]
             if not members:
                 raise SourceError(
-                    f"{path} is a directory with no config.json and no {CHECKPOINT_SUFFIX} files or model directories in it"
+                    f"{path} is a directory with no config.json and no {CHECKPOINT_SUFFIX} files or model directories "
+                    "in it"
                 )
             stepped = [(member, source_step(member, trust_pickle=trust_pickle)) for member in members]
             stepped.sort(key=lambda item: (item[1] is None, item[1] if item[1] is not None else 0, item[0].path.name))
@@ -196,7 +200,8 @@ def _model_from_lightning_checkpoint(path: Path, trust_pickle: bool) -> torch.nn
             ) from exc
         raise SourceError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise SourceError(f"{path} is not a Lightning checkpoint (no 'state_dict'): save it with Trainer.save_checkpoint")
+        raise SourceError(f"{path} is not a Lightning checkpoint (no 'state_dict'): save it with "
+                          "Trainer.save_checkpoint")
     config_dict = checkpoint.get(HF_CONFIG_KEY)
     state_dict = {key[len("model."):]: value for key, value in checkpoint["state_dict"].items()
                   if key.startswith("model.")}
@@ -247,16 +252,33 @@ def _check_fits(model: torch.nn.Module, spec: ProbeSpec, name: str) -> None:
         raise IncompatibleFingerprintsError(f"{name} cannot be probed with this probe spec: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class ProbeRuntime:
+    """How sources are loaded and probed (not what is probed), shared by every entry point here.
+
+    ``dtype`` is what models are cast to (float32 by default, so fingerprints made on
+    different machines agree); ``device`` where each is moved while probed (None: stays on
+    CPU); ``trust_pickle`` allows full-pickle ``.ckpt`` files; ``progress`` shows bars.
+    """
+
+    batch_size: int = 64
+    device: str | torch.device | None = None
+    dtype: torch.dtype = torch.float32
+    trust_pickle: bool = False
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("batch_size", self.batch_size, low=1)
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise InputError(f"dtype must be a floating torch.dtype such as torch.float32, got {self.dtype!r}")
+
+
 def fingerprint_source(
     source: str | Path | Source,
     spec: ProbeSpec | None = None,
     *,
     step: int | None = None,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-    trust_pickle: bool = False,
-    progress: bool = False,
+    runtime: ProbeRuntime = ProbeRuntime(),
     num_controls: int = 0,
 ) -> Fingerprint:
     """Fingerprint a model directory or checkpoint (a fingerprint file is just loaded).
@@ -271,14 +293,14 @@ def fingerprint_source(
     source = classify_source(source)
     if source.kind == "fingerprint":
         return Fingerprint.load(source.path)
-    model = load_model(source, dtype=dtype, trust_pickle=trust_pickle)
+    model = load_model(source, dtype=runtime.dtype, trust_pickle=runtime.trust_pickle)
     if spec is not None and spec.is_resolved:
         _check_fits(model, spec, str(source.path))
     if step is None:
-        step = source_step(source, trust_pickle=trust_pickle)
-    if device is not None:
-        model.to(device)
-    return fingerprint_model(model, spec, step=step, batch_size=batch_size, progress=progress,
+        step = source_step(source, trust_pickle=runtime.trust_pickle)
+    if runtime.device is not None:
+        model.to(runtime.device)
+    return fingerprint_model(model, spec, step=step, batch_size=runtime.batch_size, progress=runtime.progress,
                              extra={"source": str(source.path)}, num_controls=num_controls)
 
 
@@ -374,8 +396,7 @@ def find_controls(
     models: Sequence[tuple[Source, torch.nn.Module]] = (),
     *,
     num_controls: int = 4,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
+    runtime: ProbeRuntime = ProbeRuntime(),
 ) -> Evidence:
     """The fresh-init controls an offline verdict is judged against, from the best source at hand.
 
@@ -394,7 +415,7 @@ def find_controls(
                                                         f"controls stored in {source.path}")
     for source, model in models:
         seeds = control_seeds(num_controls)
-        features = probe_controls(model, spec, seeds, batch_size=batch_size, device=device)
+        features = probe_controls(model, spec, seeds, batch_size=runtime.batch_size, device=runtime.device)
         return Evidence(features, f"{len(seeds)} fresh inits of {source.path}'s config (seeds {seeds[0]}..{seeds[-1]})")
     for source, _ in fingerprints:
         found = _sibling_controls(source.path, spec)
@@ -483,11 +504,7 @@ def compare_sources(
     length: int | None = None,
     seed: int | None = None,
     vocab_size: int | None = None,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-    trust_pickle: bool = False,
-    progress: bool = False,
+    runtime: ProbeRuntime = ProbeRuntime(),
     num_controls: int = 4,
     rule: str = "auto",
     alpha: float = 0.01,
@@ -512,47 +529,45 @@ def compare_sources(
     names = (f"A ({sa.path})", f"B ({sb.path})")
     probe_options = {"kind": kind, "num_samples": num_samples, "length": length, "seed": seed, "vocab_size": vocab_size}
     given = [key for key, value in probe_options.items() if value is not None]
-    common = dict(batch_size=batch_size, device=device, dtype=dtype, trust_pickle=trust_pickle, progress=progress)
 
     if sa.kind == "fingerprint" or sb.kind == "fingerprint":
         loaded = {s.path: Fingerprint.load(s.path) for s in (sa, sb) if s.kind == "fingerprint"}  # file errors first
         if given:
-            flags = ", ".join("--" + key.replace("_", "-") for key in given)
-            raise InputError(f"{flags} cannot be used when A or B is a fingerprint file: its probe spec is used")
+            raise InputError(f"probe options ({', '.join(given)}) cannot be used when A or B is a fingerprint file: "
+                             "its probe spec is used")
         if sa.kind == "fingerprint":
             fa = loaded[sa.path]
-            fb = loaded[sb.path] if sb.kind == "fingerprint" else fingerprint_source(sb, fa.spec, **common)
+            fb = loaded[sb.path] if sb.kind == "fingerprint" else fingerprint_source(sb, fa.spec, runtime=runtime)
         else:
             fb = loaded[sb.path]
-            fa = fingerprint_source(sa, fb.spec, **common)
+            fa = fingerprint_source(sa, fb.spec, runtime=runtime)
         fa.check_comparable(fb)
         spec = fa.spec
         fingerprints = [(s, loaded[s.path]) for s in (sa, sb) if s.kind == "fingerprint"]
-        evidence = find_controls(spec, fingerprints, [], num_controls=num_controls, batch_size=batch_size,
-                                 device=device)
+        evidence = find_controls(spec, fingerprints, [], num_controls=num_controls, runtime=runtime)
         if evidence.controls is None and num_controls:
             model_source = next((s for s in (sa, sb) if s.kind != "fingerprint"), None)
             if model_source is not None:
-                model = load_model(model_source, dtype=dtype, trust_pickle=trust_pickle)
+                model = load_model(model_source, dtype=runtime.dtype, trust_pickle=runtime.trust_pickle)
                 evidence = find_controls(spec, [], [(model_source, model)], num_controls=num_controls,
-                                         batch_size=batch_size, device=device)
+                                         runtime=runtime)
                 del model
     else:
-        model_a = load_model(sa, dtype=dtype, trust_pickle=trust_pickle)
-        model_b = load_model(sb, dtype=dtype, trust_pickle=trust_pickle)
+        model_a = load_model(sa, dtype=runtime.dtype, trust_pickle=runtime.trust_pickle)
+        model_b = load_model(sb, dtype=runtime.dtype, trust_pickle=runtime.trust_pickle)
         spec = spec_for_models(model_a, model_b, kind=kind or "token", num_samples=num_samples, length=length,
                                seed=seed, vocab_size=vocab_size, names=names)
         _check_fits(model_b, spec, names[1])
         features = []
         for model in (model_a, model_b):
-            if device is not None:
-                model.to(device)
-            step = source_step(sa if model is model_a else sb, trust_pickle=trust_pickle)
-            features.append(fingerprint_model(model, spec, step=step, batch_size=batch_size, progress=progress))
+            if runtime.device is not None:
+                model.to(runtime.device)
+            step = source_step(sa if model is model_a else sb, trust_pickle=runtime.trust_pickle)
+            features.append(fingerprint_model(model, spec, step=step, batch_size=runtime.batch_size,
+                                              progress=runtime.progress))
             model.to("cpu")
         fa, fb = features
-        evidence = find_controls(spec, [], [(sa, model_a)], num_controls=num_controls, batch_size=batch_size,
-                                 device=device)
+        evidence = find_controls(spec, [], [(sa, model_a)], num_controls=num_controls, runtime=runtime)
         del model_a, model_b
     _check_same_width(fa, fb, names)
     chosen = rule_for_base(fa.step, rule, alpha)
@@ -596,11 +611,7 @@ def audit_checkpoints(
     reference: Fingerprint,
     checkpoints: Sequence[str | Path | Source],
     *,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-    trust_pickle: bool = False,
-    progress: bool = False,
+    runtime: ProbeRuntime = ProbeRuntime(),
     evidence: Evidence | None = None,
     rule: VerdictRule | None = None,
     **test_kwargs: Any,
@@ -620,9 +631,9 @@ def audit_checkpoints(
                     if reference.controls is not None else Evidence(None, "no controls: analytic threshold and "
                                                                           "effect-size margin only"))
     rule = rule or rule_for_base(reference.step, "auto", test_kwargs.pop("alpha", 0.01))
-    expanded = expand_checkpoints(checkpoints, trust_pickle=trust_pickle)
+    expanded = expand_checkpoints(checkpoints, trust_pickle=runtime.trust_pickle)
     items: Iterable[tuple[Source, int | None]] = expanded
-    if progress:
+    if runtime.progress:
         import sys
 
         from tqdm.auto import tqdm
@@ -630,8 +641,7 @@ def audit_checkpoints(
         items = tqdm(expanded, desc="checkpoints", unit="ckpt", file=sys.stderr)
     rows: list[AuditRow] = []
     for source, step in items:
-        fp = fingerprint_source(source, reference.spec, step=step, batch_size=batch_size, device=device, dtype=dtype,
-                                trust_pickle=trust_pickle)
+        fp = fingerprint_source(source, reference.spec, step=step, runtime=runtime)
         reference.check_comparable(fp)
         _check_same_width(reference, fp, ("the reference", str(source.path)))
         verdict = judge(reference.features, fp.features, evidence, rule, **test_kwargs)

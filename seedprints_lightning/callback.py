@@ -53,17 +53,20 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ._lightning import CALLBACK_BASES, is_tensorboard_logger, shards_parameters, trainer_fn_value
+from .checks import check_bool, check_choice, check_int, check_number
 from .controls import DEFAULT_NUM_CONTROLS, control_seeds, preserve_rng_state, probe_control_models, save_controls
 from .custody import CONTROLS_FILE, REFERENCE_FILE, CustodyLedger, last_held_probe, save_parent_anchor, storage_features
 from .errors import FingerprintFileError, IdentityLostError, InputError, ModelNotFoundError
-from .fingerprint import Fingerprint, config_digest, file_sha256
+from .files import file_sha256
+from .fingerprint import Fingerprint, config_digest
 from .probes import ProbeBatch, ProbeSpec, _hidden_size, extract_features, find_causal_lm
 from .schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
 from .verdict import (
@@ -105,14 +108,6 @@ def _parent_chain(run_dir: Path) -> tuple[Fingerprint, tuple[torch.Tensor, int]]
         )
     features, step = last_held_probe(audit)
     return Fingerprint.load(audit.run_dir / REFERENCE_FILE), (features, step)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
@@ -198,24 +193,18 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         identity_mode: Literal["coset", "base"] = "coset",
     ) -> None:
         super().__init__()
-        if not _is_int(every_n_steps) or every_n_steps < 1:
-            raise InputError(f"every_n_steps must be an integer >= 1 (optimizer steps between probes), got {every_n_steps!r}")
+        check_int("every_n_steps", every_n_steps, low=1, hint="optimizer steps between probes")
         if probe is not None and not isinstance(probe, ProbeSpec):
             raise InputError(f"probe must be a seedprints_lightning.ProbeSpec or None, got {type(probe).__name__}")
-        if not _is_number(alpha) or not math.isfinite(alpha) or not (0.0 < float(alpha) < 1.0):
-            raise InputError(f"alpha must be a number in (0, 1), e.g. 0.01, got {alpha!r}")
-        if not _is_int(patience) or patience < 1:
-            raise InputError(f"patience must be an integer >= 1 (consecutive failed probes before acting), got {patience!r}")
-        if on_identity_lost not in _ACTIONS:
-            raise InputError(f"on_identity_lost must be one of {', '.join(map(repr, _ACTIONS))}, got {on_identity_lost!r}")
-        if fail_on not in FAIL_ON:
-            raise InputError(f"fail_on must be one of {', '.join(map(repr, FAIL_ON))}, got {fail_on!r}")
-        if not _is_int(num_controls) or not (0 <= num_controls <= 64):
-            raise InputError(f"num_controls must be an integer in [0, 64] (0 turns controls off), got {num_controls!r}")
-        if not isinstance(adaptive_schedule, bool):
-            raise InputError(f"adaptive_schedule must be True or False, got {adaptive_schedule!r}")
+        check_number("alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True, hint="e.g. 0.01")
+        check_int("patience", patience, low=1, hint="consecutive failed probes before acting")
+        check_choice("on_identity_lost", on_identity_lost, _ACTIONS)
+        check_choice("fail_on", fail_on, FAIL_ON)
+        check_int("num_controls", num_controls, low=0, high=64, hint="0 turns controls off")
+        check_bool("adaptive_schedule", adaptive_schedule)
         if feature_fn is not None and not callable(feature_fn):
-            raise InputError(f"feature_fn must be callable as feature_fn(module, batch) -> [b, D], got {type(feature_fn).__name__}")
+            raise InputError(f"feature_fn must be callable as feature_fn(module, batch) -> [b, D], got "
+                             f"{type(feature_fn).__name__}")
         if control_factory is not None and not callable(control_factory):
             raise InputError(f"control_factory must be callable as control_factory(seed) -> nn.Module, got "
                              f"{type(control_factory).__name__}")
@@ -235,12 +224,11 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             )
         if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
             raise InputError(f"save_dir must be a path (str or os.PathLike) or None, got {type(save_dir).__name__}")
-        if not _is_int(probe_batch_size) or probe_batch_size < 1:
-            raise InputError(f"probe_batch_size must be an integer >= 1, got {probe_batch_size!r}")
-        if identity_ratio is not None and (not _is_number(identity_ratio) or not (0.0 < float(identity_ratio) <= 1.0)):
-            raise InputError(f"identity_ratio must be a fraction in (0, 1] or None (the default, all dimensions), got {identity_ratio!r}")
-        if identity_mode not in ("coset", "base"):
-            raise InputError(f"identity_mode must be 'coset' or 'base', got {identity_mode!r}")
+        check_int("probe_batch_size", probe_batch_size, low=1)
+        if identity_ratio is not None:
+            check_number("identity_ratio", identity_ratio, low=0.0, high=1.0, low_open=True,
+                         hint="a fraction; None, the default, is all dimensions")
+        check_choice("identity_mode", identity_mode, ("coset", "base"))
         # VerdictRule validates the margins with the argument's name in the message.
         try:
             self.birth_rule = VerdictRule(alpha=float(alpha), z_margin=birth_z_margin, tau_margin=0.0)
@@ -266,7 +254,8 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 self._reference_origin = f"reference={os.fspath(reference)!r}"
             else:
                 raise InputError(
-                    f"reference must be a Fingerprint, a path to a fingerprint file, or None, got {type(reference).__name__}"
+                    f"reference must be a Fingerprint, a path to a fingerprint file, or None, got "
+                    f"{type(reference).__name__}"
                 )
             if probe is not None and probe != explicit.spec:
                 raise InputError(
@@ -326,7 +315,8 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def state_dict(self) -> dict[str, Any]:
         """CPU tensors and plain types only (loads with ``torch.load(weights_only=True)``); never empty."""
         ref = self.reference
-        ledger_index, ledger_sha = (self.ledger.next_index, self.ledger.last_sha256) if self.ledger else self._ledger_state
+        ledger = self.ledger
+        ledger_index, ledger_sha = (ledger.next_index, ledger.last_sha256) if ledger else self._ledger_state
         return {
             "format_version": STATE_FORMAT_VERSION,
             "reference_features": None if ref is None else ref.features.detach().cpu().clone(),
@@ -351,9 +341,10 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         version = state_dict.get("format_version")
-        if not _is_int(version) or version > STATE_FORMAT_VERSION or version < 1:
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= STATE_FORMAT_VERSION:
             raise InputError(
-                f"the checkpoint's SeedPrintsCallback state has format version {version!r}; this seedprints-lightning reads "
+                f"the checkpoint's SeedPrintsCallback state has format version {version!r}; this seedprints-lightning "
+                "reads "
                 f"versions 1 to {STATE_FORMAT_VERSION}: upgrade the package"
             )
         features, meta = state_dict.get("reference_features"), state_dict.get("reference_meta")
@@ -410,7 +401,8 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if self.reference is None:
             if step != 0:
                 raise InputError(
-                    f"SeedPrintsCallback has no reference at global_step={step}: the checkpoint has no SeedPrintsCallback "
+                    f"SeedPrintsCallback has no reference at global_step={step}: the checkpoint has no "
+                    "SeedPrintsCallback "
                     f"state (state_key {self.state_key!r}), so the run's step-0 reference is unknown and will not be "
                     f"taken from trained weights. Pass reference=<run>/seedprints/{REFERENCE_FILE} (e.g. "
                     f"{self.save_dir / REFERENCE_FILE if self.save_dir else 'the run directory'}) or resume from a "
@@ -452,8 +444,10 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         hidden = _hidden_size(lm.config)
         if reference.hidden_size != hidden:
             raise InputError(
-                f"the reference fingerprint has D={reference.hidden_size} features but the model's hidden size is {hidden}: "
-                "the lineage test compares coordinates one to one, so the reference must come from a model of this width"
+                f"the reference fingerprint has D={reference.hidden_size} features but the model's hidden size is "
+                f"{hidden}: "
+                "the lineage test compares coordinates one to one, so the reference must come from a model of this "
+                "width"
             )
         spec = reference.spec
         if spec.kind == "token" and spec.vocab_size > int(lm.config.vocab_size):
@@ -595,7 +589,202 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         features, seeds, file_spec, extra, path = self._controls_file
         if file_spec != spec:
             raise InputError(
-                f"the controls file {path} was made on another probe ({file_spec.describe()}) than this run's reference "
+                f"the controls file {path} was made on another probe ({file_spec.describe()}) than this run's "
+                "reference "
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
                 f"({spec.describe()}); re-create it with `seedprints controls ... --spec-from <reference.safetensors>`"
             )
         lm = None
@@ -643,7 +832,8 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
                     error = (
                         f"the reference from {origin} (step {ref.step}, created {ref.created}) differs from {path} "
                         f"(step {existing.step}, created {existing.created}), the reference of the run that owns this "
-                        "directory: another run's checkpoint or reference is being used in this run's directory. Resume "
+                        "directory: another run's checkpoint or reference is being used in this run's directory. "
+                        "Resume "
                         "this run from its own checkpoint, or log to another directory (save_dir=...)"
                     )
             if error is None and not same:
@@ -724,7 +914,8 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if self.ledger is not None:
             record = self.ledger.append(
                 verdict, stored, event=event, anchor_index=self.anchor_index, reference_sha256=self._reference_sha,
-                controls_sha256=self._controls_sha, identity_mode=self.identity_mode, identity_ratio=self.identity_ratio,
+                controls_sha256=self._controls_sha, identity_mode=self.identity_mode,
+                identity_ratio=self.identity_ratio,
                 initial_anchor_sha256=self._initial_anchor_sha)
             entry["record_index"] = record["index"]
         # Rank 0 writes the ledger; every rank keeps the same anchor index.
@@ -743,7 +934,8 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if verdict.related is None and not failed and not self._warned_undetermined:
             self._warned_undetermined = True
             self._warn(trainer, f"SeedPrints: the lineage probe at step {step} is undetermined ({verdict.reason}); "
-                                "it counts neither as a failure nor as a success. Further undetermined probes are not reported")
+                                "it counts neither as a failure nor as a success. Further undetermined probes are "
+                                "not reported")
         if (self.fail_on == "custody" and verdict.birth.related is False and verdict.link.related
                 and not self._warned_birth):
             self._warned_birth = True
@@ -762,9 +954,12 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         controls = ", ".join(f"{z:.2f}" for z in birth.control_z) or "none"
         reason = f" {verdict.reason.rstrip('.')}." if verdict.reason else ""
         message = (
-            f"SeedPrints: the run lost its lineage identity at step {step} ({self.consecutive_failures} consecutive failed "
-            f"probes, patience {self.patience}, fail_on={self.fail_on!r}): custody link from step {verdict.anchor_step} "
-            f"z={link.z:.2f} (threshold {link.threshold:.2f}), birth z={birth.z:.2f} (threshold {birth.threshold:.2f}), "
+            f"SeedPrints: the run lost its lineage identity at step {step} ({self.consecutive_failures} consecutive "
+            "failed "
+            f"probes, patience {self.patience}, fail_on={self.fail_on!r}): custody link from step "
+            f"{verdict.anchor_step} "
+            f"z={link.z:.2f} (threshold {link.threshold:.2f}), birth z={birth.z:.2f} (threshold "
+            f"{birth.threshold:.2f}), "
             f"controls z [{controls}].{reason} The weights do not descend from the run's last good probe "
             f"(reference: {self.reference_source}, step {self.reference.step}): check for a swapped or wrongly "
             "loaded checkpoint."

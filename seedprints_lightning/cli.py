@@ -36,15 +36,18 @@ traceback. Progress bars go to stderr, results to stdout (``--json`` prints JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ._version import __version__
 from .errors import FingerprintFileError, IncompatibleFingerprintsError, ModelNotFoundError, SeedPrintsError
 
-__all__ = ["EXIT_OK", "EXIT_EXPECT", "EXIT_USAGE", "EXIT_FILE", "EXIT_INCOMPATIBLE", "EXIT_TAMPERED", "EXIT_INTERRUPTED",
+__all__ = ["EXIT_OK", "EXIT_EXPECT", "EXIT_USAGE", "EXIT_FILE", "EXIT_INCOMPATIBLE", "EXIT_TAMPERED",
+           "EXIT_INTERRUPTED",
            "build_parser", "main"]
 
 EXIT_OK = 0
@@ -151,8 +154,10 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def _runtime(args: argparse.Namespace) -> Any:
     import torch
+
+    from .audit import ProbeRuntime
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -161,8 +166,13 @@ def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--device {device!r} is not a torch device ({exc})") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
-    return {"batch_size": args.batch_size, "device": device, "dtype": getattr(torch, args.dtype),
-            "trust_pickle": args.trust_pickle, "progress": not args.quiet}
+    return ProbeRuntime(batch_size=args.batch_size, device=device, dtype=getattr(torch, args.dtype),
+                        trust_pickle=args.trust_pickle, progress=not args.quiet)
+
+
+def _flags(keys: Sequence[str]) -> str:
+    """Option names as the user typed them: ``num_samples`` -> ``--num-samples``."""
+    return ", ".join("--" + key.replace("_", "-") for key in keys)
 
 
 def _add_test_options(parser: argparse.ArgumentParser) -> None:
@@ -192,15 +202,21 @@ def _test_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "method": args.method, "use_agg": args.agg}
 
 
-def _quiet_transformers() -> None:
-    """Hide transformers' weight-loading bars and info logs: the CLI shows its own progress."""
-    try:
-        from transformers.utils import logging as hf_logging
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' weight-loading bars and info logs while a command runs, then restore
+    them: the CLI shows its own progress, and ``main()`` may be called from a user's program."""
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except Exception:  # pragma: no cover - cosmetic only
-        pass
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _fmt_p(log10_p: float) -> str:
@@ -227,7 +243,8 @@ def _verdict_lines(verdict: Any, evidence: str, rule_name: str) -> list[str]:
         f"  controls z  {controls}",
         f"  evidence    {evidence}",
         f"  dimensions  {result.k} identity dims ({result.identity_mode} mode), n = {result.n} probes,"
-        f" {result.method} null" + (f", {result.dropped_constant} constant dims dropped" if result.dropped_constant else ""),
+        f" {result.method} "
+        "null" + (f", {result.dropped_constant} constant dims dropped" if result.dropped_constant else ""),
     ]
     if verdict.related is False and verdict.reason:
         lines.append(f"  why         {verdict.reason}")
@@ -245,6 +262,7 @@ def _expect_met(expect: str | None, related: bool | None) -> bool:
 # --------------------------------------------------------------------------------------
 
 
+@_quiet_transformers()
 def _cmd_fingerprint(args: argparse.Namespace) -> int:
     from .audit import classify_source, fingerprint_source, load_source_fingerprint
     from .probes import ProbeSpec
@@ -259,7 +277,7 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
     if args.spec_from is not None:
         given = [key for key, value in probe.items() if value is not None]
         if given:
-            flags = ", ".join("--" + key.replace("_", "-") for key in given)
+            flags = _flags(given)
             raise UsageError(f"{flags} cannot be combined with --spec-from, which fixes the whole probe")
         spec = load_source_fingerprint(args.spec_from).spec
     else:
@@ -267,8 +285,7 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
         if fields.get("kind") == "embedding" and "vocab_size" in fields:
             raise UsageError("--vocab-size applies to token probes only")
         spec = ProbeSpec(**fields)
-    _quiet_transformers()
-    fp = fingerprint_source(source, spec, num_controls=args.controls, **_runtime_kwargs(args))
+    fp = fingerprint_source(source, spec, num_controls=args.controls, runtime=_runtime(args))
     written = fp.save(out)
     print(f"wrote {written}")
     print(f"  source    {source.describe()}" + (f", step {fp.step}" if fp.step is not None else ""))
@@ -278,6 +295,7 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_quiet_transformers()
 def _cmd_controls(args: argparse.Namespace) -> int:
     from .audit import load_source_fingerprint
     from .controls import controls_from_config, load_config, save_controls
@@ -288,7 +306,7 @@ def _cmd_controls(args: argparse.Namespace) -> int:
     probe = {key: value for key, value in _probe_kwargs(args).items() if value is not None}
     if args.spec_from is not None:
         if probe:
-            flags = ", ".join("--" + key.replace("_", "-") for key in probe)
+            flags = _flags(list(probe))
             raise UsageError(f"{flags} cannot be combined with --spec-from, which fixes the whole probe")
         spec = load_source_fingerprint(args.spec_from).spec
     else:
@@ -296,12 +314,11 @@ def _cmd_controls(args: argparse.Namespace) -> int:
         if spec.kind == "embedding":
             raise UsageError("embedding probes take mean/std from the run's INIT embedding: use --spec-from "
                              "<the run's reference.safetensors>")
-    _quiet_transformers()
     config = load_config(args.source)
-    runtime = _runtime_kwargs(args)
+    runtime = _runtime(args)
     log = None if args.quiet else (lambda message: print(f"  {message}", file=sys.stderr, flush=True))
-    features, seeds = controls_from_config(config, spec, args.num, batch_size=runtime["batch_size"],
-                                           device=runtime["device"], dtype=runtime["dtype"], log=log)
+    features, seeds = controls_from_config(config, spec, args.num, batch_size=runtime.batch_size,
+                                           device=runtime.device, dtype=runtime.dtype, log=log)
     if spec.kind == "token" and spec.vocab_size is None:
         spec = ProbeSpec(**{**spec.to_dict(), "vocab_size": int(config.vocab_size)})
     architectures = getattr(config, "architectures", None) or [type(config).__name__]
@@ -317,11 +334,21 @@ def _cmd_controls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_quiet_transformers()
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .audit import compare_sources
+    from .audit import classify_source, compare_sources
+    from .fingerprint import Fingerprint
 
-    _quiet_transformers()
-    comparison = compare_sources(args.a, args.b, **_probe_kwargs(args), **_runtime_kwargs(args), **_test_kwargs(args),
+    probe = [key for key, value in _probe_kwargs(args).items() if value is not None]
+    if probe:
+        fingerprints = [source for source in map(classify_source, (args.a, args.b)) if source.kind == "fingerprint"]
+        for source in fingerprints:
+            Fingerprint.load(source.path)  # a broken file is the first thing to report
+        if fingerprints:
+            raise UsageError(f"{_flags(probe)} cannot be used when A or B is a fingerprint file: its probe spec is "
+                             "used")
+
+    comparison = compare_sources(args.a, args.b, **_probe_kwargs(args), runtime=_runtime(args), **_test_kwargs(args),
                                  num_controls=args.controls, rule=args.rule, alpha=args.alpha)
     met = _expect_met(args.expect, comparison.related)
     if args.json:
@@ -357,30 +384,36 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_quiet_transformers()
 def _cmd_audit(args: argparse.Namespace) -> int:
     if args.chain is not None:
         return _cmd_audit_chain(args)
-    from .audit import audit_checkpoints, classify_source, find_controls, fingerprint_source, format_audit_table
-    from .audit import rule_for_base
+    from .audit import (
+        audit_checkpoints,
+        classify_source,
+        find_controls,
+        fingerprint_source,
+        format_audit_table,
+        rule_for_base,
+    )
     from .probes import ProbeSpec
 
     if args.reference is None or not args.checkpoints:
         raise UsageError("audit needs REFERENCE and at least one checkpoint (or --chain RUN_DIR [CKPT])")
-    _quiet_transformers()
-    runtime = _runtime_kwargs(args)
+    runtime = _runtime(args)
     reference_source = classify_source(args.reference)
     probe = {key: value for key, value in _probe_kwargs(args).items() if value is not None}
     if reference_source.kind == "fingerprint" and probe:
-        flags = ", ".join("--" + key.replace("_", "-") for key in probe)
+        flags = _flags(list(probe))
         raise UsageError(f"{flags} cannot be used with a fingerprint REFERENCE: its probe spec is used")
     reference = fingerprint_source(reference_source, ProbeSpec(**probe) if probe else None,
                                    num_controls=args.controls if reference_source.kind != "fingerprint" else 0,
-                                   **runtime)
+                                   runtime=runtime)
     evidence = find_controls(reference.spec, [(reference_source, reference)], num_controls=args.controls,
-                             batch_size=runtime["batch_size"], device=runtime["device"])
+                             runtime=runtime)
     rule_name = args.rule if args.rule != "auto" else ("birth" if reference.step == 0 else "custody")
     rule = rule_for_base(reference.step, args.rule, args.alpha)
-    rows = audit_checkpoints(reference, args.checkpoints, **runtime, **_test_kwargs(args), evidence=evidence,
+    rows = audit_checkpoints(reference, args.checkpoints, runtime=runtime, **_test_kwargs(args), evidence=evidence,
                              rule=rule)
     differing = [row for row in rows if not _expect_met(args.expect, row.related)]
     written = None
@@ -398,7 +431,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     else:
         print(f"reference  {reference_source.describe()}")
         print(f"probe      {reference.spec.describe()}")
-        print(f"rule       {rule_name}: {rule.describe()} (one-sided)" + (" (Bonferroni x2, --agg)" if args.agg else ""))
+        print(f"rule       {rule_name}: {rule.describe()} "
+              "(one-sided)" + (" (Bonferroni x2, --agg)" if args.agg else ""))
         print(f"evidence   {evidence.description}")
         print(format_audit_table(rows))
         if written:
@@ -432,7 +466,6 @@ def _cmd_audit_chain(args: argparse.Namespace) -> int:
         raise UsageError("audit --chain takes at most one checkpoint: seedprints audit --chain RUN_DIR [CKPT]")
     checkpoint_features = checkpoint_step = checkpoint_name = None
     if positional:
-        _quiet_transformers()
         from .fingerprint import Fingerprint
 
         run_dir = Path(args.chain)
@@ -441,8 +474,7 @@ def _cmd_audit_chain(args: argparse.Namespace) -> int:
             ref_path = run_dir / "seedprints" / "reference.safetensors"
         spec = Fingerprint.load(ref_path).spec
         source = classify_source(positional[0])
-        runtime = _runtime_kwargs(args)
-        fp = fingerprint_source(source, spec, **runtime)
+        fp = fingerprint_source(source, spec, runtime=_runtime(args))
         fp_step = fp.step if fp.step is not None else source_step(source, trust_pickle=args.trust_pickle)
         checkpoint_features, checkpoint_step, checkpoint_name = fp.features, fp_step, str(source.path)
     expected_head = _ledger_head(positional[0], args.trust_pickle) if positional else None

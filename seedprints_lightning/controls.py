@@ -32,15 +32,17 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .checks import check_int
 from .errors import FingerprintFileError, InputError
-from .fingerprint import save_safetensors
+from .files import save_safetensors
 from .probes import ProbeSpec, extract_features, find_causal_lm
 
 __all__ = [
@@ -105,20 +107,14 @@ def preserve_rng_state() -> Iterator[None]:
 # --------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def control_seeds(num_controls: int, base: int = CONTROL_SEED_BASE) -> tuple[int, ...]:
     """The init seeds of the negative controls: ``base, base + 1, ..., base + num_controls - 1``.
 
     Fixed and documented, so every run (and every rank) builds the same controls, and
     distinct from typical user seeds (see :data:`CONTROL_SEED_BASE`).
     """
-    num = _check_int("num_controls", num_controls, 0)
-    start = _check_int("base", base, 0)
+    num = check_int("num_controls", num_controls, low=0)
+    start = check_int("base", base, low=0)
     return tuple(start + i for i in range(num))
 
 
@@ -135,7 +131,7 @@ def build_control_model(model: nn.Module, seed: int) -> nn.Module:
     control (built one at a time by :func:`probe_controls`, and only when the reference is
     taken).
     """
-    seed = _check_int("seed", seed, 0)
+    seed = check_int("seed", seed, low=0)
     lm = find_causal_lm(model)
     reference_param = next(iter(lm.parameters()), None)
     device = reference_param.device if reference_param is not None else torch.device("cpu")
@@ -173,7 +169,7 @@ def probe_controls(
         raise InputError(f"spec must be a ProbeSpec, got {type(spec).__name__}")
     if not spec.is_resolved:
         raise InputError("probe_controls needs a resolved ProbeSpec (the reference's spec); call spec.resolve(model)")
-    seeds = [_check_int("seed", s, 0) for s in seeds]
+    seeds = [check_int("seed", s, low=0) for s in seeds]
     if not seeds:
         return torch.empty(0, spec.num_samples, 0)
     out = []
@@ -205,7 +201,7 @@ def probe_control_models(
     freed before the next is built. ``log`` gets one progress line per control: for a large
     model the step-0 work takes minutes.
     """
-    seeds = [_check_int("seed", s, 0) for s in seeds]
+    seeds = [check_int("seed", s, low=0) for s in seeds]
     out = []
     with preserve_rng_state():
         for i, seed in enumerate(seeds):
@@ -263,7 +259,8 @@ def load_controls_with_meta(path: str | os.PathLike) -> tuple[torch.Tensor, tupl
     if features.dim() != 3 or features.shape[0] != len(meta["seeds"]):
         raise FingerprintFileError(f"{path}: the features tensor {tuple(features.shape)} does not match its "
                                    f"{len(meta['seeds'])} seeds; re-create the file")
-    return features, tuple(int(s) for s in meta["seeds"]), ProbeSpec.from_dict(meta["spec"]), dict(meta.get("extra") or {})
+    seeds = tuple(int(s) for s in meta["seeds"])
+    return features, seeds, ProbeSpec.from_dict(meta["spec"]), dict(meta.get("extra") or {})
 
 
 # --------------------------------------------------------------------------------------
@@ -287,7 +284,8 @@ def load_config(source: str | os.PathLike) -> Any:
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError for a bad config
-        raise FingerprintFileError(f"{path} is not a readable transformers config ({type(exc).__name__}: {exc})") from exc
+        raise FingerprintFileError(f"{path} is not a readable transformers config ({type(exc).__name__}: "
+                                   f"{exc})") from exc
 
 
 def controls_from_config(
@@ -311,7 +309,8 @@ def controls_from_config(
 
     if not spec.is_resolved:
         if spec.kind != "token":
-            raise InputError("embedding probes take mean/std from the run's INIT embedding: pass the run's resolved spec "
+            raise InputError("embedding probes take mean/std from the run's INIT embedding: pass the run's resolved "
+                             "spec "
                              "(seedprints controls --spec-from <reference.safetensors>)")
         spec = dataclasses.replace(spec, vocab_size=int(config.vocab_size))
     seeds = control_seeds(num_controls)

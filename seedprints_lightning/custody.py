@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from .errors import FingerprintFileError, InputError
-from .fingerprint import Fingerprint, file_sha256, save_safetensors
+from .files import atomic_write, file_sha256, save_safetensors
+from .fingerprint import Fingerprint
 from .verdict import ProbeVerdict, VerdictRule, judge_probe
 
 __all__ = [
@@ -93,7 +94,7 @@ def load_parent_anchor(path: Path) -> tuple[torch.Tensor, int]:
         return handle.get_tensor("features"), int(json.loads((handle.metadata() or {})["seedprints"])["step"])
 
 
-def last_held_probe(audit: "ChainAudit") -> tuple[torch.Tensor, int]:
+def last_held_probe(audit: ChainAudit) -> tuple[torch.Tensor, int]:
     """The features and step of the last record whose link held in a verified chain (the chain's end)."""
     for record, verdict in zip(reversed(audit.records), reversed(audit.recomputed)):
         if verdict is not None and verdict.link.related:
@@ -137,7 +138,8 @@ class CustodyLedger:
         index = self.next_index
         name = f"{PROBES_DIR}/{index:06d}-step{verdict.step:08d}.safetensors"
         feature_path = Path(self.directory) / name
-        save_safetensors(feature_path, {"features": features}, {"seedprints": json.dumps({"index": index, "step": verdict.step})})
+        meta = {"seedprints": json.dumps({"index": index, "step": verdict.step})}
+        save_safetensors(feature_path, {"features": features}, meta)
         record = {
             "format": LEDGER_FORMAT, "version": LEDGER_VERSION, "index": index, "step": int(verdict.step),
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "event": event,
@@ -181,9 +183,8 @@ class CustodyLedger:
         while (moved := self.path.with_name(f"custody.abandoned-{i}.jsonl")).exists():
             i += 1
         moved.write_text("\n".join(lines[keep:]) + "\n", encoding="utf-8")
-        tmp = self.path.with_name(f".{CUSTODY_FILE}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in lines[:keep]), encoding="utf-8")
-        os.replace(tmp, self.path)
+        kept = "".join(line + "\n" for line in lines[:keep])
+        atomic_write(self.path, lambda tmp: tmp.write_text(kept, encoding="utf-8"))
         return moved
 
 
@@ -307,7 +308,8 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
         anchor, anchor_step = load_parent_anchor(initial_path)
         anchor = anchor.float()
         initial_sha = file_sha256(initial_path)
-        audit.evidence += f"; the chain starts at the parent run's last probe (step {anchor_step}, {PARENT_ANCHOR_FILE})"
+        audit.evidence += (f"; the chain starts at the parent run's last probe (step {anchor_step}, "
+                           f"{PARENT_ANCHOR_FILE})")
     anchors: list[tuple[int, int | None, torch.Tensor]] = [(anchor_step, None, anchor)]  # the chain's held anchors
     for line_no, line in enumerate(lines):
         where = f"record {line_no} (line {line_no + 1} of {ledger.name})"
@@ -368,7 +370,8 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
                                              f"(z={recomputed.z:.4f}, related={recomputed.related})")
         if verdict.link.related is False:
             problem(line_no, "broken_link", f"{where}, step {step}: the custody link from step {anchor_step} is "
-                                            f"broken (z={verdict.link.z:.2f} <= threshold {verdict.link.threshold:.2f})")
+                                            f"broken (z={verdict.link.z:.2f} <= threshold "
+                                            f"{verdict.link.threshold:.2f})")
         elif verdict.link.related:
             anchor, anchor_step, anchor_index = live, step, line_no
             anchors.append((step, line_no, live))

@@ -24,10 +24,11 @@ from torch import nn
 
 from ._version import __version__
 from .errors import FingerprintFileError, IncompatibleFingerprintsError, InputError
+from .files import save_safetensors
 from .probes import ProbeSpec, extract_features, find_causal_lm
 from .stats import LineageResult, lineage_test
 
-__all__ = ["FORMAT_VERSION", "Fingerprint", "fingerprint_model", "config_digest", "file_sha256", "save_safetensors"]
+__all__ = ["FORMAT_VERSION", "Fingerprint", "fingerprint_model", "config_digest"]
 
 FORMAT_VERSION = 1
 _FORMAT_NAME = "seedprints-fingerprint"
@@ -42,30 +43,6 @@ def config_digest(config: Any) -> str:
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     data = {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write a safetensors file atomically: a temp file beside it, renamed over it, removed on failure."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (the custody ledger's hash of feature and reference files)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(eq=False)
@@ -117,7 +94,7 @@ class Fingerprint:
         return int(self.features.shape[1])
 
     # ------------------------------------------------------------------ comparison
-    def check_comparable(self, other: "Fingerprint") -> None:
+    def check_comparable(self, other: Fingerprint) -> None:
         """Raise unless ``other`` was made with the same probe inputs."""
         if self.spec != other.spec:
             mine, theirs = self.spec.to_dict(), other.spec.to_dict()
@@ -127,7 +104,7 @@ class Fingerprint:
                 "the other's spec (seedprints fingerprint --spec-from FILE) so both saw the same inputs"
             )
 
-    def compare(self, other: "Fingerprint", **test_kwargs: Any) -> LineageResult:
+    def compare(self, other: Fingerprint, **test_kwargs: Any) -> LineageResult:
         """``lineage_test(self, other)``: is ``other`` descended from ``self``?"""
         self.check_comparable(other)
         return lineage_test(self.features, other.features, **test_kwargs)
@@ -151,7 +128,7 @@ class Fingerprint:
 
     @classmethod
     def from_metadata(cls, features: torch.Tensor, meta: dict[str, Any],
-                      controls: torch.Tensor | None = None) -> "Fingerprint":
+                      controls: torch.Tensor | None = None) -> Fingerprint:
         """Rebuild a fingerprint from its features and :meth:`metadata` (file or callback state)."""
         return cls(
             features=features, spec=ProbeSpec.from_dict(meta["spec"]), model_class=meta.get("model_class"),
@@ -169,7 +146,7 @@ class Fingerprint:
         return save_safetensors(path, tensors, {_META_KEY: json.dumps(self.metadata())})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Fingerprint":
+    def load(cls, path: str | os.PathLike) -> Fingerprint:
         from safetensors import safe_open
 
         path = Path(path)
@@ -187,7 +164,8 @@ class Fingerprint:
                 "`seedprints fingerprint`"
             ) from exc
         if raw_meta is None or features is None:
-            raise FingerprintFileError(f"{path} is a safetensors file but not a seedprints fingerprint (no '{_META_KEY}' metadata or 'features' tensor)")
+            raise FingerprintFileError(f"{path} is a safetensors file but not a seedprints fingerprint (no "
+                                       f"'{_META_KEY}' metadata or 'features' tensor)")
         try:
             meta = json.loads(raw_meta)
         except json.JSONDecodeError as exc:
@@ -197,7 +175,207 @@ class Fingerprint:
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise FingerprintFileError(
-                f"{path}: fingerprint format version {version!r} is not supported by seedprints-lightning {__version__} "
+                f"{path}: fingerprint format version {version!r} is not supported by seedprints-lightning "
+                f"{__version__} "
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
+                ""
                 f"(reads version {FORMAT_VERSION}); upgrade the package or re-create the file"
             )
         if features.dim() != 2 or list(features.shape) != [meta.get("num_samples"), meta.get("hidden_size")]:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -46,7 +47,8 @@ __all__ = [
 ]
 
 TAG_PREFIX = tag("")
-#: DriftCurves field -> TensorBoard tag written by SeedPrintsCallback (:data:`~seedprints_lightning.verdict.METRIC_TAGS`).
+#: DriftCurves field -> TensorBoard tag written by SeedPrintsCallback
+#: (:data:`~seedprints_lightning.verdict.METRIC_TAGS`).
 TAGS: dict[str, str] = {name: tag(name) for name in METRIC_NAMES}
 _EVENT_PATTERN = "events.out.tfevents.*"
 _Z_LINTHRESH = 1.0
@@ -65,13 +67,14 @@ class Series:
 
     def __post_init__(self) -> None:
         if self.steps.shape != self.values.shape or self.steps.ndim != 1:
-            raise InputError(f"Series needs two 1-D arrays of one length, got {self.steps.shape} and {self.values.shape}")
+            raise InputError(f"Series needs two 1-D arrays of one length, got {self.steps.shape} and "
+                             f"{self.values.shape}")
 
     def __len__(self) -> int:
         return int(self.steps.shape[0])
 
     @classmethod
-    def from_mapping(cls, by_step: Mapping[int, float]) -> "Series":
+    def from_mapping(cls, by_step: Mapping[int, float]) -> Series:
         steps = np.array(sorted(by_step), dtype=np.int64)
         return cls(steps, np.array([by_step[int(s)] for s in steps], dtype=np.float64))
 
@@ -326,7 +329,7 @@ def draw_drift(
 
 
 def plot_audit(
-    rows: Sequence["AuditRow"],
+    rows: Sequence[AuditRow],
     out_path: str | Path,
     *,
     threshold: float | None = None,
@@ -340,7 +343,7 @@ def plot_audit(
 
 
 def draw_audit(
-    rows: Sequence["AuditRow"],
+    rows: Sequence[AuditRow],
     *,
     threshold: float | None = None,
     title: str | None = None,

@@ -15,13 +15,15 @@ import contextlib
 import dataclasses
 import inspect
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from .checks import check_choice, check_int, check_number
 from .errors import InputError, ModelNotFoundError
 
 __all__ = [
@@ -52,7 +54,6 @@ ProbeKind = Literal["token", "embedding"]
 class ProbeBatch:
     """One batch of probe inputs: token ids ``[b, L]`` or input embeddings ``[b, L, d]``."""
 
-    start: int
     input_ids: torch.Tensor | None = None
     inputs_embeds: torch.Tensor | None = None
 
@@ -61,7 +62,9 @@ class ProbeBatch:
         tensor = self.input_ids if self.input_ids is not None else self.inputs_embeds
         return int(tensor.shape[0])
 
-    def model_kwargs(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def model_kwargs(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
         """Keyword arguments for a ``transformers`` forward."""
         if self.input_ids is not None:
             return {"input_ids": self.input_ids.to(device)}
@@ -89,25 +92,17 @@ class ProbeSpec:
     embed_std: float | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("token", "embedding"):
-            raise InputError(f"ProbeSpec.kind must be 'token' or 'embedding', got {self.kind!r}")
-        for name, low in (("num_samples", 3), ("length", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise InputError(f"ProbeSpec.{name} must be an integer >= {low}, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise InputError(f"ProbeSpec.seed must be a non-negative integer, got {self.seed!r}")
+        check_choice("ProbeSpec.kind", self.kind, ("token", "embedding"))
+        check_int("ProbeSpec.num_samples", self.num_samples, low=3)
+        check_int("ProbeSpec.length", self.length, low=1)
+        check_int("ProbeSpec.seed", self.seed, low=0)
         for name in ("vocab_size", "hidden_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-                raise InputError(f"ProbeSpec.{name} must be a positive integer or None, got {value!r}")
-        def is_finite_number(value: Any) -> bool:
-            return not isinstance(value, bool) and isinstance(value, (int, float, np.floating)) and math.isfinite(value)
-
-        if self.embed_mean is not None and not is_finite_number(self.embed_mean):
-            raise InputError(f"ProbeSpec.embed_mean must be finite (a number, or None), got {self.embed_mean!r}")
-        if self.embed_std is not None and not (is_finite_number(self.embed_std) and self.embed_std > 0):
-            raise InputError(f"ProbeSpec.embed_std must be a positive finite number, got {self.embed_std!r}")
+            if getattr(self, name) is not None:
+                check_int(f"ProbeSpec.{name}", getattr(self, name), low=1, hint="or None")
+        if self.embed_mean is not None:
+            check_number("ProbeSpec.embed_mean", self.embed_mean, hint="or None")
+        if self.embed_std is not None:
+            check_number("ProbeSpec.embed_std", self.embed_std, low=0.0, low_open=True, hint="or None")
 
     # ------------------------------------------------------------------ resolution
     @property
@@ -116,7 +111,7 @@ class ProbeSpec:
             return self.vocab_size is not None
         return None not in (self.hidden_size, self.embed_mean, self.embed_std)
 
-    def resolve(self, model: nn.Module) -> "ProbeSpec":
+    def resolve(self, model: nn.Module) -> ProbeSpec:
         """A copy with every ``None`` field filled from ``model`` (a transformers LM)."""
         lm = find_causal_lm(model)
         config = lm.config
@@ -162,17 +157,16 @@ class ProbeSpec:
                 torch.randint(0, self.vocab_size, (self.length,), generator=self.sample_generator(i))
                 for i in range(start, stop)
             ])
-            return ProbeBatch(start=start, input_ids=ids)
+            return ProbeBatch(input_ids=ids)
         embeds = torch.stack([
             torch.randn(self.length, self.hidden_size, generator=self.sample_generator(i))
             for i in range(start, stop)
         ])
-        return ProbeBatch(start=start, inputs_embeds=embeds * self.embed_std + self.embed_mean)
+        return ProbeBatch(inputs_embeds=embeds * self.embed_std + self.embed_mean)
 
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[ProbeBatch]:
         stop = self.num_samples if stop is None else stop
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_int("batch_size", batch_size, low=1)
         for lo in range(start, stop, batch_size):
             yield self.make_batch(lo, min(stop, lo + batch_size))
 
@@ -181,7 +175,7 @@ class ProbeSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ProbeSpec":
+    def from_dict(cls, data: dict[str, Any]) -> ProbeSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -189,7 +183,12 @@ class ProbeSpec:
         return cls(**data)
 
     def describe(self) -> str:
-        extra = f"V={self.vocab_size}" if self.kind == "token" else f"d={self.hidden_size}, N({self.embed_mean:.3g}, {self.embed_std:.3g})" if self.is_resolved else "unresolved"
+        if self.kind == "token":
+            extra = f"V={self.vocab_size}"
+        elif self.is_resolved:
+            extra = f"d={self.hidden_size}, N({self.embed_mean:.3g}, {self.embed_std:.3g})"
+        else:
+            extra = "unresolved"
         return f"{self.kind} probes, n={self.num_samples}, L={self.length}, seed={self.seed}, {extra}"
 
 
@@ -211,7 +210,8 @@ def find_causal_lm(model: nn.Module) -> nn.Module:
         if isinstance(module, PreTrainedModel):
             return module
     raise ModelNotFoundError(
-        f"no transformers PreTrainedModel found inside {type(model).__name__}; pass a feature_fn(module, batch) -> [b, D] "
+        f"no transformers PreTrainedModel found inside {type(model).__name__}; pass a feature_fn(module, batch) -> [b, "
+        "D] "
         "for other model types"
     )
 

@@ -22,10 +22,9 @@ The rule:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
+from .checks import check_bool, check_int, check_number
 from .errors import InputError
 
 __all__ = ["DEFAULT_ADAPT_HEADROOM", "DEFAULT_RAMP_FRACTION", "ProbeSchedule"]
@@ -37,12 +36,6 @@ __all__ = ["DEFAULT_ADAPT_HEADROOM", "DEFAULT_RAMP_FRACTION", "ProbeSchedule"]
 DEFAULT_ADAPT_HEADROOM = 2.0
 #: The largest interval, as a fraction of the step it starts from, while the schedule ramps up.
 DEFAULT_RAMP_FRACTION = 0.25
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -57,19 +50,15 @@ class ProbeSchedule:
     ramp_fraction: float = DEFAULT_RAMP_FRACTION
 
     def __post_init__(self) -> None:
-        _positive_int("every_n_steps", self.every_n_steps)
-        _positive_int("first_interval", self.first_interval)
-        _positive_int("min_interval", self.min_interval)
+        check_int("every_n_steps", self.every_n_steps, low=1)
+        check_int("first_interval", self.first_interval, low=1)
+        check_int("min_interval", self.min_interval, low=1)
         if self.min_interval > self.every_n_steps:
             raise InputError(f"min_interval={self.min_interval} must be <= every_n_steps={self.every_n_steps}")
-        h = self.adapt_headroom
-        if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or h < 1.0:
-            raise InputError(f"adapt_headroom must be a finite number >= 1 (z / threshold), got {h!r}")
-        r = self.ramp_fraction
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
-            raise InputError(f"ramp_fraction must be a finite number > 0 (largest interval / current step), got {r!r}")
-        if not isinstance(self.adaptive, bool):
-            raise InputError(f"adaptive must be True or False, got {self.adaptive!r}")
+        check_number("adapt_headroom", self.adapt_headroom, low=1.0, hint="z / threshold")
+        check_number("ramp_fraction", self.ramp_fraction, low=0.0, low_open=True,
+                     hint="largest interval / current step")
+        check_bool("adaptive", self.adaptive)
 
     def first(self) -> tuple[int, int]:
         """``(next_step, interval)`` right after the step-0 reference."""

@@ -34,6 +34,7 @@ from scipy import special
 from scipy import stats as sps
 
 from ._kendall_cpu import tau_b_rows
+from .checks import check_bool, check_choice, check_int, check_number
 from .errors import InputError
 
 __all__ = [
@@ -121,13 +122,8 @@ def log10_normal_sf(z: float) -> float:
 
 def z_threshold(alpha: float) -> float:
     """The one-sided z above which ``p < alpha``."""
-    _check_alpha(alpha)
+    check_number("alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True)
     return float(sps.norm.isf(alpha))
-
-
-def _check_alpha(alpha: float) -> None:
-    if not (isinstance(alpha, (int, float)) and 0.0 < float(alpha) < 1.0):
-        raise InputError(f"alpha must be a number in (0, 1), got {alpha!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -255,7 +251,8 @@ def _kendall_chunk(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if x_ties and y_ties:
         # Joint ties: runs of equal (x, y) in lex order, found as ties of one packed dense key.
         x_lex = torch.gather(x_keys, 1, lex)
-        x_dense = torch.cumsum(torch.cat([torch.zeros_like(x_lex[:, :1]), (x_lex[:, 1:] != x_lex[:, :-1]).long()], 1), 1)
+        x_new = (x_lex[:, 1:] != x_lex[:, :-1]).long()
+        x_dense = torch.cumsum(torch.cat([torch.zeros_like(x_lex[:, :1]), x_new], 1), 1)
         y_dense = torch.empty_like(y_order).scatter_(
             1, y_order, torch.cumsum(torch.cat([torch.zeros_like(y_sorted[:, :1]),
                                                 (y_sorted[:, 1:] != y_sorted[:, :-1]).long()], 1), 1))
@@ -274,7 +271,8 @@ def kendall_tau_b(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     :func:`lineage_test` drops such columns before calling this.
     """
     if x.dim() != 2 or x.shape != y.shape:
-        raise InputError(f"kendall_tau_b needs two [n, m] tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise InputError(f"kendall_tau_b needs two [n, m] tensors of one shape, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
     if x.shape[0] < 2:
         raise InputError(f"Kendall's tau needs at least 2 samples, got {x.shape[0]}")
     if x.device.type == "cpu":
@@ -311,7 +309,8 @@ def _as_float_matrix(features: FeatureLike, name: str) -> torch.Tensor:
     elif isinstance(features, torch.Tensor):
         tensor = features.detach()
     else:
-        raise InputError(f"{name} must be a torch.Tensor or numpy.ndarray of shape [n, D], got {type(features).__name__}")
+        raise InputError(f"{name} must be a torch.Tensor or numpy.ndarray of shape [n, D], got "
+                         f"{type(features).__name__}")
     if not tensor.is_floating_point():
         raise InputError(
             f"{name} has dtype {tensor.dtype}; lineage_test needs floating-point hidden states "
@@ -320,7 +319,8 @@ def _as_float_matrix(features: FeatureLike, name: str) -> torch.Tensor:
     if tensor.dim() != 2:
         raise InputError(f"{name} must be 2-D [n_samples, hidden_dim], got shape {tuple(tensor.shape)}")
     if tensor.numel() == 0:
-        raise InputError(f"{name} is empty (shape {tuple(tensor.shape)}); probe at least 3 samples of at least 2 dimensions")
+        raise InputError(f"{name} is empty (shape {tuple(tensor.shape)}); probe at least 3 samples of at least 2 "
+                         "dimensions")
     finite = torch.isfinite(tensor).all(dim=1)
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).flatten().tolist()
@@ -339,14 +339,12 @@ def _resolve_k(dim: int, identity_k: int | None, identity_ratio: float | None) -
     if identity_k is not None and identity_ratio is not None:
         raise InputError("give identity_k (a count) or identity_ratio (a fraction of D), not both")
     if identity_k is not None:
-        if isinstance(identity_k, bool) or not isinstance(identity_k, (int, np.integer)) or identity_k < 2:
-            raise InputError(f"identity_k must be an integer >= 2, got {identity_k!r}")
+        check_int("identity_k", identity_k, low=2)
         if identity_k > dim:
             raise InputError(f"identity_k={identity_k} is larger than the feature dimension D={dim}; use at most {dim}")
         return int(identity_k)
     ratio = DEFAULT_IDENTITY_RATIO if identity_ratio is None else identity_ratio
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 < float(ratio) <= 1.0):
-        raise InputError(f"identity_ratio must be a fraction in (0, 1], got {identity_ratio!r}")
+    check_number("identity_ratio", ratio, low=0.0, high=1.0, low_open=True, hint="a fraction of D")
     k = min(dim, int(round(float(ratio) * dim)))
     if k < 2:
         raise InputError(
@@ -360,8 +358,7 @@ def select_identity_dims(
     base: torch.Tensor, target: torch.Tensor, k: int, mode: Literal["coset", "base"] = "coset"
 ) -> torch.Tensor:
     """Indices (sorted, int64) of the identity dimensions: the ``k`` smallest column means."""
-    if mode not in ("coset", "base"):
-        raise InputError(f"identity_mode must be 'coset' or 'base', got {mode!r}")
+    check_choice("identity_mode", mode, ("coset", "base"))
     base_dims = torch.topk(base.mean(dim=0, dtype=torch.float64), k, largest=False).indices
     if mode == "base":
         return torch.sort(base_dims).values
@@ -404,14 +401,10 @@ class EmpiricalNull:
     test: Literal["ttest", "mannwhitney"] = "ttest"
 
     def __post_init__(self) -> None:
-        if isinstance(self.draws, bool) or not isinstance(self.draws, (int, np.integer)) or self.draws < 1:
-            raise InputError(f"EmpiricalNull.draws must be an integer >= 1, got {self.draws!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise InputError(f"EmpiricalNull.seed must be an integer >= 0, got {self.seed!r}")
-        if not isinstance(self.reselect, bool):
-            raise InputError(f"EmpiricalNull.reselect must be True or False, got {self.reselect!r}")
-        if self.test not in ("ttest", "mannwhitney"):
-            raise InputError(f"EmpiricalNull.test must be 'ttest' or 'mannwhitney', got {self.test!r}")
+        check_int("EmpiricalNull.draws", self.draws, low=1)
+        check_int("EmpiricalNull.seed", self.seed, low=0)
+        check_bool("EmpiricalNull.reselect", self.reselect)
+        check_choice("EmpiricalNull.test", self.test, ("ttest", "mannwhitney"))
 
 
 @dataclass(frozen=True)
@@ -510,27 +503,23 @@ def _bonferroni(main: _Signal, agg: _Signal) -> _Signal:
 
 def _check_test_options(identity_mode: str, temperature: float, method: str, alpha: float, use_agg: bool,
                         null: EmpiricalNull | None) -> None:
-    _check_alpha(alpha)
-    if method not in ("analytic", "empirical"):
-        raise InputError(f"method must be 'analytic' or 'empirical', got {method!r}")
+    check_number("alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_choice("method", method, ("analytic", "empirical"))
     if null is not None and not isinstance(null, EmpiricalNull):
         raise InputError(f"null must be an EmpiricalNull(draws=..., seed=..., reselect=..., test=...), got {null!r}")
     if null is not None and method != "empirical":
         raise InputError("null= sets the empirical null's options: pass method='empirical' with it, or leave it out")
-    if identity_mode not in ("coset", "base"):
-        raise InputError(f"identity_mode must be 'coset' or 'base', got {identity_mode!r}")
-    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-            and math.isfinite(temperature) and temperature > 0):
-        raise InputError(f"temperature must be a positive finite number, got {temperature!r}")
-    if not isinstance(use_agg, bool):
-        raise InputError(f"use_agg must be True or False, got {use_agg!r}")
+    check_choice("identity_mode", identity_mode, ("coset", "base"))
+    check_number("temperature", temperature, low=0.0, low_open=True)
+    check_bool("use_agg", use_agg)
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     n, dim = a.shape
     if b.shape[0] != n:
         raise InputError(
-            f"base has {n} samples but target has {b.shape[0]}: both must be features of the SAME probe inputs, same order"
+            f"base has {n} samples but target has {b.shape[0]}: both must be features of the SAME probe inputs, same "
+            "order"
         )
     if b.shape[1] != dim:
         raise InputError(
@@ -638,5 +627,6 @@ def _empirical_null_taus(target: torch.Tensor, dims: torch.Tensor, k: int, mode:
         raise InputError("the empirical null produced no usable dimensions; use method='analytic' or raise identity_k")
     null_taus = torch.cat(out)
     if null_taus.numel() < 2:
-        raise InputError("the empirical null produced fewer than 2 usable dimensions; use method='analytic' or raise identity_k")
+        raise InputError("the empirical null produced fewer than 2 usable dimensions; use method='analytic' or raise "
+                         "identity_k")
     return null_taus

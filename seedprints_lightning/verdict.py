@@ -42,9 +42,11 @@ from it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
+from .checks import check_number
 from .errors import InputError
 from .stats import LineageResult, kendall_null_sigma, z_threshold
 
@@ -84,12 +86,6 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else 0.0
 
 
-def _check_margin(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class VerdictRule:
     """How far a test must stand above the analytic null and the measured (control) null.
@@ -106,14 +102,14 @@ class VerdictRule:
     def __post_init__(self) -> None:
         z_threshold(self.alpha)  # validates alpha with a clear message
         object.__setattr__(self, "alpha", float(self.alpha))
-        object.__setattr__(self, "z_margin", _check_margin("z_margin", self.z_margin))
-        object.__setattr__(self, "tau_margin", _check_margin("tau_margin", self.tau_margin))
+        object.__setattr__(self, "z_margin", check_number("z_margin", self.z_margin, low=0.0))
+        object.__setattr__(self, "tau_margin", check_number("tau_margin", self.tau_margin, low=0.0))
 
     def to_dict(self) -> dict[str, float]:
         return {"alpha": self.alpha, "z_margin": self.z_margin, "tau_margin": self.tau_margin}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VerdictRule":
+    def from_dict(cls, data: dict[str, Any]) -> VerdictRule:
         return cls(alpha=data["alpha"], z_margin=data["z_margin"], tau_margin=data["tau_margin"])
 
     def describe(self) -> str:
@@ -228,7 +224,8 @@ def decide_identity(
         return verdict(None, f"none of the {len(controls)} control tests was determined ({reasons}), so the null "
                              "cannot be measured")
     if not result.related:
-        return verdict(False, f"z={z:.2f} is not significant at alpha={rule.alpha:g} (needs > {z_threshold(rule.alpha):.2f})")
+        return verdict(False, f"z={z:.2f} is not significant at alpha={rule.alpha:g} (needs > "
+                              f"{z_threshold(rule.alpha):.2f})")
     if not z > threshold:
         return verdict(False, f"z={z:.2f} (tau_mean {result.tau_mean:.4f}) does not stand clear of the fresh-init "
                               f"controls (z max {z_max:.2f}, tau max {tau_max:.4f}; needs z > {threshold:.2f} with "

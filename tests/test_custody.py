@@ -32,7 +32,7 @@ from seedprints_lightning.custody import (
     storage_features,
     verify_chain,
 )
-from seedprints_lightning.fingerprint import file_sha256
+from seedprints_lightning.files import file_sha256
 from seedprints_lightning.verdict import BIRTH_RULE, CUSTODY_RULE, judge_probe
 
 N, D = 120, 24

@@ -107,7 +107,7 @@ def test_make_batch_errors() -> None:
         TOKEN.make_batch(20, 24)
     with pytest.raises(InputError, match=r"outside"):
         TOKEN.make_batch(3, 3)
-    with pytest.raises(InputError, match="batch_size must be a positive integer"):
+    with pytest.raises(InputError, match=r"batch_size must be an integer >= 1, got"):
         list(TOKEN.batches(0))
     with pytest.raises(InputError, match=r"no vocab_size yet: call spec.resolve\(model\) first"):
         ProbeSpec(kind="token", num_samples=5).make_batch(0, 5)
@@ -128,14 +128,14 @@ def test_make_batch_errors() -> None:
         ({"num_samples": 10.0}, r"num_samples must be an integer >= 3"),
         ({"num_samples": True}, r"num_samples must be an integer >= 3"),
         ({"length": 0}, r"length must be an integer >= 1"),
-        ({"seed": -1}, r"seed must be a non-negative integer"),
-        ({"seed": "42"}, r"seed must be a non-negative integer"),
-        ({"vocab_size": 0}, r"vocab_size must be a positive integer or None"),
-        ({"hidden_size": True}, r"hidden_size must be a positive integer or None"),
-        ({"embed_mean": float("nan")}, r"embed_mean must be finite"),
-        ({"embed_std": 0.0}, r"embed_std must be a positive finite number"),
-        ({"embed_std": -1.0}, r"embed_std must be a positive finite number"),
-        ({"embed_std": float("inf")}, r"embed_std must be a positive finite number"),
+        ({"seed": -1}, r"ProbeSpec.seed must be an integer >= 0, got"),
+        ({"seed": "42"}, r"ProbeSpec.seed must be an integer >= 0, got"),
+        ({"vocab_size": 0}, r"ProbeSpec.vocab_size must be an integer >= 1 \(or None\), got 0"),
+        ({"hidden_size": True}, r"ProbeSpec.hidden_size must be an integer >= 1 \(or None\), got True"),
+        ({"embed_mean": float("nan")}, r"ProbeSpec.embed_mean must be a finite number \(or None\), got nan"),
+        ({"embed_std": 0.0}, r"ProbeSpec.embed_std must be a finite number > 0 \(or None\)"),
+        ({"embed_std": -1.0}, r"ProbeSpec.embed_std must be a finite number > 0 \(or None\)"),
+        ({"embed_std": float("inf")}, r"ProbeSpec.embed_std must be a finite number > 0 \(or None\)"),
     ],
 )
 def test_spec_validation(kwargs: dict, message: str) -> None:
