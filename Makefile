@@ -20,6 +20,7 @@ demo: setup
 	$(PY) -m seedprints_lightning.train.demo
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 clean:

@@ -32,6 +32,7 @@ import torch
 
 from .checks import check_int
 from .errors import FingerprintFileError, IncompatibleFingerprintsError, InputError, SeedPrintsError, SourceError
+from .files import load_lightning_checkpoint
 from .fingerprint import Fingerprint, fingerprint_model
 from .probes import ProbeSpec, find_causal_lm
 from .stats import LineageResult, lineage_test
@@ -182,26 +183,9 @@ def _model_from_lightning_checkpoint(path: Path, trust_pickle: bool) -> torch.nn
     stores it; another LightningModule can too, with ``checkpoint["hf_config"] =
     json.loads(model.config.to_json_string())`` in ``on_save_checkpoint``).
     """
-    import zipfile
-
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not zipfile.is_zipfile(path):
-        raise SourceError(f"{path} is not a PyTorch checkpoint (not a torch.save zip archive): pass a .ckpt written "
-                          "by a Trainer")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as exc:
-        if not trust_pickle:
-            raise SourceError(
-                f"{path} contains Python objects beyond tensors and plain containers (often callback state), which a "
-                "safe load refuses. If you created this checkpoint yourself, pass trust_pickle=True (command line: "
-                f"--trust-pickle) ({type(exc).__name__}: {exc})"
-            ) from exc
-        raise SourceError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise SourceError(f"{path} is not a Lightning checkpoint (no 'state_dict'): save it with "
-                          "Trainer.save_checkpoint")
+    checkpoint = load_lightning_checkpoint(path, trust_pickle=trust_pickle, error=SourceError)
     config_dict = checkpoint.get(HF_CONFIG_KEY)
     state_dict = {key[len("model."):]: value for key, value in checkpoint["state_dict"].items()
                   if key.startswith("model.")}

@@ -23,13 +23,18 @@ def _fail(name: str, what: str, value: Any, hint: str | None) -> InputError:
     return InputError(f"{name} must be {what}{f' ({hint})' if hint else ''}, got {value!r}")
 
 
+def _bound(value: float) -> str:
+    # Integers in full (a seed bound of 2**64 - 1 must not print as 1.84467e+19), floats short.
+    return str(value) if isinstance(value, (int, np.integer)) else f"{value:g}"
+
+
 def _range(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     if low is not None and high is not None:
-        return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f" in {'(' if low_open else '['}{_bound(low)}, {_bound(high)}{')' if high_open else ']'}"
     if low is not None:
-        return f" {'>' if low_open else '>='} {low:g}"
+        return f" {'>' if low_open else '>='} {_bound(low)}"
     if high is not None:
-        return f" {'<' if high_open else '<='} {high:g}"
+        return f" {'<' if high_open else '<='} {_bound(high)}"
     return ""
 
 

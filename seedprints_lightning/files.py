@@ -1,8 +1,8 @@
 """File writing and hashing shared by fingerprints, controls, the custody ledger and the corpus.
 
-Every file this package writes goes through :func:`atomic_write`: a reader (another rank, an
-auditor, a resumed run) sees either the old file or the complete new one, never half of one,
-and a failed write leaves no temp file behind.
+Every whole file this package writes goes through :func:`atomic_write` (the custody ledger
+only appends lines): a reader (another rank, an auditor, a resumed run) sees either the old
+file or the complete new one, never half of one, and a failed write leaves no temp file.
 """
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["atomic_write", "file_sha256", "save_safetensors"]
+from .errors import SeedPrintsError
+
+__all__ = ["atomic_write", "file_sha256", "load_lightning_checkpoint", "save_safetensors"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -50,3 +53,38 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def load_lightning_checkpoint(path: str | os.PathLike, *, trust_pickle: bool,
+                              error: type[SeedPrintsError]) -> dict[str, Any]:
+    """Read a Lightning ``.ckpt`` on CPU: a dict with a ``state_dict``, or ``error`` saying why not.
+
+    Read with ``torch.load(weights_only=True)`` unless ``trust_pickle``: unpickling a file
+    from someone else can run arbitrary code. ``error`` is the caller's error type (the
+    auditor's ``SourceError``, the training package's ``InputError``); the messages are one.
+    """
+    import zipfile
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        what = "is a directory" if file.is_dir() else "does not exist"
+        raise error(f"checkpoint {file} {what}: pass the path of a .ckpt file")
+    # torch.save has written zip archives since torch 1.6 and Lightning always uses it; checking
+    # the container first tells "not a checkpoint" apart from "a checkpoint a safe load refuses",
+    # which torch reports with the same exception type.
+    if not zipfile.is_zipfile(file):
+        raise error(f"{file} is not a PyTorch checkpoint (not a torch.save zip archive): pass a .ckpt written by a "
+                    "Trainer")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:
+        if not trust_pickle:
+            raise error(
+                f"{file} contains Python objects beyond tensors and plain containers (often callback state), which a "
+                "safe load refuses; if you created this checkpoint yourself, pass trust_pickle=True (command line: "
+                f"--trust-pickle) ({type(exc).__name__}: {exc})"
+            ) from exc
+        raise error(f"{file} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise error(f"{file} is not a Lightning checkpoint (no 'state_dict'): save it with Trainer.save_checkpoint")
+    return checkpoint

@@ -27,6 +27,11 @@ def test_check_int_rejects_with_one_message_style(value, kwargs, message) -> Non
         check_int("n", value, **kwargs)
 
 
+def test_large_integer_bounds_print_in_full() -> None:
+    with pytest.raises(InputError, match=r"in \[0, 18446744073709551615\], got -1$"):
+        check_int("seed", -1, low=0, high=2**64 - 1)
+
+
 def test_check_number_bounds_open_and_closed() -> None:
     assert check_number("x", 1, low=0.0) == 1.0
     assert check_number("a", 0.5, low=0.0, high=1.0, low_open=True, high_open=True) == 0.5

@@ -110,9 +110,9 @@ def test_code_corpus_stays_valid_python(cache: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"domain": "poetry"}, "Unknown corpus domain 'poetry'"),
-        ({"max_bytes": 0}, "max_bytes must be a positive int"),
-        ({"stdlib_dir": "/nonexistent/python3/lib"}, "Standard library directory .* does not exist"),
+        ({"domain": "poetry"}, "domain must be 'prose' or 'code', got 'poetry'"),
+        ({"max_bytes": 0}, r"max_bytes must be an integer >= 1 \(or None for the default\), got 0"),
+        ({"stdlib_dir": "/nonexistent/python3/lib"}, "standard library directory .* does not exist"),
     ],
 )
 def test_corpus_errors(cache: Path, kwargs: dict, message: str) -> None:
@@ -123,7 +123,7 @@ def test_corpus_errors(cache: Path, kwargs: dict, message: str) -> None:
 def test_corpus_errors_on_stdlib_without_sources(tmp_path: Path, cache: Path) -> None:
     (tmp_path / "lib").mkdir()
     (tmp_path / "lib" / "broken.py").write_text("def (:\n")
-    with pytest.raises(InputError, match="No usable Python modules"):
+    with pytest.raises(InputError, match="no usable Python modules"):
         build_corpus(stdlib_dir=tmp_path / "lib")
 
 
@@ -166,7 +166,7 @@ def test_tokenize_directory_errors(tmp_path: Path) -> None:
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(InputError, match="is a file, not a directory"):
         tokenize_directory(tmp_path / "file.txt")
-    with pytest.raises(InputError, match="Unknown token dtype"):
+    with pytest.raises(InputError, match="unknown token dtype"):
         tokenize_directory(tmp_path, dtype="float32")
 
 
@@ -267,14 +267,14 @@ def test_data_module_reads_memmap(tmp_path: Path, dtype: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"data_dir": "a", "memmap_path": "b"}, "Both data_dir and memmap_path"),
+        ({"data_dir": "a", "memmap_path": "b"}, "both data_dir and memmap_path"),
         ({"data_dir": "a", "corpus": "prose"}, "only used when neither"),
-        ({"corpus": "poetry"}, "Unknown corpus 'poetry'"),
-        ({"memmap_dtype": "int8"}, "Unknown memmap_dtype 'int8'"),
-        ({"seq_len": 0}, "seq_len must be >= 1"),
-        ({"batch_size": 2.0}, "batch_size must be an int"),
+        ({"corpus": "poetry"}, "corpus must be 'prose' or 'code', got 'poetry'"),
+        ({"memmap_dtype": "int8"}, "memmap_dtype must be 'uint16' or 'uint32', got 'int8'"),
+        ({"seq_len": 0}, "seq_len must be an integer >= 1, got 0"),
+        ({"batch_size": 2.0}, "batch_size must be an integer >= 1, got 2.0"),
         ({"val_fraction": 1.0}, r"val_fraction must be a number in \[0, 1\)"),
-        ({"seed": -1}, "seed must be >= 0"),
+        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
     ],
 )
 def test_data_module_constructor_errors(kwargs: dict, message: str) -> None:
@@ -291,13 +291,13 @@ def test_data_module_source_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         setup(memmap_path=str(tmp_path / "missing.bin"))
     _text_dir(tmp_path / "other", {"data.csv": "a,b"})
-    with pytest.raises(InputError, match="No text files"):
+    with pytest.raises(InputError, match="no text files"):
         setup(data_dir=str(tmp_path / "other"))
     _text_dir(tmp_path / "empty", {"a.txt": "", "b/c.md": ""})
-    with pytest.raises(InputError, match="All 2 text file.* are empty"):
+    with pytest.raises(InputError, match="all 2 text file.* are empty"):
         setup(data_dir=str(tmp_path / "empty"))
     _text_dir(tmp_path / "binary", {"a.txt": b"\x00\x01"})
-    with pytest.raises(InputError, match="No readable text files"):
+    with pytest.raises(InputError, match="no readable text files"):
         setup(data_dir=str(tmp_path / "binary"))
     _text_dir(tmp_path / "short", {"a.txt": "tiny"})
     with pytest.raises(InputError, match="shorter than one window"):

@@ -105,12 +105,12 @@ def test_optimizer_warmup_and_decay_groups() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"lr": 0.0}, "lr must be a number > 0"),
-        ({"weight_decay": -0.1}, "weight_decay must be a number >= 0"),
-        ({"warmup_steps": -1}, "warmup_steps must be an int >= 0"),
-        ({"betas": (0.9, 1.0)}, "betas must be two numbers"),
-        ({"arch": "rwkv"}, "Unknown arch 'rwkv'"),
-        ({"config_overrides": {"no_such_field": 1}}, "Unknown LlamaConfig field"),
+        ({"lr": 0.0}, "lr must be a finite number > 0, got 0.0"),
+        ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0, got -0.1"),
+        ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0, got -1"),
+        ({"betas": (0.9, 1.0)}, r"betas\[1\] must be a number in \[0, 1\), got 1.0"),
+        ({"arch": "rwkv"}, r"arch must be one of 'llama', 'qwen2', 'gpt2' \(case-insensitive\), got 'rwkv'"),
+        ({"config_overrides": {"no_such_field": 1}}, "unknown LlamaConfig field"),
     ],
 )
 def test_constructor_errors(kwargs: dict, message: str) -> None:
@@ -140,3 +140,22 @@ def test_load_checkpoint_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="trust_pickle=True"):
         load_causal_lm_from_checkpoint(unsafe)
     assert isinstance(load_causal_lm_from_checkpoint(unsafe, trust_pickle=True), PreTrainedModel)
+
+
+def test_module_takes_make_configs_size_arguments_with_its_defaults() -> None:
+    # CausalLMModule spells the size arguments out for LightningCLI and hands them through by
+    # name: a size added to make_config, or a default changed there, must show up here too.
+    import inspect
+
+    from seedprints_lightning.train.models import MODEL_SIZE_ARGS, make_config
+
+    config_params = inspect.signature(make_config).parameters
+    module_params = inspect.signature(CausalLMModule).parameters
+    keyword_sizes = [n for n, p in config_params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert tuple(keyword_sizes) == MODEL_SIZE_ARGS
+    for name in MODEL_SIZE_ARGS:
+        assert module_params[name].default == config_params[name].default, name
+    module = CausalLMModule(hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=2, vocab_size=100)
+    config = module.model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (48, 3, 6)
+    assert (config.num_key_value_heads, config.vocab_size) == (2, 100)

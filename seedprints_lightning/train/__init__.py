@@ -5,11 +5,11 @@ from the installed Python standard library or the user's own files, and tokeniza
 byte-level (no vocabulary files).
 """
 
-from seedprints_lightning.train.corpus import CORPUS_DOMAINS, DEFAULT_MAX_BYTES, build_corpus, default_cache_dir
-from seedprints_lightning.train.data import TextDataModule
-from seedprints_lightning.train.models import ARCHITECTURES, make_causal_lm, make_config, model_from_config
-from seedprints_lightning.train.module import CausalLMModule, load_causal_lm_from_checkpoint
-from seedprints_lightning.train.tokenizer import (
+from .corpus import CORPUS_DOMAINS, DEFAULT_MAX_BYTES, build_corpus, default_cache_dir
+from .data import TextDataModule
+from .models import ARCHITECTURES, make_causal_lm, make_config, model_from_config
+from .module import CausalLMModule, load_causal_lm_from_checkpoint
+from .tokenizer import (
     DOCUMENT_SEPARATOR_ID,
     MEMMAP_DTYPES,
     TEXT_SUFFIXES,

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from seedprints_lightning.errors import FingerprintFileError, InputError
-from seedprints_lightning.train.data import TextDataModule
-from seedprints_lightning.train.module import CausalLMModule, load_causal_lm_from_checkpoint
+from ..errors import FingerprintFileError, InputError, SeedPrintsError
+from .data import TextDataModule
+from .module import CausalLMModule, load_causal_lm_from_checkpoint
 
 __all__ = ["SeedPrintsTrainCLI", "main", "make_cli"]
 
@@ -76,21 +76,15 @@ class SeedPrintsTrainCLI(LightningCLI):
                         f"SeedPrintsCallback reference={reference!r} does not exist: point it at the parent run's "
                         "<save_dir> (its seedprints directory, to continue its custody chain) or a fingerprint file "
                         "(train the parent first, e.g. seedprints-train fit --config configs/demo.yaml), or leave "
-                        "reference unset to take this run's own step-0 reference."
+                        "reference unset to take this run's own step-0 reference"
                     )
 
     # LightningCLI calls before_<subcommand>; weights are loaded for every subcommand so that
     # `validate --init_from parent.ckpt` evaluates the parent's weights too.
-    def before_fit(self) -> None:
-        self._init_weights()
-
-    def before_validate(self) -> None:
-        self._init_weights()
-
-    def before_test(self) -> None:
-        self._init_weights()
-
-    def before_predict(self) -> None:
+    def instantiate_classes(self) -> None:
+        # Every subcommand (fit, validate, test, predict) starts from --init_from's weights,
+        # loaded once the model exists and before the subcommand runs.
+        super().instantiate_classes()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -108,7 +102,7 @@ def init_model_from_checkpoint(module: CausalLMModule, path: str | Path) -> None
     other sizes than ``module``'s.
     """
     if not isinstance(module, CausalLMModule):
-        raise InputError(f"--init_from needs a CausalLMModule model, got {type(module).__name__}.")
+        raise InputError(f"--init_from needs a CausalLMModule model, got {type(module).__name__}")
     try:
         parent = load_causal_lm_from_checkpoint(path)
     except InputError as err:
@@ -154,8 +148,6 @@ def main(args: list[str] | None = None) -> None:
     Errors from this package (bad sizes, missing data, a lost identity with
     ``on_identity_lost="raise"``) are printed as one line and exit with status 2.
     """
-    from seedprints_lightning.errors import SeedPrintsError
-
     try:
         make_cli(args)
     except SeedPrintsError as err:

@@ -40,7 +40,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from seedprints_lightning.errors import InputError
+from ..checks import check_choice, check_int
+from ..errors import InputError
 
 __all__ = ["CORPUS_DOMAINS", "DEFAULT_MAX_BYTES", "build_corpus", "default_cache_dir"]
 
@@ -141,12 +142,10 @@ def build_corpus(
             standard library with no usable modules, or a cache directory that cannot be
             written.
     """
-    if domain not in CORPUS_DOMAINS:
-        raise InputError(f"Unknown corpus domain {domain!r}: choose one of {', '.join(CORPUS_DOMAINS)}.")
+    check_choice("domain", domain, CORPUS_DOMAINS)
     if max_bytes is None:
         max_bytes = DEFAULT_MAX_BYTES
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-        raise InputError(f"max_bytes must be a positive int (or None for the default), got {max_bytes!r}.")
+    max_bytes = check_int("max_bytes", max_bytes, low=1, hint="or None for the default")
 
     stdlib = _resolve_stdlib(stdlib_dir)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -168,8 +167,8 @@ def build_corpus(
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
     except OSError as err:
         raise InputError(
-            f"Cannot write the corpus cache under {parent} ({err}): set SEEDPRINTS_CACHE or pass "
-            "cache_dir= to a writable directory."
+            f"cannot write the corpus cache under {parent} ({err}): set SEEDPRINTS_CACHE or pass "
+            "cache_dir= to a writable directory"
         ) from err
 
     try:
@@ -193,17 +192,17 @@ def _resolve_stdlib(stdlib_dir: str | os.PathLike[str] | None) -> Path:
         raw = sysconfig.get_paths().get("stdlib")
         if not raw:
             raise InputError(
-                "This Python reports no standard library location (sysconfig 'stdlib' path is "
-                "empty): pass stdlib_dir= or use data_dir/memmap_path instead of the built-in corpus."
+                "this Python reports no standard library location (sysconfig 'stdlib' path is "
+                "empty): pass stdlib_dir= or use data_dir/memmap_path instead of the built-in corpus"
             )
         stdlib = Path(raw)
     else:
         stdlib = Path(stdlib_dir).expanduser()
     if not stdlib.is_dir():
         raise InputError(
-            f"Standard library directory {stdlib} does not exist (some minimal Python installs ship "
+            f"standard library directory {stdlib} does not exist (some minimal Python installs ship "
             "only compiled modules): pass stdlib_dir= to a directory of Python sources, or use "
-            "data_dir/memmap_path instead of the built-in corpus."
+            "data_dir/memmap_path instead of the built-in corpus"
         )
     return stdlib.resolve()
 
@@ -253,8 +252,8 @@ def _write_corpus(domain: str, stdlib: Path, out: Path, max_bytes: int) -> dict[
             break
     if not files:
         raise InputError(
-            f"No usable Python modules found under {stdlib} ({skipped} failed to parse): pass "
-            "stdlib_dir= to a directory of Python sources, or use data_dir/memmap_path instead."
+            f"no usable Python modules found under {stdlib} ({skipped} failed to parse): pass "
+            "stdlib_dir= to a directory of Python sources, or use data_dir/memmap_path instead"
         )
     return {"format": _FORMAT_VERSION, "files": files, "total_bytes": total}
 

@@ -18,21 +18,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from seedprints_lightning.errors import InputError
-from seedprints_lightning.train.corpus import CORPUS_DOMAINS, build_corpus
-from seedprints_lightning.train.tokenizer import MEMMAP_DTYPES, read_memmap, tokenize_directory
+from ..checks import check_choice, check_int, check_number
+from ..errors import InputError
+from .corpus import CORPUS_DOMAINS, build_corpus
+from .tokenizer import MEMMAP_DTYPES, read_memmap, tokenize_directory
 
 __all__ = ["TextDataModule"]
 
 Batch = dict[str, torch.Tensor]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise InputError(f"{name} must be >= {minimum}, got {value}.")
-    return value
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -172,28 +165,26 @@ class TextDataModule(pl.LightningDataModule):
         super().__init__()
         if data_dir is not None and memmap_path is not None:
             raise InputError(
-                "Both data_dir and memmap_path are set: give one source (data_dir for text files, "
-                "memmap_path for a pre-tokenized .bin)."
+                "both data_dir and memmap_path are set: give one source (data_dir for text files, "
+                "memmap_path for a pre-tokenized .bin)"
             )
         if corpus is not None and (data_dir is not None or memmap_path is not None):
             raise InputError(
-                f"corpus={corpus!r} is only used when neither data_dir nor memmap_path is set: drop one of them."
+                f"corpus={corpus!r} is only used when neither data_dir nor memmap_path is set: drop one of them"
             )
         if data_dir is None and memmap_path is None and corpus is None:
             corpus = "prose"
-        if corpus is not None and corpus not in CORPUS_DOMAINS:
-            raise InputError(f"Unknown corpus {corpus!r}: choose one of {', '.join(CORPUS_DOMAINS)}.")
-        if memmap_dtype not in MEMMAP_DTYPES:
-            raise InputError(f"Unknown memmap_dtype {memmap_dtype!r}: use one of {', '.join(MEMMAP_DTYPES)}.")
+        if corpus is not None:
+            check_choice("corpus", corpus, CORPUS_DOMAINS)
+        check_choice("memmap_dtype", memmap_dtype, MEMMAP_DTYPES)
         if corpus_max_bytes is not None:
-            _check_int("corpus_max_bytes", corpus_max_bytes, 1)
-        _check_int("seq_len", seq_len, 1)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("seed", seed, 0)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("vocab_size", vocab_size, 1)
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
-            raise InputError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}.")
+            corpus_max_bytes = check_int("corpus_max_bytes", corpus_max_bytes, low=1, hint="or None for the default")
+        seq_len = check_int("seq_len", seq_len, low=1)
+        batch_size = check_int("batch_size", batch_size, low=1)
+        seed = check_int("seed", seed, low=0)
+        num_workers = check_int("num_workers", num_workers, low=0)
+        vocab_size = check_int("vocab_size", vocab_size, low=1)
+        check_number("val_fraction", val_fraction, low=0.0, high=1.0, high_open=True)
 
         self.data_dir, self.memmap_path, self.memmap_dtype = data_dir, memmap_path, memmap_dtype
         self.corpus, self.corpus_max_bytes = corpus, corpus_max_bytes
@@ -233,7 +224,7 @@ class TextDataModule(pl.LightningDataModule):
         if highest >= self.vocab_size:
             raise InputError(
                 f"{where} contains token id {highest} (max found), but vocab_size={self.vocab_size}: "
-                f"set vocab_size >= {highest + 1} (in the data module and the model), or check memmap_dtype."
+                f"set vocab_size >= {highest + 1} (in the data module and the model), or check memmap_dtype"
             )
 
         total = len(tokens)
@@ -241,15 +232,15 @@ class TextDataModule(pl.LightningDataModule):
         num_val = int(total * self.val_fraction)
         if self.val_fraction > 0 and num_val < window:
             raise InputError(
-                f"The validation split of {where} is {num_val} tokens ({self.val_fraction:g} of {total}), "
+                f"the validation split of {where} is {num_val} tokens ({self.val_fraction:g} of {total}), "
                 f"shorter than one window of seq_len + 1 = {window}: raise val_fraction, lower seq_len, "
-                "add data, or set val_fraction=0 to skip validation."
+                "add data, or set val_fraction=0 to skip validation"
             )
         num_train = total - num_val
         if num_train < window:
             raise InputError(
                 f"{where} has {num_train} training tokens, shorter than one window of seq_len + 1 = {window}: "
-                "add data or lower seq_len."
+                "add data or lower seq_len"
             )
         keep = {"array": tokens} if source is None else {"path": source, "dtype": dtype}
         self._train = _TokenSpan(0, num_train, **keep)

@@ -20,7 +20,7 @@ The exit status is 0 only if both scenarios behaved as they should. Outputs: Ten
 logs ``<out>/demo-own/version_N`` and ``<out>/demo-wrong-resume/version_N``, and drift plots
 ``<out>/demo-own/drift.png``, ``<out>/demo-wrong-resume/drift.png``, ``<out>/demo-drift.png``.
 
-:data:`DEMO_MODEL` and :func:`time_training_overhead` are also used by ``benchmarks/speed.py``.
+:data:`DEMO_MODEL` and the demo's trainer, module and data builders are also used by ``benchmarks/speed.py``.
 """
 
 from __future__ import annotations
@@ -30,20 +30,20 @@ import contextlib
 import dataclasses
 import logging
 import sys
-import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
-from seedprints_lightning.errors import IdentityLostError
-from seedprints_lightning.train.corpus import build_corpus
-from seedprints_lightning.train.data import TextDataModule
-from seedprints_lightning.train.module import CausalLMModule
+from ..errors import IdentityLostError
+from .corpus import build_corpus
+from .data import TextDataModule
+from .module import CausalLMModule
 
 __all__ = [
     "DEMO_DATA",
@@ -56,7 +56,6 @@ __all__ = [
     "main",
     "run_own",
     "run_wrong_resume",
-    "time_training_overhead",
 ]
 
 #: ``make_causal_lm`` keyword arguments of the demo model (everything but ``seed``); the same
@@ -106,8 +105,8 @@ def _callback_defaults() -> dict[str, Any]:
     """The SeedPrintsCallback defaults the demo runs with, read from its signature (for the intro)."""
     import inspect
 
-    from seedprints_lightning.callback import SeedPrintsCallback
-    from seedprints_lightning.probes import ProbeSpec
+    from ..callback import SeedPrintsCallback
+    from ..probes import ProbeSpec
 
     params = inspect.signature(SeedPrintsCallback.__init__).parameters
     defaults = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
@@ -127,7 +126,7 @@ def _quiet_lightning() -> Iterator[None]:
     """
     # Import both Lightning packages first: each sets its logger to INFO when imported, and the
     # callback imports lightning.pytorch (when installed) for its second Callback base.
-    import seedprints_lightning.callback  # noqa: F401
+    from .. import callback  # noqa: F401
 
     loggers = [logging.getLogger(name) for name in
                ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")]
@@ -170,7 +169,7 @@ def _data(data: dict[str, Any] | None = None) -> TextDataModule:
 
 
 def _seedprints(**kwargs: Any) -> Any:
-    from seedprints_lightning.callback import SeedPrintsCallback
+    from ..callback import SeedPrintsCallback
 
     return SeedPrintsCallback(**kwargs)
 
@@ -281,7 +280,7 @@ def _scenario(
         swap_step=swap.swapped_at if swap is not None else None,
     )
     if seedprints.save_dir is not None and (seedprints.save_dir / "custody.jsonl").exists():
-        from seedprints_lightning.custody import verify_chain
+        from ..custody import verify_chain
 
         result.extra["chain"] = verify_chain(seedprints.save_dir)
     try:
@@ -374,7 +373,8 @@ def check_wrong_resume(result: ScenarioResult) -> tuple[bool, str]:
     if early:
         return False, f"custody broken before the swap, at step(s) {early}"
     if result.error is None:
-        return False, f"no IdentityLostError after the swap at step {result.swap_step} (ran to step {result.final_step})"
+        return False, (f"no IdentityLostError after the swap at step {result.swap_step} "
+                       f"(ran to step {result.final_step})")
     if not after:
         return False, f"raised before any probe after the swap at step {result.swap_step}"
     kept = [e["step"] for e in after if e.get("related") is True]
@@ -405,7 +405,7 @@ def format_table(result: ScenarioResult) -> str:
 
 
 def _plot(result: ScenarioResult, out_path: Path, title: str | None = None) -> Path:
-    from seedprints_lightning.plotting import plot_drift, read_drift_curves
+    from ..plotting import plot_drift, read_drift_curves
 
     curves = [dataclasses.replace(c, run=result.name) for c in read_drift_curves(result.log_dir).values()]
     if title is None:
@@ -416,7 +416,7 @@ def _plot(result: ScenarioResult, out_path: Path, title: str | None = None) -> P
 
 
 def _plot_both(own: ScenarioResult, wrong: ScenarioResult, out_path: Path) -> Path:
-    from seedprints_lightning.plotting import plot_drift, read_drift_curves
+    from ..plotting import plot_drift, read_drift_curves
 
     curves = []
     for result in (own, wrong):
@@ -425,41 +425,6 @@ def _plot_both(own: ScenarioResult, wrong: ScenarioResult, out_path: Path) -> Pa
 
 
 # ----------------------------------------------------------------------------- overhead
-
-
-def time_training_overhead(steps: int) -> tuple[float, float]:
-    """Wall seconds of the same seeded CPU fit of the demo model with and without the callback.
-
-    The callback is at its DEFAULT interval (``every_n_steps`` default), so the measured cost
-    is what a user pays for leaving it in a run: the step-0 reference, the fresh-init controls
-    and the probes at the default interval (and one at train end). Neither fit has a logger,
-    checkpointing, a progress bar or validation; the data module is set up before the clock
-    starts, after an untimed 2-step warm-up fit. Torch's thread count is the caller's.
-    Returns ``(with_seconds, without_seconds)``.
-    """
-    from seedprints_lightning.callback import SeedPrintsCallback
-
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    timings: dict[bool, float] = {}
-    with _quiet_lightning(), tempfile.TemporaryDirectory(prefix="seedprints-overhead-") as root:
-        # An untimed 2-step fit first: the first fit in a process pays one-time costs (lazy
-        # imports, allocator and kernel warm-up) that would otherwise land on one side only.
-        warm = _data()
-        warm.prepare_data()
-        _trainer(2, [], root=root).fit(_module(DEMO_MODEL, OWN_SEED), datamodule=warm)
-        for with_callback in (False, True):
-            pl.seed_everything(0, workers=True, verbose=False)
-            data = _data()
-            data.prepare_data()
-            data.setup("fit")
-            module = _module(DEMO_MODEL, OWN_SEED)
-            callbacks = [SeedPrintsCallback(save_dir=Path(root) / "seedprints")] if with_callback else []
-            trainer = _trainer(steps, callbacks, root=root)
-            start = time.perf_counter()
-            trainer.fit(module, datamodule=data)
-            timings[with_callback] = time.perf_counter() - start
-    return timings[True], timings[False]
 
 
 # ----------------------------------------------------------------------------- main

@@ -26,7 +26,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from seedprints_lightning.errors import InputError
+from ..checks import check_choice, check_int
+from ..errors import InputError
 
 __all__ = ["ARCHITECTURES", "make_causal_lm", "make_config", "model_from_config"]
 
@@ -48,19 +49,18 @@ _DEFAULT_ATTN_IMPLEMENTATION = "eager"
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    # bool is an int subclass; True as a layer count is always a mistake.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{name} must be a positive int, got {value!r} ({type(value).__name__}).")
-    if value < 1:
-        raise InputError(f"{name} must be >= 1, got {value}.")
-    return value
-
-
 def _check_arch(arch: Any) -> str:
     if not isinstance(arch, str) or arch.lower() not in _REGISTRY:
-        raise InputError(f"Unknown arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}.")
+        # Always raises here: the registry's names are lower case, so an arch that matches none
+        # of them case-insensitively matches none exactly either.
+        check_choice("arch", arch, ARCHITECTURES, hint="case-insensitive")
     return arch.lower()
+
+
+#: The size arguments of :func:`make_config`, which ``CausalLMModule`` also takes (LightningCLI
+#: needs them spelled out in its signature) and hands through by these names.
+MODEL_SIZE_ARGS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                   "max_position_embeddings")
 
 
 def make_config(
@@ -104,46 +104,44 @@ def make_config(
         tied embeddings, which is what that architecture is).
     """
     arch = _check_arch(arch)
-    vocab_size = _check_positive_int("vocab_size", vocab_size)
-    hidden_size = _check_positive_int("hidden_size", hidden_size)
-    num_layers = _check_positive_int("num_layers", num_layers)
-    num_heads = _check_positive_int("num_heads", num_heads)
-    max_position_embeddings = _check_positive_int("max_position_embeddings", max_position_embeddings)
+    vocab_size = check_int("vocab_size", vocab_size, low=1)
+    hidden_size = check_int("hidden_size", hidden_size, low=1)
+    num_layers = check_int("num_layers", num_layers, low=1)
+    num_heads = check_int("num_heads", num_heads, low=1)
+    max_position_embeddings = check_int("max_position_embeddings", max_position_embeddings, low=1)
     if intermediate_size is None:
         intermediate_size = 4 * hidden_size
-    intermediate_size = _check_positive_int("intermediate_size", intermediate_size)
+    intermediate_size = check_int("intermediate_size", intermediate_size, low=1, hint="or None")
     if num_kv_heads is None:
         num_kv_heads = num_heads
-    num_kv_heads = _check_positive_int("num_kv_heads", num_kv_heads)
+    num_kv_heads = check_int("num_kv_heads", num_kv_heads, low=1, hint="or None")
 
     if hidden_size % num_heads:
         raise InputError(
             f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}: pick sizes "
-            f"with hidden_size a multiple of num_heads (e.g. hidden_size={num_heads * max(1, hidden_size // num_heads)})."
+            f"with hidden_size a multiple of num_heads (e.g. "
+            f"hidden_size={num_heads * max(1, hidden_size // num_heads)})"
         )
     head_dim = hidden_size // num_heads
     if num_kv_heads > num_heads or num_heads % num_kv_heads:
         raise InputError(
             f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads} (grouped-query attention "
-            "shares each key/value head among an equal number of query heads)."
+            "shares each key/value head among an equal number of query heads)"
         )
     if arch == "gpt2" and num_kv_heads != num_heads:
         raise InputError(
             f"gpt2 has no grouped-query attention: leave num_kv_heads unset or equal to num_heads "
-            f"(got num_kv_heads={num_kv_heads}, num_heads={num_heads}), or use arch='llama'."
+            f"(got num_kv_heads={num_kv_heads}, num_heads={num_heads}), or use arch='llama'"
         )
     if arch in ("llama", "qwen2") and head_dim % 2:
         raise InputError(
             f"{arch} uses rotary position embeddings, which need an even head size; "
-            f"hidden_size / num_heads = {head_dim}. Change hidden_size or num_heads."
+            f"hidden_size / num_heads = {head_dim}: change hidden_size or num_heads"
         )
 
     attn_implementation = config_overrides.pop("attn_implementation", _DEFAULT_ATTN_IMPLEMENTATION)
-    if attn_implementation not in _ATTN_IMPLEMENTATIONS:
-        raise InputError(
-            f"attn_implementation={attn_implementation!r} is not supported here: choose one of "
-            f"{', '.join(_ATTN_IMPLEMENTATIONS)} (both run on CPU without extra packages)."
-        )
+    check_choice("attn_implementation", attn_implementation, _ATTN_IMPLEMENTATIONS,
+                 hint="both run on CPU without extra packages")
 
     config_cls, _ = _REGISTRY[arch]
     if arch == "gpt2":
@@ -188,58 +186,35 @@ def make_config(
     try:
         config = config_cls(**fields, attn_implementation=attn_implementation)
     except (TypeError, ValueError) as err:
-        raise InputError(f"Cannot build a {arch} config from these settings: {err}") from err
+        raise InputError(f"cannot build a {arch} config from these settings: {err}") from err
     unknown = [key for key in unknown_candidates if key in vars(config)]
     if unknown:
         raise InputError(
-            f"Unknown {config_cls.__name__} field(s) {', '.join(sorted(unknown))}: check the spelling "
-            f"against the {config_cls.__name__} documentation."
+            f"unknown {config_cls.__name__} field(s) {', '.join(sorted(unknown))}: check the spelling "
+            f"against the {config_cls.__name__} documentation"
         )
     config.dtype = torch.float32
     return config
 
 
-def make_causal_lm(
-    arch: str = "llama",
-    *,
-    seed: int,
-    vocab_size: int = 256,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int | None = None,
-    intermediate_size: int | None = None,
-    max_position_embeddings: int = 512,
-    **config_overrides: Any,
-) -> PreTrainedModel:
+def make_causal_lm(arch: str = "llama", *, seed: int, **sizes_and_overrides: Any) -> PreTrainedModel:
     """Build a randomly initialised float32 causal LM on CPU, determined entirely by ``seed``.
 
-    Equivalent to ``model_from_config(make_config(arch, ...), seed=seed)``; see
-    :func:`make_config` for the size arguments and overrides and :func:`model_from_config`
-    for the determinism guarantees.
+    Shorthand for ``model_from_config(make_config(arch, **sizes_and_overrides), seed=seed)``:
+    :func:`make_config` has the size arguments (``vocab_size``, ``hidden_size``,
+    ``num_layers``, ...) and their checks, :func:`model_from_config` the determinism
+    guarantees.
 
     Args:
         arch: ``"llama"``, ``"qwen2"`` or ``"gpt2"``.
         seed: Initialisation seed, an int in ``[0, 2**64 - 1]``.
-        vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
-            max_position_embeddings, **config_overrides: See :func:`make_config`.
+        **sizes_and_overrides: The keyword arguments of :func:`make_config`.
 
     Returns:
         The model, in training mode, on CPU.
     """
-    _check_seed(seed)
-    config = make_config(
-        arch,
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-        **config_overrides,
-    )
-    return model_from_config(config, seed=seed)
+    seed = _check_seed(seed)
+    return model_from_config(make_config(arch, **sizes_and_overrides), seed=seed)
 
 
 def model_from_config(config: PretrainedConfig, *, seed: int) -> PreTrainedModel:
@@ -258,12 +233,12 @@ def model_from_config(config: PretrainedConfig, *, seed: int) -> PreTrainedModel
     Returns:
         The model, in training mode, on CPU.
     """
-    _check_seed(seed)
+    seed = _check_seed(seed)
     matches = [model for cfg, model in _REGISTRY.values() if type(config) is cfg]
     if not matches:
         raise InputError(
             f"config is a {type(config).__name__}; only "
-            f"{', '.join(cfg.__name__ for cfg, _ in _REGISTRY.values())} can be built here."
+            f"{', '.join(cfg.__name__ for cfg, _ in _REGISTRY.values())} can be built here"
         )
     model_cls = matches[0]
     # from_config writes the dtype (and attention choice) back onto the config it is given;
@@ -278,6 +253,9 @@ def model_from_config(config: PretrainedConfig, *, seed: int) -> PreTrainedModel
     return model
 
 
-def _check_seed(seed: Any) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
-        raise InputError(f"seed must be an int in [0, 2**64 - 1], got {seed!r}.")
+def _check_seed(seed: Any) -> int:
+    try:
+        return check_int("seed", seed, low=0, high=_MAX_SEED)
+    except InputError:
+        # check_int would print the upper bound as 1.84467e+19; say it exactly instead.
+        raise InputError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}") from None

@@ -12,8 +12,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from seedprints_lightning.errors import InputError
-from seedprints_lightning.train.models import make_causal_lm
+from ..checks import check_int, check_number
+from ..errors import InputError
+from ..files import load_lightning_checkpoint
+from .models import MODEL_SIZE_ARGS, make_causal_lm
 
 __all__ = ["CausalLMModule", "load_causal_lm_from_checkpoint"]
 
@@ -92,32 +92,21 @@ class CausalLMModule(pl.LightningModule):
         config_overrides: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        _check_number("lr", lr, low=0.0, low_inclusive=False)
-        _check_number("weight_decay", weight_decay, low=0.0)
-        _check_number("eps", eps, low=0.0, low_inclusive=False)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise InputError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}.")
+        check_number("lr", lr, low=0.0, low_open=True)
+        check_number("weight_decay", weight_decay, low=0.0)
+        check_number("eps", eps, low=0.0, low_open=True)
+        warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
         betas = tuple(betas)  # YAML and jsonargparse may hand over a list
-        if len(betas) != 2 or not all(
-            isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
-        ):
-            raise InputError(f"betas must be two numbers in [0, 1), got {betas!r}.")
+        if len(betas) != 2:
+            raise InputError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        for i, beta in enumerate(betas):
+            check_number(f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
         if config_overrides is not None and not isinstance(config_overrides, dict):
-            raise InputError(f"config_overrides must be a dict of config fields, got {type(config_overrides).__name__}.")
+            raise InputError(f"config_overrides must be a dict of config fields, got {type(config_overrides).__name__}")
 
         self.save_hyperparameters()
-        self.model: PreTrainedModel = make_causal_lm(
-            arch,
-            seed=init_seed,
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            intermediate_size=intermediate_size,
-            max_position_embeddings=max_position_embeddings,
-            **dict(config_overrides or {}),
-        )
+        sizes = {name: self.hparams[name] for name in MODEL_SIZE_ARGS}
+        self.model: PreTrainedModel = make_causal_lm(arch, seed=init_seed, **sizes, **dict(config_overrides or {}))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Return next-token logits ``[batch, seq_len, vocab_size]``."""
@@ -128,7 +117,7 @@ class CausalLMModule(pl.LightningModule):
         if input_ids.shape != labels.shape:
             raise InputError(
                 f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} differ in shape: "
-                "labels must be the inputs shifted by one token, as TextDataModule produces."
+                "labels must be the inputs shifted by one token, as TextDataModule produces"
             )
         logits = self(input_ids)
         # float32 cross-entropy: under bf16/fp16 mixed precision the log-softmax over the
@@ -162,15 +151,6 @@ class CausalLMModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
-def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # NaN check
-    if ok:
-        ok = value >= low if low_inclusive else value > low
-    if not ok:
-        bound = f">= {low:g}" if low_inclusive else f"> {low:g}"
-        raise InputError(f"{name} must be a number {bound}, got {value!r}.")
-
-
 # Hyperparameters every CausalLMModule checkpoint has; their absence means another module.
 _REQUIRED_HPARAMS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "init_seed")
 
@@ -193,30 +173,7 @@ def load_causal_lm_from_checkpoint(path: str | os.PathLike[str], *, trust_pickle
             need ``trust_pickle=True``, or is not a checkpoint of ``CausalLMModule``.
     """
     file = Path(path).expanduser()
-    if not file.is_file():
-        what = "is a directory" if file.is_dir() else "does not exist"
-        raise InputError(f"Checkpoint {file} {what}: pass the path of a .ckpt file.")
-    # torch.save has written zip archives since torch 1.6 and Lightning always uses it; checking
-    # the container first tells "not a checkpoint" apart from "a checkpoint a safe load refuses",
-    # which torch reports with the same exception type.
-    if not zipfile.is_zipfile(file):
-        raise InputError(
-            f"{file} is not a PyTorch checkpoint (not a torch.save zip archive): pass a .ckpt written by a Trainer."
-        )
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as err:
-        if trust_pickle:
-            raise InputError(f"{file} is not a readable PyTorch checkpoint ({err}).") from err
-        raise InputError(
-            f"{file} contains Python objects beyond tensors and plain containers (often callback state), "
-            "which a safe load refuses. If you created this checkpoint yourself, pass trust_pickle=True."
-        ) from err
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise InputError(f"{file} is not a PyTorch checkpoint ({type(err).__name__}: {err}).") from err
-
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise InputError(f"{file} is not a Lightning checkpoint (no 'state_dict'): save it with Trainer.save_checkpoint.")
+    checkpoint = load_lightning_checkpoint(file, trust_pickle=trust_pickle, error=InputError)
     hparams = checkpoint.get("hyper_parameters") or {}
     missing = [key for key in _REQUIRED_HPARAMS if key not in hparams]
     state_dict = checkpoint["state_dict"]
@@ -225,7 +182,7 @@ def load_causal_lm_from_checkpoint(path: str | os.PathLike[str], *, trust_pickle
         detail = f"missing hyperparameters {missing}" if missing else f"unexpected weights {foreign[:3]}"
         raise InputError(
             f"{file} is not a checkpoint of CausalLMModule ({detail or 'no weights'}): pass a checkpoint "
-            "saved while training CausalLMModule."
+            "saved while training CausalLMModule"
         )
 
     # Keep only constructor arguments: LightningCLI adds bookkeeping keys (_class_path, ...).

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from seedprints_lightning.errors import InputError
+from ..errors import InputError
+from ..files import atomic_write
 
 __all__ = [
     "ByteTokenizer",
@@ -66,13 +66,13 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         """Return the UTF-8 bytes of ``text`` as a list of ids."""
         if not isinstance(text, str):
-            raise InputError(f"encode() takes a str, got {type(text).__name__}; decode bytes first or use list(data).")
+            raise InputError(f"encode() takes a str, got {type(text).__name__}; decode bytes first or use list(data)")
         return list(text.encode("utf-8"))
 
     def encode_array(self, text: str, dtype: str | np.dtype | type = np.uint16) -> np.ndarray:
         """Return the UTF-8 bytes of ``text`` as a 1-D array of ``dtype`` (uint16 or uint32)."""
         if not isinstance(text, str):
-            raise InputError(f"encode_array() takes a str, got {type(text).__name__}.")
+            raise InputError(f"encode_array() takes a str, got {type(text).__name__}")
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(_resolve_dtype(dtype))
 
     def decode(self, ids: Iterable[int] | np.ndarray | Any) -> str:
@@ -85,12 +85,12 @@ class ByteTokenizer:
         if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
             raise InputError(
                 f"decode() takes a 1-D sequence of integer ids, got shape {array.shape} of {array.dtype}; "
-                "decode one sequence at a time."
+                "decode one sequence at a time"
             )
         low, high = int(array.min()), int(array.max())
         if low < 0 or high >= self.vocab_size:
             bad = low if low < 0 else high
-            raise InputError(f"Token id {bad} is outside the byte vocabulary [0, {self.vocab_size - 1}].")
+            raise InputError(f"token id {bad} is outside the byte vocabulary [0, {self.vocab_size - 1}]")
         return array.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
     def __len__(self) -> int:
@@ -104,11 +104,11 @@ def _resolve_dtype(dtype: str | np.dtype | type) -> np.dtype:
     try:
         resolved = np.dtype(dtype)
     except TypeError as err:
-        raise InputError(f"Unknown token dtype {dtype!r}: use 'uint16' or 'uint32'.") from err
+        raise InputError(f"unknown token dtype {dtype!r}: use 'uint16' or 'uint32'") from err
     for candidate in MEMMAP_DTYPES.values():
         if resolved.kind == candidate.kind and resolved.itemsize == candidate.itemsize:
             return candidate
-    raise InputError(f"Unknown token dtype {dtype!r}: use 'uint16' (vocabularies up to 65,536) or 'uint32'.")
+    raise InputError(f"unknown token dtype {dtype!r}: use 'uint16' (vocabularies up to 65,536) or 'uint32'")
 
 
 def list_text_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -123,10 +123,10 @@ def list_text_files(path: str | os.PathLike[str]) -> list[Path]:
     """
     root = Path(path).expanduser()
     if not root.exists():
-        raise InputError(f"Text directory {root} does not exist: check the path (data_dir).")
+        raise InputError(f"text directory {root} does not exist: check the path (data_dir)")
     if not root.is_dir():
         raise InputError(
-            f"{root} is a file, not a directory: put the text files in a directory and pass that directory."
+            f"{root} is a file, not a directory: put the text files in a directory and pass that directory"
         )
     found: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -162,8 +162,8 @@ def tokenize_directory(path: str | os.PathLike[str], *, dtype: str | np.dtype | 
     files = list_text_files(path)
     if not files:
         raise InputError(
-            f"No text files under {path}: expected files ending in {', '.join(TEXT_SUFFIXES)} "
-            "(hidden files and directories are ignored)."
+            f"no text files under {path}: expected files ending in {', '.join(TEXT_SUFFIXES)} "
+            "(hidden files and directories are ignored)"
         )
     parts: list[np.ndarray] = []
     separator = np.array([DOCUMENT_SEPARATOR_ID], dtype=np.uint8)
@@ -187,10 +187,10 @@ def tokenize_directory(path: str | os.PathLike[str], *, dtype: str | np.dtype | 
         _log.warning("Skipped %d unreadable file(s) under %s: %s", len(skipped), path, "; ".join(skipped[:5]))
     if not parts:
         if empty and not skipped:
-            raise InputError(f"All {empty} text file(s) under {path} are empty: add text to train on.")
+            raise InputError(f"all {empty} text file(s) under {path} are empty: add text to train on")
         raise InputError(
-            f"No readable text files under {path}: {len(skipped)} skipped ({'; '.join(skipped[:3])}), "
-            f"{empty} empty. Provide UTF-8 text files."
+            f"no readable text files under {path}: {len(skipped)} skipped ({'; '.join(skipped[:3])}), "
+            f"{empty} empty; provide UTF-8 text files"
         )
     return np.concatenate(parts).astype(out_dtype)
 
@@ -220,33 +220,23 @@ def write_memmap(
     """
     array = np.asarray(tokens)
     if array.ndim != 1:
-        raise InputError(f"tokens must be 1-D, got shape {array.shape}: flatten it first.")
+        raise InputError(f"tokens must be 1-D, got shape {array.shape}: flatten it first")
     if array.size == 0:
-        raise InputError("tokens is empty: there is nothing to write.")
+        raise InputError("tokens is empty: there is nothing to write")
     if not np.issubdtype(array.dtype, np.integer):
-        raise InputError(f"tokens must be integer ids, got dtype {array.dtype}.")
+        raise InputError(f"tokens must be integer ids, got dtype {array.dtype}")
     low, high = int(array.min()), int(array.max())
     if low < 0:
-        raise InputError(f"tokens contain a negative id ({low}); ids must be >= 0.")
+        raise InputError(f"tokens contain a negative id ({low}); ids must be >= 0")
     if dtype is None:
         same = [d for d in MEMMAP_DTYPES.values() if d.kind == array.dtype.kind and d.itemsize == array.dtype.itemsize]
         out_dtype = same[0] if same else MEMMAP_DTYPES["uint16" if high < 2**16 else "uint32"]
     else:
         out_dtype = _resolve_dtype(dtype)
     if high > np.iinfo(out_dtype).max:
-        raise InputError(f"Token id {high} does not fit {out_dtype.name}: use dtype='uint32'.")
+        raise InputError(f"token id {high} does not fit {out_dtype.name}: use dtype='uint32'")
 
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(array.astype(out_dtype, copy=False).tobytes())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(path, lambda tmp: tmp.write_bytes(array.astype(out_dtype, copy=False).tobytes()))
 
 
 def read_memmap(path: str | os.PathLike[str], dtype: str | np.dtype | type = "uint16") -> np.memmap:
@@ -260,14 +250,14 @@ def read_memmap(path: str | os.PathLike[str], dtype: str | np.dtype | type = "ui
     file = Path(path).expanduser()
     if not file.is_file():
         what = "is a directory" if file.is_dir() else "does not exist"
-        raise InputError(f"Token file {file} {what}: check memmap_path.")
+        raise InputError(f"token file {file} {what}: check memmap_path")
     size = file.stat().st_size
     if size == 0:
-        raise InputError(f"Token file {file} is empty: re-create it with write_memmap().")
+        raise InputError(f"token file {file} is empty: re-create it with write_memmap()")
     if size % resolved.itemsize:
         other = "uint32" if resolved.itemsize == 2 else "uint16"
         raise InputError(
-            f"Token file {file} is {size} bytes, not a multiple of {resolved.itemsize} ({resolved.name}): "
-            f"it is truncated or was written as {other}; set memmap_dtype to the dtype it was written with."
+            f"token file {file} is {size} bytes, not a multiple of {resolved.itemsize} ({resolved.name}): "
+            f"it is truncated or was written as {other}; set memmap_dtype to the dtype it was written with"
         )
     return np.memmap(file, dtype=resolved, mode="r")
