@@ -62,6 +62,16 @@ def _count_inversions(ranks: np.ndarray, scratch: np.ndarray) -> int:
 
 
 @numba.njit(cache=True, nogil=True)
+def _run_end(values: np.ndarray, order: np.ndarray, start: int) -> int:
+    """One past the last position of the run of equal values that starts at ``start``,
+    reading ``values`` in ``order``."""
+    end = start + 1
+    while end < order.shape[0] and values[order[end]] == values[order[start]]:
+        end += 1
+    return end
+
+
+@numba.njit(cache=True, nogil=True)
 def _tau_b_column(x: np.ndarray, y: np.ndarray, order_x: np.ndarray, order_y: np.ndarray) -> float:
     n = x.shape[0]
     lex = order_x.copy()
@@ -69,9 +79,7 @@ def _tau_b_column(x: np.ndarray, y: np.ndarray, order_x: np.ndarray, order_y: np
     ties_xy = 0
     i = 0
     while i < n:
-        j = i + 1
-        while j < n and x[lex[j]] == x[lex[i]]:
-            j += 1
+        j = _run_end(x, lex, i)
         if j - i > 1:
             # Inside an x tie, put y ascending: x-tied pairs then never count as inversions,
             # and equal (x, y) pairs sit next to each other.
@@ -98,9 +106,7 @@ def _tau_b_column(x: np.ndarray, y: np.ndarray, order_x: np.ndarray, order_y: np
     ties_y = 0
     i = 0
     while i < n:
-        j = i + 1
-        while j < n and y[order_y[j]] == y[order_y[i]]:
-            j += 1
+        j = _run_end(y, order_y, i)
         if j - i == 1:
             ranks[lex_position[order_y[i]]] = i
         else:
