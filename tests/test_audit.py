@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_lm
 from matplotlib.image import imread
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from seedprints_lightning import Fingerprint, ProbeSpec, fingerprint_model
 from seedprints_lightning.audit import (
@@ -36,28 +36,22 @@ SPEC = ProbeSpec(num_samples=200, length=8)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _tiny(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                                        num_attention_heads=4, intermediate_size=64))
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A reference fingerprint of seed 0, a related and an unrelated model dir, and a .ckpt folder."""
     from seedprints_lightning.train import CausalLMModule
 
     root = tmp_path_factory.mktemp("run")
-    reference = fingerprint_model(_tiny(0), SPEC)
+    reference = fingerprint_model(make_tiny_lm(0), SPEC)
     reference.save(root / "ref.safetensors")
     # The same init as a birth certificate: step 0, with 4 fresh-init controls stored.
-    fingerprint_model(_tiny(0), SPEC, step=0, num_controls=4).save(root / "ref_init.safetensors")
-    related = _tiny(0)
+    fingerprint_model(make_tiny_lm(0), SPEC, step=0, num_controls=4).save(root / "ref_init.safetensors")
+    related = make_tiny_lm(0)
     with torch.no_grad():
         for p in related.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 1e-3 * p.abs().mean())
     related.save_pretrained(root / "related")
-    _tiny(1).save_pretrained(root / "unrelated")
+    make_tiny_lm(1).save_pretrained(root / "unrelated")
 
     ckpts = root / "checkpoints"
     ckpts.mkdir()
@@ -113,12 +107,12 @@ def test_audit_with_stored_controls_uses_the_birth_rule(run) -> None:
 def test_checkpoint_directory_expands_sorted_by_global_step(run) -> None:
     expanded = expand_checkpoints([run["checkpoints"]])
     assert [(s.path.name, step) for s, step in expanded] == [("c.ckpt", 100), ("a.ckpt", 200), ("b.ckpt", 300)]
-    # _tiny(0) is not CausalLMModule(init_seed=0): no checkpoint descends from it.
-    rows = audit_checkpoints(fingerprint_model(_tiny(0), SPEC), [run["checkpoints"]])
+    # make_tiny_lm(0) is not CausalLMModule(init_seed=0): no checkpoint descends from it.
+    rows = audit_checkpoints(fingerprint_model(make_tiny_lm(0), SPEC), [run["checkpoints"]])
     assert [(r.step, r.related) for r in rows] == [(100, False), (200, False), (300, False)]
 
 
-def test_cli_audit_table_json_png_and_expect(run, tmp_path, capsys) -> None:
+def test_cli_audit_table_json_png_and_expect(run, tmp_path, capsys, drawn_figures) -> None:
     png = tmp_path / "audit.png"
     args = ["audit", str(run["ref.safetensors"]), str(run["related"]), str(run["unrelated"]), "-q"]
     assert main([*args, "-o", str(png)]) == EXIT_OK
@@ -136,9 +130,16 @@ def test_cli_audit_table_json_png_and_expect(run, tmp_path, capsys) -> None:
     assert [row["related"] for row in data["rows"]] == [True, False]
     assert [row["verdict"] for row in data["rows"]] == ["related", "not shown related"]
     assert all(row["threshold"] > 2.32 for row in data["rows"])
-    assert data["expect_met"] is False and data["spec"] == SPEC.resolve(_tiny(0)).to_dict()
+    assert data["expect_met"] is False and data["spec"] == SPEC.resolve(make_tiny_lm(0)).to_dict()
     assert data["rule_name"] == "custody" and data["rule"] == CUSTODY_RULE.to_dict()
     assert data["evidence"].startswith("no controls")
+    # The PNG's figure: z per checkpoint in the order given (no steps known), a cross at the unrelated one.
+    ((name, fig), *_) = drawn_figures
+    lines = {line.get_gid(): line for line in fig.axes[0].get_lines()}
+    assert name == "draw_audit" and lines["z"].get_xdata().tolist() == [0, 1]
+    assert lines["z"].get_ydata().tolist() == pytest.approx([row["z"] for row in data["rows"]])
+    assert lines["threshold"].get_ydata().tolist() == pytest.approx([row["threshold"] for row in data["rows"]])
+    assert lines["unrelated"].get_xdata().tolist() == [1]
     assert main(["audit", str(run["ref.safetensors"]), str(run["related"]), "-q", "--expect", "related"]) == EXIT_OK
 
 
@@ -205,7 +206,7 @@ def test_compare_sources_judges_with_the_callbacks_verdict(run) -> None:
     assert unrelated.related is False and unrelated.verdict.reason
     # The controls are the stored ones, each tested against the target.
     stored = Fingerprint.load(ref)
-    target = fingerprint_model(_tiny(1), SPEC)
+    target = fingerprint_model(make_tiny_lm(1), SPEC)
     assert list(unrelated.verdict.control_z) == pytest.approx([lineage_test(c, target.features).z
                                                                for c in stored.controls])
     data = unrelated.to_dict()
@@ -219,7 +220,7 @@ def test_compare_sources_judges_with_the_callbacks_verdict(run) -> None:
 
 
 def test_compare_model_dirs_related_and_not(run) -> None:
-    # module_seed0 is CausalLMModule(init_seed=0), not _tiny(0): unrelated to the perturbed _tiny(0).
+    # module_seed0 is CausalLMModule(init_seed=0), not make_tiny_lm(0): unrelated to the perturbed make_tiny_lm(0).
     different = compare_sources(run["module_seed0"], run["related"], num_samples=200, length=8)
     assert different.related is False and different.rule_name == "custody"
     unrelated = compare_sources(run["related"], run["unrelated"], num_samples=200, length=8, rule="birth")
@@ -245,7 +246,7 @@ def test_find_controls_sources_in_order(run, tmp_path) -> None:
     assert ev.num_controls == 2 and torch.equal(ev.controls, with_controls.controls[:2])
     assert ev.description == "2 fresh-init controls stored in ctl"
     # 2. fresh inits of a model's config
-    model = _tiny(0)
+    model = make_tiny_lm(0)
     ev = find_controls(spec, [(src("bare"), bare)], [(src("m", "model_dir"), model)], num_controls=3)
     assert torch.equal(ev.controls, probe_controls(model, spec, control_seeds(3)))
     assert ev.description.startswith("3 fresh inits of m's config")
@@ -283,14 +284,6 @@ def test_rule_for_base_rejects_unknown_rule() -> None:
 CHAIN_VOCAB = 64
 
 
-def _chain_lm(seed: int) -> LlamaForCausalLM:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=CHAIN_VOCAB, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                            max_position_embeddings=64))
-
-
 @pytest.fixture(scope="module")
 def chain_run(tmp_path_factory: pytest.TempPathFactory, one_torch_thread) -> dict[str, Path]:
     """A 60-step tiny Lightning fit with SeedPrintsCallback, its final model, and an unrelated init."""
@@ -303,7 +296,7 @@ def chain_run(tmp_path_factory: pytest.TempPathFactory, one_torch_thread) -> dic
     class TinyLM(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = _chain_lm(0)
+            self.model = make_tiny_lm(0, vocab_size=CHAIN_VOCAB).train()  # Lightning keeps a submodule's mode
 
         def training_step(self, batch, batch_idx):
             ids = batch[0]
@@ -332,7 +325,7 @@ def chain_run(tmp_path_factory: pytest.TempPathFactory, one_torch_thread) -> dic
     trainer.save_checkpoint(root / "final.ckpt")
     module.model.save_pretrained(root / "final")
     (root / "final" / "trainer_state.json").write_text(json.dumps({"global_step": 60}))
-    _chain_lm(7).save_pretrained(root / "stranger")
+    make_tiny_lm(7, vocab_size=CHAIN_VOCAB).save_pretrained(root / "stranger")
     return {"run": root / "logs" / "seedprints", "logs": root / "logs", "final": root / "final",
             "stranger": root / "stranger", "ckpt": root / "final.ckpt"}
 
@@ -544,3 +537,19 @@ def test_checkpoint_without_a_config_is_refused_with_the_fix(run, tmp_path) -> N
     model = load_model(run["checkpoints"] / "a.ckpt")  # rebuilt from the checkpoint alone
     reference = load_model(run["module_seed0"])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_compare_sources_refuses_probe_options_with_a_fingerprint(run) -> None:
+    # The fingerprint fixes the probe: options that would change it are an error, named as
+    # the Python caller spelled them.
+    with pytest.raises(InputError, match=r"probe options \(num_samples, length\) cannot be used"):
+        compare_sources(run["ref_init.safetensors"], run["related"], num_samples=50, length=4)
+
+
+def test_probe_runtime_checks_its_fields() -> None:
+    from seedprints_lightning.audit import ProbeRuntime
+
+    with pytest.raises(InputError, match="batch_size must be an integer >= 1, got 0"):
+        ProbeRuntime(batch_size=0)
+    with pytest.raises(InputError, match="dtype must be a floating torch.dtype"):
+        ProbeRuntime(dtype=torch.int64)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
+import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import make_tiny_lm
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from seedprints_lightning import (
     Fingerprint,
@@ -39,16 +42,6 @@ pytestmark = pytest.mark.filterwarnings(
 # ------------------------------------------------------------------ tiny models and data
 
 
-def make_lm(arch: str = "llama", seed: int = 0, hidden: int = 32, dropout: float = 0.0) -> nn.Module:
-    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=64, attention_dropout=dropout)
-    with preserve_rng_state():
-        torch.manual_seed(seed)
-        if arch == "llama":
-            return LlamaForCausalLM(LlamaConfig(num_key_value_heads=4, **common))
-        return Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **common))
-
-
 _MODULE_CLASSES: dict[str, type] = {}
 
 
@@ -59,7 +52,8 @@ def module_class(package=pl) -> type:
         class TinyLM(package.LightningModule):
             def __init__(self, arch: str = "llama", seed: int = 0, lr: float = 3e-3, dropout: float = 0.0):
                 super().__init__()
-                self.model = make_lm(arch, seed, dropout=dropout)
+                # conftest's tiny model (vocab VOCAB), in train mode: Lightning keeps a submodule's mode.
+                self.model = make_tiny_lm(seed, arch, vocab_size=VOCAB, attention_dropout=dropout).train()
                 self.lr = lr
 
             def training_step(self, batch, batch_idx):
@@ -98,7 +92,7 @@ class SwapWeights(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.at and not self.done:
             self.done = True
-            pl_module.model.load_state_dict(make_lm(self.arch, self.seed).state_dict())
+            pl_module.model.load_state_dict(make_tiny_lm(self.seed, self.arch, vocab_size=VOCAB).state_dict())
 
 
 def callback(**kwargs) -> SeedPrintsCallback:
@@ -150,28 +144,12 @@ def test_constructor_reference_path_and_probe_conflict(tmp_path):
 
     with pytest.raises(FingerprintFileError, match="does not exist"):
         SeedPrintsCallback(reference=tmp_path / "missing.safetensors")
-    fp = fingerprint_model(make_lm(), ProbeSpec(num_samples=20, length=4))
+    fp = fingerprint_model(make_tiny_lm(0), ProbeSpec(num_samples=20, length=4))
     path = fp.save(tmp_path / "parent.safetensors")
     cb = SeedPrintsCallback(reference=path)
     assert cb.reference_source == "explicit" and torch.equal(cb.reference.features, fp.features)
     with pytest.raises(InputError, match="leave probe=None"):
         SeedPrintsCallback(reference=path, probe=ProbeSpec(num_samples=30))
-
-
-def test_defaults_and_state_key():
-    cb = SeedPrintsCallback()
-    from seedprints_lightning.controls import DEFAULT_NUM_CONTROLS
-    from seedprints_lightning.verdict import BIRTH_RULE, CUSTODY_RULE
-
-    # The measured defaults live in controls.py and verdict.py (docs/benchmarks.md); the callback uses them.
-    assert cb.num_controls == DEFAULT_NUM_CONTROLS
-    assert (cb.birth_rule, cb.custody_rule) == (BIRTH_RULE, CUSTODY_RULE)
-    assert (cb.alpha, cb.on_identity_lost, cb.fail_on) == (0.01, "warn", "custody")
-    assert cb.schedule.adaptive and cb.schedule.every_n_steps == 1000
-    assert cb.state_key == "SeedPrintsCallback"
-    assert isinstance(cb, pl.Callback)
-    lpl = pytest.importorskip("lightning.pytorch")
-    assert isinstance(cb, lpl.Callback)
 
 
 def test_no_model_found_raises_at_fit_start(tmp_path):
@@ -199,7 +177,7 @@ def test_model_built_in_configure_model(tmp_path):
 
         def configure_model(self):
             if self.model is None:
-                self.model = make_lm()
+                self.model = make_tiny_lm(0, vocab_size=VOCAB).train()
 
     cb = callback(every_n_steps=3, num_controls=0, probe=ProbeSpec(num_samples=60, length=8))
     make_trainer(tmp_path, max_steps=3, callbacks=[cb]).fit(Late(), loader())
@@ -207,7 +185,7 @@ def test_model_built_in_configure_model(tmp_path):
 
 
 def test_incompatible_explicit_reference_raises_at_fit_start(tmp_path):
-    wide = fingerprint_model(make_lm(hidden=48), ProbeSpec(num_samples=20, length=4))
+    wide = fingerprint_model(make_tiny_lm(0, hidden_size=48, intermediate_size=96), ProbeSpec(num_samples=20, length=4))
     with pytest.raises(InputError, match="hidden size is 32"):
         make_trainer(tmp_path, max_steps=2, callbacks=[callback(reference=wide, probe=None)]).fit(TinyLM(), loader())
 
@@ -229,7 +207,7 @@ def test_identity_kept_llama_logs_tags_and_files(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="seedprints/related", mode="max", every_n_train_steps=10)
     trainer = make_trainer(tmp_path, logger=logger, max_steps=30, callbacks=[cb, ckpt], enable_checkpointing=True)
     module = TinyLM("llama", seed=0, lr=3e-3)
-    init = make_lm("llama", 0).model.embed_tokens.weight.clone()
+    init = make_tiny_lm(0, vocab_size=VOCAB).model.embed_tokens.weight.clone()
     trainer.fit(module, loader())
     assert not torch.equal(module.model.model.embed_tokens.weight, init)  # training moved the weights
 
@@ -266,7 +244,9 @@ def test_identity_kept_llama_logs_tags_and_files(tmp_path):
     proto = acc.Tensors("custom_scalars__config__")[0].tensor_proto
     layout = layout_pb2.Layout.FromString(proto.string_val[0])
     charts = {chart.title: set(chart.multiline.tag) for chart in layout.category[0].chart}
-    assert {r"^seedprints/z$", r"^seedprints/control_z_max$", r"^seedprints/threshold$"} <= set().union(*charts.values())
+    assert {r"^seedprints/z$", r"^seedprints/control_z_max$", r"^seedprints/threshold$"} <= set().union(
+        *charts.values()
+    )
     assert {r"^seedprints/link_z$", r"^seedprints/link_threshold$"} in charts.values()
 
     # The custody ledger: one record per probe, and it re-verifies offline.
@@ -294,16 +274,47 @@ def test_identity_kept_qwen2(tmp_path, capsys):
 # ------------------------------------------------------------------ swapped weights
 
 
-def test_swap_is_flagged_at_first_probe_and_warns_after_patience(tmp_path):
-    cb = callback(patience=2, on_identity_lost="warn")
-    with pytest.warns(IdentityWarning, match="lost its lineage identity at step 30") as record:
-        make_trainer(tmp_path, max_steps=30, callbacks=[cb, SwapWeights(at=15)]).fit(TinyLM(), loader())
-    assert [(h["step"], h["related"]) for h in cb.history] == [(10, True), (20, False), (30, False)]
-    assert [h["consecutive_failures"] for h in cb.history] == [0, 1, 2]
-    # A failed link never becomes the anchor: both probes after the swap link to step 10.
-    assert [h["anchor_step"] for h in cb.history] == [0, 10, 10]
-    lost = [str(w.message) for w in record if "lost its lineage" in str(w.message)]
-    assert len(lost) == 1 and "custody link from step 10" in lost[0] and "controls z [" in lost[0]
+def test_default_callback_probes_densely_and_warns_after_two_failed_links(tmp_path):
+    """What the defaults do (only the probe is shrunk): the adaptive schedule probes every step at
+    first, 4 fresh-init controls, alpha 0.01 with the birth and custody rules, the custody link as the
+    verdict, and a warning (not a stop) from the second consecutive failure on."""
+    from seedprints_lightning.schedule import ProbeSchedule
+    from seedprints_lightning.stats import z_threshold
+    from seedprints_lightning.verdict import BIRTH_RULE, CUSTODY_RULE
+
+    cb = SeedPrintsCallback(probe=SPEC)
+    trainer = make_trainer(tmp_path, max_steps=10, callbacks=[cb, SwapWeights(at=5)])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(TinyLM(), loader())
+    steps = [h["step"] for h in cb.history]
+    assert steps == list(range(1, 11))  # dense start; failed links keep the interval at 1
+    # Each probe fell where the default schedule put it after the previous probe's link.
+    schedule, (first, interval) = ProbeSchedule(), ProbeSchedule().first()
+    assert first == steps[0]
+    for previous, current in zip(cb.history, cb.history[1:]):
+        expected, interval = schedule.after(previous["step"], interval, previous["link_related"],
+                                            previous["link_z"] / previous["link_threshold"])
+        assert current["step"] == previous["next_step"] == expected
+
+    # The swap after step 5 is flagged at the first probe after it; a failed link never becomes the anchor.
+    assert [h["related"] for h in cb.history] == [True] * 5 + [False] * 5
+    assert [h["related"] for h in cb.history] == [h["link_related"] for h in cb.history]  # fail_on="custody"
+    assert [h["anchor_step"] for h in cb.history] == [0, 1, 2, 3, 4, 5, 5, 5, 5, 5]
+    assert [h["consecutive_failures"] for h in cb.history] == [0, 0, 0, 0, 0, 1, 2, 3, 4, 5]
+    lost = [str(w.message) for w in record if w.category is IdentityWarning and "lost its lineage" in str(w.message)]
+    assert [m.split(" at step ")[1].split(" ")[0] for m in lost] == ["7", "8", "9", "10"]  # patience 2, then each
+    assert "custody link from step 5" in lost[0] and "controls z [" in lost[0]
+    assert trainer.global_step == 10 and not trainer.should_stop  # warned, not stopped
+
+    # Four controls, tested at every probe; the verdicts used alpha 0.01 and the documented rules.
+    assert cb.control_features.shape == (4, SPEC.num_samples, 32)
+    assert all(len(h["control_z"]) == 4 and h["control_z_max"] == max(h["control_z"]) for h in cb.history)
+    assert (cb.last_verdict.birth.rule, cb.last_verdict.link.rule) == (BIRTH_RULE, CUSTODY_RULE)
+    for h in cb.history:
+        assert h["threshold"] == pytest.approx(max(z_threshold(0.01), h["control_z_max"] + BIRTH_RULE.z_margin),
+                                               abs=1e-3)
+        assert h["link_threshold"] >= z_threshold(0.01)
 
 
 def test_swap_with_raise(tmp_path):
@@ -336,24 +347,58 @@ def _fit_and_save(root: Path, seed: int, steps: int, save_dir: Path) -> tuple[Se
     return cb, path
 
 
-def test_resume_restores_state_and_catches_wrong_checkpoints(tmp_path):
-    dir_a, dir_b = tmp_path / "a" / "seedprints", tmp_path / "b" / "seedprints"
-    cb_a, ckpt_a = _fit_and_save(tmp_path, 0, 20, dir_a)
-    assert [h["step"] for h in cb_a.history] == [10, 20]
+class SavedRun(NamedTuple):
+    """A finished fit: its callback, its checkpoint and its seedprints run directory."""
 
+    cb: SeedPrintsCallback
+    ckpt: Path
+    run_dir: Path
+
+    def copy_to(self, parent: Path) -> Path:
+        """A private copy of the run directory at ``parent / "seedprints"``, safe to resume into or edit."""
+        return Path(shutil.copytree(self.run_dir, parent / "seedprints"))
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory) -> SavedRun:
+    """Run A: seed 0, 20 steps (probes at 10 and 20), 2 controls; fitted once for the module."""
+    root = tmp_path_factory.mktemp("run_a")
+    return SavedRun(*_fit_and_save(root, 0, 20, root / "seedprints"), root / "seedprints")
+
+
+@pytest.fixture(scope="module")
+def run_b(tmp_path_factory) -> SavedRun:
+    """Run B: another init (seed 5), 10 steps; fitted once for the module."""
+    root = tmp_path_factory.mktemp("run_b")
+    return SavedRun(*_fit_and_save(root, 5, 10, root / "seedprints"), root / "seedprints")
+
+
+def _without_callback_state(ckpt: Path, out: Path) -> Path:
+    raw = torch.load(ckpt, weights_only=False)
+    del raw["callbacks"]["SeedPrintsCallback"]
+    torch.save(raw, out)
+    return out
+
+
+def test_checkpoint_state_is_weights_only_and_cpu(run_a):
+    assert [h["step"] for h in run_a.cb.history] == [10, 20]
     # The state survives a weights-only load and holds only CPU tensors / plain types.
-    state = torch.load(ckpt_a, weights_only=True)["callbacks"]["SeedPrintsCallback"]
+    state = torch.load(run_a.ckpt, weights_only=True)["callbacks"]["SeedPrintsCallback"]
     assert state["format_version"] == 2 and state["last_probed_step"] == 20
     assert state["anchor_step"] == 20 and state["anchor_features"].dtype == torch.float16
     buffer = io.BytesIO()
-    torch.save(cb_a.state_dict(), buffer)
+    torch.save(run_a.cb.state_dict(), buffer)
     buffer.seek(0)
-    assert torch.equal(torch.load(buffer, weights_only=True)["reference_features"], cb_a.reference.features)
+    assert torch.equal(torch.load(buffer, weights_only=True)["reference_features"], run_a.cb.reference.features)
 
-    # 1. Normal resume: reference and controls bit for bit, history continues, no new reference.
+
+@pytest.mark.slow
+def test_resume_restores_reference_and_controls_and_continues_the_chain(tmp_path, run_a):
+    # Reference and controls bit for bit, history continues, no new reference.
+    dir_a, cb_a = run_a.copy_to(tmp_path / "a"), run_a.cb
     cb = callback(save_dir=dir_a, num_controls=2)
     file_mtime = (dir_a / "reference.safetensors").stat().st_mtime_ns
-    make_trainer(tmp_path, max_steps=30, callbacks=[cb]).fit(TinyLM(seed=0), loader(), ckpt_path=ckpt_a)
+    make_trainer(tmp_path, max_steps=30, callbacks=[cb]).fit(TinyLM(seed=0), loader(), ckpt_path=run_a.ckpt)
     assert cb.reference_source == "checkpoint"
     assert torch.equal(cb.reference.features, cb_a.reference.features)
     assert cb.reference.created == cb_a.reference.created and cb.reference.step == 0
@@ -371,26 +416,32 @@ def test_resume_restores_state_and_catches_wrong_checkpoints(tmp_path):
     assert audit.ok, audit.problems
     assert [r["event"] for r in audit.records] == ["interval", "interval", "resume", "interval"]
 
-    # 2. Callback state stripped from the checkpoint: a clear error, no reference from trained weights.
-    raw = torch.load(ckpt_a, weights_only=False)
-    del raw["callbacks"]["SeedPrintsCallback"]
-    stripped = tmp_path / "stripped.ckpt"
-    torch.save(raw, stripped)
+
+@pytest.mark.slow
+def test_resume_without_callback_state_is_refused(tmp_path, run_a):
+    # A clear error, and no reference taken from trained weights.
+    dir_a = run_a.copy_to(tmp_path / "a")
+    stripped = _without_callback_state(run_a.ckpt, tmp_path / "stripped.ckpt")
     cb = callback(save_dir=dir_a)
     with pytest.raises(InputError, match=r"no SeedPrintsCallback state \(state_key 'SeedPrintsCallback'\).*reference="):
         make_trainer(tmp_path, max_steps=30, callbacks=[cb]).fit(TinyLM(seed=0), loader(), ckpt_path=stripped)
     assert cb.history == []
 
-    # 3. Run B's checkpoint resumed into run A's directory: the two references differ.
-    cb_b, ckpt_b = _fit_and_save(tmp_path, 5, 10, dir_b)
+
+@pytest.mark.slow
+def test_resume_of_another_runs_checkpoint_into_this_run_dir_is_refused(tmp_path, run_a, run_b):
+    # Run B's checkpoint resumed into run A's directory: the two references differ.
+    dir_a = run_a.copy_to(tmp_path / "a")
     with pytest.raises(InputError, match=r"differs from .*a[/\\]seedprints[/\\]reference\.safetensors"):
         make_trainer(tmp_path, max_steps=30, callbacks=[callback(save_dir=dir_a)]).fit(
-            TinyLM(seed=5), loader(), ckpt_path=ckpt_b)
+            TinyLM(seed=5), loader(), ckpt_path=run_b.ckpt)
 
-    # 4. Run B's weights with run A's reference (state stripped, reference= given): caught at the first probe.
-    raw = torch.load(ckpt_b, weights_only=False)
-    del raw["callbacks"]["SeedPrintsCallback"]
-    torch.save(raw, stripped)
+
+@pytest.mark.slow
+def test_another_runs_weights_with_this_runs_reference_fail_at_the_first_probe(tmp_path, run_a, run_b):
+    # Run B's weights with run A's reference (state stripped, reference= given): caught at the first probe.
+    dir_a = run_a.copy_to(tmp_path / "a")
+    stripped = _without_callback_state(run_b.ckpt, tmp_path / "stripped.ckpt")
     cb = callback(save_dir=dir_a, reference=dir_a / "reference.safetensors", probe=None, patience=1,
                   on_identity_lost="raise", num_controls=2)
     with pytest.raises(IdentityLostError, match="at step 10"):
@@ -422,11 +473,16 @@ def test_gradient_accumulation_probes_once_per_interval(tmp_path):
     assert [h["step"] for h in cb.history] == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_no_observer_effect(tmp_path):
     def run(with_callback: bool) -> dict[str, torch.Tensor]:
         pl.seed_everything(1234, verbose=False)
         module = TinyLM(seed=0, dropout=0.3)  # dropout draws from the global RNG every step
-        callbacks = [callback(every_n_steps=3, num_controls=2, probe=ProbeSpec(num_samples=50, length=8))] if with_callback else []
+        callbacks = (
+            [callback(every_n_steps=3, num_controls=2, probe=ProbeSpec(num_samples=50, length=8))]
+            if with_callback
+            else []
+        )
         make_trainer(tmp_path / str(with_callback), max_steps=12, callbacks=callbacks).fit(module, loader(n=48))
         if with_callback:
             assert [h["step"] for h in callbacks[0].history] == [3, 6, 9, 12]
@@ -547,8 +603,14 @@ class Bag(pl.LightningModule):
 
 def test_feature_fn_for_a_non_transformers_model(tmp_path):
     spec = ProbeSpec(num_samples=100, length=8, vocab_size=VOCAB)
-    cb = SeedPrintsCallback(every_n_steps=4, probe=spec, num_controls=0, save_dir=tmp_path / "sp", adaptive_schedule=False,
-                            feature_fn=lambda module, batch: module.features(batch.input_ids.to(module.device)))
+    cb = SeedPrintsCallback(
+        every_n_steps=4,
+        probe=spec,
+        num_controls=0,
+        save_dir=tmp_path / "sp",
+        adaptive_schedule=False,
+        feature_fn=lambda module, batch: module.features(batch.input_ids.to(module.device)),
+    )
     make_trainer(tmp_path, max_steps=8, callbacks=[cb]).fit(Bag(), loader())
     assert [h["step"] for h in cb.history] == [4, 8] and all(h["related"] for h in cb.history)
     assert Fingerprint.load(tmp_path / "sp" / "reference.safetensors").model_class == "Bag"
@@ -600,14 +662,12 @@ def test_weak_link_shortens_the_interval(tmp_path):
     assert [h["step"] for h in cb.history] == [1, 2, 3, 4, 5, 6]
 
 
-def test_wrong_weights_at_resume_break_the_chain_at_train_start(tmp_path):
-    save_dir = tmp_path / "run" / "seedprints"
-    cb_a, ckpt = _fit_and_save(tmp_path, 0, 20, save_dir)
-    raw = torch.load(ckpt, weights_only=False)
-    foreign = TinyLM(seed=5)  # same architecture, another init: a wrong checkpoint's weights
-    trainer = make_trainer(tmp_path, max_steps=20, callbacks=[])
-    trainer.fit(foreign, loader())
-    raw["state_dict"] = {k: v.clone() for k, v in foreign.state_dict().items()}
+@pytest.mark.slow
+def test_wrong_weights_at_resume_break_the_chain_at_train_start(tmp_path, run_a, run_b):
+    save_dir = run_a.copy_to(tmp_path / "run")
+    raw = torch.load(run_a.ckpt, weights_only=False)
+    # Run B's trained weights (same architecture, another init): a wrong checkpoint's weights.
+    raw["state_dict"] = torch.load(run_b.ckpt, weights_only=False)["state_dict"]
     wrong = tmp_path / "wrong.ckpt"
     torch.save(raw, wrong)
     cb = callback(save_dir=save_dir, num_controls=2, patience=1, on_identity_lost="raise")
@@ -647,9 +707,15 @@ def test_control_factory_gives_feature_fn_models_controls(tmp_path):
         built.append(seed)
         return Bag(seed)
 
-    cb = SeedPrintsCallback(every_n_steps=4, probe=spec, num_controls=2, control_factory=factory,
-                            adaptive_schedule=False, save_dir=tmp_path / "sp",
-                            feature_fn=lambda module, batch: module.features(batch.input_ids.to(module.emb.weight.device)))
+    cb = SeedPrintsCallback(
+        every_n_steps=4,
+        probe=spec,
+        num_controls=2,
+        control_factory=factory,
+        adaptive_schedule=False,
+        save_dir=tmp_path / "sp",
+        feature_fn=lambda module, batch: module.features(batch.input_ids.to(module.emb.weight.device)),
+    )
     make_trainer(tmp_path, max_steps=8, callbacks=[cb]).fit(Bag(), loader())
     from seedprints_lightning.controls import control_seeds
 
@@ -658,9 +724,9 @@ def test_control_factory_gives_feature_fn_models_controls(tmp_path):
     assert not torch.equal(cb.control_features[0], cb.control_features[1])
 
 
-def test_parent_run_directory_continues_its_chain_and_refuses_a_broken_one(tmp_path):
-    parent_dir = tmp_path / "parent" / "seedprints"
-    cb_parent, ckpt = _fit_and_save(tmp_path, 0, 20, parent_dir)
+@pytest.mark.slow
+def test_parent_run_directory_continues_its_chain_and_refuses_a_broken_one(tmp_path, run_a):
+    parent_dir, ckpt = run_a.copy_to(tmp_path / "parent"), run_a.ckpt
     child_dir = tmp_path / "child" / "seedprints"
     cb = callback(reference=parent_dir, probe=None, save_dir=child_dir, num_controls=2)
     assert cb.anchor_step == 20 and cb.reference.step == 0
@@ -720,15 +786,16 @@ def test_precomputed_controls_must_match_spec_and_config(tmp_path):
     with pytest.raises(InputError, match="another probe"):
         make_trainer(tmp_path, max_steps=2, callbacks=[callback(controls=other_spec)]).fit(TinyLM(), loader())
     other_config = tmp_path / "config.safetensors"
-    save_controls(other_config, features, (1, 2), SPEC.resolve(make_lm()), extra={"config_digest": "0" * 64})
+    save_controls(other_config, features, (1, 2), SPEC.resolve(make_tiny_lm(0, vocab_size=VOCAB)),
+                  extra={"config_digest": "0" * 64})
     with pytest.raises(InputError, match="another model config"):
         make_trainer(tmp_path, max_steps=2, callbacks=[callback(controls=other_config)]).fit(TinyLM(), loader())
     with pytest.raises(InputError, match="controls must be the path"):
         callback(controls=3)
 
 
-def test_version_1_state_loads_and_restarts_the_chain_at_the_reference(tmp_path):
-    cb_a, _ = _fit_and_save(tmp_path, 0, 20, tmp_path / "sp")
+def test_version_1_state_loads_and_restarts_the_chain_at_the_reference(run_a):
+    cb_a = run_a.cb
     state = cb_a.state_dict()
     for key in ("anchor_features", "anchor_step", "anchor_index", "next_probe_step", "interval",
                 "ledger_next_index", "ledger_last_sha256", "warned_birth"):

@@ -29,16 +29,14 @@ REPO = HERE.parent.parent
 VOCAB = 64
 TIMEOUT_S = 420
 
+pytestmark = pytest.mark.slow  # every test spawns a 2-process fit
+
 
 def make_lm(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """conftest's tiny llama (importable here too: running this file as a script puts tests/ on sys.path)."""
+    from conftest import make_tiny_lm
 
-    from seedprints_lightning.controls import preserve_rng_state
-
-    with preserve_rng_state():
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+    return make_tiny_lm(seed, vocab_size=VOCAB)
 
 
 def _worker(mode: str, out: Path) -> int:
@@ -51,7 +49,7 @@ def _worker(mode: str, out: Path) -> int:
     class TinyLM(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.model = make_lm(0)
+            self.model = make_lm(0).train()  # Lightning keeps a submodule's mode
 
         def training_step(self, batch, batch_idx):
             ids = batch[0]
@@ -87,7 +85,7 @@ def _worker(mode: str, out: Path) -> int:
                 return
             from torch.distributed.fsdp import fully_shard
 
-            self.model = make_lm(0)
+            self.model = make_lm(0).train()
             mesh = self.device_mesh["data_parallel"]
             for layer in self.model.model.layers:
                 fully_shard(layer, mesh=mesh)
@@ -196,7 +194,9 @@ def test_two_cpu_processes_match_single_process(tmp_path, mode):
         assert [p for p in report["probed"] if p != 120] == [60, 60, 60], report["probed"]
     assert all(h["related"] is True for h in rank0["history"] + rank1["history"])
     for h0, h1 in zip(rank0["history"], rank1["history"]):
-        assert h0["z"] == pytest.approx(h1["z"], rel=1e-9) and h0["control_z"] == pytest.approx(h1["control_z"], rel=1e-9)
+        assert h0["z"] == pytest.approx(h1["z"], rel=1e-9) and h0["control_z"] == pytest.approx(
+            h1["control_z"], rel=1e-9
+        )
 
     # The step-0 reference equals a single-process fingerprint of the same init.
     reference = Fingerprint.load(tmp_path / "seedprints" / "reference.safetensors")

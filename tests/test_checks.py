@@ -20,7 +20,8 @@ def test_check_int_accepts_ints_in_range_and_returns_int() -> None:
     (True, {"low": 0}, r"^n must be an integer >= 0, got True$"),
     (2.0, {}, r"^n must be an integer, got 2.0$"),
     ("3", {"low": 1}, r"^n must be an integer >= 1, got '3'$"),
-    (65, {"low": 0, "high": 64, "hint": "0 turns it off"}, r"^n must be an integer in \[0, 64\] \(0 turns it off\), got 65$"),
+    (65, {"low": 0, "high": 64, "hint": "0 turns it off"}, r"^n must be an integer in \[0, 64\] \(0 turns it off\), "
+                                                           r"got 65$"),
 ])
 def test_check_int_rejects_with_one_message_style(value, kwargs, message) -> None:
     with pytest.raises(InputError, match=message):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import make_tiny_lm
+from transformers import LlamaForCausalLM
 
 from seedprints_lightning import Fingerprint
 from seedprints_lightning.cli import EXIT_EXPECT, EXIT_FILE, EXIT_INCOMPATIBLE, EXIT_OK, EXIT_USAGE, main
@@ -26,18 +27,12 @@ PROBE = ["--num-samples", "200", "--length", "8", "-q"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _tiny(seed: int, vocab: int = 64) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
-                                        num_attention_heads=4, intermediate_size=64))
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    base = _tiny(0)
+    base = make_tiny_lm(0)
     base.save_pretrained(root / "seed0")
-    noisy = _tiny(0)
+    noisy = make_tiny_lm(0)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in noisy.parameters():  # noise of std 1e-3 relative to each tensor's spread
@@ -47,8 +42,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # seed0 as an init: a Hugging Face Trainer's trainer_state.json records global_step 0.
     shutil.copytree(root / "seed0", root / "seed0_step0")
     (root / "seed0_step0" / "trainer_state.json").write_text(json.dumps({"global_step": 0}))
-    _tiny(1).save_pretrained(root / "seed1")
-    _tiny(1, vocab=48).save_pretrained(root / "seed1_v48")
+    make_tiny_lm(1).save_pretrained(root / "seed1")
+    make_tiny_lm(1, vocab_size=48).save_pretrained(root / "seed1_v48")
     (root / "not_a_model").mkdir()
     (root / "not_a_model" / "notes.txt").write_text("hello")
     return {p.name: p for p in root.iterdir()}
@@ -78,7 +73,13 @@ def test_fingerprint_writes_loadable_file_with_requested_spec(models, tmp_path, 
                  "--seed", "7", "--vocab-size", "40", "-q"])
     assert code == EXIT_OK
     fp = Fingerprint.load(out)
-    assert (fp.spec.kind, fp.spec.num_samples, fp.spec.length, fp.spec.seed, fp.spec.vocab_size) == ("token", 50, 5, 7, 40)
+    assert (fp.spec.kind, fp.spec.num_samples, fp.spec.length, fp.spec.seed, fp.spec.vocab_size) == (
+        "token",
+        50,
+        5,
+        7,
+        40,
+    )
     assert tuple(fp.features.shape) == (50, 32)
     assert fp.model_class == "LlamaForCausalLM"
     # --controls defaults to 4: fresh inits of the model's config on the same probe, stored with it.
@@ -278,13 +279,28 @@ def test_compare_probe_options_with_fingerprint_are_refused(models, fp0, capsys)
 
 
 def test_compare_embedding_probes_take_mean_std_from_a(models, capsys) -> None:
-    code = main(["compare", str(models["seed1"]), str(models["seed0"]), "--kind", "embedding", "--num-samples", "50",
-                 "--length", "4", "-q", "--json"])
+    code = main(
+        [
+            "compare",
+            str(models["seed1"]),
+            str(models["seed0"]),
+            "--kind",
+            "embedding",
+            "--num-samples",
+            "50",
+            "--length",
+            "4",
+            "-q",
+            "--json",
+        ]
+    )
     assert code == EXIT_OK
     spec = json.loads(capsys.readouterr().out)["spec"]
     weight = LlamaForCausalLM.from_pretrained(models["seed1"]).get_input_embeddings().weight.detach()
     assert spec["kind"] == "embedding" and spec["hidden_size"] == 32
-    assert spec["embed_mean"] == pytest.approx(float(weight.mean())) and spec["embed_std"] == pytest.approx(float(weight.std()))
+    assert spec["embed_mean"] == pytest.approx(float(weight.mean())) and spec["embed_std"] == pytest.approx(
+        float(weight.std())
+    )
 
 
 def test_compare_agg_threshold_and_bad_device(models, capsys) -> None:
@@ -337,6 +353,7 @@ def test_help_lists_exit_codes(capsys) -> None:
 # ----------------------------------------------------------------------------- subprocess
 
 
+@pytest.mark.slow
 def test_console_entry_point_runs_without_traceback(tmp_path) -> None:
     # The installed console script when present (pip install -e .), else the module entry point.
     script = Path(sys.executable).with_name("seedprints")
@@ -348,3 +365,18 @@ def test_console_entry_point_runs_without_traceback(tmp_path) -> None:
     assert done.returncode == EXIT_FILE, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [f"seedprints: error: {missing} does not exist"]
+
+
+def test_commands_restore_transformers_logging(tmp_path) -> None:
+    # main() may run inside a user's program: the quiet spell ends with the command.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    try:
+        code = main(["controls", str(tmp_path / "missing-model"), "-o", str(tmp_path / "c.safetensors")])
+        assert code != EXIT_OK  # the source does not exist; the logging state must still come back
+        assert hf_logging.get_verbosity() == hf_logging.INFO
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.set_verbosity_warning()

@@ -10,16 +10,15 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_lm, tiny_config
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from seedprints_lightning import InputError, ProbeSpec
 from seedprints_lightning.controls import (
-    CONTROL_SEED_BASE,
     build_control_model,
     control_seeds,
     load_controls,
-    preserve_rng_state,
     probe_control_models,
     probe_controls,
     save_controls,
@@ -27,17 +26,7 @@ from seedprints_lightning.controls import (
 from seedprints_lightning.errors import FingerprintFileError
 from seedprints_lightning.probes import extract_features
 
-CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=4, max_position_embeddings=64)
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny models, one thread
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    with preserve_rng_state():
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(LlamaConfig(**CONFIG))
 
 
 SPEC = ProbeSpec(kind="token", num_samples=40, length=8, vocab_size=64)
@@ -46,16 +35,22 @@ SPEC = ProbeSpec(kind="token", num_samples=40, length=8, vocab_size=64)
 # ------------------------------------------------------------------ controls
 
 
-def test_control_seeds_are_fixed_and_distinct():
-    assert control_seeds(3) == (CONTROL_SEED_BASE, CONTROL_SEED_BASE + 1, CONTROL_SEED_BASE + 2)
-    assert control_seeds(0) == ()
-    assert len(set(control_seeds(10))) == 10
+def test_control_seeds_are_fixed_distinct_and_never_a_typed_seed():
+    # Fixed: every call (every run, every rank) gives the same seeds, and fewer controls are the first
+    # of more (a file storing 4 controls serves a verdict that uses 2).
+    assert control_seeds(4) == control_seeds(4)
+    assert control_seeds(2) == control_seeds(4)[:2] and control_seeds(0) == ()
+    seeds = control_seeds(64)  # the most the callback takes
+    assert len(set(seeds)) == 64 and all(type(s) is int for s in seeds)
+    # Far from the seeds people type (0, 1, 42, 1234, 2024, ...): a control is never the run's own init.
+    assert not set(seeds) & set(range(100_000))
+    assert control_seeds(3, base=7) == (7, 8, 9)
     with pytest.raises(InputError, match="num_controls"):
         control_seeds(-1)
 
 
 def test_build_control_model_is_deterministic_and_leaves_rng_alone():
-    live = tiny_llama(0)
+    live = make_tiny_lm(0)
     live.train()
     random.seed(5)
     np.random.seed(5)
@@ -75,13 +70,13 @@ def test_build_control_model_is_deterministic_and_leaves_rng_alone():
 
 
 def test_build_control_follows_live_dtype():
-    live = tiny_llama(0).to(torch.bfloat16)
+    live = make_tiny_lm(0).to(torch.bfloat16)
     control = build_control_model(live, 7)
     assert next(control.parameters()).dtype == torch.bfloat16
 
 
 def test_probe_controls_same_seed_same_features_rng_untouched(tmp_path):
-    live = tiny_llama(0)
+    live = make_tiny_lm(0)
     torch.manual_seed(123)
     state = torch.random.get_rng_state().clone()
     first = probe_controls(live, SPEC, control_seeds(2), batch_size=16)
@@ -97,7 +92,7 @@ def test_probe_controls_same_seed_same_features_rng_untouched(tmp_path):
 
 def test_probe_controls_needs_resolved_spec():
     with pytest.raises(InputError, match="resolved"):
-        probe_controls(tiny_llama(0), ProbeSpec(num_samples=10, length=4), [1])
+        probe_controls(make_tiny_lm(0), ProbeSpec(num_samples=10, length=4), [1])
 
 
 def test_save_controls_validates_and_load_rejects_other_files(tmp_path):
@@ -126,7 +121,7 @@ def _features_of(model: nn.Module) -> torch.Tensor:
 
 def _just_construct(seed: int) -> nn.Module:
     # Ignores its seed on purpose: probe_control_models seeds the global RNG before calling it.
-    return LlamaForCausalLM(LlamaConfig(**CONFIG))
+    return LlamaForCausalLM(tiny_config())  # the config of conftest's make_tiny_lm
 
 
 def test_probe_control_models_seeds_a_plain_factory_and_leaves_rng_alone():
@@ -145,7 +140,7 @@ def test_probe_control_models_seeds_a_plain_factory_and_leaves_rng_alone():
     assert not torch.equal(first[0], first[1])  # other seed, other features
     assert len(lines) == 2 and lines[0].startswith("control 1/2 (init seed 7)")
     # The same init as build_control_model's for that seed (both seed the default CPU generator).
-    assert torch.equal(first[0], extract_features(build_control_model(tiny_llama(0), 7), SPEC, batch_size=20))
+    assert torch.equal(first[0], extract_features(build_control_model(make_tiny_lm(0), 7), SPEC, batch_size=20))
 
 
 def test_probe_control_models_puts_controls_in_eval_mode_without_grad():

@@ -3,26 +3,46 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
 from seedprints_lightning.errors import IdentityLostError
 from seedprints_lightning.train import demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_demo_model_is_the_documented_size():
-    from seedprints_lightning.train import make_causal_lm
+    from seedprints_lightning.train import ByteTokenizer, make_causal_lm
+    from seedprints_lightning.train.models import MODEL_SIZE_ARGS, make_config
 
-    assert demo.DEMO_MODEL == dict(arch="llama", vocab_size=256, hidden_size=128, num_layers=4, num_heads=4,
-                                   intermediate_size=512, max_position_embeddings=128)
     model = make_causal_lm(seed=0, **demo.DEMO_MODEL)  # what benchmarks/speed.py does
-    assert 1.0e6 < sum(p.numel() for p in model.parameters()) < 1.3e6
+    # README: "the CPU demo model (LLaMA-style, hidden 128, 4 layers, byte vocabulary)".
+    row = next(line for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+               if line.startswith("|") and "`configs/demo.yaml`" in line)
+    documented_sizes = re.search(r"LLaMA-style, hidden (\d+), (\d+) layers, byte vocabulary", row)
+    hidden, layers = (int(x) for x in documented_sizes.groups())
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (hidden, layers)
+    assert model.config.vocab_size == ByteTokenizer().vocab_size
+    # configs/demo.yaml: "The model sizes match ... DEMO_MODEL" and "(1.1M parameters)".
+    text = (REPO / "configs" / "demo.yaml").read_text(encoding="utf-8")
+    documented = float(re.search(r"\(([\d.]+)M parameters\)", text).group(1)) * 1e6
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(documented, rel=0.05)
+    config_model = yaml.safe_load(text)["model"]
+    sizes = {k: v for k, v in config_model.items() if k in MODEL_SIZE_ARGS}
+    assert make_config(config_model["arch"], **sizes).to_dict() == model.config.to_dict()
 
 
-def test_quick_demo_passes_both_scenarios(tmp_path, capsys):
+@pytest.mark.slow
+def test_quick_demo_passes_both_scenarios(tmp_path, capsys, drawn_figures):
+    from seedprints_lightning.plotting import read_drift_curves
+
     code = demo.main(["--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -33,6 +53,27 @@ def test_quick_demo_passes_both_scenarios(tmp_path, capsys):
     for png in ("demo-own/drift.png", "demo-wrong-resume/drift.png", "demo-drift.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC, png
     assert list((tmp_path / "demo-own").glob("version_0/events.out.tfevents.*"))
+
+    # Every probe tested all of the model's feature dimensions.
+    own = next(iter(read_drift_curves(tmp_path / "demo-own").values()))
+    assert set(own.identity_dims.values.tolist()) == {float(demo.QUICK_MODEL["hidden_size"])}
+    # The plots draw the logged curves: own run, wrong resume, then both runs on one figure.
+    wrong = next(iter(read_drift_curves(tmp_path / "demo-wrong-resume").values()))
+    assert [name for name, _ in drawn_figures] == ["draw_drift"] * 3
+    figures = [fig for _, fig in drawn_figures]
+    for fig, runs in zip(figures, (["demo-own"], ["demo-wrong-resume"], ["demo-own", "demo-wrong-resume"])):
+        lines = {line.get_gid(): line for ax in fig.axes for line in ax.get_lines() if line.get_gid()}
+        for run in runs:
+            curve = own if run == "demo-own" else wrong
+            for what in ("z", "link_z"):
+                x, y = lines[f"{what}:{run}"].get_data()
+                np.testing.assert_array_equal(x, getattr(curve, what).steps)
+                np.testing.assert_array_equal(y, getattr(curve, what).values)
+    # Red crosses at exactly the wrong resume's failed probes (all after the swap), none on the own run.
+    failed = wrong.related.steps[wrong.related.values == 0]
+    crosses = {line.get_gid(): line for ax in figures[1].axes for line in ax.get_lines()}["unrelated:demo-wrong-resume"]
+    assert len(failed) and crosses.get_xdata().tolist() == failed.tolist()
+    assert not [line for ax in figures[0].axes for line in ax.get_lines() if line.get_gid() == "unrelated:demo-own"]
 
 
 def _entry(step: int, related: bool | None, anchor_step: int = 0, birth: bool = False) -> dict:
@@ -91,6 +132,7 @@ def test_table_marks_the_swap_and_the_raise():
     assert lines[-1].split()[0] == "9" and lines[-1].endswith("NOT related  -> IdentityLostError")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("SEEDPRINTS_FULL_DEMO"),
                     reason="the full-size `make demo` (~3 min on 2 CPU cores) is not a unit test; "
                            "set SEEDPRINTS_FULL_DEMO=1 to run it")

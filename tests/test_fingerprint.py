@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -106,7 +106,9 @@ def test_metadata_inconsistencies(small_fp: Fingerprint, tmp_path: Path) -> None
     nan[0, 0] = float("nan")
     with pytest.raises(FingerprintFileError, match="NaN or Inf"):
         Fingerprint.load(_write_raw(tmp_path / "nan.safetensors", nan, meta))
-    bad_spec = _write_raw(tmp_path / "spec.safetensors", small_fp.features, {**meta, "spec": {**meta["spec"], "zzz": 1}})
+    bad_spec = _write_raw(
+        tmp_path / "spec.safetensors", small_fp.features, {**meta, "spec": {**meta["spec"], "zzz": 1}}
+    )
     with pytest.raises(FingerprintFileError, match="metadata is inconsistent"):
         Fingerprint.load(bad_spec)
     no_spec = {k: v for k, v in meta.items() if k != "spec"}
@@ -158,7 +160,9 @@ def _verdict(base: Fingerprint, target: Fingerprint) -> IdentityVerdict:
 def lineage_fps(one_torch_thread: None) -> dict[str, Fingerprint]:
     from conftest import make_tiny_llama
 
-    fps = {f"seed{s}": fingerprint_model(make_tiny_llama(s), LINEAGE_SPEC, step=0, num_controls=4) for s in (0, 1, 3, 4)}
+    fps = {
+        f"seed{s}": fingerprint_model(make_tiny_llama(s), LINEAGE_SPEC, step=0, num_controls=4) for s in (0, 1, 3, 4)
+    }
     noisy = make_tiny_llama(1)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

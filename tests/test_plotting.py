@@ -88,12 +88,40 @@ def test_reader_merges_event_files_later_wins(tmp_path) -> None:
     assert curves["resumed"].z.values.tolist() == [5.0, 6.0, 70.0, 30.0]
 
 
-def test_plot_drift_writes_png(logdir, tmp_path) -> None:
-    out = plot_drift(read_drift_curves(logdir), tmp_path / "sub" / "drift.png", title="two runs")
+def _lines(fig) -> dict:
+    return {line.get_gid(): line for ax in fig.axes for line in ax.get_lines() if line.get_gid()}
+
+
+def _assert_draws(fig, curves: dict[str, DriftCurves]) -> None:
+    """``fig`` draws each run's logged series: z and threshold on the birth panel, crosses exactly at related == 0."""
+    lines = _lines(fig)
+    assert {gid.split(":", 1)[1] for gid in lines} == set(curves)
+    for run, curve in curves.items():
+        assert _xy(lines[f"z:{run}"]) == (curve.z.steps.tolist(), curve.z.values.tolist())
+        if len(curve.threshold):
+            assert _xy(lines[f"threshold:{run}"]) == (curve.threshold.steps.tolist(), curve.threshold.values.tolist())
+        steps, z = curve.unrelated_points()
+        if len(steps):
+            assert _xy(lines[f"unrelated:{run}"]) == (steps.tolist(), z.tolist())
+        else:
+            assert f"unrelated:{run}" not in lines
+
+
+def test_plot_drift_writes_png(logdir, tmp_path, drawn_figures) -> None:
+    curves = read_drift_curves(logdir)
+    out = plot_drift(curves, tmp_path / "sub" / "drift.png", title="two runs")
     _check_png(out)
+    ((name, fig),) = drawn_figures  # the figure saved to the PNG
+    assert name == "draw_drift" and fig.axes[0].get_title() == "two runs"
+    _assert_draws(fig, curves)
+    lines = _lines(fig)
+    assert _xy(lines["z:lightning_logs/version_1"]) == (STEPS, [60.0, 8.0, 2.0, -1.5])
+    # version_1 logged related = 0 at its last two probes: crosses there, none on version_0.
+    assert _xy(lines["unrelated:lightning_logs/version_1"]) == ([200, 300], [2.0, -1.5])
+    assert "unrelated:lightning_logs/version_0" not in lines
 
 
-def test_cli_plot_two_logdirs_default_output(tmp_path, capsys) -> None:
+def test_cli_plot_two_logdirs_default_output(tmp_path, capsys, drawn_figures) -> None:
     _write_run(tmp_path / "run_a", [50.0, 20.0, 5.0, 3.0])
     _write_run(tmp_path / "run_b", [1.0, 0.5, -0.5, 0.2], related=[0, 0, 0, 0])
     assert main(["plot", str(tmp_path / "run_a"), str(tmp_path / "run_b")]) == EXIT_OK
@@ -101,12 +129,25 @@ def test_cli_plot_two_logdirs_default_output(tmp_path, capsys) -> None:
     _check_png(out)
     stdout = capsys.readouterr().out
     assert str(out) in stdout and "4 points, steps 0..300" in stdout
+    ((_, fig),) = drawn_figures
+    lines = _lines(fig)
+    # One curve per log directory, named after it; run_b failed every probe: a cross at each.
+    (z_a,) = [gid for gid in lines if gid.startswith("z:") and "run_a" in gid]
+    (z_b,) = [gid for gid in lines if gid.startswith("z:") and "run_b" in gid]
+    run_b = [1.0, 0.5, -0.5, pytest.approx(0.2)]  # logged as float32
+    assert _xy(lines[z_a]) == (STEPS, [50.0, 20.0, 5.0, 3.0]) and _xy(lines[z_b]) == (STEPS, run_b)
+    assert _xy(lines["unrelated:" + z_b[2:]]) == (STEPS, run_b)
+    assert _xy(lines["unrelated:" + z_a[2:]]) == ([300], [3.0])  # its only z below 4: logged related 0
+    assert lines[z_a].get_color() != lines[z_b].get_color()
 
 
-def test_cli_plot_output_and_title(logdir, tmp_path) -> None:
+def test_cli_plot_output_and_title(logdir, tmp_path, drawn_figures) -> None:
     out = tmp_path / "x.png"
     assert main(["plot", str(logdir), "-o", str(out), "--title", "T"]) == EXIT_OK
     _check_png(out)
+    ((_, fig),) = drawn_figures
+    assert fig.axes[0].get_title() == "T"
+    _assert_draws(fig, read_drift_curves(logdir))
 
 
 def test_no_seedprints_tags_is_a_clear_error(tmp_path, capsys) -> None:
@@ -243,9 +284,12 @@ def test_draw_drift_two_runs_and_log10_p_panel() -> None:
     assert draw_drift([a]).axes.__len__() == 2  # no log10 p panel unless asked
 
 
-def test_plot_drift_saves_the_drawn_figure(tmp_path) -> None:
+def test_plot_drift_saves_the_drawn_figure(tmp_path, drawn_figures) -> None:
     out = plot_drift([_curves()], tmp_path / "d.png")
     _check_png(out)
+    ((_, fig),) = drawn_figures
+    _assert_draws(fig, {"run": _curves()})
+    assert _xy(_lines(fig)["unrelated:run"]) == ([7, 31], [3.0, 1.5])  # on the link curve
     with pytest.raises(NoDriftDataError):
         draw_drift([])
 
@@ -285,8 +329,12 @@ def test_draw_audit_fixed_threshold_and_unknown_steps() -> None:
         draw_audit([])
 
 
-def test_plot_audit_writes_png(tmp_path) -> None:
+def test_plot_audit_writes_png(tmp_path, drawn_figures) -> None:
     _check_png(plot_audit([_row("a", 1, 9.0, True, 6.0), _row("b", 2, 1.0, False, 6.0)], tmp_path / "a.png"))
+    ((name, fig),) = drawn_figures
+    lines = _lines(fig)
+    assert name == "draw_audit" and _xy(lines["z"]) == ([1, 2], [9.0, 1.0])
+    assert _xy(lines["threshold"]) == ([1, 2], [6.0, 6.0]) and _xy(lines["unrelated"]) == ([2], [1.0])
 
 
 def test_reader_reads_every_logged_tag_and_plot_draws_it(tmp_path) -> None:

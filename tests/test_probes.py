@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_lm
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from seedprints_lightning.errors import InputError, ModelNotFoundError
 from seedprints_lightning.probes import ProbeSpec, extract_features, find_causal_lm, preserve_module_modes
@@ -291,16 +292,14 @@ def test_extract_features_with_wrapper_and_forward_fn(tiny_llama: Callable[[int]
 
 
 def _tiny_gpt2() -> nn.Module:
+    # Another architecture (learned positions, tied embeddings) than conftest's llama/qwen2 factory.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
 
 
 def _tiny_qwen2() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                            num_key_value_heads=2, intermediate_size=64)).eval()
+    return make_tiny_lm(0, "qwen2")  # grouped-query attention: 2 key/value heads for 4 query heads
 
 
 @pytest.mark.parametrize("factory", [_tiny_gpt2, _tiny_qwen2], ids=["gpt2", "qwen2"])

@@ -51,10 +51,24 @@ def test_schedule_validates(kwargs, match):
         ProbeSchedule(**kwargs)
 
 
-def test_defaults_and_edges_accepted():
+def test_default_schedule_starts_dense_adapts_and_settles_on_every_1000_steps():
     s = ProbeSchedule()
-    assert (s.every_n_steps, s.first_interval, s.min_interval, s.adapt_headroom, s.adaptive) == (
-        1000, 1, 1, DEFAULT_ADAPT_HEADROOM, True)
+    assert s.first() == (1, 1)  # the first probe one step after the step-0 reference
+    got = run(s, [(True, STRONG)] * 45)
+    steps = [step for step, _ in got]
+    assert steps[:8] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert max(i for _, i in got) == 1000 and [step for step in steps if step >= 4000][:3] == [4000, 5000, 6000]
+    # Adaptive: a link at twice its threshold keeps doubling the interval, one just below halves it, and
+    # weak links bring it down to a single step.
+    assert s.after(100, 4, True, 2.0) == (108, 8)
+    assert s.after(100, 4, True, 1.99) == (102, 2)
+    assert s.after(102, 2, True, 1.5) == s.after(102, 2, False, 0.0) == (103, 1)
+    assert s.after(103, 1, True, 1.5) == (104, 1)  # never below one step
+    # A failed link halves the interval even at its full length (confirmed or cleared soon).
+    assert s.after(5000, 1000, False, 0.0) == (5500, 500)
+
+
+def test_edge_values_accepted():
     ProbeSchedule(every_n_steps=1, min_interval=1, adapt_headroom=1.0)
     ProbeSchedule(every_n_steps=10, min_interval=10, adapt_headroom=1)
 

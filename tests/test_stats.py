@@ -36,7 +36,9 @@ LN10 = math.log(10.0)
 # --------------------------------------------------------------------------------------
 
 
-def reference_lineage(base: np.ndarray, target: np.ndarray, k: int, mode: str = "coset", temperature: float = 10.0) -> dict:
+def reference_lineage(
+    base: np.ndarray, target: np.ndarray, k: int, mode: str = "coset", temperature: float = 10.0
+) -> dict:
     """method.md steps 2-6 with numpy and scipy only (one-sided p, no agg, analytic null)."""
     a = np.asarray(base, dtype=np.float64)
     b = np.asarray(target, dtype=np.float64)
@@ -512,7 +514,8 @@ def test_nan_and_inf_rows_are_reported() -> None:
         (_good(), _good(), {"identity_k": 4, "identity_ratio": 0.5}, r"not both"),
         (_good(), _good(), {"identity_ratio": 0.0}, r"identity_ratio must be a number in \(0, 1\] \(a fraction of D\)"),
         (_good(), _good(), {"identity_ratio": 1.5}, r"identity_ratio must be a number in \(0, 1\] \(a fraction of D\)"),
-        (_good(), _good(), {"identity_ratio": -0.1}, r"identity_ratio must be a number in \(0, 1\] \(a fraction of D\), got -0.1"),
+        (_good(), _good(), {"identity_ratio": -0.1}, r"identity_ratio must be a number in \(0, 1\] \(a fraction of "
+                                                     r"D\), got -0.1"),
         (_good(), _good(), {"alpha": 0.0}, r"alpha must be a number in \(0, 1\)"),
         (_good(), _good(), {"alpha": 1.0}, r"alpha must be a number in \(0, 1\)"),
         (_good(), _good(), {"alpha": float("nan")}, r"alpha must be"),

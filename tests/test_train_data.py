@@ -244,7 +244,9 @@ def test_data_module_order_depends_only_on_seed_and_epoch(cache: Path) -> None:
 
 def test_data_module_epoch_covers_distinct_windows(tmp_path: Path) -> None:
     text = "".join(chr(ord("a") + i % 26) for i in range(1000))
-    dm = TextDataModule(data_dir=str(_text_dir(tmp_path / "d", {"a.txt": text})), seq_len=10, batch_size=7, val_fraction=0.0)
+    dm = TextDataModule(
+        data_dir=str(_text_dir(tmp_path / "d", {"a.txt": text})), seq_len=10, batch_size=7, val_fraction=0.0
+    )
     dm.setup("fit")
     sampler = dm.train_dataloader().sampler
     starts = list(sampler)
@@ -303,7 +305,8 @@ def test_data_module_source_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="shorter than one window"):
         setup(data_dir=str(tmp_path / "short"))
     with pytest.raises(InputError, match="validation split.*shorter than one window"):
-        TextDataModule(data_dir=str(_text_dir(tmp_path / "ok", {"a.txt": "x" * 100})), seq_len=8, val_fraction=0.05).setup()
+        data_dir = str(_text_dir(tmp_path / "ok", {"a.txt": "x" * 100}))
+        TextDataModule(data_dir=data_dir, seq_len=8, val_fraction=0.05).setup()
     (tmp_path / "odd.bin").write_bytes(b"\x01\x00\x02")
     with pytest.raises(InputError, match="not a multiple of 2"):
         setup(memmap_path=str(tmp_path / "odd.bin"))

@@ -68,7 +68,9 @@ def test_architectures_build_and_run(arch: str, config_cls: type) -> None:
 
 
 def test_sizes_are_mapped_per_architecture() -> None:
-    gpt2 = make_config("gpt2", hidden_size=48, num_layers=3, num_heads=6, intermediate_size=80, max_position_embeddings=99)
+    gpt2 = make_config(
+        "gpt2", hidden_size=48, num_layers=3, num_heads=6, intermediate_size=80, max_position_embeddings=99
+    )
     assert (gpt2.n_embd, gpt2.n_layer, gpt2.n_head, gpt2.n_inner, gpt2.n_positions) == (48, 3, 6, 80, 99)
     assert gpt2.resid_pdrop == gpt2.embd_pdrop == gpt2.attn_pdrop == 0.0
     llama = make_config("llama", hidden_size=64, num_heads=4, num_kv_heads=2)

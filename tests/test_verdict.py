@@ -121,11 +121,13 @@ def test_verdict_rule_normalises_and_round_trips():
     assert BIRTH_RULE.tau_margin == 0.0 and CUSTODY_RULE.tau_margin > 0.0
 
 
-def test_callback_uses_the_default_rules():
+def test_callback_rules_follow_its_arguments():
+    # The defaults in use are checked on a real fit (tests/test_callback.py, the default-callback test).
     from seedprints_lightning import SeedPrintsCallback
 
-    cb = SeedPrintsCallback()
-    assert cb.birth_rule == BIRTH_RULE and cb.custody_rule == CUSTODY_RULE
+    cb = SeedPrintsCallback(alpha=0.05, birth_z_margin=1.0, link_z_margin=2.0, link_tau_margin=0.1)
+    assert cb.birth_rule == VerdictRule(alpha=0.05, z_margin=1.0, tau_margin=0.0)  # no tau margin for the birth test
+    assert cb.custody_rule == VerdictRule(alpha=0.05, z_margin=2.0, tau_margin=0.1)
     with pytest.raises(InputError, match="link_tau_margin must be"):
         SeedPrintsCallback(link_tau_margin=-1.0)
     with pytest.raises(InputError, match="birth_z_margin must be"):
