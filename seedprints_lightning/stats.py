@@ -277,7 +277,8 @@ def kendall_tau_b(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise InputError(f"Kendall's tau needs at least 2 samples, got {x.shape[0]}")
     if x.device.type == "cpu":
         # The compiled per-column kernel (x3 and more over the torch sweep on a CPU).
-        taus = tau_b_rows(x.t().to(torch.float64).numpy(), y.t().to(torch.float64).numpy(),
+        # detach: a rank statistic has no gradient, and numpy cannot view a grad-tracking tensor.
+        taus = tau_b_rows(x.detach().t().to(torch.float64).numpy(), y.detach().t().to(torch.float64).numpy(),
                           threads=torch.get_num_threads())
         return torch.from_numpy(taus)
     return _kendall_tau_b_torch(x, y)

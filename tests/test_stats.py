@@ -280,6 +280,13 @@ def test_cpu_kernel_is_independent_of_thread_count() -> None:
     np.testing.assert_array_equal(one, two)
 
 
+def test_kendall_accepts_grad_tracking_tensors() -> None:
+    x, y = _kendall_case("continuous", 40, 3, seed=5)
+    tracked = torch.from_numpy(x).requires_grad_(True)
+    got = kendall_tau_b(tracked, torch.from_numpy(y))
+    np.testing.assert_allclose(got.numpy(), _scipy_taus(x, y), rtol=1e-12, atol=1e-12)
+
+
 def test_kendall_shape_errors() -> None:
     with pytest.raises(InputError, match="one shape"):
         kendall_tau_b(torch.zeros(5, 2), torch.zeros(5, 3))
