@@ -310,8 +310,8 @@ class CalibrationReport:
             for kind in cfg.probe_kinds:
                 for ratio in cfg.ratios:
                     init = self.select(model=m.name, kind=kind, ratio=ratio, relation="init")
-                    add(f"| {m.name} | {kind} | {ratio:g} | 0 (init pairs) | | | {_rate(init)} | {_mean_max(init)} | | "
-                        "|")
+                    add(f"| {m.name} | {kind} | {ratio:g} | 0 (init pairs) | | | {_rate(init)} | {_mean_max(init)} "
+                        "| | |")
                     for step in cfg.steps[1:]:
                         own = self.select(model=m.name, kind=kind, ratio=ratio, relation="own", step=step)
                         cross = self.select(model=m.name, kind=kind, ratio=ratio, relation="cross", step=step)
@@ -326,8 +326,8 @@ class CalibrationReport:
         add("")
         add(f"own z min (must exceed {alpha_z:.2f}); unrelated z max per relation (must stay below it).")
         add("")
-        add("| probe | k/D | own z min | own det | cross z max | cross FP | peers z max | peers FP | init z max | init "
-            "FP |")
+        add("| probe | k/D | own z min | own det | cross z max | cross FP | peers z max | peers FP | init z max | "
+            "init FP |")
         add("|---|---|---|---|---|---|---|---|---|---|")
         for kind in cfg.probe_kinds:
             for ratio in cfg.ratios:

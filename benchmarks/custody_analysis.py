@@ -263,8 +263,8 @@ def analyse(cache: Path) -> str:
         table = analyse_birth(_load(birth_path))
         steps = sorted({k[2] for k in table})
         add("")
-        add("### Birth detectability against n and probe kind (LLaMA width 128, lr 3e-3): z / threshold (max control "
-            "z)")
+        add("### Birth detectability against n and probe kind (LLaMA width 128, lr 3e-3): z / threshold (max "
+            "control z)")
         add("")
         add("| probe, n | " + " | ".join(f"step {s}" for s in steps) + " |")
         add("|---|" + "---|" * len(steps))

@@ -159,8 +159,8 @@ def expand_checkpoints(paths: Iterable[str | Path], *, trust_pickle: bool = Fals
             members += [Source(p, "model_dir") for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file()]
             if not members:
                 raise SourceError(
-                    f"{path} is a directory with no config.json and no {CHECKPOINT_SUFFIX} files or model directories "
-                    "in it"
+                    f"{path} is a directory with no config.json and no {CHECKPOINT_SUFFIX} files or model "
+                    "directories in it"
                 )
             stepped = [(member, source_step(member, trust_pickle=trust_pickle)) for member in members]
             stepped.sort(key=lambda item: (item[1] is None, item[1] if item[1] is not None else 0, item[0].path.name))
@@ -610,8 +610,8 @@ def audit_checkpoints(
     checkpoint that cannot be loaded or probed raises (nothing is silently skipped).
     """
     if evidence is None:
-        evidence = (Evidence(reference.controls, f"{reference.controls.shape[0]} fresh-init controls stored with the "
-                                                 "reference")
+        evidence = (Evidence(reference.controls, f"{reference.controls.shape[0]} fresh-init controls stored with "
+                                                 "the reference")
                     if reference.controls is not None else Evidence(None, "no controls: analytic threshold and "
                                                                           "effect-size margin only"))
     rule = rule or rule_for_base(reference.step, "auto", test_kwargs.pop("alpha", 0.01))

@@ -284,8 +284,7 @@ def load_config(source: str | os.PathLike) -> Any:
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError for a bad config
-        raise FingerprintFileError(f"{path} is not a readable transformers config ({type(exc).__name__}: "
-                                   f"{exc})") from exc
+        raise FingerprintFileError(f"{path} is not a readable transformers config ({type(exc).__name__}: {exc})") from exc
 
 
 def controls_from_config(
@@ -309,9 +308,8 @@ def controls_from_config(
 
     if not spec.is_resolved:
         if spec.kind != "token":
-            raise InputError("embedding probes take mean/std from the run's INIT embedding: pass the run's resolved "
-                             "spec "
-                             "(seedprints controls --spec-from <reference.safetensors>)")
+            raise InputError("embedding probes take mean/std from the run's INIT embedding: pass the run's "
+                             "resolved spec (seedprints controls --spec-from <reference.safetensors>)")
         spec = dataclasses.replace(spec, vocab_size=int(config.vocab_size))
     seeds = control_seeds(num_controls)
 

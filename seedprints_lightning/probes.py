@@ -210,9 +210,8 @@ def find_causal_lm(model: nn.Module) -> nn.Module:
         if isinstance(module, PreTrainedModel):
             return module
     raise ModelNotFoundError(
-        f"no transformers PreTrainedModel found inside {type(model).__name__}; pass a feature_fn(module, batch) -> [b, "
-        "D] "
-        "for other model types"
+        f"no transformers PreTrainedModel found inside {type(model).__name__}; pass a feature_fn(module, batch) -> "
+        "[b, D] for other model types"
     )
 
 

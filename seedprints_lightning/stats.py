@@ -519,8 +519,8 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     n, dim = a.shape
     if b.shape[0] != n:
         raise InputError(
-            f"base has {n} samples but target has {b.shape[0]}: both must be features of the SAME probe inputs, same "
-            "order"
+            f"base has {n} samples but target has {b.shape[0]}: both must be features of the SAME probe inputs, "
+            "same order"
         )
     if b.shape[1] != dim:
         raise InputError(
@@ -628,6 +628,6 @@ def _empirical_null_taus(target: torch.Tensor, dims: torch.Tensor, k: int, mode:
         raise InputError("the empirical null produced no usable dimensions; use method='analytic' or raise identity_k")
     null_taus = torch.cat(out)
     if null_taus.numel() < 2:
-        raise InputError("the empirical null produced fewer than 2 usable dimensions; use method='analytic' or raise "
-                         "identity_k")
+        raise InputError("the empirical null produced fewer than 2 usable dimensions; use method='analytic' or "
+                         "raise identity_k")
     return null_taus

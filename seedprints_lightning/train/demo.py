@@ -194,8 +194,8 @@ class SwapWeights(pl.Callback):
                 pl_module.model.load_state_dict(self.state_dict_to_load)
             self.swapped_at = int(trainer.global_step)
             if self.verbose:
-                print(f"  [step {self.swapped_at}] weights replaced by another run's (init seed {OTHER_SEED}) "
-                      "-- a wrong resume", flush=True)
+                print(f"  [step {self.swapped_at}] weights replaced by another run's (init seed {OTHER_SEED}) -- a "
+                      "wrong resume", flush=True)
 
 
 class ProbePrinter(pl.Callback):
@@ -387,8 +387,8 @@ def check_wrong_resume(result: ScenarioResult) -> tuple[bool, str]:
 
 def format_table(result: ScenarioResult) -> str:
     """The scenario's probes as a text table (step, birth test, custody link, verdict)."""
-    header = (f"{'step':>6}  {'birth z':>8}  {'thr':>6}  {'birth':>10}  {'link z':>8}  {'from':>5}  {'link thr':>8}  "
-              "verdict")
+    header = (f"{'step':>6}  {'birth z':>8}  {'thr':>6}  {'birth':>10}  {'link z':>8}  {'from':>5}  "
+              f"{'link thr':>8}  verdict")
     lines = [header, "-" * len(header)]
     swapped = False
     for entry in result.history:
