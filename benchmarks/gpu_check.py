@@ -221,7 +221,8 @@ def part_fsdp(ctx: Context, res: dict[str, Any]) -> None:
         spec = ProbeSpec()
     swap_step = steps // 2
     res["config"] = dict(arch="llama", vocab_size=256, **size, seq_len=seq, batch_size=batch, max_steps=steps,
-                         every_n_steps=every, probe=f"{spec.kind}, n={spec.num_samples}, L={spec.length}", strategy="FSDP" if use_fsdp else "auto (CPU)",
+                         every_n_steps=every, probe=f"{spec.kind}, n={spec.num_samples}, L={spec.length}",
+                         strategy="FSDP" if use_fsdp else "auto (CPU)",
                          precision="bf16-mixed" if use_fsdp else "32-true")
     root = ctx.work / "fsdp"
 

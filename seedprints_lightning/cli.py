@@ -243,7 +243,8 @@ def _verdict_lines(verdict: Any, evidence: str, rule_name: str) -> list[str]:
         f"  controls z  {controls}",
         f"  evidence    {evidence}",
         f"  dimensions  {result.k} identity dims ({result.identity_mode} mode), n = {result.n} probes, "
-        f"{result.method} null" + (f", {result.dropped_constant} constant dims dropped" if result.dropped_constant else ""),
+        f"{result.method} null"
+        + (f", {result.dropped_constant} constant dims dropped" if result.dropped_constant else ""),
     ]
     if verdict.related is False and verdict.reason:
         lines.append(f"  why         {verdict.reason}")
@@ -430,7 +431,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     else:
         print(f"reference  {reference_source.describe()}")
         print(f"probe      {reference.spec.describe()}")
-        print(f"rule       {rule_name}: {rule.describe()} (one-sided)" + (" (Bonferroni x2, --agg)" if args.agg else ""))
+        agg_note = " (Bonferroni x2, --agg)" if args.agg else ""
+        print(f"rule       {rule_name}: {rule.describe()} (one-sided){agg_note}")
         print(f"evidence   {evidence.description}")
         print(format_audit_table(rows))
         if written:

@@ -284,7 +284,9 @@ def load_config(source: str | os.PathLike) -> Any:
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError for a bad config
-        raise FingerprintFileError(f"{path} is not a readable transformers config ({type(exc).__name__}: {exc})") from exc
+        raise FingerprintFileError(
+            f"{path} is not a readable transformers config ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def controls_from_config(

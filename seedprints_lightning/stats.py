@@ -120,9 +120,13 @@ def log10_normal_sf(z: float) -> float:
     return float(special.log_ndtr(-float(z)) / _LN10)
 
 
+def _check_alpha(alpha: float) -> None:
+    check_number("alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True)
+
+
 def z_threshold(alpha: float) -> float:
     """The one-sided z above which ``p < alpha``."""
-    check_number("alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True)
+    _check_alpha(alpha)
     return float(sps.norm.isf(alpha))
 
 
@@ -360,6 +364,11 @@ def select_identity_dims(
 ) -> torch.Tensor:
     """Indices (sorted, int64) of the identity dimensions: the ``k`` smallest column means."""
     check_choice("identity_mode", mode, ("coset", "base"))
+    return _identity_dims(base, target, k, mode)
+
+
+def _identity_dims(base: torch.Tensor, target: torch.Tensor, k: int, mode: str) -> torch.Tensor:
+    """:func:`select_identity_dims` without the argument check (lineage_test checks up front)."""
     base_dims = torch.topk(base.mean(dim=0, dtype=torch.float64), k, largest=False).indices
     if mode == "base":
         return torch.sort(base_dims).values
@@ -504,7 +513,7 @@ def _bonferroni(main: _Signal, agg: _Signal) -> _Signal:
 
 def _check_test_options(identity_mode: str, temperature: float, method: str, alpha: float, use_agg: bool,
                         null: EmpiricalNull | None) -> None:
-    check_number("alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True)
+    _check_alpha(alpha)
     check_choice("method", method, ("analytic", "empirical"))
     if null is not None and not isinstance(null, EmpiricalNull):
         raise InputError(f"null must be an EmpiricalNull(draws=..., seed=..., reselect=..., test=...), got {null!r}")
@@ -576,7 +585,7 @@ def lineage_test(
     n, dim = a.shape
     k_requested = _resolve_k(dim, identity_k, identity_ratio)
 
-    dims = select_identity_dims(a, b, k_requested, identity_mode)
+    dims = _identity_dims(a, b, k_requested, identity_mode)
     if dims.numel() < 2:
         return _undetermined(
             n, int(dims.numel()), alpha, method, identity_mode,
@@ -618,7 +627,7 @@ def _empirical_null_taus(target: torch.Tensor, dims: torch.Tensor, k: int, mode:
     out = []
     for _ in range(null.draws):
         noise = torch.randn(n, dim, generator=generator, dtype=torch.float64).to(target.device)
-        null_dims = select_identity_dims(noise, target, k, mode) if null.reselect else dims
+        null_dims = _identity_dims(noise, target, k, mode) if null.reselect else dims
         if null_dims.numel() < 2:
             continue
         taus = kendall_tau_b(softmax_normalise(noise, null_dims, temperature),
