@@ -5,6 +5,9 @@ Trainer refuses a callback built on the other's. :data:`CALLBACK_BASES` holds ev
 ``Callback`` class importable here (``pytorch_lightning`` always, it is a dependency;
 ``lightning.pytorch`` when installed) so ``class X(*CALLBACK_BASES)`` is accepted by both.
 
+:func:`run_model_code` and :func:`measure_features` are the Lightning side of a probe: forwards
+through the strategy's root wrapper, and features gathered over ranks.
+
 Nothing else is imported from either package by the callback: enums are compared by value
 (``trainer.state.fn == "fit"``) and loggers are recognised by class name, so a
 ``lightning.pytorch`` Trainer never meets a ``pytorch_lightning`` object it would refuse.
@@ -12,11 +15,18 @@ Nothing else is imported from either package by the callback: enums are compared
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as _pl
+import torch
 
-__all__ = ["CALLBACK_BASES", "is_tensorboard_logger", "shards_parameters", "trainer_fn_value"]
+from .probes import ProbeSpec
+
+__all__ = ["CALLBACK_BASES", "is_tensorboard_logger", "measure_features", "run_model_code", "shards_parameters",
+           "trainer_fn_value"]
 
 try:  # the unified package is optional
     import lightning.pytorch as _lpl
@@ -58,3 +68,61 @@ def trainer_fn_value(trainer: Any) -> str | None:
 def is_tensorboard_logger(logger: Any) -> bool:
     """True for either package's ``TensorBoardLogger`` (or a subclass), by class name."""
     return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
+
+
+def run_model_code(trainer: Any, pl_module: Any, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` (probe forwards) so that parameters are usable on every strategy, leaving RNGs untouched.
+
+    Sharded strategies: route the LightningModule's ``forward`` to ``fn`` and call the root
+    wrapper, which gathers the sharded parameters around it. Everything else (DDP included: its
+    wrapper's forward is a collective that routes to ``training_step``): call ``fn`` directly.
+    Callback hooks run outside the training step's autocast, hence the precision plugin's context.
+    """
+    from .controls import preserve_rng_state
+
+    wrapper = getattr(trainer.strategy, "model", None)
+    with preserve_rng_state(), trainer.precision_plugin.forward_context():
+        if not shards_parameters(trainer.strategy) or wrapper is None or wrapper is pl_module:
+            return fn()
+        result: dict[str, Any] = {}
+        had_own = "forward" in pl_module.__dict__
+        previous = pl_module.__dict__.get("forward")
+
+        def routed(*args: Any, **kwargs: Any) -> torch.Tensor:
+            result["value"] = fn()
+            return torch.zeros((), device=pl_module.device)
+
+        pl_module.forward = routed
+        try:
+            with torch.no_grad():
+                wrapper()
+        finally:
+            if had_own:
+                pl_module.forward = previous
+            else:
+                del pl_module.forward
+        return result["value"]
+
+
+def measure_features(trainer: Any, pl_module: Any, spec: ProbeSpec,
+                     features_of: Callable[[Any, ProbeSpec, tuple[int, int] | None], torch.Tensor]) -> torch.Tensor:
+    """The live model's ``[n, D]`` features on ``spec``, identical on every rank.
+
+    ``features_of(module, spec, sample_range)`` probes ``module``. With several ranks each probes
+    its own slice of the samples and the slices are all-gathered in sample order, so more ranks
+    make a probe faster. Every rank runs the same number of forwards (under FSDP a forward is a
+    collective): the samples are padded to a multiple of the world size with further samples of
+    the same probe seed, which are dropped after the gather. Rank 0's result is then broadcast,
+    so every rank tests the same numbers whatever the collective's arithmetic.
+    """
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    if world == 1:
+        return run_model_code(trainer, pl_module, lambda: features_of(pl_module, spec, None))
+    per_rank = math.ceil(spec.num_samples / world)
+    padded = dataclasses.replace(spec, num_samples=per_rank * world)
+    start = int(trainer.global_rank) * per_rank
+    mine = run_model_code(trainer, pl_module, lambda: features_of(pl_module, padded, (start, start + per_rank)))
+    device = getattr(trainer.strategy, "root_device", mine.device)
+    gathered = trainer.strategy.all_gather(mine.to(device))  # [world, per_rank, D]
+    features = gathered.reshape(world * per_rank, -1)[:spec.num_samples].to("cpu")
+    return trainer.strategy.broadcast(features, src=0)

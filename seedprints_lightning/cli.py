@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -157,7 +158,7 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
 def _runtime(args: argparse.Namespace) -> Any:
     import torch
 
-    from .audit import ProbeRuntime
+    from .sources import ProbeRuntime
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -173,6 +174,17 @@ def _runtime(args: argparse.Namespace) -> Any:
 def _flags(keys: Sequence[str]) -> str:
     """Option names as the user typed them: ``num_samples`` -> ``--num-samples``."""
     return ", ".join("--" + key.replace("_", "-") for key in keys)
+
+
+def _given_probe_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: value for key, value in _probe_kwargs(args).items() if value is not None}
+
+
+def _refuse_probe_options(args: argparse.Namespace, why: str) -> None:
+    """A probe option beside something that fixes the whole probe (a fingerprint, --spec-from) is a usage error."""
+    given = _given_probe_options(args)
+    if given:
+        raise UsageError(f"{_flags(list(given))} {why}")
 
 
 def _add_test_options(parser: argparse.ArgumentParser) -> None:
@@ -251,6 +263,48 @@ def _verdict_lines(verdict: Any, evidence: str, rule_name: str) -> list[str]:
     return lines
 
 
+def format_audit_table(rows: Sequence[Any]) -> str:
+    """A plain-text table of :func:`~seedprints_lightning.audit.audit_checkpoints` rows (one line each)."""
+    from .audit import verdict_word
+
+    header = ("checkpoint", "step", "z", "threshold", "log10 p", "tau_mean", "k", "verdict")
+    body = [
+        (row.name, "-" if row.step is None else str(row.step), f"{row.z:.2f}", f"{row.threshold:.2f}",
+         _fmt_log10_p(row.log10_p), f"{row.tau_mean:.4f}", str(row.k), verdict_word(row.related))
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = []
+    for line in [header, *body]:
+        cells = [line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(line[1:], widths[1:])]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def _fmt_log10_p(value: float) -> str:
+    return f"{value:.1f}" if math.isfinite(value) and abs(value) >= 100 else f"{value:.2f}"
+
+
+def format_chain_table(audit: Any) -> str:
+    """A plain-text table of a :class:`~seedprints_lightning.chain.ChainAudit`: one line per record."""
+    header = f"{'record':>6}  {'step':>8}  {'anchor':>8}  {'link z':>9}  {'link thr':>9}  {'birth z':>8}  verdict"
+    lines = [header, "-" * len(header)]
+    for record, verdict in zip(audit.records, audit.recomputed):
+        if verdict is None:  # its features file is missing, or the record cannot be re-tested
+            lines.append(f"{record.get('index', '?')!s:>6}  {record.get('step', '?')!s:>8}  "
+                         f"{record.get('anchor_step', '?')!s:>8}  {'-':>9}  {'-':>9}  {'-':>8}  not re-tested")
+            continue
+        word = {True: "link held", False: "LINK BROKEN", None: "undetermined"}[verdict.link.related]
+        lines.append(f"{record['index']:>6}  {verdict.step:>8}  {verdict.anchor_step:>8}  {verdict.link.z:>9.2f}  "
+                     f"{verdict.link.threshold:>9.2f}  {verdict.birth.z:>8.2f}  {word}")
+    if audit.checkpoint is not None:
+        v = audit.checkpoint
+        word = {True: "descends", False: "DOES NOT DESCEND", None: "undetermined"}[v.link.related]
+        lines.append(f"{'ckpt':>6}  {v.step:>8}  {v.anchor_step:>8}  {v.link.z:>9.2f}  {v.link.threshold:>9.2f}  "
+                     f"{v.birth.z:>8.2f}  {word} ({audit.checkpoint_name})")
+    return "\n".join(lines)
+
+
 def _expect_met(expect: str | None, related: bool | None) -> bool:
     if expect is None:
         return True
@@ -264,8 +318,8 @@ def _expect_met(expect: str | None, related: bool | None) -> bool:
 
 @_quiet_transformers()
 def _cmd_fingerprint(args: argparse.Namespace) -> int:
-    from .audit import classify_source, fingerprint_source, load_source_fingerprint
     from .probes import ProbeSpec
+    from .sources import classify_source, fingerprint_source, load_source_fingerprint
 
     out = Path(args.output)
     if out.suffix == ".ckpt":
@@ -273,15 +327,11 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
     source = classify_source(args.source)
     if source.kind == "fingerprint":
         raise UsageError(f"{source.path} is already a fingerprint file; SOURCE must be a model directory or .ckpt")
-    probe = _probe_kwargs(args)
     if args.spec_from is not None:
-        given = [key for key, value in probe.items() if value is not None]
-        if given:
-            flags = _flags(given)
-            raise UsageError(f"{flags} cannot be combined with --spec-from, which fixes the whole probe")
+        _refuse_probe_options(args, "cannot be combined with --spec-from, which fixes the whole probe")
         spec = load_source_fingerprint(args.spec_from).spec
     else:
-        fields = {key: value for key, value in probe.items() if value is not None}
+        fields = _given_probe_options(args)
         if fields.get("kind") == "embedding" and "vocab_size" in fields:
             raise UsageError("--vocab-size applies to token probes only")
         spec = ProbeSpec(**fields)
@@ -297,20 +347,17 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
 
 @_quiet_transformers()
 def _cmd_controls(args: argparse.Namespace) -> int:
-    from .audit import load_source_fingerprint
     from .controls import controls_from_config, load_config, save_controls
     from .fingerprint import config_digest
     from .probes import ProbeSpec
+    from .sources import load_source_fingerprint
 
     out = Path(args.output)
-    probe = {key: value for key, value in _probe_kwargs(args).items() if value is not None}
     if args.spec_from is not None:
-        if probe:
-            flags = _flags(list(probe))
-            raise UsageError(f"{flags} cannot be combined with --spec-from, which fixes the whole probe")
+        _refuse_probe_options(args, "cannot be combined with --spec-from, which fixes the whole probe")
         spec = load_source_fingerprint(args.spec_from).spec
     else:
-        spec = ProbeSpec(**probe)
+        spec = ProbeSpec(**_given_probe_options(args))
         if spec.kind == "embedding":
             raise UsageError("embedding probes take mean/std from the run's INIT embedding: use --spec-from "
                              "<the run's reference.safetensors>")
@@ -336,17 +383,16 @@ def _cmd_controls(args: argparse.Namespace) -> int:
 
 @_quiet_transformers()
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .audit import classify_source, compare_sources
+    from .audit import compare_sources
     from .fingerprint import Fingerprint
+    from .sources import classify_source
 
-    probe = [key for key, value in _probe_kwargs(args).items() if value is not None]
-    if probe:
+    if _given_probe_options(args):
         fingerprints = [source for source in map(classify_source, (args.a, args.b)) if source.kind == "fingerprint"]
         for source in fingerprints:
             Fingerprint.load(source.path)  # a broken file is the first thing to report
         if fingerprints:
-            raise UsageError(f"{_flags(probe)} cannot be used when A or B is a fingerprint file: its probe spec is "
-                             "used")
+            _refuse_probe_options(args, "cannot be used when A or B is a fingerprint file: its probe spec is used")
 
     comparison = compare_sources(args.a, args.b, **_probe_kwargs(args), runtime=_runtime(args), **_test_kwargs(args),
                                  num_controls=args.controls, rule=args.rule, alpha=args.alpha)
@@ -388,30 +434,23 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     if args.chain is not None:
         return _cmd_audit_chain(args)
-    from .audit import (
-        audit_checkpoints,
-        classify_source,
-        find_controls,
-        fingerprint_source,
-        format_audit_table,
-        rule_for_base,
-    )
+    from .audit import audit_checkpoints, find_controls, rule_for_base, rule_name_for_base
     from .probes import ProbeSpec
+    from .sources import classify_source, fingerprint_source
 
     if args.reference is None or not args.checkpoints:
         raise UsageError("audit needs REFERENCE and at least one checkpoint (or --chain RUN_DIR [CKPT])")
     runtime = _runtime(args)
     reference_source = classify_source(args.reference)
-    probe = {key: value for key, value in _probe_kwargs(args).items() if value is not None}
-    if reference_source.kind == "fingerprint" and probe:
-        flags = _flags(list(probe))
-        raise UsageError(f"{flags} cannot be used with a fingerprint REFERENCE: its probe spec is used")
+    probe = _given_probe_options(args)
+    if reference_source.kind == "fingerprint":
+        _refuse_probe_options(args, "cannot be used with a fingerprint REFERENCE: its probe spec is used")
     reference = fingerprint_source(reference_source, ProbeSpec(**probe) if probe else None,
                                    num_controls=args.controls if reference_source.kind != "fingerprint" else 0,
                                    runtime=runtime)
     evidence = find_controls(reference.spec, [(reference_source, reference)], num_controls=args.controls,
                              runtime=runtime)
-    rule_name = args.rule if args.rule != "auto" else ("birth" if reference.step == 0 else "custody")
+    rule_name = rule_name_for_base(reference.step, args.rule)
     rule = rule_for_base(reference.step, args.rule, args.alpha)
     rows = audit_checkpoints(reference, args.checkpoints, runtime=runtime, **_test_kwargs(args), evidence=evidence,
                              rule=rule)
@@ -443,41 +482,24 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK if not differing else EXIT_EXPECT
 
 
-def _ledger_head(path: str, trust_pickle: bool) -> tuple[int, str] | None:
-    """``(records, last record's sha256)`` from a Lightning checkpoint's SeedPrintsCallback state, if it has one."""
-    from .audit import _load_checkpoint_dict, classify_source
-
-    source = classify_source(path)
-    if source.kind != "checkpoint":
-        return None
-    checkpoint = _load_checkpoint_dict(source.path, trust_pickle)
-    state = (checkpoint or {}).get("callbacks", {}).get("SeedPrintsCallback") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not state.get("ledger_last_sha256"):
-        return None
-    return int(state.get("ledger_next_index", 0)), str(state["ledger_last_sha256"])
-
-
 def _cmd_audit_chain(args: argparse.Namespace) -> int:
-    from .audit import classify_source, fingerprint_source, source_step
-    from .custody import verify_chain
+    from .chain import verify_chain
+    from .custody import RunDirectory
+    from .sources import checkpoint_ledger_head, classify_source, fingerprint_source, source_step
 
     positional = [p for p in [args.reference, *args.checkpoints] if p is not None]
     if len(positional) > 1:
         raise UsageError("audit --chain takes at most one checkpoint: seedprints audit --chain RUN_DIR [CKPT]")
-    checkpoint_features = checkpoint_step = checkpoint_name = None
+    checkpoint_features = checkpoint_step = checkpoint_name = expected_head = None
     if positional:
         from .fingerprint import Fingerprint
 
-        run_dir = Path(args.chain)
-        ref_path = run_dir / "reference.safetensors"
-        if not ref_path.exists():
-            ref_path = run_dir / "seedprints" / "reference.safetensors"
-        spec = Fingerprint.load(ref_path).spec
+        spec = Fingerprint.load(RunDirectory.locate(args.chain).reference_path).spec
         source = classify_source(positional[0])
         fp = fingerprint_source(source, spec, runtime=_runtime(args))
         fp_step = fp.step if fp.step is not None else source_step(source, trust_pickle=args.trust_pickle)
         checkpoint_features, checkpoint_step, checkpoint_name = fp.features, fp_step, str(source.path)
-    expected_head = _ledger_head(positional[0], args.trust_pickle) if positional else None
+        expected_head = checkpoint_ledger_head(source, trust_pickle=args.trust_pickle)
     audit = verify_chain(args.chain, checkpoint_features, checkpoint_step=checkpoint_step,
                          checkpoint_name=checkpoint_name, expected_head=expected_head)
     if args.json:
@@ -493,7 +515,7 @@ def _cmd_audit_chain(args: argparse.Namespace) -> int:
     else:
         print(f"run        {audit.run_dir}")
         print(f"evidence   {audit.evidence}")
-        print(audit.table())
+        print(format_chain_table(audit))
         for problem in audit.problems:
             print(f"PROBLEM    [{problem.kind}] {problem.message}")
         if audit.ok:

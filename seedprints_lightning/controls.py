@@ -33,6 +33,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,7 @@ __all__ = [
     "DEFAULT_NUM_CONTROLS",
     "build_control_model",
     "control_seeds",
-    "load_controls",
-    "load_controls_with_meta",
+    "ControlSet",
     "preserve_rng_state",
     "controls_from_config",
     "load_config",
@@ -235,32 +235,116 @@ def save_controls(path: str | os.PathLike, features: torch.Tensor, seeds: Sequen
     return save_safetensors(path, {"features": features}, {_META_KEY: json.dumps(meta)})
 
 
-def load_controls(path: str | os.PathLike) -> tuple[torch.Tensor, tuple[int, ...], ProbeSpec]:
-    """Read a file written by :func:`save_controls`: ``(features [c, n, D], seeds, spec)``."""
-    features, seeds, spec, _ = load_controls_with_meta(path)
-    return features, seeds, spec
+@dataclass(frozen=True)
+class ControlSet:
+    """The negative controls a verdict is judged against, and where they came from.
 
+    ``features`` is ``[c, n, D]`` (CPU float32) of ``c`` fresh inits (``seeds``) probed on
+    ``spec``, or ``None`` when there are none: the verdict then rests on the analytic threshold
+    and the effect-size margin alone. ``config_digest`` and ``model_class`` name the config the
+    inits were made from (``None`` when unknown); ``description`` says, for reports, where they
+    came from. One value for the callback's controls, a ``seedprints controls`` file and the
+    offline audit's evidence.
+    """
 
-def load_controls_with_meta(path: str | os.PathLike) -> tuple[torch.Tensor, tuple[int, ...], ProbeSpec, dict[str, Any]]:
-    """:func:`load_controls` plus the file's ``extra`` metadata (model class, config digest)."""
-    from safetensors import safe_open
+    features: torch.Tensor | None = None
+    seeds: tuple[int, ...] = ()
+    spec: ProbeSpec | None = None
+    config_digest: str | None = None
+    model_class: str | None = None
+    description: str = "no controls: analytic threshold and effect-size margin only"
 
-    path = Path(path)
-    if not path.is_file():
-        raise FingerprintFileError(f"controls file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {})[_META_KEY])
-            features = handle.get_tensor("features")
-    except Exception as exc:
-        raise FingerprintFileError(f"{path} is not a readable seedprints controls file ({exc})") from exc
-    if meta.get("format") != _CONTROLS_FORMAT or meta.get("format_version") != _CONTROLS_FORMAT_VERSION:
-        raise FingerprintFileError(f"{path}: not a seedprints controls file of version {_CONTROLS_FORMAT_VERSION}")
-    if features.dim() != 3 or features.shape[0] != len(meta["seeds"]):
-        raise FingerprintFileError(f"{path}: the features tensor {tuple(features.shape)} does not match its "
-                                   f"{len(meta['seeds'])} seeds; re-create the file")
-    seeds = tuple(int(s) for s in meta["seeds"])
-    return features, seeds, ProbeSpec.from_dict(meta["spec"]), dict(meta.get("extra") or {})
+    def __post_init__(self) -> None:
+        if self.features is None:
+            return
+        if not isinstance(self.features, torch.Tensor) or self.features.dim() != 3:
+            shape = getattr(self.features, "shape", None)
+            raise InputError(f"control features must be a [c, n, D] tensor, got {shape}")
+        if self.seeds and len(self.seeds) != self.features.shape[0]:
+            raise InputError(f"{self.features.shape[0]} control feature matrices but {len(self.seeds)} seeds")
+        object.__setattr__(self, "features", self.features.detach().to(device="cpu", dtype=torch.float32))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+
+    @classmethod
+    def none(cls, description: str = "no controls: analytic threshold and effect-size margin only") -> ControlSet:
+        return cls(description=description)
+
+    def __len__(self) -> int:
+        return 0 if self.features is None else int(self.features.shape[0])
+
+    def as_list(self) -> list[torch.Tensor]:
+        """One ``[n, D]`` matrix per control (empty without controls)."""
+        return [] if self.features is None else list(self.features)
+
+    def head(self, count: int, description: str | None = None) -> ControlSet:
+        """The first ``count`` controls (all of them when there are fewer)."""
+        if self.features is None:
+            return self
+        count = min(int(count), len(self))
+        return dataclasses.replace(self, features=self.features[:count], seeds=self.seeds[:count],
+                                   description=self.description if description is None else description)
+
+    def matches(self, spec: ProbeSpec, shape: Sequence[int]) -> bool:
+        """Whether these controls were probed on ``spec`` with ``[n, D]`` = ``shape`` features."""
+        return (self.features is not None and self.spec == spec
+                and tuple(self.features.shape[1:]) == tuple(shape))
+
+    def check_fits(self, spec: ProbeSpec, config_digest: str | None, where: str) -> None:
+        """Refuse controls made on another probe, or from another model config, than the run's."""
+        if self.spec != spec:
+            raise InputError(
+                f"the controls file {where} was made on another probe "
+                f"({self.spec.describe() if self.spec else 'none'}) than this run's reference ({spec.describe()}); "
+                "re-create it with `seedprints controls ... --spec-from <reference.safetensors>`"
+            )
+        if config_digest is not None and self.config_digest is not None and self.config_digest != config_digest:
+            raise InputError(
+                f"the controls file {where} was made from another model config (digest {self.config_digest[:12]}...) "
+                f"than this run's model ({config_digest[:12]}...): controls must be fresh inits of the SAME config"
+            )
+
+    def save(self, path: str | os.PathLike, **extra: Any) -> Path:
+        if self.features is None or self.spec is None:
+            raise InputError("an empty ControlSet has nothing to save")
+        meta = {"model_class": self.model_class, "config_digest": self.config_digest, **extra}
+        return save_controls(path, self.features, self.seeds, self.spec, extra=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ControlSet:
+        """Read a file written by :func:`save_controls` (or :meth:`save`)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FingerprintFileError(f"controls file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads((handle.metadata() or {})[_META_KEY])
+                features = handle.get_tensor("features")
+        except Exception as exc:
+            raise FingerprintFileError(f"{path} is not a readable seedprints controls file ({exc})") from exc
+        if meta.get("format") != _CONTROLS_FORMAT or meta.get("format_version") != _CONTROLS_FORMAT_VERSION:
+            raise FingerprintFileError(f"{path}: not a seedprints controls file of version {_CONTROLS_FORMAT_VERSION}")
+        if features.dim() != 3 or features.shape[0] != len(meta["seeds"]):
+            raise FingerprintFileError(f"{path}: the features tensor {tuple(features.shape)} does not match its "
+                                       f"{len(meta['seeds'])} seeds; re-create the file")
+        extra = dict(meta.get("extra") or {})
+        seeds = tuple(int(s) for s in meta["seeds"])
+        return cls(features=features, seeds=seeds, spec=ProbeSpec.from_dict(meta["spec"]),
+                   config_digest=extra.get("config_digest"), model_class=extra.get("model_class"),
+                   description=f"{len(seeds)} fresh-init controls from {path}")
+
+    @classmethod
+    def build(cls, factory: Callable[[int], nn.Module], seeds: Sequence[int], spec: ProbeSpec,
+              features_of: Callable[[nn.Module], torch.Tensor], *, config_digest: str | None = None,
+              model_class: str | None = None, **probe_kwargs: Any) -> ControlSet:
+        """Probe ``factory(seed)`` for each seed (:func:`probe_control_models`, one alive at a time)."""
+        seeds = tuple(seeds)
+        if not seeds:
+            return cls.none("no controls (num_controls=0): analytic threshold and effect-size margin only")
+        features = probe_control_models(factory, seeds, features_of, **probe_kwargs)
+        return cls(features=features, seeds=seeds, spec=spec, config_digest=config_digest, model_class=model_class,
+                   description=f"{len(seeds)} fresh inits (seeds {seeds[0]}..{seeds[-1]})")
 
 
 # --------------------------------------------------------------------------------------

@@ -56,8 +56,10 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def load_lightning_checkpoint(path: str | os.PathLike, *, trust_pickle: bool,
-                              error: type[SeedPrintsError]) -> dict[str, Any]:
+                              error: type[SeedPrintsError], mmap: bool = False) -> dict[str, Any]:
     """Read a Lightning ``.ckpt`` on CPU: a dict with a ``state_dict``, or ``error`` saying why not.
+
+    ``mmap`` maps the tensors instead of reading them (for a checkpoint's step or callback state).
 
     Read with ``torch.load(weights_only=True)`` unless ``trust_pickle``: unpickling a file
     from someone else can run arbitrary code. ``error`` is the caller's error type (the
@@ -76,7 +78,7 @@ def load_lightning_checkpoint(path: str | os.PathLike, *, trust_pickle: bool,
         raise error(f"{file} is not a PyTorch checkpoint (not a torch.save zip archive): pass a .ckpt written by a "
                     "Trainer")
     try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=not trust_pickle)
+        checkpoint = torch.load(file, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
     except Exception as exc:
         if not trust_pickle:
             raise error(

@@ -25,7 +25,7 @@ from torch import nn
 from ._version import __version__
 from .errors import FingerprintFileError, IncompatibleFingerprintsError, InputError
 from .files import save_safetensors
-from .probes import ProbeSpec, extract_features, find_causal_lm
+from .probes import ProbeSpec, extract_features, find_causal_lm, hidden_size_of
 from .stats import LineageResult, lineage_test
 
 __all__ = ["FORMAT_VERSION", "Fingerprint", "fingerprint_model", "config_digest"]
@@ -102,6 +102,22 @@ class Fingerprint:
             raise IncompatibleFingerprintsError(
                 f"the two fingerprints were made with different probes ({diffs}); re-fingerprint one model with "
                 "the other's spec (seedprints fingerprint --spec-from FILE) so both saw the same inputs"
+            )
+
+    def check_fits(self, lm: Any) -> None:
+        """Raise :class:`InputError` unless the transformers model ``lm`` can be probed and tested against this."""
+        hidden = hidden_size_of(lm.config)
+        if self.hidden_size != hidden:
+            raise InputError(
+                f"the reference fingerprint has D={self.hidden_size} features but the model's hidden size is "
+                f"{hidden}: the lineage test compares coordinates one to one, so the reference must come from a "
+                "model of this width"
+            )
+        spec = self.spec
+        if spec.kind == "token" and spec.vocab_size > int(lm.config.vocab_size):
+            raise InputError(
+                f"the reference's token probes use vocab_size={spec.vocab_size} but the model's vocabulary has "
+                f"{lm.config.vocab_size} tokens; re-fingerprint the parent with vocab_size <= {lm.config.vocab_size}"
             )
 
     def compare(self, other: Fingerprint, **test_kwargs: Any) -> LineageResult:

@@ -35,6 +35,8 @@ __all__ = [
     "ProbeBatch",
     "extract_features",
     "find_causal_lm",
+    "find_causal_lm_or_none",
+    "hidden_size_of",
     "preserve_module_modes",
 ]
 
@@ -123,7 +125,7 @@ class ProbeSpec:
                     "use the smallest vocabulary of the models you compare"
                 )
             return dataclasses.replace(self, vocab_size=vocab)
-        hidden = int(_hidden_size(config))
+        hidden = int(hidden_size_of(config))
         if self.hidden_size is not None and self.hidden_size != hidden:
             raise InputError(
                 f"ProbeSpec.hidden_size={self.hidden_size} but the model's hidden size is {hidden}: embedding probes "
@@ -192,12 +194,21 @@ class ProbeSpec:
         return f"{self.kind} probes, n={self.num_samples}, L={self.length}, seed={self.seed}, {extra}"
 
 
-def _hidden_size(config: Any) -> int:
+def hidden_size_of(config: Any) -> int:
+    """The hidden size of a transformers config, whatever the architecture calls it."""
     for name in ("hidden_size", "n_embd", "d_model"):
         value = getattr(config, name, None)
         if value is not None:
             return int(value)
     raise ModelNotFoundError(f"cannot tell the hidden size of a {type(config).__name__}")
+
+
+def find_causal_lm_or_none(model: nn.Module) -> nn.Module | None:
+    """:func:`find_causal_lm`, or ``None`` when ``model`` holds no transformers model (``feature_fn`` models)."""
+    try:
+        return find_causal_lm(model)
+    except ModelNotFoundError:
+        return None
 
 
 def find_causal_lm(model: nn.Module) -> nn.Module:

@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_TEMPERATURE",
     "EmpiricalNull",
     "LineageResult",
+    "check_test_options",
     "kendall_tau_b",
     "kendall_null_sigma",
     "log10_normal_sf",
@@ -522,6 +523,23 @@ def _check_test_options(identity_mode: str, temperature: float, method: str, alp
     check_choice("identity_mode", identity_mode, ("coset", "base"))
     check_number("temperature", temperature, low=0.0, low_open=True)
     check_bool("use_agg", use_agg)
+
+
+def check_test_options(*, dim: int | None = None, identity_mode: str = "coset", identity_k: int | None = None,
+                       identity_ratio: float | None = None, temperature: float = DEFAULT_TEMPERATURE,
+                       method: str = "analytic", alpha: float = 0.01, use_agg: bool = False,
+                       null: EmpiricalNull | None = None) -> None:
+    """Raise :class:`InputError` for :func:`lineage_test` options that no features can make valid.
+
+    With ``dim`` (the feature dimension D) the identity-dimension count is checked too. Callers
+    that turn a test's data errors into an undetermined verdict (a diverged model's NaN) check
+    the options first, so a mistyped option is still an error, not an undetermined result.
+    """
+    _check_test_options(identity_mode, temperature, method, alpha, use_agg, null)
+    if dim is not None:
+        _resolve_k(int(dim), identity_k, identity_ratio)
+    elif identity_k is not None and identity_ratio is not None:
+        raise InputError("give identity_k (a count) or identity_ratio (a fraction of D), not both")
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from .checks import check_number
 from .errors import InputError
@@ -63,7 +63,8 @@ __all__ = [
     "ProbeVerdict",
     "VerdictRule",
     "decide_identity",
-    "decide_probe",
+    "judge",
+    "judge_probe",
     "tag",
 ]
 
@@ -308,23 +309,6 @@ class ProbeVerdict:
         return {tag(name): values[name] for name in METRIC_NAMES}
 
 
-def decide_probe(
-    step: int,
-    birth_result: LineageResult,
-    link_result: LineageResult,
-    control_results: Sequence[LineageResult],
-    *,
-    anchor_step: int,
-    birth_rule: VerdictRule = BIRTH_RULE,
-    custody_rule: VerdictRule = CUSTODY_RULE,
-    fail_on: Literal["custody", "birth", "either"] = "custody",
-) -> ProbeVerdict:
-    """Both verdicts of one probe, from the three kinds of tests it made."""
-    return ProbeVerdict(step=int(step), birth=decide_identity(birth_result, control_results, birth_rule),
-                        link=decide_identity(link_result, control_results, custody_rule),
-                        anchor_step=int(anchor_step), fail_on=fail_on)
-
-
 #: Short metric names, in log order; the tag of ``name`` is ``seedprints/<name>``.
 METRIC_NAMES = (
     "z", "log10_p", "tau_mean", "identity_dims", "threshold", "birth_detectable",
@@ -359,17 +343,44 @@ CUSTOM_SCALARS_LAYOUT = {
 
 
 def safe_lineage_test(base: Any, live: Any, *, alpha: float, identity_mode: str = "coset",
-                      identity_ratio: float | None = None) -> LineageResult:
+                      identity_ratio: float | None = None, **test_kwargs: Any) -> LineageResult:
     """``lineage_test`` whose bad-input errors (e.g. NaN hidden states of a diverged model) become
     an undetermined result with the reason, so a probe never crashes a run and nothing NaN is logged."""
     from .stats import lineage_test
 
     try:
-        return lineage_test(base, live, identity_mode=identity_mode, identity_ratio=identity_ratio, alpha=alpha)
+        return lineage_test(base, live, identity_mode=identity_mode, identity_ratio=identity_ratio, alpha=alpha,
+                            **test_kwargs)
     except InputError as exc:
         n = int(live.shape[0]) if hasattr(live, "shape") and len(live.shape) else 0
         return LineageResult(z=0.0, log10_p=0.0, p_value=1.0, tau_mean=0.0, k=0, n=n, related=None, alpha=alpha,
                              identity_mode=identity_mode, reason=str(exc))
+
+
+def judge(
+    base: Any,
+    live: Any,
+    controls: Sequence[Any] = (),
+    rule: VerdictRule = BIRTH_RULE,
+    *,
+    control_results: Sequence[LineageResult] | None = None,
+    **test_kwargs: Any,
+) -> IdentityVerdict:
+    """The one way features are judged: ``live`` against ``base`` and against every control, by ``rule``.
+
+    ``base``, ``live`` and each of ``controls`` are ``[n, D]`` feature matrices on the same probe
+    (each control is a fresh init: ``lineage_test(control, live)`` measures the unrelated null).
+    Every test is :func:`safe_lineage_test`, so features a test cannot use (a diverged model's
+    NaN) make the verdict undetermined instead of raising. ``control_results`` passes tests of
+    the same controls against the same ``live`` already made (one probe's two verdicts share
+    them). ``test_kwargs`` go to :func:`~seedprints_lightning.lineage_test`.
+    """
+    def test(reference: Any) -> LineageResult:
+        return safe_lineage_test(reference, live, alpha=rule.alpha, **test_kwargs)
+
+    if control_results is None:
+        control_results = tuple(test(c) for c in controls)
+    return decide_identity(test(base), control_results, rule)
 
 
 def judge_probe(
@@ -386,21 +397,17 @@ def judge_probe(
     identity_mode: str = "coset",
     identity_ratio: float | None = None,
 ) -> ProbeVerdict:
-    """Run the probe's tests (birth, link, one per control) on feature matrices and decide.
+    """One probe's two verdicts (:func:`judge` twice): the birth test and the custody link.
 
     ``reference`` is the birth fingerprint's ``[n, D]`` features, ``anchor`` the last held
     probe's, ``controls`` each fresh-init control's. The link always uses ``coset`` identity
-    dims (neither side is an init); the birth test uses ``identity_mode``.
+    dims (neither side is an init); the birth test uses ``identity_mode``. The two share their
+    control tests when their identity modes agree, and their test when the anchor is the reference.
     """
-    alpha = birth_rule.alpha
-
-    def test(base: Any, mode: str) -> LineageResult:
-        return safe_lineage_test(base, live, alpha=alpha, identity_mode=mode, identity_ratio=identity_ratio)
-
-    birth_controls = tuple(test(c, identity_mode) for c in controls)
-    link_controls = birth_controls if identity_mode == "coset" else tuple(test(c, "coset") for c in controls)
-    birth = test(reference, identity_mode)
-    link = birth if (anchor is reference and identity_mode == "coset") else test(anchor, "coset")
-    return ProbeVerdict(step=int(step), birth=decide_identity(birth, birth_controls, birth_rule),
-                        link=decide_identity(link, link_controls, custody_rule), anchor_step=int(anchor_step),
-                        fail_on=fail_on)
+    birth = judge(reference, live, controls, birth_rule, identity_mode=identity_mode, identity_ratio=identity_ratio)
+    if anchor is reference and identity_mode == "coset":
+        link = decide_identity(birth.result, birth.controls, custody_rule)
+    else:
+        link = judge(anchor, live, controls, custody_rule, identity_ratio=identity_ratio,
+                     control_results=birth.controls if identity_mode == "coset" else None)
+    return ProbeVerdict(step=int(step), birth=birth, link=link, anchor_step=int(anchor_step), fail_on=fail_on)

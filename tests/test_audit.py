@@ -14,19 +14,23 @@ from matplotlib.image import imread
 from seedprints_lightning import Fingerprint, ProbeSpec, fingerprint_model
 from seedprints_lightning.audit import (
     AuditRow,
-    Evidence,
-    SourceError,
     audit_checkpoints,
-    classify_source,
     compare_sources,
-    expand_checkpoints,
     find_controls,
-    format_audit_table,
     rule_for_base,
 )
-from seedprints_lightning.cli import EXIT_EXPECT, EXIT_FILE, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE, main
-from seedprints_lightning.controls import control_seeds, probe_controls, save_controls
-from seedprints_lightning.errors import IncompatibleFingerprintsError, InputError
+from seedprints_lightning.cli import (
+    EXIT_EXPECT,
+    EXIT_FILE,
+    EXIT_OK,
+    EXIT_TAMPERED,
+    EXIT_USAGE,
+    format_audit_table,
+    main,
+)
+from seedprints_lightning.controls import ControlSet, control_seeds, probe_controls, save_controls
+from seedprints_lightning.errors import IncompatibleFingerprintsError, InputError, SourceError
+from seedprints_lightning.sources import classify_source, expand_checkpoints
 from seedprints_lightning.stats import lineage_test
 from seedprints_lightning.verdict import BIRTH_RULE, CUSTODY_RULE, IdentityVerdict, VerdictRule
 
@@ -100,7 +104,7 @@ def test_audit_with_stored_controls_uses_the_birth_rule(run) -> None:
         assert row.to_dict()["control_z"] == list(row.verdict.control_z)
     # An explicit rule and evidence win over the defaults.
     rows = audit_checkpoints(reference, [run["unrelated"]], rule=CUSTODY_RULE,
-                             evidence=Evidence(None, "none on purpose"))
+                             evidence=ControlSet.none("none on purpose"))
     assert rows[0].verdict.rule == CUSTODY_RULE and rows[0].verdict.controls == ()
 
 
@@ -187,7 +191,7 @@ def test_sources_and_compare_library(run) -> None:
     assert comparison.result.related is True and comparison.spec.num_samples == 50
     assert comparison.related is True and comparison.verdict.related is True
     assert comparison.rule_name == "custody"  # global_step 200: a trained base
-    assert comparison.evidence.num_controls == 4 and comparison.to_dict()["rule_name"] == "custody"
+    assert len(comparison.evidence) == 4 and comparison.to_dict()["rule_name"] == "custody"
     with pytest.raises(IncompatibleFingerprintsError):
         compare_sources(run["related"], run["unrelated"], kind="token", vocab_size=65, num_samples=20, length=4)
 
@@ -214,7 +218,7 @@ def test_compare_sources_judges_with_the_callbacks_verdict(run) -> None:
     assert data["evidence"] == unrelated.evidence.description and data["threshold"] == unrelated.verdict.threshold
     forced = compare_sources(ref, run["unrelated"], rule="custody", num_controls=0)
     assert forced.rule_name == "custody" and forced.verdict.rule == CUSTODY_RULE
-    assert forced.evidence.controls is None and "no controls" in forced.evidence.description
+    assert forced.evidence.features is None and "no controls" in forced.evidence.description
     with pytest.raises(InputError, match="rule must be"):
         compare_sources(ref, run["unrelated"], rule="strict")
 
@@ -232,7 +236,7 @@ def test_compare_model_dirs_related_and_not(run) -> None:
 
 
 def test_find_controls_sources_in_order(run, tmp_path) -> None:
-    from seedprints_lightning.audit import Source
+    from seedprints_lightning.sources import Source
 
     with_controls = Fingerprint.load(run["ref_init.safetensors"])
     bare = Fingerprint.load(run["ref.safetensors"])
@@ -243,24 +247,24 @@ def test_find_controls_sources_in_order(run, tmp_path) -> None:
 
     # 1. stored in a fingerprint (any of them), at most num_controls
     ev = find_controls(spec, [(src("bare"), bare), (src("ctl"), with_controls)], num_controls=2)
-    assert ev.num_controls == 2 and torch.equal(ev.controls, with_controls.controls[:2])
+    assert len(ev) == 2 and torch.equal(ev.features, with_controls.controls[:2])
     assert ev.description == "2 fresh-init controls stored in ctl"
     # 2. fresh inits of a model's config
     model = make_tiny_lm(0)
     ev = find_controls(spec, [(src("bare"), bare)], [(src("m", "model_dir"), model)], num_controls=3)
-    assert torch.equal(ev.controls, probe_controls(model, spec, control_seeds(3)))
+    assert torch.equal(ev.features, probe_controls(model, spec, control_seeds(3)))
     assert ev.description.startswith("3 fresh inits of m's config")
     # 3. the callback's controls.safetensors beside a fingerprint file, when made on the same spec
     save_controls(tmp_path / "controls.safetensors", with_controls.controls, with_controls.control_seeds, spec)
     ev = find_controls(spec, [(src(tmp_path / "reference.safetensors"), bare)])
-    assert ev.num_controls == 4 and torch.equal(ev.controls, with_controls.controls)
+    assert len(ev) == 4 and torch.equal(ev.features, with_controls.controls)
     assert str(tmp_path / "controls.safetensors") in ev.description
     other_spec = ProbeSpec(num_samples=200, length=8, seed=7).resolve(model)
     ev = find_controls(other_spec, [(src(tmp_path / "reference.safetensors"), bare)])
-    assert ev.controls is None and ev.description.startswith("no controls available")
+    assert ev.features is None and ev.description.startswith("no controls available")
     # none asked for
     ev = find_controls(spec, [(src("ctl"), with_controls)], num_controls=0)
-    assert ev.controls is None and "--controls 0" in ev.description and ev.num_controls == 0
+    assert ev.features is None and "--controls 0" in ev.description and len(ev) == 0
 
 
 @pytest.mark.parametrize("step, rule, expected", [
@@ -468,9 +472,8 @@ def test_chain_altered_features_file_is_tampering(run_copy, capsys) -> None:
 
 
 def test_chain_replaced_reference_or_controls_is_tampering(run_copy, capsys) -> None:
-    from seedprints_lightning.controls import load_controls
-
-    features, seeds, spec = load_controls(run_copy / "controls.safetensors")
+    loaded = ControlSet.load(run_copy / "controls.safetensors")
+    features, seeds, spec = loaded.features, loaded.seeds, loaded.spec
     save_controls(run_copy / "controls.safetensors", features[:2], seeds[:2], spec)  # drop two controls
     assert main(["audit", "--chain", str(run_copy), "--json"]) == EXIT_TAMPERED
     data = json.loads(capsys.readouterr().out)
@@ -526,7 +529,7 @@ def test_chain_truncated_ledger_is_detected_with_the_checkpoint(run_copy, chain_
 
 
 def test_checkpoint_without_a_config_is_refused_with_the_fix(run, tmp_path) -> None:
-    from seedprints_lightning.audit import load_model
+    from seedprints_lightning.sources import load_model
 
     raw = torch.load(run["checkpoints"] / "a.ckpt", weights_only=True)
     del raw["hf_config"]
@@ -547,7 +550,7 @@ def test_compare_sources_refuses_probe_options_with_a_fingerprint(run) -> None:
 
 
 def test_probe_runtime_checks_its_fields() -> None:
-    from seedprints_lightning.audit import ProbeRuntime
+    from seedprints_lightning.sources import ProbeRuntime
 
     with pytest.raises(InputError, match="batch_size must be an integer >= 1, got 0"):
         ProbeRuntime(batch_size=0)

@@ -136,12 +136,19 @@ def _worker(mode: str, out: Path) -> int:
         trainer.fit(module, loader, ckpt_path=str(out / "ckpt") if mode.endswith("resume") else None)
     except IdentityLostError as exc:
         error = exc
+    # No rank may be left inside a collective, after a clean end or after IdentityLostError alike: a
+    # monitored barrier names the rank that does not arrive (and fails this script) instead of hanging.
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
     if mode.endswith("save"):
         trainer.save_checkpoint(out / "ckpt")
     rank = trainer.global_rank
     report = {"rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step, "probed": probed,
               "history": cb.history, "error": type(error).__name__ if error else None,
-              "message": str(error) if error else None}
+              "message": str(error) if error else None, "barrier_after_fit": True}
     (out / f"{mode}-rank{rank}.json" if mode.endswith(("save", "resume")) else out / f"rank{rank}.json").write_text(
         json.dumps(report))
     if error is None:
@@ -180,8 +187,9 @@ def _reports(out: Path, result: subprocess.CompletedProcess) -> list[dict]:
 @pytest.mark.parametrize("mode", ["kept", "fsdp2-kept"])
 def test_two_cpu_processes_match_single_process(tmp_path, mode):
     from seedprints_lightning import Fingerprint, extract_features, lineage_test
-    from seedprints_lightning.controls import load_controls
-    from seedprints_lightning.custody import storage_features, verify_chain
+    from seedprints_lightning.chain import verify_chain
+    from seedprints_lightning.controls import ControlSet
+    from seedprints_lightning.custody import storage_features
 
     result = _run(mode, tmp_path)
     assert result.returncode == 0, result.stdout[-4000:]
@@ -213,7 +221,7 @@ def test_two_cpu_processes_match_single_process(tmp_path, mode):
     live = storage_features(extract_features(final, reference.spec)).float()
     z = lineage_test(reference.features, live).z
     assert rank0["history"][-1]["z"] == pytest.approx(z, rel=1e-6)
-    controls, _, _ = load_controls(tmp_path / "seedprints" / "controls.safetensors")
+    controls = ControlSet.load(tmp_path / "seedprints" / "controls.safetensors").features
     control_z = [lineage_test(c, live).z for c in controls]
     assert rank0["history"][-1]["control_z"] == pytest.approx(control_z, rel=1e-6)
     audit = verify_chain(tmp_path / "seedprints")  # rank 0 wrote one ledger, and it re-verifies
@@ -227,17 +235,33 @@ def test_two_cpu_processes_swap_raises_on_every_rank(tmp_path, mode):
     reports = _reports(tmp_path, result)
     for report in reports:
         assert report["error"] == "IdentityLostError", report
+        assert report["barrier_after_fit"] is True  # raising left no rank inside a collective
         assert "at step 4" in report["message"] and "custody link from step 2" in report["message"]
         assert [(h["step"], h["related"]) for h in report["history"]] == [(2, True), (4, False)]
         assert report["global_step"] == 4
 
 
+def _main(mode: str, out: Path) -> int:
+    """The worker, then the gloo teardown Lightning does not do (it registers it for NCCL only).
+
+    Without ``destroy_process_group`` gloo's threads can die during interpreter shutdown and abort
+    the process ("terminate called without an active exception", exit -6), at random.
+    """
+    import torch.distributed as dist
+
+    try:
+        return _worker(mode, out)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1], Path(sys.argv[2])))
+    sys.exit(_main(sys.argv[1], Path(sys.argv[2])))
 
 
 def test_fsdp2_resume_links_to_the_last_probe_before_the_save(tmp_path):
-    from seedprints_lightning.custody import verify_chain
+    from seedprints_lightning.chain import verify_chain
 
     saved = _run("fsdp2-save", tmp_path)
     assert saved.returncode == 0, saved.stdout[-4000:]

@@ -16,9 +16,9 @@ from transformers import LlamaForCausalLM
 
 from seedprints_lightning import InputError, ProbeSpec
 from seedprints_lightning.controls import (
+    ControlSet,
     build_control_model,
     control_seeds,
-    load_controls,
     probe_control_models,
     probe_controls,
     save_controls,
@@ -86,7 +86,8 @@ def test_probe_controls_same_seed_same_features_rng_untouched(tmp_path):
     assert torch.equal(first, second)
     assert not torch.equal(first[0], first[1])
     path = save_controls(tmp_path / "controls.safetensors", first, control_seeds(2), SPEC)
-    features, seeds, spec = load_controls(path)
+    loaded = ControlSet.load(path)
+    features, seeds, spec = loaded.features, loaded.seeds, loaded.spec
     assert torch.equal(features, first) and seeds == control_seeds(2) and spec == SPEC
 
 
@@ -102,14 +103,15 @@ def test_save_controls_validates_and_load_rejects_other_files(tmp_path):
     with pytest.raises(InputError, match="control features must be"):
         save_controls(tmp_path / "c.safetensors", features[0], (1,), SPEC)
     path = save_controls(tmp_path / "c.safetensors", features.double(), (5, 6), SPEC, extra={"model_class": "X"})
-    loaded, seeds, spec = load_controls(path)
+    controls = ControlSet.load(path)
+    loaded, seeds, spec = controls.features, controls.seeds, controls.spec
     assert loaded.dtype == torch.float32 and torch.equal(loaded, features) and seeds == (5, 6) and spec == SPEC
     assert not list(tmp_path.glob(".*tmp*"))  # atomic write leaves no temp file
     with pytest.raises(FingerprintFileError, match="does not exist"):
-        load_controls(tmp_path / "missing.safetensors")
+        ControlSet.load(tmp_path / "missing.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(FingerprintFileError, match="not a readable seedprints controls file"):
-        load_controls(tmp_path / "junk.safetensors")
+        ControlSet.load(tmp_path / "junk.safetensors")
 
 
 # ------------------------------------------------------------------ probe_control_models (any model, via a factory)

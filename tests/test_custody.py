@@ -1,9 +1,9 @@
-"""The custody ledger (seedprints_lightning.custody) on a fake run directory: no model, no Lightning.
+"""The custody ledger and its offline re-verification on a fake run directory: no model, no Lightning.
 
-The records are written exactly as ``SeedPrintsCallback._probe`` / ``_record`` write them
-(features rounded by ``storage_features`` before the test, the anchor = the last held probe's
-stored features or the reference, ``anchor_index`` = that probe's record index or None), so
-``verify_chain`` must recompute every recorded figure.
+The records are written by the same :class:`~seedprints_lightning.chain.CustodyChain` that the
+callback drives (features rounded by ``storage_features`` before the test, the anchor = the last
+held probe's stored features or the reference), so ``verify_chain``, which replays them through
+that class, must recompute every recorded figure.
 
 Sizes: n = 120 samples, D = 24. A probe is the previous one plus N(0, 0.3^2) noise: consecutive
 links have tau_mean about 0.8, z about 60, against a custody threshold of about 11
@@ -23,17 +23,18 @@ import torch
 from safetensors.torch import save_file
 
 from seedprints_lightning import Fingerprint, InputError, ProbeSpec
-from seedprints_lightning.controls import save_controls
+from seedprints_lightning.chain import Anchor, CustodyChain, verify_chain
+from seedprints_lightning.cli import format_chain_table
+from seedprints_lightning.controls import ControlSet, save_controls
 from seedprints_lightning.custody import (
     CONTROLS_FILE,
     CUSTODY_FILE,
     REFERENCE_FILE,
     CustodyLedger,
+    RunDirectory,
     storage_features,
-    verify_chain,
 )
 from seedprints_lightning.files import file_sha256
-from seedprints_lightning.verdict import BIRTH_RULE, CUSTODY_RULE, judge_probe
 
 N, D = 120, 24
 NOISE = 0.3
@@ -49,20 +50,19 @@ def sha256_bytes(data: bytes) -> str:
 
 @dataclass
 class FakeRun:
-    """A run directory and the callback-side state that writes its ledger."""
+    """A run directory and the custody chain that writes its ledger, fed with made-up features."""
 
     dir: Path
-    reference: Fingerprint
-    controls: torch.Tensor | None
+    chain: CustodyChain
     generator: torch.Generator
-    ledger: CustodyLedger = None  # type: ignore[assignment]
-    anchor_features: torch.Tensor | None = None
-    anchor_step: int | None = None
-    anchor_index: int | None = None
     last: torch.Tensor | None = None  # the last probed (raw) features
     raws: list = field(default_factory=list)  # every probe's raw features
     verdicts: list = field(default_factory=list)
     records: list = field(default_factory=list)
+
+    @property
+    def ledger(self) -> CustodyLedger:
+        return self.chain.ledger
 
     @property
     def ledger_path(self) -> Path:
@@ -82,45 +82,35 @@ class FakeRun:
         return base + NOISE * self.random()
 
     def probe(self, step: int, features: torch.Tensor, event: str = "interval"):
-        """SeedPrintsCallback._probe + _record, minus Lightning."""
-        ref = self.reference
-        stored = storage_features(features)
-        live = stored.float()
-        anchor = self.anchor_features.float() if self.anchor_features is not None else ref.features
-        verdict = judge_probe(
-            step, live, reference=ref.features, anchor=anchor,
-            anchor_step=self.anchor_step if self.anchor_step is not None else int(ref.step or 0),
-            controls=() if self.controls is None else list(self.controls),
-            birth_rule=BIRTH_RULE, custody_rule=CUSTODY_RULE, fail_on="custody",
-            identity_mode="coset", identity_ratio=None,
-        )
-        record = self.ledger.append(
-            verdict, stored, event=event, anchor_index=self.anchor_index,
-            reference_sha256=file_sha256(self.dir / REFERENCE_FILE),
-            controls_sha256=file_sha256(self.dir / CONTROLS_FILE) if self.controls is not None else None,
-            identity_mode="coset", identity_ratio=None,
-        )
-        if verdict.link.related is True:
-            self.anchor_features, self.anchor_step, self.anchor_index = stored, step, record["index"]
+        observed = self.chain.observe(step, features, event)
+        record = dict(json.loads(self.lines()[observed.record_index]), sha256=self.chain.last_sha256)
         self.last = features
         self.raws.append(features)
-        self.verdicts.append(verdict)
+        self.verdicts.append(observed.verdict)
         self.records.append(record)
-        return verdict, record
+        return observed.verdict, record
+
+
+def open_ledger(run_dir: RunDirectory, next_index: int = 0, last_sha256: str | None = None) -> CustodyLedger:
+    controls_sha = file_sha256(run_dir.controls_path) if run_dir.controls_path.exists() else None
+    ledger, _ = run_dir.open_ledger(next_index, last_sha256, reference_sha256=file_sha256(run_dir.reference_path),
+                                    controls_sha256=controls_sha)
+    return ledger
 
 
 def make_run(root: Path, *, seed: int = 0, controls: bool = True, steps=(1, 3, 7, 15, 31)) -> FakeRun:
     g = torch.Generator().manual_seed(seed)
-    run_dir = root / "seedprints"
+    run_dir = RunDirectory(root / "seedprints")
     reference = Fingerprint(features=torch.randn(N, D, generator=g), spec=SPEC, model_class="Fake", step=0)
-    reference.save(run_dir / REFERENCE_FILE)
-    control_features = None
+    reference.save(run_dir.reference_path)
+    control_set = ControlSet.none()
     if controls:
-        control_features = torch.randn(3, N, D, generator=g)
-        save_controls(run_dir / CONTROLS_FILE, control_features, (1_000_003, 1_000_004, 1_000_005), SPEC)
-    run = FakeRun(dir=run_dir, reference=reference, controls=control_features, generator=g)
-    run.ledger = CustodyLedger(run_dir)
-    run.ledger.start(file_sha256(run_dir / REFERENCE_FILE))
+        save_controls(run_dir.controls_path, torch.randn(3, N, D, generator=g), (1_000_003, 1_000_004, 1_000_005),
+                      SPEC)
+        control_set = ControlSet.load(run_dir.controls_path)
+    chain = CustodyChain(reference, controls=control_set, reference_source="step0")
+    chain.attach_ledger(open_ledger(run_dir))
+    run = FakeRun(dir=run_dir.path, chain=chain, generator=g)
     run.last = reference.features
     for step in steps:
         run.probe(step, run.drift())
@@ -154,7 +144,7 @@ def test_intact_chain_verifies_and_recomputes_the_recorded_figures(run):
     assert [r["anchor_index"] for r in audit.records] == [None, 0, 1, 2, 3]
     assert [r["anchor_step"] for r in audit.records] == [0, 1, 3, 7, 15]
     assert "3 fresh-init controls" in audit.evidence
-    table = audit.table()
+    table = format_chain_table(audit)
     assert table.count("link held") == 5 and "LINK BROKEN" not in table
     # The parent run dir (holding seedprints/) is accepted too.
     assert verify_chain(run.dir.parent).ok
@@ -335,7 +325,7 @@ def test_unrelated_probe_breaks_the_link_and_never_becomes_the_anchor(tmp_path):
     assert [(p.index, p.kind) for p in audit.problems] == [(3, "broken_link"), (5, "broken_link"),
                                                          (6, "broken_link")]
     assert "custody link from step 7 is broken" in audit.problems[0].message
-    assert audit.table().count("LINK BROKEN") == 3
+    assert format_chain_table(audit).count("LINK BROKEN") == 3
 
 
 def test_checkpoint_links_to_the_chain(run):
@@ -344,7 +334,7 @@ def test_checkpoint_links_to_the_chain(run):
     assert audit.ok, [p.message for p in audit.problems]
     assert audit.checkpoint is not None and audit.checkpoint.link.related is True
     assert audit.checkpoint.anchor_step == 31 and audit.checkpoint.step == 40
-    assert "descends (last.ckpt)" in audit.table()
+    assert "descends (last.ckpt)" in format_chain_table(audit)
 
 
 def test_unrelated_checkpoint_is_a_broken_link(run):
@@ -352,7 +342,7 @@ def test_unrelated_checkpoint_is_a_broken_link(run):
     assert not audit.ok
     assert [(p.index, p.kind) for p in audit.problems] == [(None, "broken_link")]
     assert "other.ckpt" in audit.problems[0].message
-    assert "DOES NOT DESCEND" in audit.table()
+    assert "DOES NOT DESCEND" in format_chain_table(audit)
 
 
 def test_checkpoint_step_picks_the_anchor_at_or_before_it(run):
@@ -400,7 +390,8 @@ def test_storage_features_detaches():
 def test_rewind_moves_later_records_aside_and_continues_the_chain(run):
     lines = run.lines()
     k = 3
-    ledger = CustodyLedger(run.dir)
+    ledger = CustodyLedger(run.dir, reference_sha256=file_sha256(run.dir / REFERENCE_FILE),
+                           controls_sha256=file_sha256(run.dir / CONTROLS_FILE))
     moved = ledger.rewind_to(sha256_bytes(lines[k - 1].encode("utf-8")), k)
     assert moved == run.dir / "custody.abandoned-0.jsonl"
     assert moved.read_text(encoding="utf-8").splitlines() == lines[k:]
@@ -408,10 +399,10 @@ def test_rewind_moves_later_records_aside_and_continues_the_chain(run):
     assert (ledger.next_index, ledger.last_sha256) == (k, sha256_bytes(lines[k - 1].encode("utf-8")))
 
     # The resumed run continues: its next records chain to record k - 1 and the chain verifies.
-    run.ledger = ledger
     # The checkpoint's callback state: the anchor is record 2's stored features.
-    run.anchor_features = run_features(run, 2)
-    run.anchor_step, run.anchor_index = 7, 2
+    run.chain.anchor = Anchor(run_features(run, 2), 7, 2)
+    run.chain.next_index = k
+    run.chain.attach_ledger(ledger)
     run.last = run.raws[2]
     run.probe(7, run.drift(), event="resume")
     run.probe(12, run.drift())
@@ -468,8 +459,7 @@ def test_rewind_without_a_ledger_file(tmp_path):
 def test_append_before_start_raises(run):
     with pytest.raises(InputError, match="before start"):
         CustodyLedger(run.dir).append(run.verdicts[0], storage_features(run.last), event="x", anchor_index=None,
-                                      reference_sha256="", controls_sha256=None, identity_mode="coset",
-                                      identity_ratio=None)
+                                      identity_mode="coset", identity_ratio=None)
 
 
 def test_expected_head_catches_records_cut_from_the_end(run):

@@ -100,7 +100,7 @@ def test_check_own_fails_on_any_unrelated_probe_or_early_end():
 
 
 def test_check_own_fails_when_the_ledger_does_not_verify():
-    from seedprints_lightning.custody import ChainAudit, ChainProblem
+    from seedprints_lightning.chain import ChainAudit, ChainProblem
 
     result = _result([_entry(s, True) for s in (3, 6)])
     result.extra["chain"] = ChainAudit(run_dir=Path("."), records=[{}],

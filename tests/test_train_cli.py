@@ -189,7 +189,7 @@ def test_demo_config_fits_then_a_child_continues_from_it(tmp_path, monkeypatch):
     assert cb.history[0]["anchor_step"] == 3
     child_dir = tmp_path / "runs" / "continue" / "seedprints"
     assert (child_dir / "reference.safetensors").is_file() and (child_dir / "parent_anchor.safetensors").is_file()
-    from seedprints_lightning.custody import verify_chain
+    from seedprints_lightning.chain import verify_chain
 
     audit = verify_chain(child_dir)
     assert audit.ok, audit.problems

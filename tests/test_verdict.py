@@ -21,7 +21,6 @@ from seedprints_lightning.verdict import (
     ProbeVerdict,
     VerdictRule,
     decide_identity,
-    decide_probe,
     judge_probe,
     safe_lineage_test,
 )
@@ -126,8 +125,10 @@ def test_callback_rules_follow_its_arguments():
     from seedprints_lightning import SeedPrintsCallback
 
     cb = SeedPrintsCallback(alpha=0.05, birth_z_margin=1.0, link_z_margin=2.0, link_tau_margin=0.1)
-    assert cb.birth_rule == VerdictRule(alpha=0.05, z_margin=1.0, tau_margin=0.0)  # no tau margin for the birth test
-    assert cb.custody_rule == VerdictRule(alpha=0.05, z_margin=2.0, tau_margin=0.1)
+    rules = cb.chain.rules
+    assert rules.birth_rule == VerdictRule(alpha=0.05, z_margin=1.0, tau_margin=0.0)  # no tau margin for the birth test
+    assert rules.custody_rule == VerdictRule(alpha=0.05, z_margin=2.0, tau_margin=0.1)
+    assert cb.alpha == 0.05
     with pytest.raises(InputError, match="link_tau_margin must be"):
         SeedPrintsCallback(link_tau_margin=-1.0)
     with pytest.raises(InputError, match="birth_z_margin must be"):
@@ -354,7 +355,8 @@ def test_probe_verdict_bad_fail_on(bad):
 
 def test_to_metrics_keys_are_the_tags_in_order_and_finite():
     controls = [result(1.0, tau=0.01), result(3.0, tau=0.02)]
-    p = decide_probe(40, result(9.0), result(30.0, tau=0.6), controls, anchor_step=25)
+    p = ProbeVerdict(step=40, birth=decide_identity(result(9.0), controls, BIRTH_RULE),
+                     link=decide_identity(result(30.0, tau=0.6), controls, CUSTODY_RULE), anchor_step=25)
     m = p.to_metrics(probe_seconds=1.25)
     assert tuple(m) == METRIC_TAGS
     assert METRIC_TAGS == tuple(f"seedprints/{n}" for n in METRIC_NAMES)

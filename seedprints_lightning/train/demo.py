@@ -280,7 +280,7 @@ def _scenario(
         swap_step=swap.swapped_at if swap is not None else None,
     )
     if seedprints.save_dir is not None and (seedprints.save_dir / "custody.jsonl").exists():
-        from ..custody import verify_chain
+        from ..chain import verify_chain
 
         result.extra["chain"] = verify_chain(seedprints.save_dir)
     try:

@@ -23,12 +23,10 @@ from transformers import PreTrainedModel
 from ..checks import check_int, check_number
 from ..errors import InputError
 from ..files import load_lightning_checkpoint
+from ..sources import HF_CONFIG_KEY
 from .models import MODEL_SIZE_ARGS, make_causal_lm
 
 __all__ = ["CausalLMModule", "load_causal_lm_from_checkpoint"]
-
-#: Checkpoint key of the model's transformers config (read by seedprints_lightning.audit.load_model).
-HF_CONFIG_KEY = "hf_config"
 
 Batch = dict[str, torch.Tensor]
 

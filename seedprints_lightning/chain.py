@@ -1,0 +1,621 @@
+"""The custody chain: one Lightning-free probe cycle for every trainer integration and the audit.
+
+A probe's features flow one way through :class:`CustodyChain`::
+
+    features [n, D] -> rounded for storage -> judged (birth test + custody link, against the
+    controls) -> ledger record -> anchor, schedule and failure count advance -> decision
+
+:meth:`CustodyChain.observe` is that cycle. The Lightning callback
+(:class:`~seedprints_lightning.SeedPrintsCallback`) measures the features over its ranks,
+calls ``observe`` and then logs and acts on the returned :class:`ChainStep`; any other
+training loop does the same with its own measuring and acting. :func:`verify_chain` replays a
+ledger's records through the same class, without writing, to re-verify a run offline.
+
+The chain holds the reference (the run's birth fingerprint), one
+:class:`~seedprints_lightning.controls.ControlSet`, the judging settings (:class:`ChainRules`),
+the anchor (the last probe whose own link held), the schedule position, the failure count and,
+on the process that writes files, a :class:`~seedprints_lightning.custody.CustodyLedger`. Its
+:meth:`~CustodyChain.state_dict` is the callback's checkpoint state (CPU tensors and plain
+types: it loads with ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checks import check_choice, check_int
+from .controls import ControlSet
+from .custody import (
+    CONTROLS_FILE,
+    PARENT_ANCHOR_FILE,
+    REFERENCE_FILE,
+    CustodyLedger,
+    RunDirectory,
+    line_sha256,
+    load_parent_anchor,
+    load_probe_features,
+    storage_features,
+)
+from .errors import InputError
+from .files import file_sha256
+from .fingerprint import Fingerprint
+from .probes import ProbeSpec
+from .schedule import ProbeSchedule
+from .verdict import (
+    BIRTH_RULE,
+    CUSTODY_RULE,
+    FAIL_ON,
+    METRIC_NAMES,
+    METRIC_TAGS,
+    ProbeVerdict,
+    VerdictRule,
+    judge_probe,
+)
+
+__all__ = ["Anchor", "ChainAudit", "ChainProblem", "ChainRules", "ChainStep", "CustodyChain", "STATE_FORMAT_VERSION",
+           "resolve_reference", "verify_chain"]
+
+#: Version of :meth:`CustodyChain.state_dict`'s layout (2: custody chain; 1 had no anchor and no schedule).
+STATE_FORMAT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class ChainRules:
+    """How every probe of a chain is judged (each ledger record stores them, so a replay uses the same)."""
+
+    birth_rule: VerdictRule = BIRTH_RULE
+    custody_rule: VerdictRule = CUSTODY_RULE
+    fail_on: str = "custody"
+    identity_mode: str = "coset"
+    identity_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("fail_on", self.fail_on, FAIL_ON)
+        check_choice("identity_mode", self.identity_mode, ("coset", "base"))
+
+    @classmethod
+    def from_margins(cls, *, alpha: float, birth_z_margin: float, link_z_margin: float, link_tau_margin: float,
+                     fail_on: str = "custody", identity_mode: str = "coset",
+                     identity_ratio: float | None = None) -> ChainRules:
+        """The rules from a trainer integration's arguments (the birth test has no tau margin)."""
+        def rule(prefix: str, z_margin: float, tau_margin: float) -> VerdictRule:
+            # VerdictRule validates the margins; the message names the argument as the user typed it.
+            try:
+                return VerdictRule(alpha=float(alpha), z_margin=z_margin, tau_margin=tau_margin)
+            except InputError as exc:
+                raise InputError(f"{prefix}{exc}") from None
+
+        return cls(birth_rule=rule("birth_", birth_z_margin, 0.0),
+                   custody_rule=rule("link_", link_z_margin, link_tau_margin), fail_on=fail_on,
+                   identity_mode=identity_mode,
+                   identity_ratio=None if identity_ratio is None else float(identity_ratio))
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ChainRules:
+        """The rules a ledger record was judged by (``KeyError``/``TypeError``/``InputError`` when it cannot say)."""
+        return cls(birth_rule=VerdictRule.from_dict(record["birth"]["rule"]),
+                   custody_rule=VerdictRule.from_dict(record["link"]["rule"]),
+                   fail_on=record.get("fail_on", "custody"), identity_mode=record.get("identity_mode", "coset"),
+                   identity_ratio=record.get("identity_ratio"))
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """What a custody link is tested against: a held probe's stored features, its step and record index.
+
+    ``index`` is ``None`` for a chain's first anchor that is no record of its own (a parent run's
+    last held probe).
+    """
+
+    features: torch.Tensor
+    step: int
+    index: int | None = None
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    """What one :meth:`CustodyChain.observe` found and decided.
+
+    ``identity_lost`` is the chain's decision (``patience`` consecutive failed probes) with its
+    ``reason``; ``notes`` are one-time reports for the user (a probe undetermined, the birth test
+    faded) that are not identity loss. ``metrics`` are the logged tags, all finite.
+    """
+
+    verdict: ProbeVerdict
+    event: str
+    metrics: dict[str, float]
+    record_index: int | None
+    consecutive_failures: int
+    next_step: int
+    identity_lost: bool
+    reason: str | None
+    notes: tuple[str, ...] = ()
+
+
+class CustodyChain:
+    """The run's reference, controls, anchor, schedule position, failure count and ledger.
+
+    Args:
+        reference: the birth fingerprint (``None`` until :meth:`begin` or :meth:`load_state_dict`).
+        controls: the fresh-init negative controls (see :class:`~seedprints_lightning.controls.ControlSet`).
+        rules: how probes are judged.
+        schedule: when to probe (:class:`~seedprints_lightning.schedule.ProbeSchedule`).
+        patience: consecutive failed probes before :attr:`ChainStep.identity_lost`.
+        anchor: the first anchor, when it is not the reference (a child run continues its
+            parent's chain from the parent's last held probe).
+        reference_source: where the reference came from, for messages (``"explicit"``,
+            ``"checkpoint"``, ``"step0"``); ``"explicit"`` keeps it across :meth:`load_state_dict`.
+    """
+
+    def __init__(self, reference: Fingerprint | None = None, *, controls: ControlSet | None = None,
+                 rules: ChainRules | None = None, schedule: ProbeSchedule | None = None, patience: int = 2,
+                 anchor: Anchor | None = None, reference_source: str | None = None) -> None:
+        self.reference = reference
+        self.reference_source = reference_source if reference is not None else None
+        self.controls = controls if controls is not None else ControlSet.none()
+        self.rules = rules if rules is not None else ChainRules()
+        self.schedule = schedule if schedule is not None else ProbeSchedule()
+        self.patience = check_int("patience", patience, low=1, hint="consecutive failed probes before acting")
+        self.initial_anchor = anchor
+        self.anchor = anchor
+        self.next_probe_step, self.interval = self.schedule.first()
+        self.last_probed_step = -1
+        self.consecutive_failures = 0
+        self.warned_undetermined = False
+        self.warned_birth = False
+        self.history: list[dict[str, Any]] = []
+        self.last_verdict: ProbeVerdict | None = None
+        # The ledger position: every process counts records (so all know the anchor's index); the
+        # process that writes files holds the ledger too.
+        self.keeps_records = True
+        self.next_index = 0
+        self.last_sha256: str | None = None
+        self.ledger: CustodyLedger | None = None
+        self.restored = False
+
+    # ------------------------------------------------------------------ set-up
+    def begin(self, reference: Fingerprint, step: int = 0, source: str = "step0") -> None:
+        """Start a new chain at ``reference`` (taken at ``step``): anchor, schedule and ledger position reset."""
+        self.reference, self.reference_source = reference, source
+        self.anchor = self.initial_anchor
+        self.last_probed_step = int(step)
+        self.next_probe_step, self.interval = self.schedule.first()
+        self.next_probe_step += int(step)
+        self.next_index, self.last_sha256, self.ledger = 0, None, None
+
+    def attach_ledger(self, ledger: CustodyLedger) -> None:
+        """Write every further record to ``ledger`` (positioned where this chain stands)."""
+        if ledger.next_index != self.next_index:
+            raise InputError(f"the ledger is at record {ledger.next_index} but the chain at {self.next_index}")
+        self.ledger = ledger
+        self.last_sha256 = ledger.last_sha256
+
+    @property
+    def anchor_step(self) -> int | None:
+        return None if self.anchor is None else self.anchor.step
+
+    @property
+    def control_features(self) -> torch.Tensor | None:
+        return self.controls.features
+
+    # ------------------------------------------------------------------ the cycle
+    def due(self, step: int) -> bool:
+        """Whether a probe is due at optimizer step ``step`` (once per step: accumulation repeats a step)."""
+        return self.reference is not None and step >= self.next_probe_step and step != self.last_probed_step
+
+    def test(self, step: int, live: torch.Tensor) -> ProbeVerdict:
+        """Judge ``live`` features at ``step`` against the reference and the current anchor; change nothing."""
+        ref = self._require_reference()
+        anchor = self.anchor.features.float() if self.anchor is not None else ref.features
+        anchor_step = self.anchor.step if self.anchor is not None else int(ref.step or 0)
+        rules = self.rules
+        return judge_probe(step, live, reference=ref.features, anchor=anchor, anchor_step=anchor_step,
+                           controls=self.controls.as_list(), birth_rule=rules.birth_rule,
+                           custody_rule=rules.custody_rule, fail_on=rules.fail_on,
+                           identity_mode=rules.identity_mode, identity_ratio=rules.identity_ratio)
+
+    def observe(self, step: int, features: torch.Tensor, event: str = "interval", *,
+                measure_seconds: float = 0.0) -> ChainStep:
+        """One probe of the live model at ``step``: judge, record, advance, decide.
+
+        ``features`` are the live model's ``[n, D]`` on the reference's probe. They are rounded
+        for storage first (:func:`~seedprints_lightning.custody.storage_features`) and the
+        rounded values are tested, so the ledger holds exactly what was judged.
+        ``measure_seconds`` (the forward passes) is added to the logged ``probe_seconds``.
+        """
+        start = time.perf_counter()
+        ref = self._require_reference()
+        step = int(step)
+        if tuple(features.shape) != tuple(ref.features.shape):
+            raise InputError(
+                f"the probe returned features of shape {tuple(features.shape)} but the reference has "
+                f"{tuple(ref.features.shape)}: the model (or feature_fn) no longer matches the reference"
+            )
+        stored = storage_features(features)
+        verdict = self.test(step, stored.float())
+        metrics = verdict.to_metrics(measure_seconds + time.perf_counter() - start)
+        index = self._record(verdict, stored, event)
+        if verdict.link.related is True:
+            self.anchor = Anchor(stored, step, index)
+        self.last_probed_step, self.last_verdict = step, verdict
+        self.next_probe_step, self.interval = self.schedule.after(step, self.interval, verdict.link.related,
+                                                                  verdict.link.headroom)
+        identity_lost, reason, notes = self.decide(verdict)
+        entry: dict[str, Any] = {"step": step, "event": event}
+        entry.update({name: metrics[tag] for name, tag in zip(METRIC_NAMES, METRIC_TAGS)})
+        entry.update({"related": verdict.related, "birth_detectable": verdict.birth_detectable,
+                      "link_related": verdict.link.related, "anchor_step": verdict.anchor_step,
+                      "control_z": [float(z) for z in verdict.birth.control_z], "reason": verdict.reason,
+                      "record_index": index, "next_step": int(self.next_probe_step),
+                      "consecutive_failures": int(self.consecutive_failures)})
+        self.history.append(entry)
+        return ChainStep(verdict=verdict, event=event, metrics=metrics, record_index=index,
+                         consecutive_failures=self.consecutive_failures, next_step=int(self.next_probe_step),
+                         identity_lost=identity_lost, reason=reason, notes=notes)
+
+    def decide(self, verdict: ProbeVerdict) -> tuple[bool, str | None, tuple[str, ...]]:
+        """Count ``verdict`` and decide: ``(identity lost, why, one-time notes)``.
+
+        A failed probe counts, a held one resets the count, an undetermined one does neither.
+        """
+        step = verdict.step
+        if verdict.related is False:
+            self.consecutive_failures += 1
+        elif verdict.related is True:
+            self.consecutive_failures = 0
+        notes = []
+        if verdict.related is None and not self.warned_undetermined:
+            self.warned_undetermined = True
+            notes.append(f"SeedPrints: the lineage probe at step {step} is undetermined ({verdict.reason}); it counts "
+                         "neither as a failure nor as a success. Further undetermined probes are not reported")
+        if (self.rules.fail_on == "custody" and verdict.birth.related is False and verdict.link.related
+                and not self.warned_birth):
+            self.warned_birth = True
+            notes.append(
+                f"SeedPrints: the birth test is no longer detectable at step {step} (z={verdict.birth.z:.2f}, "
+                f"threshold {verdict.birth.threshold:.2f}): training has moved the weights far from their init, as "
+                "it does at ordinary learning rates. This is NOT identity loss: the custody chain holds (link z="
+                f"{verdict.link.z:.2f} from step {verdict.anchor_step}). To keep the birth test itself detectable, "
+                "probe with more samples (ProbeSpec(num_samples=4000 or more): z grows like sqrt(n)) or the other "
+                "probe kind; pass fail_on='birth' or 'either' if your audit needs it to hold.")
+        lost = verdict.related is False and self.consecutive_failures >= self.patience
+        return lost, (self.lost_message(verdict) if lost else None), tuple(notes)
+
+    def lost_message(self, verdict: ProbeVerdict) -> str:
+        """Why the run's identity is lost at ``verdict``: its figures and what to check."""
+        link, birth = verdict.link, verdict.birth
+        controls = ", ".join(f"{z:.2f}" for z in birth.control_z) or "none"
+        reason = f" {verdict.reason.rstrip('.')}." if verdict.reason else ""
+        ref = self._require_reference()
+        return (
+            f"SeedPrints: the run lost its lineage identity at step {verdict.step} ({self.consecutive_failures} "
+            f"consecutive failed probes, patience {self.patience}, fail_on={self.rules.fail_on!r}): custody link "
+            f"from step {verdict.anchor_step} z={link.z:.2f} (threshold {link.threshold:.2f}), birth z={birth.z:.2f} "
+            f"(threshold {birth.threshold:.2f}), controls z [{controls}].{reason} The weights do not descend from "
+            f"the run's last good probe (reference: {self.reference_source}, step {ref.step}): check for a swapped "
+            "or wrongly loaded checkpoint."
+        )
+
+    def _record(self, verdict: ProbeVerdict, stored: torch.Tensor, event: str) -> int | None:
+        if not self.keeps_records:
+            return None
+        index = self.next_index
+        if self.ledger is not None:
+            record = self.ledger.append(verdict, stored, event=event,
+                                        anchor_index=None if self.anchor is None else self.anchor.index,
+                                        identity_mode=self.rules.identity_mode,
+                                        identity_ratio=self.rules.identity_ratio)
+            self.last_sha256 = record["sha256"]
+        self.next_index = index + 1
+        return index
+
+    def _require_reference(self) -> Fingerprint:
+        if self.reference is None:
+            raise InputError("the custody chain has no reference yet: begin() it or load its state first")
+        return self.reference
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """CPU tensors and plain types only (loads with ``torch.load(weights_only=True)``); never empty."""
+        ref, controls, anchor = self.reference, self.controls, self.anchor
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            "reference_features": None if ref is None else ref.features.detach().cpu().clone(),
+            "reference_meta": None if ref is None else ref.metadata(),
+            "reference_source": self.reference_source,
+            "control_features": None if controls.features is None else controls.features.clone(),
+            "control_seeds": [int(s) for s in controls.seeds],
+            "control_spec": None if controls.spec is None else controls.spec.to_dict(),
+            "anchor_features": None if anchor is None else anchor.features.clone(),
+            "anchor_step": None if anchor is None else anchor.step,
+            "anchor_index": None if anchor is None else anchor.index,
+            "next_probe_step": int(self.next_probe_step),
+            "interval": int(self.interval),
+            "ledger_next_index": int(self.next_index),
+            "ledger_last_sha256": self.last_sha256,
+            "last_probed_step": int(self.last_probed_step),
+            "consecutive_failures": int(self.consecutive_failures),
+            "warned_undetermined": bool(self.warned_undetermined),
+            "warned_birth": bool(self.warned_birth),
+            "history": [dict(entry) for entry in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (format 1 or 2); an ``"explicit"`` reference is kept as it is."""
+        version = state.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= STATE_FORMAT_VERSION:
+            raise InputError(
+                f"the checkpoint's SeedPrintsCallback state has format version {version!r}; this "
+                f"seedprints-lightning reads versions 1 to {STATE_FORMAT_VERSION}: upgrade the package"
+            )
+        features, meta = state.get("reference_features"), state.get("reference_meta")
+        if features is not None and meta is not None and self.reference_source != "explicit":
+            self.reference, self.reference_source = Fingerprint.from_metadata(features, meta), "checkpoint"
+        controls, spec = state.get("control_features"), state.get("control_spec")
+        self.controls = ControlSet.none() if controls is None else ControlSet(
+            features=controls, seeds=tuple(int(s) for s in state.get("control_seeds", ())),
+            spec=None if spec is None else ProbeSpec.from_dict(spec),
+            description="fresh-init controls restored from the checkpoint")
+        self.last_probed_step = int(state.get("last_probed_step", -1))
+        self.consecutive_failures = int(state.get("consecutive_failures", 0))
+        self.warned_undetermined = bool(state.get("warned_undetermined", False))
+        self.warned_birth = bool(state.get("warned_birth", False))
+        self.history = [dict(entry) for entry in state.get("history", [])]
+        # Version 1 had no chain: its last probe is unknown, so the chain restarts at the reference.
+        anchor = state.get("anchor_features")
+        self.anchor = None if anchor is None else Anchor(anchor, int(state["anchor_step"]), state.get("anchor_index"))
+        if "next_probe_step" in state:
+            self.next_probe_step, self.interval = int(state["next_probe_step"]), int(state["interval"])
+        else:
+            self.next_probe_step = self.last_probed_step + self.schedule.every_n_steps
+            self.interval = self.schedule.every_n_steps
+        self.next_index, self.last_sha256 = int(state.get("ledger_next_index", 0)), state.get("ledger_last_sha256")
+        self.ledger = None
+        self.restored = True
+
+
+def resolve_reference(reference: Any, probe: ProbeSpec | None = None,
+                      ) -> tuple[Fingerprint | None, Anchor | None, str]:
+    """``(reference, first anchor, where it came from)`` of a trainer integration's ``reference=`` argument.
+
+    ``reference`` is ``None`` (the run's own step 0), a :class:`~seedprints_lightning.Fingerprint`,
+    its file, or a parent run's ``seedprints`` directory: then the parent's ledger is re-verified
+    and the child's chain starts at the parent's last held probe. ``probe``, when given, must be
+    the reference's spec.
+    """
+    if reference is None:
+        return None, None, ""
+    anchor = None
+    if isinstance(reference, Fingerprint):
+        explicit, origin = reference, "the Fingerprint passed as reference="
+    elif isinstance(reference, (str, os.PathLike)) and Path(reference).is_dir():
+        audit = verify_chain(reference)
+        if not audit.ok:
+            first = audit.problems[0].message if audit.problems else "no record"
+            raise InputError(
+                f"reference={os.fspath(reference)!r}: the parent run's custody chain does not verify ({first}); a "
+                "child run can only continue an intact chain. Pass the parent's fingerprint file instead to start a "
+                "new chain from it"
+            )
+        last = audit.last_held_probe()
+        explicit, anchor = Fingerprint.load(audit.run_dir / REFERENCE_FILE), Anchor(last.features, last.step)
+        origin = f"reference={os.fspath(reference)!r} (the parent run's birth fingerprint)"
+    elif isinstance(reference, (str, os.PathLike)):
+        explicit = Fingerprint.load(reference)  # raises FingerprintFileError with the path
+        origin = f"reference={os.fspath(reference)!r}"
+    else:
+        raise InputError(f"reference must be a Fingerprint, a path to a fingerprint file, or None, got "
+                         f"{type(reference).__name__}")
+    if probe is not None and probe != explicit.spec:
+        raise InputError(
+            f"probe={probe} differs from the reference's spec ({explicit.spec.describe()}); the reference's "
+            "inputs must be used, so leave probe=None when you pass reference="
+        )
+    return explicit, anchor, origin
+
+
+# --------------------------------------------------------------------------------------
+# Offline verification: the ledger's records replayed through CustodyChain
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChainProblem:
+    """One thing wrong with a ledger: which record (``None`` for the files around it), and what."""
+
+    index: int | None
+    kind: str  # "tampered", "broken_link", "missing"
+    message: str
+
+
+@dataclass
+class ChainAudit:
+    """The result of :func:`verify_chain`.
+
+    ``ok`` when the files are intact, every recomputed figure matches its record, every link
+    held, and (when a checkpoint was given) the checkpoint links to the chain. ``recomputed``
+    has one verdict per record (``None`` where the record could not be re-tested).
+    """
+
+    run_dir: Path
+    records: list[dict[str, Any]] = field(default_factory=list)
+    recomputed: list[ProbeVerdict | None] = field(default_factory=list)
+    problems: list[ChainProblem] = field(default_factory=list)
+    checkpoint: ProbeVerdict | None = None
+    checkpoint_name: str | None = None
+    evidence: str = ""
+    #: Every anchor the chain held, in order: the first (reference or parent probe), then each held record.
+    anchors: list[Anchor] = field(default_factory=list)
+
+    @property
+    def tampered(self) -> list[ChainProblem]:
+        return [p for p in self.problems if p.kind != "broken_link"]
+
+    @property
+    def broken_links(self) -> list[ChainProblem]:
+        return [p for p in self.problems if p.kind == "broken_link"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and bool(self.records)
+
+    def last_held_probe(self) -> Anchor:
+        """The chain's end: the last anchor that is a record of this ledger (a child run continues from it)."""
+        for anchor in reversed(self.anchors):
+            if anchor.index is not None:
+                return anchor
+        raise InputError(f"{self.run_dir}: the ledger has no record whose link held")
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-6)
+
+
+def _replay_chain(run: RunDirectory, audit: ChainAudit) -> tuple[CustodyChain, str, str | None, str | None]:
+    """A chain set up as the run's was (reference, controls, first anchor), and the files' hashes."""
+    reference = Fingerprint.load(run.reference_path)
+    controls = ControlSet.load(run.controls_path) if run.controls_path.exists() else ControlSet.none()
+    audit.evidence = (f"birth fingerprint {REFERENCE_FILE} (step {reference.step}, {reference.spec.describe()}); "
+                      + (f"{len(controls)} fresh-init controls from {CONTROLS_FILE}" if len(controls)
+                         else "no controls file: analytic threshold and effect-size margin only"))
+    anchor, initial_sha = None, None
+    if run.parent_anchor_path.exists():  # a child run: its chain continues from its parent's last held probe
+        features, step = load_parent_anchor(run.parent_anchor_path)
+        anchor, initial_sha = Anchor(features, step), file_sha256(run.parent_anchor_path)
+        audit.evidence += f"; the chain starts at the parent run's last probe (step {step}, {PARENT_ANCHOR_FILE})"
+    chain = CustodyChain(reference, controls=controls, anchor=anchor, reference_source="ledger")
+    chain.keeps_records = True
+    controls_sha = file_sha256(run.controls_path) if len(controls) else None
+    return chain, file_sha256(run.reference_path), controls_sha, initial_sha
+
+
+def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor | None = None, *,
+                 checkpoint_step: int | None = None, checkpoint_name: str | None = None,
+                 expected_head: tuple[int, str] | None = None) -> ChainAudit:
+    """Re-verify a run's custody ledger offline, record by record, from its files.
+
+    ``run_dir`` is the run's ``seedprints`` directory (or a directory holding it). Every record's
+    hash chain and features hash are checked, and its features are replayed through a
+    :class:`CustodyChain` set up as the run's was (same reference, controls and first anchor,
+    each record's own rules), so every recorded figure is recomputed; with
+    ``checkpoint_features`` (a checkpoint's features on the reference's probe), the checkpoint
+    is linked to the last held record at or before ``checkpoint_step``.
+
+    ``expected_head`` is ``(number of records, sha256 of the last one)`` as a checkpoint's
+    callback state knows it: the ledger must hold that record at that place. Without it, records
+    cut from the END of the ledger cannot be told from a run that made fewer probes (the hash
+    chain only protects what precedes a record).
+    """
+    run = RunDirectory.locate(run_dir)
+    run.require()
+    audit = ChainAudit(run_dir=run.path)
+    chain, reference_sha, controls_sha, initial_sha = _replay_chain(run, audit)
+    audit.anchors.append(chain.anchor if chain.anchor is not None
+                         else Anchor(chain.reference.features, int(chain.reference.step or 0)))
+    ledger = run.ledger_path
+    lines = ledger.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        audit.problems.append(ChainProblem(None, "missing", f"{ledger} has no record"))
+        return audit
+
+    def problem(index: int | None, kind: str, message: str) -> None:
+        audit.problems.append(ChainProblem(index, kind, message))
+
+    prev_sha, last_step = reference_sha, -1
+    for line_no, line in enumerate(lines):
+        where = f"record {line_no} (line {line_no + 1} of {ledger.name})"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problem(line_no, "tampered", f"{where} is not valid JSON ({exc})")
+            return audit
+        audit.records.append(record)
+        if record.get("index") != line_no:
+            problem(line_no, "tampered", f"{where} has index {record.get('index')!r}: a record is missing or the "
+                                         "records were reordered")
+        if record.get("prev_sha256") != prev_sha:
+            problem(line_no, "tampered", f"{where}: prev_sha256 does not match the hash of the "
+                    + ("reference file" if line_no == 0 else "previous record")
+                    + ": a record before it was edited, removed or reordered")
+        prev_sha = line_sha256(line)
+        step = int(record.get("step", -1))
+        if step < last_step:
+            problem(line_no, "tampered", f"{where}: step {step} comes after step {last_step}: records reordered")
+        last_step = step
+        for key, expected, what in (
+                ("reference_sha256", reference_sha, f"was made against another {REFERENCE_FILE} (hash mismatch)"),
+                ("initial_anchor_sha256", initial_sha, f"was made from another first anchor than {PARENT_ANCHOR_FILE} "
+                                                       "(hash mismatch, or the file was added or removed)"),
+                ("controls_sha256", controls_sha,
+                 f"was made with other controls than {CONTROLS_FILE} (hash mismatch)")):
+            if record.get(key) != expected:
+                problem(line_no, "tampered", f"{where} {what}")
+        feature_path = run.path / str(record.get("features_file", ""))
+        if not feature_path.is_file():
+            problem(line_no, "missing", f"{where}: its features file {feature_path} is missing")
+            audit.recomputed.append(None)
+            chain.next_index += 1
+            continue
+        if file_sha256(feature_path) != record.get("features_sha256"):
+            problem(line_no, "tampered", f"{where}: {feature_path.name} was altered (sha256 mismatch)")
+        anchor_index = None if chain.anchor is None else chain.anchor.index
+        try:
+            chain.rules = ChainRules.from_record(record)
+            observed = chain.observe(step, load_probe_features(feature_path).float(), str(record.get("event")))
+        except (KeyError, TypeError, InputError) as exc:
+            problem(line_no, "tampered", f"{where} cannot be re-tested ({type(exc).__name__}: {exc})")
+            audit.recomputed.append(None)
+            chain.next_index = line_no + 1
+            continue
+        verdict = observed.verdict
+        audit.recomputed.append(verdict)
+        if record.get("anchor_index") != anchor_index:
+            problem(line_no, "tampered", f"{where} claims anchor record {record.get('anchor_index')!r} but the last "
+                                         f"held link before it is {anchor_index!r}")
+        for name, recomputed in (("link", verdict.link), ("birth", verdict.birth)):
+            claimed = record.get(name, {})
+            if claimed.get("related") != recomputed.related or not _close(claimed.get("z", math.nan), recomputed.z):
+                problem(line_no, "tampered", f"{where}: the recorded {name} test (z={claimed.get('z')}, related="
+                                             f"{claimed.get('related')}) differs from the recomputed one "
+                                             f"(z={recomputed.z:.4f}, related={recomputed.related})")
+        if verdict.link.related is False:
+            problem(line_no, "broken_link", f"{where}, step {step}: the custody link from step {verdict.anchor_step} "
+                                            f"is broken (z={verdict.link.z:.2f} <= threshold "
+                                            f"{verdict.link.threshold:.2f})")
+        elif verdict.link.related:
+            audit.anchors.append(chain.anchor)
+
+    if expected_head is not None:
+        count, head_sha = expected_head
+        if count > len(lines):
+            problem(None, "tampered", f"{ledger.name} holds {len(lines)} records but the checkpoint's callback state "
+                                      f"chained to record {count - 1}: records were removed from the end")
+        elif count > 0 and line_sha256(lines[count - 1]) != head_sha:
+            problem(count - 1, "tampered", f"record {count - 1} is not the one the checkpoint's callback state chained "
+                                           "to (hash mismatch): it was edited, or the ledger is another run's")
+    if checkpoint_features is not None:
+        _link_checkpoint(audit, chain, checkpoint_features, checkpoint_step, checkpoint_name, last_step)
+    return audit
+
+
+def _link_checkpoint(audit: ChainAudit, chain: CustodyChain, features: torch.Tensor, step: int | None,
+                     name: str | None, last_step: int) -> None:
+    """Test a checkpoint against the last anchor at or before its step, with the last record's rules."""
+    candidates = [a for a in audit.anchors if step is None or a.step <= step]
+    anchor = candidates[-1] if candidates else audit.anchors[0]
+    # The first anchor may be the reference itself: the link then shares the birth test.
+    chain.anchor = None if anchor.features is chain.reference.features else anchor
+    audit.checkpoint = chain.test(step if step is not None else last_step, storage_features(features).float())
+    audit.checkpoint_name = name
+    if audit.checkpoint.link.related is not True:
+        audit.problems.append(ChainProblem(None, "broken_link", f"checkpoint {name}: does not link to the chain (link "
+                                           f"from step {anchor.step}: z={audit.checkpoint.link.z:.2f}, threshold "
+                                           f"{audit.checkpoint.link.threshold:.2f})"))

@@ -1,0 +1,348 @@
+"""Sources: the paths a user points the command line or the audit at, and how each becomes a fingerprint.
+
+Three kinds of *source*:
+
+* a fingerprint file written by :meth:`Fingerprint.save` (any suffix but ``.ckpt``),
+* a ``save_pretrained`` model directory (it has a ``config.json``),
+* a Lightning ``.ckpt`` whose model can be rebuilt: it carries the transformers config under
+  :data:`HF_CONFIG_KEY` (``CausalLMModule`` stores it) and the weights under ``model.*``.
+
+Models are loaded on CPU (``local_files_only``: nothing is downloaded), cast to the runtime's
+``dtype`` (float32 by default, so fingerprints made on different machines agree), moved to its
+``device`` only while they are probed, and released afterwards. Lightning checkpoints are read
+with ``torch.load(weights_only=True)`` unless ``trust_pickle=True``, always by
+:func:`~seedprints_lightning.files.load_lightning_checkpoint`. What is done with the fingerprints
+(compare, audit) is in :mod:`.audit`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .checks import check_int
+from .errors import IncompatibleFingerprintsError, InputError, ModelNotFoundError, SeedPrintsError, SourceError
+from .files import load_lightning_checkpoint
+from .fingerprint import Fingerprint, fingerprint_model
+from .probes import ProbeSpec, find_causal_lm, hidden_size_of
+
+__all__ = [
+    "CHECKPOINT_SUFFIX",
+    "HF_CONFIG_KEY",
+    "ProbeRuntime",
+    "Source",
+    "SourceKind",
+    "check_fits",
+    "checkpoint_ledger_head",
+    "classify_source",
+    "expand_checkpoints",
+    "fingerprint_source",
+    "load_model",
+    "load_source_fingerprint",
+    "read_checkpoint",
+    "source_step",
+    "spec_for_models",
+]
+
+#: Checkpoint key under which a LightningModule stores its model's transformers config
+#: (``CausalLMModule.on_save_checkpoint`` does; any module can).
+HF_CONFIG_KEY = "hf_config"
+
+SourceKind = Literal["fingerprint", "model_dir", "checkpoint"]
+CHECKPOINT_SUFFIX = ".ckpt"
+_KIND_WORDS = {"fingerprint": "fingerprint file", "model_dir": "model directory", "checkpoint": "Lightning checkpoint"}
+
+
+# --------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """A path the user named, and what kind of thing it is."""
+
+    path: Path
+    kind: SourceKind
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def describe(self) -> str:
+        return f"{self.path} ({_KIND_WORDS[self.kind]})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "kind": self.kind}
+
+
+def classify_source(path: str | Path | Source) -> Source:
+    """Tell what ``path`` is; raise :class:`SourceError` (naming it) when it is none of them."""
+    if isinstance(path, Source):
+        return path
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SourceError(f"{path} does not exist")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return Source(path, "model_dir")
+        hint = ""
+        if any(path.glob(f"*{CHECKPOINT_SUFFIX}")):
+            hint = f"; it holds {CHECKPOINT_SUFFIX} files: name one of them"
+        raise SourceError(f"{path} is a directory but not a save_pretrained model directory (no config.json){hint}")
+    if path.suffix == CHECKPOINT_SUFFIX:
+        return Source(path, "checkpoint")
+    return Source(path, "fingerprint")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_checkpoint(source: Source, *, trust_pickle: bool = False) -> dict[str, Any] | None:
+    """A Lightning checkpoint's dict, memory-mapped (the weights are not read), or ``None`` when unreadable.
+
+    For what a checkpoint says about itself (its step, its callback state); loading its model
+    goes through :func:`load_model`, which explains what is wrong with an unreadable file.
+    """
+    try:
+        return load_lightning_checkpoint(source.path, trust_pickle=trust_pickle, error=SourceError, mmap=True)
+    except SourceError:
+        return None
+
+
+def checkpoint_ledger_head(source: Source, *, trust_pickle: bool = False) -> tuple[int, str] | None:
+    """``(records, last record's sha256)`` from a checkpoint's ``SeedPrintsCallback`` state, if it has one."""
+    if source.kind != "checkpoint":
+        return None
+    checkpoint = read_checkpoint(source, trust_pickle=trust_pickle) or {}
+    state = checkpoint.get("callbacks", {}).get("SeedPrintsCallback")
+    if not isinstance(state, dict) or not state.get("ledger_last_sha256"):
+        return None
+    return int(state.get("ledger_next_index", 0)), str(state["ledger_last_sha256"])
+
+
+def source_step(source: Source, *, trust_pickle: bool = False) -> int | None:
+    """The training step a source records, if any.
+
+    ``global_step`` of a Lightning checkpoint (read memory-mapped, without loading the
+    weights), ``global_step`` of a Hugging Face Trainer's ``trainer_state.json`` next to a
+    model directory, or the step stored in a fingerprint file. ``None`` when unknown.
+    """
+    if source.kind == "checkpoint":
+        checkpoint = read_checkpoint(source, trust_pickle=trust_pickle)
+        step = checkpoint.get("global_step") if checkpoint is not None else None
+    elif source.kind == "model_dir":
+        state = _read_json(source.path / "trainer_state.json")
+        step = state.get("global_step") if isinstance(state, dict) else None
+    else:
+        try:
+            step = Fingerprint.load(source.path).step
+        except SeedPrintsError:
+            step = None
+    return int(step) if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def expand_checkpoints(paths: Iterable[str | Path], *, trust_pickle: bool = False) -> list[tuple[Source, int | None]]:
+    """Resolve checkpoint arguments to ``(source, step)`` pairs.
+
+    A file or a model directory stands for itself, in the order given. Any other directory
+    expands to the ``.ckpt`` files and ``save_pretrained`` model directories directly inside
+    it, sorted by their recorded step (unknown steps last, then by name).
+    """
+    out: list[tuple[Source, int | None]] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir() and not (path / "config.json").is_file():
+            members = [Source(p, "checkpoint") for p in path.iterdir() if p.is_file() and p.suffix == CHECKPOINT_SUFFIX]
+            members += [Source(p, "model_dir") for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file()]
+            if not members:
+                raise SourceError(
+                    f"{path} is a directory with no config.json and no {CHECKPOINT_SUFFIX} files or model "
+                    "directories in it"
+                )
+            stepped = [(member, source_step(member, trust_pickle=trust_pickle)) for member in members]
+            stepped.sort(key=lambda item: (item[1] is None, item[1] if item[1] is not None else 0, item[0].path.name))
+            out.extend(stepped)
+        else:
+            source = classify_source(path)
+            out.append((source, source_step(source, trust_pickle=trust_pickle)))
+    return out
+
+
+def _model_from_lightning_checkpoint(path: Path, trust_pickle: bool) -> torch.nn.Module:
+    """Rebuild the transformers model of a Lightning checkpoint from its ``hf_config`` and ``model.*`` weights.
+
+    Needs no training code: the checkpoint carries the model's config (``CausalLMModule``
+    stores it; another LightningModule can too, with ``checkpoint["hf_config"] =
+    json.loads(model.config.to_json_string())`` in ``on_save_checkpoint``).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    checkpoint = load_lightning_checkpoint(path, trust_pickle=trust_pickle, error=SourceError)
+    config_dict = checkpoint.get(HF_CONFIG_KEY)
+    state_dict = {key[len("model."):]: value for key, value in checkpoint["state_dict"].items()
+                  if key.startswith("model.")}
+    if not isinstance(config_dict, dict) or not state_dict:
+        raise SourceError(
+            f"{path} has no '{HF_CONFIG_KEY}' entry or no 'model.*' weights, so the model cannot be rebuilt from it: "
+            "save the checkpoint with seedprints_lightning.train.CausalLMModule (or store the config under "
+            f"checkpoint['{HF_CONFIG_KEY}'] in on_save_checkpoint), or export the model with save_pretrained"
+        )
+    config_dict = dict(config_dict)
+    try:
+        config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(state_dict, strict=True)
+    except Exception as exc:
+        raise SourceError(f"{path}: the weights do not match the model its '{HF_CONFIG_KEY}' describes "
+                          f"({type(exc).__name__}: {exc})") from exc
+    return model
+
+
+def load_model(
+    source: str | Path | Source, *, dtype: torch.dtype = torch.float32, trust_pickle: bool = False
+) -> torch.nn.Module:
+    """Load the causal LM of a model directory or checkpoint, on CPU, in eval mode."""
+    source = classify_source(source)
+    if source.kind == "fingerprint":
+        raise SourceError(f"{source.path} is a fingerprint file, not a model")
+    if source.kind == "checkpoint":
+        model = _model_from_lightning_checkpoint(source.path, trust_pickle)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(source.path), local_files_only=True, dtype=dtype)
+        except Exception as exc:  # transformers raises OSError, ValueError, KeyError, safetensors errors...
+            raise SourceError(
+                f"{source.path} could not be loaded as a save_pretrained model ({type(exc).__name__}: {exc})"
+            ) from exc
+    lm = find_causal_lm(model)
+    return lm.to(dtype=dtype).eval()
+
+
+def check_fits(model: torch.nn.Module, spec: ProbeSpec, name: str) -> None:
+    """Raise :class:`IncompatibleFingerprintsError` unless ``model`` can take ``spec``'s inputs."""
+    try:
+        spec.resolve(model)  # a resolved spec resolves to itself, or raises on a misfit
+    except InputError as exc:
+        raise IncompatibleFingerprintsError(f"{name} cannot be probed with this probe spec: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ProbeRuntime:
+    """How sources are loaded and probed (not what is probed), shared by every entry point here.
+
+    ``dtype`` is what models are cast to (float32 by default, so fingerprints made on
+    different machines agree); ``device`` where each is moved while probed (None: stays on
+    CPU); ``trust_pickle`` allows full-pickle ``.ckpt`` files; ``progress`` shows bars.
+    """
+
+    batch_size: int = 64
+    device: str | torch.device | None = None
+    dtype: torch.dtype = torch.float32
+    trust_pickle: bool = False
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("batch_size", self.batch_size, low=1)
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise InputError(f"dtype must be a floating torch.dtype such as torch.float32, got {self.dtype!r}")
+
+
+def fingerprint_source(
+    source: str | Path | Source,
+    spec: ProbeSpec | None = None,
+    *,
+    step: int | None = None,
+    runtime: ProbeRuntime = ProbeRuntime(),
+    num_controls: int = 0,
+) -> Fingerprint:
+    """Fingerprint a model directory or checkpoint (a fingerprint file is just loaded).
+
+    ``num_controls`` fresh inits of the model's config are probed and stored with it.
+
+    With a resolved ``spec`` the model must accept its inputs (vocabulary, width), else
+    :class:`IncompatibleFingerprintsError`; an unresolved or missing spec is resolved from
+    the model. A fingerprint file is returned as it is: check it with
+    :meth:`Fingerprint.check_comparable`.
+    """
+    source = classify_source(source)
+    if source.kind == "fingerprint":
+        return Fingerprint.load(source.path)
+    model = load_model(source, dtype=runtime.dtype, trust_pickle=runtime.trust_pickle)
+    if spec is not None and spec.is_resolved:
+        check_fits(model, spec, str(source.path))
+    if step is None:
+        step = source_step(source, trust_pickle=runtime.trust_pickle)
+    if runtime.device is not None:
+        model.to(runtime.device)
+    return fingerprint_model(model, spec, step=step, batch_size=runtime.batch_size, progress=runtime.progress,
+                             extra={"source": str(source.path)}, num_controls=num_controls)
+
+
+def load_source_fingerprint(path: str | Path | Source) -> Fingerprint:
+    """Load a fingerprint file, with a clear error when the path is a model instead."""
+    source = classify_source(path)
+    if source.kind != "fingerprint":
+        raise SourceError(f"{source.path} is a {_KIND_WORDS[source.kind]}, not a fingerprint file")
+    return Fingerprint.load(source.path)
+
+
+def _model_sizes(model: torch.nn.Module) -> tuple[int, int]:
+    config = find_causal_lm(model).config
+    try:
+        return int(config.vocab_size), hidden_size_of(config)
+    except ModelNotFoundError:
+        return int(config.vocab_size), -1
+
+
+def spec_for_models(
+    base: torch.nn.Module,
+    target: torch.nn.Module,
+    *,
+    kind: Literal["token", "embedding"] = "token",
+    num_samples: int | None = None,
+    length: int | None = None,
+    seed: int | None = None,
+    vocab_size: int | None = None,
+    names: tuple[str, str] = ("A", "B"),
+) -> ProbeSpec:
+    """The probe both models see (method.md step 1).
+
+    Token probes draw ids from ``[0, V)``, ``V`` the smaller vocabulary of the two (or
+    ``vocab_size``, which must fit both). Embedding probes take the mean and std of the
+    BASE model's input-embedding matrix and need equal hidden sizes.
+    """
+    fields: dict[str, Any] = {"kind": kind}
+    for key, value in (("num_samples", num_samples), ("length", length), ("seed", seed)):
+        if value is not None:
+            fields[key] = value
+    (vocab_a, hidden_a), (vocab_b, hidden_b) = _model_sizes(base), _model_sizes(target)
+    if kind == "token":
+        smallest = min(vocab_a, vocab_b)
+        if vocab_size is not None and vocab_size > smallest:
+            raise IncompatibleFingerprintsError(
+                f"--vocab-size {vocab_size} exceeds the smaller vocabulary of the two models ({names[0]}: {vocab_a}, "
+                f"{names[1]}: {vocab_b}); use at most {smallest}"
+            )
+        fields["vocab_size"] = smallest if vocab_size is None else vocab_size
+    elif vocab_size is not None:
+        raise InputError("--vocab-size applies to token probes only")
+    if kind == "embedding" and hidden_a != hidden_b:
+        raise IncompatibleFingerprintsError(
+            f"embedding probes need one hidden size, but {names[0]} has {hidden_a} and {names[1]} has {hidden_b}; "
+            "use token probes (--kind token) across widths"
+        )
+    return ProbeSpec(**fields).resolve(base)
+
+
