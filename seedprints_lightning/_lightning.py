@@ -23,10 +23,11 @@ from typing import Any
 import pytorch_lightning as _pl
 import torch
 
+from .integration import Processes
 from .probes import ProbeSpec
 
-__all__ = ["CALLBACK_BASES", "is_tensorboard_logger", "measure_features", "run_model_code", "shards_parameters",
-           "trainer_fn_value"]
+__all__ = ["CALLBACK_BASES", "add_custom_scalars_once", "is_tensorboard_logger", "log_metrics", "measure_features",
+           "processes_of", "run_model_code", "shards_parameters", "trainer_fn_value"]
 
 try:  # the unified package is optional
     import lightning.pytorch as _lpl
@@ -126,3 +127,36 @@ def measure_features(trainer: Any, pl_module: Any, spec: ProbeSpec,
     gathered = trainer.strategy.all_gather(mine.to(device))  # [world, per_rank, D]
     features = gathered.reshape(world * per_rank, -1)[:spec.num_samples].to("cpu")
     return trainer.strategy.broadcast(features, src=0)
+
+
+def processes_of(trainer: Any) -> Processes:
+    """The trainer's ranks as :class:`~seedprints_lightning.integration.Processes` (rank 0 writes)."""
+    strategy = trainer.strategy
+    return Processes(is_writer=bool(trainer.is_global_zero), broadcast=lambda obj: strategy.broadcast(obj, src=0),
+                     any_rank=lambda flag: bool(strategy.reduce_boolean_decision(flag, all=False)))
+
+
+def log_metrics(trainer: Any, metrics: dict[str, float], step: int) -> None:
+    """Write ``metrics`` to every logger at ``step`` now, and into ``trainer.callback_metrics``.
+
+    ``callback_metrics`` lets ``EarlyStopping`` and ``ModelCheckpoint`` monitor a tag; the values are
+    the same on every rank (never ``rank_zero_only``: ranks would diverge).
+    """
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+    for tag, value in metrics.items():
+        trainer.callback_metrics[tag] = torch.tensor(float(value))
+
+
+def add_custom_scalars_once(trainer: Any, layout: dict[str, Any], written: set[int]) -> None:
+    """Give every TensorBoard writer of the trainer ``layout`` once (rank 0); ``written`` remembers which."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if not is_tensorboard_logger(logger):
+            continue
+        writer = logger.experiment
+        if id(writer) in written or not hasattr(writer, "add_custom_scalars"):
+            continue
+        writer.add_custom_scalars(layout)
+        written.add(id(writer))

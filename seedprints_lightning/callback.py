@@ -33,7 +33,6 @@ were and keep no gradient; the optimizer and the data are never touched.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 import warnings
@@ -44,14 +43,22 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._lightning import CALLBACK_BASES, is_tensorboard_logger, measure_features, run_model_code, trainer_fn_value
+from ._lightning import (
+    CALLBACK_BASES,
+    add_custom_scalars_once,
+    log_metrics,
+    measure_features,
+    processes_of,
+    run_model_code,
+    trainer_fn_value,
+)
 from .chain import STATE_FORMAT_VERSION, ChainRules, CustodyChain, resolve_reference
 from .checks import check_bool, check_choice, check_int, check_number
-from .controls import DEFAULT_NUM_CONTROLS, ControlSet, build_control_model, control_seeds
-from .custody import REFERENCE_FILE, RunDirectory, save_parent_anchor
+from .controls import DEFAULT_NUM_CONTROLS, ControlSet, build_control_model
+from .custody import RunDirectory
 from .errors import IdentityLostError, InputError
-from .files import file_sha256
 from .fingerprint import Fingerprint, config_digest
+from .integration import ControlsSource, open_chain
 from .probes import ProbeBatch, ProbeSpec, extract_features, find_causal_lm, find_causal_lm_or_none
 from .schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
 from .verdict import (
@@ -175,6 +182,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             raise InputError(f"control_factory must be callable as control_factory(seed) -> nn.Module, got "
                              f"{type(control_factory).__name__}")
         self._controls_file: ControlSet | None = None
+        self._controls_path: str | None = None
         if controls is not None:
             if not isinstance(controls, (str, os.PathLike)):
                 raise InputError(f"controls must be the path of a controls file or None, got {type(controls).__name__}")
@@ -293,7 +301,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         features = measure_features(trainer, pl_module, self.reference.spec, self._features_of)
         step = self.chain.observe(int(trainer.global_step), features, event,
                                   measure_seconds=time.perf_counter() - start)
-        self._log(trainer, step.metrics, step.verdict.step)
+        log_metrics(trainer, step.metrics, step.verdict.step)
         for note in step.notes:
             self._warn(trainer, note)
         # Every rank judged the same broadcast features; the reduction makes sure no rank acts alone.
@@ -320,41 +328,28 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ set-up at train start
     def _start_chain(self, trainer: Any, pl_module: Any) -> bool:
-        """Reference, files, controls and ledger; True when a new chain starts here (nothing to link yet)."""
-        chain = self.chain
+        """Reference, files, controls and ledger (:func:`~seedprints_lightning.integration.open_chain`)."""
         if not self._save_dir_given:
             base = trainer.log_dir  # a collective under DDP: every rank gets here
             self.save_dir = Path(base if base else trainer.default_root_dir) / "seedprints"
-        step = int(trainer.global_step)
-        fresh = chain.reference is None
-        if fresh:
-            if step != 0:
-                raise InputError(
-                    f"SeedPrintsCallback has no reference at global_step={step}: the checkpoint has no "
-                    f"SeedPrintsCallback state (state_key {self.state_key!r}), so the run's step-0 reference is "
-                    "unknown and will not be taken from trained weights. Pass "
-                    f"reference=<run>/seedprints/{REFERENCE_FILE} (e.g. {self.save_dir / REFERENCE_FILE}) or resume "
-                    "from a checkpoint saved with the callback"
-                )
-            chain.begin(self._take_reference(trainer, pl_module, step), step)
-        chain.keeps_records = not getattr(trainer, "fast_dev_run", False)
-        run = RunDirectory(self.save_dir) if chain.keeps_records else None
-        reference_sha = self._sync_reference(trainer, run, fresh) if run is not None else None
-        self._ensure_controls(trainer, pl_module, run)
-        if run is not None and trainer.is_global_zero:
-            initial = chain.initial_anchor
-            initial_sha = None if initial is None else file_sha256(
-                save_parent_anchor(run.path, initial.features, initial.step))
-            controls_sha = file_sha256(run.controls_path) if len(chain.controls) else None
-            ledger, moved = run.open_ledger(chain.next_index, chain.last_sha256, reference_sha256=reference_sha,
-                                            controls_sha256=controls_sha, initial_anchor_sha256=initial_sha)
-            chain.next_index = ledger.next_index
-            chain.attach_ledger(ledger)
-            if moved:
-                self._warn(trainer, moved)
-        # Rank 0 holds the ledger; every rank numbers the records alike (the anchor's index).
-        chain.next_index = int(trainer.strategy.broadcast(chain.next_index, src=0))
-        self._write_layout(trainer)
+        step, identity = int(trainer.global_step), self._model_identity(pl_module)
+
+        def build(seeds: tuple[int, ...], spec: ProbeSpec) -> ControlSet:
+            factory = self.control_factory or (lambda seed: build_control_model(pl_module, seed))
+            log = (lambda message: print(f"[seedprints] {message}", flush=True)) if trainer.is_global_zero else None
+            return ControlSet.build(factory, seeds, spec, lambda control: self._features_of(control, spec),
+                                    device=pl_module.device, context=trainer.precision_plugin.forward_context,
+                                    log=log, **identity)
+
+        origin = self._reference_origin if self.reference_source == "explicit" else (
+            f"the SeedPrintsCallback state in checkpoint {getattr(trainer, 'ckpt_path', None)!r}")
+        fresh = open_chain(
+            self.chain, step=step, run=None if getattr(trainer, "fast_dev_run", False) else RunDirectory(self.save_dir),
+            processes=processes_of(trainer), take_reference=lambda: self._take_reference(trainer, pl_module, step),
+            controls=ControlsSource(self.num_controls, build, identity, self._controls_file, self._controls_path),
+            origin=origin, warn=lambda message: self._warn(trainer, message),
+            missing_state=f"SeedPrintsCallback state (state_key {self.state_key!r})")
+        add_custom_scalars_once(trainer, CUSTOM_SCALARS_LAYOUT, self._layout_written)
         return fresh
 
     def _take_reference(self, trainer: Any, pl_module: Any, step: int) -> Fingerprint:
@@ -377,66 +372,8 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         return {"model_class": type(lm if lm is not None else pl_module).__name__,
                 "config_digest": config_digest(lm.config) if lm is not None else None}
 
-    def _sync_reference(self, trainer: Any, run: RunDirectory, fresh: bool) -> str | None:
-        """Rank 0 writes or checks ``reference.safetensors``; every rank raises its error alike."""
-        error = sha = None
-        if trainer.is_global_zero:
-            origin = self._reference_origin if self.reference_source == "explicit" else (
-                f"the SeedPrintsCallback state in checkpoint {getattr(trainer, 'ckpt_path', None)!r}")
-            try:
-                sha, warning = run.sync_reference(self.reference, fresh=fresh, origin=origin)
-            except InputError as exc:
-                error, warning = str(exc), None
-            if warning:
-                self._warn(trainer, warning)
-        error = trainer.strategy.broadcast(error, src=0)
-        if error is not None:
-            raise InputError(error)
-        return sha
-
-    def _ensure_controls(self, trainer: Any, pl_module: Any, run: RunDirectory | None) -> None:
-        """The chain's controls: restored, loaded from ``controls=``, or built here (one model at a time)."""
-        chain, seeds = self.chain, control_seeds(self.num_controls)
-        spec = chain.reference.spec
-        if not seeds:
-            chain.controls = ControlSet.none()
-            return
-        restored = chain.controls.matches(spec, chain.reference.features.shape) and chain.controls.seeds == seeds
-        identity = self._model_identity(pl_module)
-        if not restored and self._controls_file is not None:
-            self._controls_file.check_fits(spec, identity["config_digest"], self._controls_path)
-            chain.controls, restored = self._controls_file, True
-        if not restored:
-            factory = self.control_factory or (lambda seed: build_control_model(pl_module, seed))
-            log = (lambda message: print(f"[seedprints] {message}", flush=True)) if trainer.is_global_zero else None
-            built = ControlSet.build(factory, seeds, spec, lambda control: self._features_of(control, spec),
-                                     device=pl_module.device, context=trainer.precision_plugin.forward_context,
-                                     log=log, **identity)
-            chain.controls = dataclasses.replace(built, features=trainer.strategy.broadcast(built.features, src=0))
-        if run is not None and trainer.is_global_zero and (not restored or not run.controls_path.exists()):
-            chain.controls.save(run.controls_path, **identity)
-
     # ------------------------------------------------------------------ logging
     @staticmethod
     def _warn(trainer: Any, message: str) -> None:
         if trainer.is_global_zero:
             warnings.warn(message, IdentityWarning, stacklevel=3)
-
-    def _log(self, trainer: Any, metrics: dict[str, float], step: int) -> None:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        callback_metrics = trainer.callback_metrics
-        for tag, value in metrics.items():
-            callback_metrics[tag] = torch.tensor(float(value))
-
-    def _write_layout(self, trainer: Any) -> None:
-        if not trainer.is_global_zero:
-            return
-        for logger in trainer.loggers:
-            if not is_tensorboard_logger(logger):
-                continue
-            writer = logger.experiment
-            if id(writer) in self._layout_written or not hasattr(writer, "add_custom_scalars"):
-                continue
-            writer.add_custom_scalars(CUSTOM_SCALARS_LAYOUT)
-            self._layout_written.add(id(writer))

@@ -138,6 +138,20 @@ def _add_probe_options(parser: argparse.ArgumentParser, *, applies: str) -> None
                        help="token probes draw ids from [0, V) (default: the smallest vocabulary involved)")
 
 
+def _add_spec_options(parser: argparse.ArgumentParser, spec_from_help: str, *, applies: str) -> None:
+    """``--spec-from``, the probe options it excludes, and the runtime options: the commands that probe one model."""
+    parser.add_argument("--spec-from", metavar="FILE", default=None, help=spec_from_help)
+    _add_probe_options(parser, applies=applies)
+    _add_runtime_options(parser)
+
+
+def _add_judge_options(parser: argparse.ArgumentParser, *, applies: str) -> None:
+    """Probe, test and runtime options: the commands that judge one source against another."""
+    _add_probe_options(parser, applies=applies)
+    _add_test_options(parser)
+    _add_runtime_options(parser)
+
+
 def _probe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, key) for key in ("kind", "num_samples", "length", "seed", "vocab_size")}
 
@@ -549,10 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--controls", type=_int_at_least(0), default=4, metavar="N",
                     help="also store N fresh-init controls of the model's config (default 4), so compare/audit can "
                          "judge this file like the callback does; 0 = none")
-    fp.add_argument("--spec-from", metavar="FILE", default=None,
-                    help="use the probe spec of this fingerprint file (so both models see the same inputs)")
-    _add_probe_options(fp, applies="ignored with --spec-from")
-    _add_runtime_options(fp)
+    _add_spec_options(fp, "use the probe spec of this fingerprint file (so both models see the same inputs)",
+                      applies="ignored with --spec-from")
     fp.set_defaults(handler=_cmd_fingerprint)
 
     ctl = sub.add_parser(
@@ -564,10 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("source", metavar="SOURCE", help="model directory or config.json")
     ctl.add_argument("-o", "--output", required=True, metavar="FILE.safetensors", help="controls file to write")
     ctl.add_argument("--num", type=_int_at_least(1), default=4, metavar="N", help="number of controls (default 4)")
-    ctl.add_argument("--spec-from", metavar="FILE", default=None,
-                     help="use the probe spec of this fingerprint file (the run's reference.safetensors)")
-    _add_probe_options(ctl, applies="ignored with --spec-from; must match the run's probe")
-    _add_runtime_options(ctl)
+    _add_spec_options(ctl, "use the probe spec of this fingerprint file (the run's reference.safetensors)",
+                      applies="ignored with --spec-from; must match the run's probe")
     ctl.set_defaults(handler=_cmd_controls)
 
     cmp_ = sub.add_parser(
@@ -581,9 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--json", action="store_true", help="print the result as JSON")
     cmp_.add_argument("--expect", choices=("related", "unrelated"), default=None,
                       help="exit 1 unless the verdict is this (for CI)")
-    _add_probe_options(cmp_, applies="only when A and B are both models")
-    _add_test_options(cmp_)
-    _add_runtime_options(cmp_)
+    _add_judge_options(cmp_, applies="only when A and B are both models")
     cmp_.set_defaults(handler=_cmd_compare)
 
     plot = sub.add_parser(
@@ -616,9 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--json", action="store_true", help="print the rows as JSON")
     audit.add_argument("--expect", choices=("related", "unrelated"), default=None,
                        help="exit 1 if any checkpoint's verdict differs from this")
-    _add_probe_options(audit, applies="only when REFERENCE is a model")
-    _add_test_options(audit)
-    _add_runtime_options(audit)
+    _add_judge_options(audit, applies="only when REFERENCE is a model")
     audit.set_defaults(handler=_cmd_audit)
     return parser
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from .checks import check_int
 from .errors import FingerprintFileError, InputError
-from .files import save_safetensors
+from .files import read_safetensors, save_safetensors
 from .probes import ProbeSpec, extract_features, find_causal_lm
 
 __all__ = [
@@ -312,17 +312,12 @@ class ControlSet:
     @classmethod
     def load(cls, path: str | os.PathLike) -> ControlSet:
         """Read a file written by :func:`save_controls` (or :meth:`save`)."""
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise FingerprintFileError(f"controls file {path} does not exist")
+        tensors, file_meta = read_safetensors(path, "seedprints controls file")
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = json.loads((handle.metadata() or {})[_META_KEY])
-                features = handle.get_tensor("features")
-        except Exception as exc:
-            raise FingerprintFileError(f"{path} is not a readable seedprints controls file ({exc})") from exc
+            meta, features = json.loads(file_meta[_META_KEY]), tensors["features"]
+        except (KeyError, ValueError) as exc:
+            raise FingerprintFileError(f"{path} is not a readable seedprints controls file ({exc!r})") from exc
         if meta.get("format") != _CONTROLS_FORMAT or meta.get("format_version") != _CONTROLS_FORMAT_VERSION:
             raise FingerprintFileError(f"{path}: not a seedprints controls file of version {_CONTROLS_FORMAT_VERSION}")
         if features.dim() != 3 or features.shape[0] != len(meta["seeds"]):

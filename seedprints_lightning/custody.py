@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from .errors import FingerprintFileError, InputError
-from .files import atomic_write, file_sha256, save_safetensors
+from .files import atomic_write, file_sha256, read_safetensors, save_safetensors
 from .fingerprint import Fingerprint
 from .verdict import ProbeVerdict
 
@@ -90,17 +90,13 @@ def save_parent_anchor(directory: Path, features: torch.Tensor, step: int) -> Pa
 
 def load_parent_anchor(path: Path) -> tuple[torch.Tensor, int]:
     """``(features, step)`` of a file written by :func:`save_parent_anchor`."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.get_tensor("features"), int(json.loads((handle.metadata() or {})["seedprints"])["step"])
+    tensors, meta = read_safetensors(path, "parent anchor file")
+    return tensors["features"], int(json.loads(meta["seedprints"])["step"])
 
 
 def load_probe_features(path: Path) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.get_tensor("features")
+    """The features a ledger record's probe file holds."""
+    return read_safetensors(path, "probe features file")[0]["features"]
 
 
 @dataclass
@@ -202,21 +198,10 @@ class RunDirectory:
             return cls(path / "seedprints")
         return cls(path)
 
-    @property
-    def reference_path(self) -> Path:
-        return self.path / REFERENCE_FILE
-
-    @property
-    def controls_path(self) -> Path:
-        return self.path / CONTROLS_FILE
-
-    @property
-    def ledger_path(self) -> Path:
-        return self.path / CUSTODY_FILE
-
-    @property
-    def parent_anchor_path(self) -> Path:
-        return self.path / PARENT_ANCHOR_FILE
+    reference_path = property(lambda self: self.path / REFERENCE_FILE)
+    controls_path = property(lambda self: self.path / CONTROLS_FILE)
+    ledger_path = property(lambda self: self.path / CUSTODY_FILE)
+    parent_anchor_path = property(lambda self: self.path / PARENT_ANCHOR_FILE)
 
     def require(self) -> None:
         """Raise :class:`FingerprintFileError` unless this is a run directory with a ledger."""

@@ -18,7 +18,7 @@ import torch
 
 from .errors import SeedPrintsError
 
-__all__ = ["atomic_write", "file_sha256", "load_lightning_checkpoint", "save_safetensors"]
+__all__ = ["atomic_write", "file_sha256", "load_lightning_checkpoint", "read_safetensors", "save_safetensors"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -44,6 +44,27 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     from safetensors.torch import save_file
 
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_safetensors(path: str | os.PathLike, what: str, *, detail: str = "",
+                     hint: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file and its metadata, or :class:`FingerprintFileError` naming ``what``.
+
+    ``what`` names the kind of file in the messages ("fingerprint file"); ``detail`` prefixes the
+    reader's own error and ``hint`` says how to fix it.
+    """
+    from safetensors import safe_open
+
+    from .errors import FingerprintFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FingerprintFileError(f"{what} {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise FingerprintFileError(f"{path} is not a readable {what} ({detail}{exc}){hint}") from exc
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -24,7 +24,7 @@ from torch import nn
 
 from ._version import __version__
 from .errors import FingerprintFileError, IncompatibleFingerprintsError, InputError
-from .files import save_safetensors
+from .files import read_safetensors, save_safetensors
 from .probes import ProbeSpec, extract_features, find_causal_lm, hidden_size_of
 from .stats import LineageResult, lineage_test
 
@@ -163,22 +163,10 @@ class Fingerprint:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Fingerprint:
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise FingerprintFileError(f"fingerprint file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                raw_meta = (handle.metadata() or {}).get(_META_KEY)
-                keys = list(handle.keys())
-                features = handle.get_tensor("features") if "features" in keys else None
-                controls = handle.get_tensor("controls") if "controls" in keys else None
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise FingerprintFileError(
-                f"{path} is not a readable fingerprint file (truncated or not safetensors: {exc}); re-create it with "
-                "`seedprints fingerprint`"
-            ) from exc
+        tensors, file_meta = read_safetensors(path, "fingerprint file", detail="truncated or not safetensors: ",
+                                              hint="; re-create it with `seedprints fingerprint`")
+        raw_meta, features, controls = file_meta.get(_META_KEY), tensors.get("features"), tensors.get("controls")
         if raw_meta is None or features is None:
             raise FingerprintFileError(f"{path} is a safetensors file but not a seedprints fingerprint (no "
                                        f"'{_META_KEY}' metadata or 'features' tensor)")
