@@ -148,14 +148,14 @@ def bench_overhead(repeats: int, steps: int) -> dict[str, float]:
 
     A short run pays the one-time start (step-0 reference and controls) over few steps, so
     its ratio overstates what a real run pays; the steady-state figure is one probe as the
-    callback makes it (features + the tests against reference and controls) divided by
-    ``every_n_steps`` training steps, both timed here.
+    callback makes it (features, then ``CustodyChain.observe``: the tests against reference, anchor
+    and controls) divided by ``every_n_steps`` training steps, both timed here.
     """
     import inspect
 
-    from seedprints_lightning import ProbeSpec, SeedPrintsCallback, extract_features, lineage_test
-    from seedprints_lightning.controls import DEFAULT_NUM_CONTROLS
-    from seedprints_lightning.custody import storage_features
+    from seedprints_lightning import Fingerprint, ProbeSpec, SeedPrintsCallback, extract_features
+    from seedprints_lightning.chain import CustodyChain
+    from seedprints_lightning.controls import DEFAULT_NUM_CONTROLS, ControlSet, control_seeds, probe_controls
     from seedprints_lightning.schedule import ProbeSchedule
     from seedprints_lightning.train.demo import DEMO_MODEL
     from seedprints_lightning.train.models import make_causal_lm
@@ -170,14 +170,15 @@ def bench_overhead(repeats: int, steps: int) -> dict[str, float]:
 
     model = make_causal_lm(seed=0, **DEMO_MODEL)
     spec = ProbeSpec().resolve(model)
-    reference = extract_features(model, spec)
+    seeds = control_seeds(DEFAULT_NUM_CONTROLS)
+    chain = CustodyChain(Fingerprint(features=extract_features(model, spec), spec=spec, step=0),
+                         controls=ControlSet(probe_controls(model, spec, seeds), seeds, spec))
+    probes = iter(range(1, 1_000_000))
 
     def one_probe():
-        # What the callback does per probe: features, fp16 rounding (the ledger's), the birth
-        # test, the custody link and one test per control.
-        live = storage_features(extract_features(model, spec)).float()
-        for _ in range(2 + DEFAULT_NUM_CONTROLS):
-            lineage_test(reference, live)
+        # What the callback does per probe: features, then the chain's cycle (fp16 rounding, the
+        # birth test, the custody link and one test per control, shared by both).
+        chain.observe(next(probes), extract_features(model, spec))
 
     probe_s = min(best_of(one_probe, 1) for _ in range(repeats))
     steady = 100 * probe_s / (interval * step_s)

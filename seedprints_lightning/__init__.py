@@ -1,8 +1,10 @@
 """seedprints-lightning: a birth certificate for LLM pretraining runs.
 
 The flow: probe inputs (:mod:`.probes`) -> features ``[n, D]`` -> lineage test
-(:mod:`.stats`) -> :class:`LineageResult` -> verdict (:mod:`.verdict`) -> logs, custody ledger
-(:mod:`.custody`) and decisions (:mod:`.callback`).
+(:mod:`.stats`) -> :class:`LineageResult` -> verdict (:mod:`.verdict`) -> the custody chain
+(:mod:`.chain`: anchor, schedule, ledger records in :mod:`.custody`, decision) -> a trainer's
+face logs and acts (:mod:`.callback` for Lightning; :mod:`.integration` is what every face
+shares). Offline, :mod:`.sources` turns paths into fingerprints and :mod:`.audit` judges them.
 """
 
 from ._version import __version__

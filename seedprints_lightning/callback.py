@@ -343,16 +343,17 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
         origin = self._reference_origin if self.reference_source == "explicit" else (
             f"the SeedPrintsCallback state in checkpoint {getattr(trainer, 'ckpt_path', None)!r}")
+        run = None if getattr(trainer, "fast_dev_run", False) else RunDirectory(self.save_dir)  # fast_dev_run: no file
         fresh = open_chain(
-            self.chain, step=step, run=None if getattr(trainer, "fast_dev_run", False) else RunDirectory(self.save_dir),
-            processes=processes_of(trainer), take_reference=lambda: self._take_reference(trainer, pl_module, step),
+            self.chain, step=step, run=run, processes=processes_of(trainer),
+            take_reference=lambda: self._take_reference(trainer, pl_module, step, identity),
             controls=ControlsSource(self.num_controls, build, identity, self._controls_file, self._controls_path),
             origin=origin, warn=lambda message: self._warn(trainer, message),
             missing_state=f"SeedPrintsCallback state (state_key {self.state_key!r})")
         add_custom_scalars_once(trainer, CUSTOM_SCALARS_LAYOUT, self._layout_written)
         return fresh
 
-    def _take_reference(self, trainer: Any, pl_module: Any, step: int) -> Fingerprint:
+    def _take_reference(self, trainer: Any, pl_module: Any, step: int, identity: dict[str, Any]) -> Fingerprint:
         spec = self.probe or ProbeSpec()
         lm = find_causal_lm_or_none(pl_module)
         if not spec.is_resolved:
@@ -362,8 +363,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             spec = run_model_code(trainer, pl_module, lambda: base_spec.resolve(lm))
         spec = trainer.strategy.broadcast(spec, src=0)
         return Fingerprint(features=measure_features(trainer, pl_module, spec, self._features_of), spec=spec,
-                           step=step, extra={"source": "SeedPrintsCallback step-0 reference"},
-                           **self._model_identity(pl_module))
+                           step=step, extra={"source": "SeedPrintsCallback step-0 reference"}, **identity)
 
     @staticmethod
     def _model_identity(pl_module: Any) -> dict[str, str | None]:

@@ -158,6 +158,11 @@ class CustodyChain:
     def __init__(self, reference: Fingerprint | None = None, *, controls: ControlSet | None = None,
                  rules: ChainRules | None = None, schedule: ProbeSchedule | None = None, patience: int = 2,
                  anchor: Anchor | None = None, reference_source: str | None = None) -> None:
+        for name, value, kind in (("reference", reference, Fingerprint), ("controls", controls, ControlSet),
+                                  ("rules", rules, ChainRules), ("schedule", schedule, ProbeSchedule),
+                                  ("anchor", anchor, Anchor)):
+            if value is not None and not isinstance(value, kind):
+                raise InputError(f"{name} must be a {kind.__name__} or None, got {type(value).__name__}")
         self.reference = reference
         self.reference_source = reference_source if reference is not None else None
         self.controls = controls if controls is not None else ControlSet.none()
@@ -233,7 +238,9 @@ class CustodyChain:
         """
         start = time.perf_counter()
         ref = self._require_reference()
-        step = int(step)
+        step = check_int("step", step, low=0, hint="the optimizer step of this probe")
+        if not isinstance(features, torch.Tensor):
+            raise InputError(f"features must be the live model's [n, D] torch.Tensor, got {type(features).__name__}")
         if tuple(features.shape) != tuple(ref.features.shape):
             raise InputError(
                 f"the probe returned features of shape {tuple(features.shape)} but the reference has "

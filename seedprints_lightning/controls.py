@@ -1,4 +1,4 @@
-"""Negative controls and the identity verdict: pure functions, no Lightning.
+"""Negative controls: fresh inits of the run's config, built, probed, stored and checked. No Lightning.
 
 Why controls exist
 ------------------
@@ -15,10 +15,12 @@ them (each control as the base, the live model as the target: the "cross" relati
 measures, in real time, the z an unrelated model of this architecture gets. On the narrow
 model at step 400 six fresh inits gave z = 1.7, 3.1, 2.3, 2.9, 4.9, 2.4 against the live
 model, whose own z was 17.7; against a swapped-in unrelated model (z = 4.1) the controls gave
-2.3 to 6.2. So :func:`decide_identity` asks the run to stand clear of its controls by
-``control_margin``, not just to pass the analytic threshold.
+2.3 to 6.2. So the verdict asks the run to stand clear of its controls, not just to pass the
+analytic threshold; how far is :mod:`.verdict`'s rule.
 
-The verdict itself (how far above the controls a test must stand) is in :mod:`.verdict`.
+:class:`ControlSet` is the one value for a set of controls wherever it comes from: built in a
+run (:meth:`ControlSet.build`), a ``seedprints controls`` file (:meth:`ControlSet.load`), a
+checkpoint's callback state, or the offline audit's evidence.
 
 Everything here is deterministic and leaves every global RNG (Python, NumPy, torch CPU and
 CUDA) exactly as it found it.

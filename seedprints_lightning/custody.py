@@ -188,6 +188,11 @@ class RunDirectory:
 
     path: Path
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, (str, os.PathLike)):
+            raise InputError(f"RunDirectory needs a path (str or os.PathLike), got {type(self.path).__name__}")
+        object.__setattr__(self, "path", Path(self.path))
+
     @classmethod
     def locate(cls, path: str | os.PathLike) -> RunDirectory:
         """The directory itself, or its ``seedprints`` subdirectory when that is the one holding the ledger."""

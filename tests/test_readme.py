@@ -56,3 +56,25 @@ def test_python_api_snippet_runs(tmp_path, monkeypatch, tiny_llama):
     exec(compile(snippet, "README.md", "exec"), namespace)
     assert namespace["result"].related is True
     assert (tmp_path / "parent.safetensors").is_file()
+
+
+def test_custody_chain_snippet_runs(tmp_path, monkeypatch, tiny_llama):
+    import torch
+
+    snippet = next(block for block in _code_blocks("python") if "CustodyChain" in block)
+    snippet = snippet.replace("ProbeSpec()", "ProbeSpec(num_samples=200, length=8)")
+    monkeypatch.chdir(tmp_path)
+    model = tiny_llama(0).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+
+    def train_step(model):
+        model(input_ids=data, labels=data).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    namespace = {"model": model, "train_step": train_step, "num_steps": 6}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert [h["step"] for h in namespace["chain"].history] == [1, 2, 3, 4, 5, 6]
+    assert all(h["related"] is True for h in namespace["chain"].history)
+    assert (tmp_path / "runs/mine/seedprints/custody.jsonl").read_text().count("\n") == 6
