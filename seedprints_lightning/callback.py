@@ -61,6 +61,7 @@ from .fingerprint import Fingerprint, config_digest
 from .integration import ControlsSource, open_chain
 from .probes import ProbeBatch, ProbeSpec, extract_features, find_causal_lm, find_causal_lm_or_none
 from .schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
+from .sources import MODEL_STATE_KEY, model_rebuild_info
 from .verdict import (
     CUSTOM_SCALARS_LAYOUT,
     DEFAULT_BIRTH_Z_MARGIN,
@@ -220,6 +221,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.chain = CustodyChain(explicit, rules=rules, schedule=schedule, patience=int(patience),
                                   anchor=parent_anchor, reference_source="explicit" if explicit else None)
         self._layout_written: set[int] = set()
+        self._model_rebuild: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ the chain's figures, read-only
     @property
@@ -256,7 +258,9 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         return "SeedPrintsCallback"
 
     def state_dict(self) -> dict[str, Any]:
-        return self.chain.state_dict()
+        # The chain's state, and how to rebuild the model from this checkpoint (read by
+        # ``seedprints audit --chain RUN CKPT`` and ``compare CKPT``; not needed to resume).
+        return {**self.chain.state_dict(), MODEL_STATE_KEY: dict(self._model_rebuild)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.chain.load_state_dict(state_dict)
@@ -273,6 +277,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             )
         if lm is not None and self.reference is not None:
             self.reference.check_fits(lm)
+        self._model_rebuild = model_rebuild_info(pl_module, lm, feature_fn=self.feature_fn is not None)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._skips(trainer):

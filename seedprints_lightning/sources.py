@@ -4,8 +4,9 @@ Three kinds of *source*:
 
 * a fingerprint file written by :meth:`Fingerprint.save` (any suffix but ``.ckpt``),
 * a ``save_pretrained`` model directory (it has a ``config.json``),
-* a Lightning ``.ckpt`` whose model can be rebuilt: it carries the transformers config under
-  :data:`HF_CONFIG_KEY` (``CausalLMModule`` stores it) and the weights under ``model.*``.
+* a Lightning ``.ckpt`` whose model can be rebuilt: it carries the transformers config, either
+  under :data:`HF_CONFIG_KEY` with the weights under ``model.*`` (``CausalLMModule`` stores it), or
+  in ``SeedPrintsCallback``'s state (:data:`MODEL_STATE_KEY`: any module the callback ran on).
 
 Models are loaded on CPU (``local_files_only``: nothing is downloaded), cast to the runtime's
 ``dtype`` (float32 by default, so fingerprints made on different machines agree), moved to its
@@ -34,6 +35,7 @@ from .probes import ProbeSpec, find_causal_lm, hidden_size_of
 __all__ = [
     "CHECKPOINT_SUFFIX",
     "HF_CONFIG_KEY",
+    "MODEL_STATE_KEY",
     "ProbeRuntime",
     "Source",
     "SourceKind",
@@ -44,6 +46,7 @@ __all__ = [
     "fingerprint_source",
     "load_model",
     "load_source_fingerprint",
+    "model_rebuild_info",
     "read_checkpoint",
     "source_step",
     "spec_for_models",
@@ -52,6 +55,31 @@ __all__ = [
 #: Checkpoint key under which a LightningModule stores its model's transformers config
 #: (``CausalLMModule.on_save_checkpoint`` does; any module can).
 HF_CONFIG_KEY = "hf_config"
+#: Key, in ``SeedPrintsCallback``'s checkpoint state, of what rebuilds the model from any module's
+#: checkpoint: ``{"hf_config": ..., "state_dict_prefix": ...}`` or ``{"why_not": ...}``.
+MODEL_STATE_KEY = "model_rebuild"
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def model_rebuild_info(module: torch.nn.Module, lm: torch.nn.Module | None, *, feature_fn: bool) -> dict[str, Any]:
+    """What a checkpoint of ``module`` needs to rebuild its transformers model ``lm`` offline.
+
+    The config as plain JSON types and the prefix of ``lm``'s weights in the module's state dict
+    (``"net."`` for ``self.net = LlamaForCausalLM(...)``; wrapper segments that sharded strategies
+    add to module names are not in a saved state dict, so they are dropped). Without a
+    transformers model (a ``feature_fn`` model) it says why the checkpoint cannot be rebuilt.
+    """
+    if lm is None:
+        what = "a feature_fn model" if feature_fn else "a module without a transformers model"
+        return {"why_not": f"the run probed {what}, which this package cannot rebuild from a checkpoint: fingerprint "
+                           "its features yourself (Fingerprint(features=extract_features(model, spec, forward_fn=...), "
+                           "spec=spec).save(...)) and pass that fingerprint file instead of the checkpoint"}
+    name = next((n for n, m in module.named_modules() if m is lm), None)
+    if name is None:
+        return {"why_not": "the transformers model is not a submodule of the LightningModule"}
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return {"hf_config": json.loads(lm.config.to_json_string()), "state_dict_prefix": f"{name}." if name else ""}
 
 SourceKind = Literal["fingerprint", "model_dir", "checkpoint"]
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -188,14 +216,20 @@ def _model_from_lightning_checkpoint(path: Path, trust_pickle: bool) -> torch.nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
     checkpoint = load_lightning_checkpoint(path, trust_pickle=trust_pickle, error=SourceError)
-    config_dict = checkpoint.get(HF_CONFIG_KEY)
-    state_dict = {key[len("model."):]: value for key, value in checkpoint["state_dict"].items()
-                  if key.startswith("model.")}
+    config_dict, prefix = checkpoint.get(HF_CONFIG_KEY), "model."
+    rebuild = ((checkpoint.get("callbacks") or {}).get("SeedPrintsCallback") or {}).get(MODEL_STATE_KEY) or {}
+    if not isinstance(config_dict, dict) and isinstance(rebuild, dict):
+        if rebuild.get("why_not"):
+            raise SourceError(f"{path} cannot be rebuilt into a model: {rebuild['why_not']}")
+        config_dict, prefix = rebuild.get("hf_config"), rebuild.get("state_dict_prefix", "model.")
+    state_dict = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items()
+                  if key.startswith(prefix)}
     if not isinstance(config_dict, dict) or not state_dict:
         raise SourceError(
-            f"{path} has no '{HF_CONFIG_KEY}' entry or no 'model.*' weights, so the model cannot be rebuilt from it: "
-            "save the checkpoint with seedprints_lightning.train.CausalLMModule (or store the config under "
-            f"checkpoint['{HF_CONFIG_KEY}'] in on_save_checkpoint), or export the model with save_pretrained"
+            f"{path} has no '{HF_CONFIG_KEY}' entry or no '{prefix}*' weights, so the model cannot be rebuilt from it: "
+            "train with SeedPrintsCallback (its checkpoint state records the model's config), save the checkpoint "
+            f"with seedprints_lightning.train.CausalLMModule (or store the config under checkpoint['{HF_CONFIG_KEY}'] "
+            "in on_save_checkpoint), or export the model with save_pretrained"
         )
     config_dict = dict(config_dict)
     try:

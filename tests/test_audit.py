@@ -556,3 +556,21 @@ def test_probe_runtime_checks_its_fields() -> None:
         ProbeRuntime(batch_size=0)
     with pytest.raises(InputError, match="dtype must be a floating torch.dtype"):
         ProbeRuntime(dtype=torch.int64)
+
+
+def test_a_diverged_model_is_undetermined_offline_as_in_the_callback(run, tmp_path, capsys) -> None:
+    # NaN weights in one layer: the features are NaN, so no test can be made. The callback calls that
+    # probe undetermined (tests/test_callback.py); compare and audit now say the same instead of raising.
+    diverged = make_tiny_lm(0)
+    with torch.no_grad():
+        diverged.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
+    diverged.save_pretrained(tmp_path / "diverged")
+    comparison = compare_sources(run["ref_init.safetensors"], tmp_path / "diverged")
+    assert comparison.related is None and "NaN" in comparison.verdict.reason
+    rows = audit_checkpoints(Fingerprint.load(run["ref_init.safetensors"]), [tmp_path / "diverged", run["related"]])
+    assert [row.related for row in rows] == [None, True]
+    assert main(["compare", str(run["ref_init.safetensors"]), str(tmp_path / "diverged"), "-q"]) == EXIT_OK
+    assert "verdict: UNDETERMINED" in capsys.readouterr().out
+    # A mistyped option is still an error, not an undetermined verdict.
+    with pytest.raises(InputError, match="identity_k=99 is larger than the feature dimension D=32"):
+        compare_sources(run["ref_init.safetensors"], run["related"], identity_k=99)
