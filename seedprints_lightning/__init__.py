@@ -8,6 +8,7 @@ shares). Offline, :mod:`.sources` turns paths into fingerprints and :mod:`.audit
 """
 
 from ._version import __version__
+from .chain import CustodyChain, verify_chain
 from .errors import (
     FingerprintFileError,
     IdentityLostError,
@@ -25,6 +26,7 @@ __all__ = [
     "__version__",
     "BIRTH_RULE",
     "CUSTODY_RULE",
+    "CustodyChain",
     "EmpiricalNull",
     "ProbeVerdict",
     "VerdictRule",
@@ -44,6 +46,7 @@ __all__ = [
     "fingerprint_model",
     "kendall_tau_b",
     "lineage_test",
+    "verify_chain",
 ]
 
 

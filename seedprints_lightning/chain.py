@@ -499,7 +499,6 @@ def _replay_chain(run: RunDirectory, audit: ChainAudit) -> tuple[CustodyChain, s
         anchor, initial_sha = Anchor(features, step), file_sha256(run.parent_anchor_path)
         audit.evidence += f"; the chain starts at the parent run's last probe (step {step}, {PARENT_ANCHOR_FILE})"
     chain = CustodyChain(reference, controls=controls, anchor=anchor, reference_source="ledger")
-    chain.keeps_records = True
     controls_sha = file_sha256(run.controls_path) if len(controls) else None
     return chain, file_sha256(run.reference_path), controls_sha, initial_sha
 
@@ -539,6 +538,7 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
     prev_sha, last_step = reference_sha, -1
     for line_no, line in enumerate(lines):
         where = f"record {line_no} (line {line_no + 1} of {ledger.name})"
+        chain.next_index = line_no  # a record's index is its line: the replay numbers them so
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -569,7 +569,6 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
         if not feature_path.is_file():
             problem(line_no, "missing", f"{where}: its features file {feature_path} is missing")
             audit.recomputed.append(None)
-            chain.next_index += 1
             continue
         if file_sha256(feature_path) != record.get("features_sha256"):
             problem(line_no, "tampered", f"{where}: {feature_path.name} was altered (sha256 mismatch)")
@@ -580,7 +579,6 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
         except (KeyError, TypeError, InputError) as exc:
             problem(line_no, "tampered", f"{where} cannot be re-tested ({type(exc).__name__}: {exc})")
             audit.recomputed.append(None)
-            chain.next_index = line_no + 1
             continue
         verdict = observed.verdict
         audit.recomputed.append(verdict)

@@ -119,15 +119,12 @@ class CustodyLedger:
     def path(self) -> Path:
         return Path(self.directory) / CUSTODY_FILE
 
-    def start(self, reference_sha256: str) -> None:
-        """Begin a new chain tied to the reference file (a fresh run)."""
-        self.next_index, self.last_sha256, self.reference_sha256 = 0, reference_sha256, reference_sha256
-
     def append(self, verdict: ProbeVerdict, features: torch.Tensor, *, event: str, anchor_index: int | None,
                identity_mode: str, identity_ratio: float | None) -> dict[str, Any]:
         """Write the features file and append one record; return the record (with its ``sha256``)."""
         if self.last_sha256 is None:
-            raise InputError("CustodyLedger.append before start(): the chain has no root")
+            raise InputError("CustodyLedger.append before rewind_to(): the chain has no root (open the ledger with "
+                             "RunDirectory.open_ledger)")
         index = self.next_index
         name = f"{PROBES_DIR}/{index:06d}-step{verdict.step:08d}.safetensors"
         feature_path = Path(self.directory) / name

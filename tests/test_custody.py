@@ -456,8 +456,8 @@ def test_rewind_without_a_ledger_file(tmp_path):
     assert (ledger.next_index, ledger.last_sha256) == (4, "ab" * 32)
 
 
-def test_append_before_start_raises(run):
-    with pytest.raises(InputError, match="before start"):
+def test_append_before_the_chain_has_a_root_raises(run):
+    with pytest.raises(InputError, match=r"before rewind_to\(\): the chain has no root"):
         CustodyLedger(run.dir).append(run.verdicts[0], storage_features(run.last), event="x", anchor_index=None,
                                       identity_mode="coset", identity_ratio=None)
 
