@@ -159,3 +159,42 @@ def test_module_takes_make_configs_size_arguments_with_its_defaults() -> None:
     config = module.model.config
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (48, 3, 6)
     assert (config.num_key_value_heads, config.vocab_size) == (2, 100)
+
+
+def _rates(module: CausalLMModule, steps: int) -> list[float]:
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_minimum() -> None:
+    module = CausalLMModule(lr=1e-3, warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1, decay_steps=10, **TINY)
+    rates = _rates(module, 12)
+    assert rates[:2] == pytest.approx([5e-4, 1e-3])
+    assert rates[2] == pytest.approx(1e-3)  # the decay starts where the warmup ends
+    assert rates[6] == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # halfway from step 2 to step 10
+    assert rates[10:] == pytest.approx([1e-4, 1e-4])  # the minimum at decay_steps, and after it
+    assert all(a >= b for a, b in zip(rates[2:], rates[3:]))
+
+
+def test_wsd_schedule_is_stable_then_decays_linearly() -> None:
+    module = CausalLMModule(lr=1e-3, warmup_steps=0, lr_schedule="wsd", min_lr_ratio=0.0, decay_steps=10,
+                            wsd_decay_fraction=0.2, **TINY)
+    rates = _rates(module, 11)
+    assert rates[:8] == pytest.approx([1e-3] * 8)
+    assert rates[8:] == pytest.approx([1e-3, 5e-4, 0.0])
+
+
+def test_a_decaying_schedule_needs_its_length() -> None:
+    module = CausalLMModule(lr_schedule="cosine", **TINY)  # no decay_steps and no Trainer
+    with pytest.raises(InputError, match="lr_schedule='cosine' decays over the run: give decay_steps"):
+        module.configure_optimizers()
+    with pytest.raises(InputError, match="lr_schedule must be one of"):
+        CausalLMModule(lr_schedule="linear", **TINY)
+    with pytest.raises(InputError, match="min_lr_ratio"):
+        CausalLMModule(lr_schedule="cosine", min_lr_ratio=1.5, **TINY)

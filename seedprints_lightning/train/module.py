@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from ..checks import check_int, check_number
+from ..checks import check_choice, check_int, check_number
 from ..errors import InputError
 from ..files import load_lightning_checkpoint
 from ..sources import HF_CONFIG_KEY
@@ -31,22 +32,42 @@ __all__ = ["CausalLMModule", "load_causal_lm_from_checkpoint"]
 Batch = dict[str, torch.Tensor]
 
 
-class _LinearWarmup:
-    """LR multiplier: rises linearly to 1 over ``warmup_steps`` optimizer steps, then stays at 1.
+LR_SCHEDULES = ("constant", "cosine", "wsd")
+
+
+class _LRSchedule:
+    """LR multiplier per optimizer step: linear warmup, then constant, cosine or warmup-stable-decay.
+
+    * ``constant``: 1 after the warmup;
+    * ``cosine``: from 1 after the warmup down to ``min_lr_ratio`` at ``total_steps`` (then flat);
+    * ``wsd``: 1 until the last ``decay_fraction`` of ``total_steps``, then linearly down to
+      ``min_lr_ratio`` at ``total_steps``.
 
     A class rather than a closure so the scheduler's state (saved in checkpoints) holds plain
     numbers and the checkpoint loads with ``torch.load(weights_only=True)``.
     """
 
-    def __init__(self, warmup_steps: int) -> None:
-        self.warmup_steps = warmup_steps
+    def __init__(self, warmup_steps: int, kind: str = "constant", total_steps: int = 0, min_lr_ratio: float = 0.1,
+                 decay_fraction: float = 0.2) -> None:
+        self.warmup_steps, self.kind, self.total_steps = warmup_steps, kind, total_steps
+        self.min_lr_ratio, self.decay_fraction = min_lr_ratio, decay_fraction
 
     def __call__(self, step: int) -> float:
-        if self.warmup_steps <= 0:
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            # step + 1 so the very first update already moves the weights (a factor of 0 would
+            # waste a step and leave the post-step weights equal to the initial ones).
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
             return 1.0
-        # step + 1 so the very first update already moves the weights (a factor of 0 would
-        # waste a step and leave the post-step weights equal to the initial ones).
-        return min(1.0, (step + 1) / self.warmup_steps)
+        low, total = self.min_lr_ratio, max(self.total_steps, 1)
+        if self.kind == "cosine":
+            span = max(total - self.warmup_steps, 1)
+            progress = min(1.0, (step - self.warmup_steps) / span)
+            return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        decay_start = total - self.decay_fraction * total
+        if step < decay_start:
+            return 1.0
+        return max(low, 1.0 - (1.0 - low) * (step - decay_start) / max(total - decay_start, 1.0))
 
 
 class CausalLMModule(pl.LightningModule):
@@ -65,7 +86,15 @@ class CausalLMModule(pl.LightningModule):
         weight_decay: AdamW decoupled weight decay, applied to weight matrices and embeddings
             only; norms and biases are not decayed (decaying a norm's gain toward zero only
             fights the normalisation).
-        warmup_steps: Optimizer steps of linear warmup; the learning rate is constant after.
+        warmup_steps: Optimizer steps of linear warmup.
+        lr_schedule: After the warmup: ``"constant"`` (default), ``"cosine"`` (down to
+            ``min_lr_ratio * lr`` at ``decay_steps``) or ``"wsd"`` (warmup-stable-decay: constant,
+            then a linear decay to ``min_lr_ratio * lr`` over the last ``wsd_decay_fraction`` of
+            ``decay_steps``), as production pretraining recipes use.
+        min_lr_ratio: The final learning rate as a fraction of ``lr`` (cosine, wsd).
+        decay_steps: Optimizer steps the decay spans; ``None`` takes the Trainer's
+            ``estimated_stepping_batches`` (``max_steps``).
+        wsd_decay_fraction: The decayed fraction of ``decay_steps`` under ``"wsd"``.
         betas: AdamW ``(beta1, beta2)``.
         eps: AdamW epsilon.
         config_overrides: Extra config fields passed to ``make_causal_lm``.
@@ -85,6 +114,10 @@ class CausalLMModule(pl.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.1,
+        decay_steps: int | None = None,
+        wsd_decay_fraction: float = 0.2,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         config_overrides: dict[str, Any] | None = None,
@@ -94,6 +127,11 @@ class CausalLMModule(pl.LightningModule):
         check_number("weight_decay", weight_decay, low=0.0)
         check_number("eps", eps, low=0.0, low_open=True)
         warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
+        check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
+        check_number("min_lr_ratio", min_lr_ratio, low=0.0, high=1.0, hint="the final lr / lr")
+        if decay_steps is not None:
+            check_int("decay_steps", decay_steps, low=1, hint="optimizer steps the decay spans; None = max_steps")
+        check_number("wsd_decay_fraction", wsd_decay_fraction, low=0.0, high=1.0, low_open=True)
         betas = tuple(betas)  # YAML and jsonargparse may hand over a list
         if len(betas) != 2:
             raise InputError(f"betas must be two numbers in [0, 1), got {betas!r}")
@@ -145,8 +183,23 @@ class CausalLMModule(pl.LightningModule):
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LinearWarmup(hp.warmup_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LRSchedule(
+            hp.warmup_steps, hp.lr_schedule, self._decay_steps(), hp.min_lr_ratio, hp.wsd_decay_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+    def _decay_steps(self) -> int:
+        hp = self.hparams
+        if hp.lr_schedule == "constant" or hp.decay_steps is not None:
+            return int(hp.decay_steps or 0)
+        try:
+            total = self.trainer.estimated_stepping_batches
+        except RuntimeError:  # not attached to a Trainer
+            total = math.inf
+        if not math.isfinite(total):
+            raise InputError(f"lr_schedule={hp.lr_schedule!r} decays over the run: give decay_steps=N, or fit with a "
+                             "Trainer whose max_steps (or max_epochs with a sized loader) bounds the run")
+        return int(total)
 
 
 # Hyperparameters every CausalLMModule checkpoint has; their absence means another module.
