@@ -67,9 +67,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--swap-step", type=int, default=2500)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: run lrs in parallel)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     root = args.out or Path(tempfile.mkdtemp(prefix="seedprints-recipe-"))
     start = time.perf_counter()
 
