@@ -3,8 +3,10 @@
 The flow: probe inputs (:mod:`.probes`) -> features ``[n, D]`` -> lineage test
 (:mod:`.stats`) -> :class:`LineageResult` -> verdict (:mod:`.verdict`) -> the custody chain
 (:mod:`.chain`: anchor, schedule, ledger records in :mod:`.custody`, decision) -> a trainer's
-face logs and acts (:mod:`.callback` for Lightning; :mod:`.integration` is what every face
-shares). Offline, :mod:`.sources` turns paths into fingerprints and :mod:`.audit` judges them.
+face logs and acts (:mod:`.callback` for the Lightning ``Trainer``, :mod:`.hf` for the Hugging
+Face ``Trainer``, :mod:`.fabric` for Lightning Fabric, :mod:`.monitor` for any loop;
+:mod:`.integration` is what every face shares). Offline, :mod:`.sources` turns paths into
+fingerprints and :mod:`.audit` judges them.
 """
 
 from ._version import __version__
@@ -41,6 +43,9 @@ __all__ = [
     "ProbeSpec",
     "SeedPrintsCallback",
     "SeedPrintsError",
+    "SeedPrintsFabricCallback",
+    "SeedPrintsMonitor",
+    "SeedPrintsTrainerCallback",
     "decide_identity",
     "extract_features",
     "fingerprint_model",
@@ -50,11 +55,15 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # The callback pulls in pytorch_lightning (seconds of import time); the statistical core
-    # and the `seedprints` command line should not pay for it unless it is used.
-    if name == "SeedPrintsCallback":
-        from .callback import SeedPrintsCallback
+#: The faces, one per training loop, imported on first use: each pulls in its loop's package
+#: (seconds of import time) that the statistical core and the `seedprints` command line do not need.
+_FACES = {"SeedPrintsCallback": "callback", "SeedPrintsTrainerCallback": "hf", "SeedPrintsFabricCallback": "fabric",
+          "SeedPrintsMonitor": "monitor"}
 
-        return SeedPrintsCallback
+
+def __getattr__(name: str):
+    if name in _FACES:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_FACES[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,15 +15,13 @@ Nothing else is imported from either package by the callback: enums are compared
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as _pl
 import torch
 
-from .integration import Processes
+from .integration import Processes, measure_over_ranks
 from .probes import ProbeSpec
 
 __all__ = ["CALLBACK_BASES", "add_custom_scalars_once", "is_tensorboard_logger", "log_metrics", "measure_features",
@@ -109,24 +107,21 @@ def measure_features(trainer: Any, pl_module: Any, spec: ProbeSpec,
                      features_of: Callable[[Any, ProbeSpec, tuple[int, int] | None], torch.Tensor]) -> torch.Tensor:
     """The live model's ``[n, D]`` features on ``spec``, identical on every rank.
 
-    ``features_of(module, spec, sample_range)`` probes ``module``. With several ranks each probes
-    its own slice of the samples and the slices are all-gathered in sample order, so more ranks
-    make a probe faster. Every rank runs the same number of forwards (under FSDP a forward is a
-    collective): the samples are padded to a multiple of the world size with further samples of
-    the same probe seed, which are dropped after the gather. Rank 0's result is then broadcast,
-    so every rank tests the same numbers whatever the collective's arithmetic.
+    :func:`~seedprints_lightning.integration.measure_over_ranks` over the strategy's collectives:
+    each rank probes its slice (``features_of(module, spec, sample_range)``) through
+    :func:`run_model_code`, so more ranks make a probe faster.
     """
     world = int(getattr(trainer, "world_size", 1) or 1)
-    if world == 1:
-        return run_model_code(trainer, pl_module, lambda: features_of(pl_module, spec, None))
-    per_rank = math.ceil(spec.num_samples / world)
-    padded = dataclasses.replace(spec, num_samples=per_rank * world)
-    start = int(trainer.global_rank) * per_rank
-    mine = run_model_code(trainer, pl_module, lambda: features_of(pl_module, padded, (start, start + per_rank)))
-    device = getattr(trainer.strategy, "root_device", mine.device)
-    gathered = trainer.strategy.all_gather(mine.to(device))  # [world, per_rank, D]
-    features = gathered.reshape(world * per_rank, -1)[:spec.num_samples].to("cpu")
-    return trainer.strategy.broadcast(features, src=0)
+    strategy = trainer.strategy
+
+    def probe_slice(padded: ProbeSpec, sample_range: tuple[int, int] | None) -> torch.Tensor:
+        return run_model_code(trainer, pl_module, lambda: features_of(pl_module, padded, sample_range))
+
+    def all_gather(mine: torch.Tensor) -> torch.Tensor:
+        return strategy.all_gather(mine.to(getattr(strategy, "root_device", mine.device)))
+
+    return measure_over_ranks(spec, probe_slice, rank=int(trainer.global_rank) if world > 1 else 0, world=world,
+                              all_gather=all_gather, broadcast=lambda features: strategy.broadcast(features, src=0))
 
 
 def processes_of(trainer: Any) -> Processes:

@@ -52,22 +52,20 @@ from ._lightning import (
     run_model_code,
     trainer_fn_value,
 )
-from .chain import STATE_FORMAT_VERSION, ChainRules, CustodyChain, resolve_reference
-from .checks import check_bool, check_choice, check_int, check_number
-from .controls import DEFAULT_NUM_CONTROLS, ControlSet, build_control_model
+from .chain import STATE_FORMAT_VERSION
+from .controls import DEFAULT_NUM_CONTROLS, ControlSet
 from .custody import RunDirectory
-from .errors import IdentityLostError, InputError
-from .fingerprint import Fingerprint, config_digest
+from .errors import IdentityLostError, IdentityWarning, InputError
+from .fingerprint import Fingerprint
 from .integration import ControlsSource, open_chain
-from .probes import ProbeBatch, ProbeSpec, extract_features, find_causal_lm, find_causal_lm_or_none
-from .schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
+from .monitor import MonitorSettings
+from .probes import ProbeBatch, ProbeSpec, find_causal_lm_or_none
 from .sources import MODEL_STATE_KEY, model_rebuild_info
 from .verdict import (
     CUSTOM_SCALARS_LAYOUT,
     DEFAULT_BIRTH_Z_MARGIN,
     DEFAULT_LINK_TAU_MARGIN,
     DEFAULT_LINK_Z_MARGIN,
-    FAIL_ON,
     METRIC_TAGS,
     ProbeVerdict,
 )
@@ -75,11 +73,6 @@ from .verdict import (
 __all__ = ["IdentityWarning", "SeedPrintsCallback", "METRIC_TAGS", "STATE_FORMAT_VERSION"]
 
 _ACTIONS = ("warn", "stop", "raise")
-
-
-class IdentityWarning(UserWarning):
-    """Warned (rank 0) when the run's identity is lost with ``on_identity_lost="warn"``, when the
-    birth test stops being detectable, or when a probe is undetermined."""
 
 
 class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
@@ -167,59 +160,15 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         identity_mode: Literal["coset", "base"] = "coset",
     ) -> None:
         super().__init__()
-        check_int("every_n_steps", every_n_steps, low=1, hint="optimizer steps between probes")
-        if probe is not None and not isinstance(probe, ProbeSpec):
-            raise InputError(f"probe must be a seedprints_lightning.ProbeSpec or None, got {type(probe).__name__}")
-        check_number("alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True, hint="e.g. 0.01")
-        check_int("patience", patience, low=1, hint="consecutive failed probes before acting")
-        check_choice("on_identity_lost", on_identity_lost, _ACTIONS)
-        check_choice("fail_on", fail_on, FAIL_ON)
-        check_int("num_controls", num_controls, low=0, high=64, hint="0 turns controls off")
-        check_bool("adaptive_schedule", adaptive_schedule)
-        if feature_fn is not None and not callable(feature_fn):
-            raise InputError(f"feature_fn must be callable as feature_fn(module, batch) -> [b, D], got "
-                             f"{type(feature_fn).__name__}")
-        if control_factory is not None and not callable(control_factory):
-            raise InputError(f"control_factory must be callable as control_factory(seed) -> nn.Module, got "
-                             f"{type(control_factory).__name__}")
-        self._controls_file: ControlSet | None = None
-        self._controls_path: str | None = None
-        if controls is not None:
-            if not isinstance(controls, (str, os.PathLike)):
-                raise InputError(f"controls must be the path of a controls file or None, got {type(controls).__name__}")
-            self._controls_file, self._controls_path = ControlSet.load(controls), os.fspath(controls)
-            num_controls = len(self._controls_file)
-        if feature_fn is not None and num_controls > 0 and control_factory is None and controls is None:
-            raise InputError(
-                "num_controls > 0 with a feature_fn needs control_factory(seed) -> a fresh init of your model (the "
-                "callback cannot rebuild a model it does not know); pass control_factory=..., or num_controls=0 to "
-                "judge by the analytic threshold and the effect-size margin alone"
-            )
-        if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
-            raise InputError(f"save_dir must be a path (str or os.PathLike) or None, got {type(save_dir).__name__}")
-        check_int("probe_batch_size", probe_batch_size, low=1)
-        if identity_ratio is not None:
-            check_number("identity_ratio", identity_ratio, low=0.0, high=1.0, low_open=True,
-                         hint="a fraction; None, the default, is all dimensions")
-        check_choice("identity_mode", identity_mode, ("coset", "base"))
-        rules = ChainRules.from_margins(alpha=alpha, birth_z_margin=birth_z_margin, link_z_margin=link_z_margin,
-                                        link_tau_margin=link_tau_margin, fail_on=fail_on, identity_mode=identity_mode,
-                                        identity_ratio=identity_ratio)
-        explicit, parent_anchor, self._reference_origin = resolve_reference(reference, probe)
-
-        self.every_n_steps = int(every_n_steps)
-        self.probe = probe
-        self.on_identity_lost = on_identity_lost
-        self.num_controls = int(num_controls)
-        self.feature_fn = feature_fn
-        self.control_factory = control_factory
-        self.probe_batch_size = int(probe_batch_size)
-        self.save_dir: Path | None = None if save_dir is None else Path(save_dir)
-        self._save_dir_given = save_dir is not None
-        schedule = ProbeSchedule(every_n_steps=self.every_n_steps, adaptive=adaptive_schedule,
-                                 adapt_headroom=DEFAULT_ADAPT_HEADROOM)
-        self.chain = CustodyChain(explicit, rules=rules, schedule=schedule, patience=int(patience),
-                                  anchor=parent_anchor, reference_source="explicit" if explicit else None)
+        self.settings = MonitorSettings.from_arguments(
+            every_n_steps=every_n_steps, probe=probe, alpha=alpha, patience=patience,
+            on_identity_lost=on_identity_lost, fail_on=fail_on, num_controls=num_controls,
+            birth_z_margin=birth_z_margin, link_z_margin=link_z_margin, link_tau_margin=link_tau_margin,
+            adaptive_schedule=adaptive_schedule, reference=reference, feature_fn=feature_fn,
+            control_factory=control_factory, controls=controls, save_dir=save_dir,
+            probe_batch_size=probe_batch_size, identity_ratio=identity_ratio, identity_mode=identity_mode)
+        self.save_dir: Path | None = self.settings.save_dir
+        self.chain = self.settings.new_chain()
         self._layout_written: set[int] = set()
         self._model_rebuild: dict[str, Any] = {}
 
@@ -239,6 +188,22 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
     @property
     def last_verdict(self) -> ProbeVerdict | None:
         return self.chain.last_verdict
+
+    @property
+    def every_n_steps(self) -> int:
+        return self.settings.every_n_steps
+
+    @property
+    def probe(self) -> ProbeSpec | None:
+        return self.settings.probe
+
+    @property
+    def on_identity_lost(self) -> str:
+        return self.settings.on_identity_lost
+
+    @property
+    def num_controls(self) -> int:
+        return self.settings.num_controls
 
     @property
     def alpha(self) -> float:
@@ -267,17 +232,8 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # Checked here, not in setup(): a model built in configure_model() exists only now.
-        lm = find_causal_lm(pl_module) if self.feature_fn is None else find_causal_lm_or_none(pl_module)
-        spec = self.reference.spec if self.reference is not None else (self.probe or ProbeSpec())
-        if lm is None and not spec.is_resolved:
-            raise InputError(
-                "with feature_fn and no transformers model in the LightningModule the probe cannot be resolved "
-                "from a config: pass a resolved probe, e.g. ProbeSpec(kind='token', vocab_size=V) or "
-                "ProbeSpec(kind='embedding', hidden_size=d, embed_mean=m, embed_std=s)"
-            )
-        if lm is not None and self.reference is not None:
-            self.reference.check_fits(lm)
-        self._model_rebuild = model_rebuild_info(pl_module, lm, feature_fn=self.feature_fn is not None)
+        lm = self.settings.check_model(pl_module, self.reference.spec if self.reference is not None else None)
+        self._model_rebuild = model_rebuild_info(pl_module, lm, feature_fn=self.settings.feature_fn is not None)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._skips(trainer):
@@ -303,7 +259,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ a probe: measure -> observe -> log -> act
     def _probe(self, trainer: Any, pl_module: Any, event: str) -> ProbeVerdict:
         start = time.perf_counter()
-        features = measure_features(trainer, pl_module, self.reference.spec, self._features_of)
+        features = measure_features(trainer, pl_module, self.reference.spec, self.settings.features_of)
         step = self.chain.observe(int(trainer.global_step), features, event,
                                   measure_seconds=time.perf_counter() - start)
         log_metrics(trainer, step.metrics, step.verdict.step)
@@ -322,37 +278,27 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             message += " Stopping the run (on_identity_lost='stop')."
         self._warn(trainer, message)
 
-    def _features_of(self, module: nn.Module, spec: ProbeSpec,
-                     sample_range: tuple[int, int] | None = None) -> torch.Tensor:
-        if self.feature_fn is not None:
-            feature_fn = self.feature_fn
-            return extract_features(module, spec, batch_size=self.probe_batch_size, sample_range=sample_range,
-                                    forward_fn=lambda batch: feature_fn(module, batch))
-        return extract_features(find_causal_lm(module), spec, batch_size=self.probe_batch_size,
-                                sample_range=sample_range)
-
     # ------------------------------------------------------------------ set-up at train start
     def _start_chain(self, trainer: Any, pl_module: Any) -> bool:
         """Reference, files, controls and ledger (:func:`~seedprints_lightning.integration.open_chain`)."""
-        if not self._save_dir_given:
+        if self.settings.save_dir is None:
             base = trainer.log_dir  # a collective under DDP: every rank gets here
             self.save_dir = Path(base if base else trainer.default_root_dir) / "seedprints"
-        step, identity = int(trainer.global_step), self._model_identity(pl_module)
+        step, identity = int(trainer.global_step), self.settings.model_identity(pl_module)
 
         def build(seeds: tuple[int, ...], spec: ProbeSpec) -> ControlSet:
-            factory = self.control_factory or (lambda seed: build_control_model(pl_module, seed))
             log = (lambda message: print(f"[seedprints] {message}", flush=True)) if trainer.is_global_zero else None
-            return ControlSet.build(factory, seeds, spec, lambda control: self._features_of(control, spec),
-                                    device=pl_module.device, context=trainer.precision_plugin.forward_context,
-                                    log=log, **identity)
+            return self.settings.build_controls(pl_module, seeds, spec, device=pl_module.device,
+                                                context=trainer.precision_plugin.forward_context, log=log)
 
-        origin = self._reference_origin if self.reference_source == "explicit" else (
+        origin = self.settings.reference_origin if self.reference_source == "explicit" else (
             f"the SeedPrintsCallback state in checkpoint {getattr(trainer, 'ckpt_path', None)!r}")
         run = None if getattr(trainer, "fast_dev_run", False) else RunDirectory(self.save_dir)  # fast_dev_run: no file
         fresh = open_chain(
             self.chain, step=step, run=run, processes=processes_of(trainer),
             take_reference=lambda: self._take_reference(trainer, pl_module, step, identity),
-            controls=ControlsSource(self.num_controls, build, identity, self._controls_file, self._controls_path),
+            controls=ControlsSource(self.num_controls, build, identity, self.settings.controls_file,
+                                    self.settings.controls_path),
             origin=origin, warn=lambda message: self._warn(trainer, message),
             missing_state=f"SeedPrintsCallback state (state_key {self.state_key!r})")
         add_custom_scalars_once(trainer, CUSTOM_SCALARS_LAYOUT, self._layout_written)
@@ -367,15 +313,8 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             base_spec = spec
             spec = run_model_code(trainer, pl_module, lambda: base_spec.resolve(lm))
         spec = trainer.strategy.broadcast(spec, src=0)
-        return Fingerprint(features=measure_features(trainer, pl_module, spec, self._features_of), spec=spec,
+        return Fingerprint(features=measure_features(trainer, pl_module, spec, self.settings.features_of), spec=spec,
                            step=step, extra={"source": "SeedPrintsCallback step-0 reference"}, **identity)
-
-    @staticmethod
-    def _model_identity(pl_module: Any) -> dict[str, str | None]:
-        """The class and config digest a fingerprint or controls file records for this run's model."""
-        lm = find_causal_lm_or_none(pl_module)
-        return {"model_class": type(lm if lm is not None else pl_module).__name__,
-                "config_digest": config_digest(lm.config) if lm is not None else None}
 
     # ------------------------------------------------------------------ logging
     @staticmethod

@@ -35,3 +35,8 @@ class ModelNotFoundError(SeedPrintsError, ValueError):
 
 class IdentityLostError(SeedPrintsError, RuntimeError):
     """Raised by ``SeedPrintsCallback(on_identity_lost="raise")`` when the run lost its lineage."""
+
+
+class IdentityWarning(UserWarning):
+    """Warned (rank 0) when the run's identity is lost with ``on_identity_lost="warn"``, when the
+    birth test stops being detectable, or when a probe is undetermined."""

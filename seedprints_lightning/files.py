@@ -78,7 +78,10 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def load_lightning_checkpoint(path: str | os.PathLike, *, trust_pickle: bool,
                               error: type[SeedPrintsError], mmap: bool = False) -> dict[str, Any]:
-    """Read a Lightning ``.ckpt`` on CPU: a dict with a ``state_dict``, or ``error`` saying why not.
+    """Read a training checkpoint on CPU, or raise ``error`` saying why not.
+
+    A Lightning ``.ckpt`` (a dict with a ``state_dict``) or a Fabric / hand-written one (a dict
+    with a SeedPrints state among its values, beside the model's state dict).
 
     ``mmap`` maps the tensors instead of reading them (for a checkpoint's step or callback state).
 
@@ -108,6 +111,9 @@ def load_lightning_checkpoint(path: str | os.PathLike, *, trust_pickle: bool,
                 f"--trust-pickle) ({type(exc).__name__}: {exc})"
             ) from exc
         raise error(f"{file} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise error(f"{file} is not a Lightning checkpoint (no 'state_dict'): save it with Trainer.save_checkpoint")
+    if not isinstance(checkpoint, dict) or ("state_dict" not in checkpoint and not any(
+            isinstance(value, dict) and "format_version" in value for value in checkpoint.values())):
+        raise error(f"{file} is neither a Lightning checkpoint (no 'state_dict') nor a checkpoint holding a SeedPrints "
+                    "state: save it with Trainer.save_checkpoint, or with fabric.save(path, {'model': model, ..., "
+                    "'seedprints': callback}) (any key) / torch.save({..., 'seedprints': monitor.state_dict()}, path)")
     return checkpoint

@@ -13,9 +13,12 @@ run directory, the same ledger and the same chain state::
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from .chain import CustodyChain
 from .controls import ControlSet, control_seeds
@@ -25,7 +28,7 @@ from .files import file_sha256
 from .fingerprint import Fingerprint
 from .probes import ProbeSpec
 
-__all__ = ["ControlsSource", "Processes", "open_chain"]
+__all__ = ["ControlsSource", "Processes", "measure_over_ranks", "open_chain", "torch_processes"]
 
 
 def _same(obj: Any) -> Any:
@@ -43,6 +46,86 @@ class Processes:
     is_writer: bool = True
     broadcast: Callable[[Any], Any] = _same
     any_rank: Callable[[bool], bool] = bool
+
+
+def _collective_device() -> torch.device:
+    """Where ``torch.distributed`` tensors must live: the current GPU under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _distributed_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def torch_processes() -> Processes:
+    """The ``torch.distributed`` ranks as :class:`Processes` (rank 0 writes); one process when not initialised."""
+    rank, world = _distributed_world()
+    if world == 1:
+        return Processes()
+    import torch.distributed as dist
+
+    def broadcast(obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any_rank(flag: bool) -> bool:
+        value = torch.tensor([1 if flag else 0], device=_collective_device())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    return Processes(is_writer=rank == 0, broadcast=broadcast, any_rank=any_rank)
+
+
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    tensor = tensor.to(_collective_device()).contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.stack(parts)
+
+
+def _broadcast_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    tensor = tensor.to(_collective_device()).contiguous()
+    dist.broadcast(tensor, src=0)
+    return tensor.to("cpu")
+
+
+def measure_over_ranks(spec: ProbeSpec, probe_slice: Callable[[ProbeSpec, tuple[int, int] | None], torch.Tensor], *,
+                       rank: int | None = None, world: int | None = None,
+                       all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       broadcast: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The ``[n, D]`` features on ``spec``, each rank probing its own slice, identical on every rank.
+
+    ``probe_slice(padded_spec, (start, stop))`` probes one slice (``None``: all of ``spec``, one
+    process). Every rank runs the same number of forwards (under FSDP a forward is a collective):
+    the samples are padded to a multiple of the world size with further samples of the same probe
+    seed, dropped after the gather. Rank 0's result is then broadcast, so every rank tests the
+    same numbers whatever the collective's arithmetic. ``rank``, ``world``, ``all_gather``
+    (``[per_rank, D]`` -> ``[world, per_rank, D]``) and ``broadcast`` default to ``torch.distributed``.
+    """
+    if rank is None or world is None:
+        rank, world = _distributed_world()
+    if world == 1:
+        return probe_slice(spec, None)
+    per_rank = math.ceil(spec.num_samples / world)
+    padded = dataclasses.replace(spec, num_samples=per_rank * world)
+    start = rank * per_rank
+    mine = probe_slice(padded, (start, start + per_rank))
+    gathered = (all_gather or _all_gather)(mine)
+    features = gathered.reshape(world * per_rank, -1)[:spec.num_samples].to("cpu")
+    return (broadcast or _broadcast_tensor)(features)
 
 
 @dataclass(frozen=True)
@@ -77,7 +160,7 @@ def open_chain(chain: CustodyChain, *, step: int, run: RunDirectory | None, proc
         if step != 0:
             where = run.reference_path if run is not None else f"<run>/seedprints/{REFERENCE_FILE}"
             raise InputError(
-                f"SeedPrintsCallback has no reference at global_step={step}: the checkpoint has no {missing_state}, so "
+                f"SeedPrints has no reference at global_step={step}: the checkpoint has no {missing_state}, so "
                 "the run's step-0 reference is unknown and will not be taken from trained weights. Pass "
                 f"reference=<run>/seedprints/{REFERENCE_FILE} (e.g. {where}) or resume from a checkpoint saved with "
                 "the callback"

@@ -35,6 +35,7 @@ __all__ = [
     "ProbeBatch",
     "extract_features",
     "find_causal_lm",
+    "submodule_output",
     "find_causal_lm_or_none",
     "hidden_size_of",
     "preserve_module_modes",
@@ -247,6 +248,40 @@ def _accepts(module: nn.Module, name: str) -> bool:
         return name in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def submodule_output(name: str) -> Callable[[nn.Module, ProbeBatch], torch.Tensor]:
+    """A ``feature_fn`` for models that are not ``transformers`` models: ``name``'s output at the last position.
+
+    ``feature_fn(module, batch)`` calls ``module(batch.input_ids)`` (the root, so sharded wrappers
+    gather their parameters) and keeps what the submodule ``name`` returned, at the last
+    position: the last hidden state, as for a transformers model, when ``name`` is the final
+    norm. For a LitGPT ``GPT``: ``submodule_output("transformer.ln_f")``. Token probes only.
+    """
+    if not isinstance(name, str) or not name:
+        raise InputError(f"name must be a submodule's dotted name, e.g. 'transformer.ln_f', got {name!r}")
+
+    def feature_fn(module: nn.Module, batch: ProbeBatch) -> torch.Tensor:
+        try:
+            target = module.get_submodule(name)
+        except AttributeError as exc:
+            raise InputError(f"{type(module).__name__} has no submodule {name!r}: name the final norm as "
+                             "module.named_modules() lists it") from exc
+        if batch.input_ids is None:
+            raise InputError(f"submodule_output({name!r}) takes token probes: use ProbeSpec(kind='token', ...)")
+        captured: list[torch.Tensor] = []
+        handle = target.register_forward_hook(lambda _module, _args, output: captured.append(
+            output[0] if isinstance(output, tuple) else output))
+        try:
+            param = next(iter(module.parameters()), None)
+            module(batch.input_ids.to(param.device if param is not None else "cpu"))
+        finally:
+            handle.remove()
+        if not captured or captured[-1].dim() != 3:
+            raise InputError(f"submodule {name!r} returned no [batch, length, hidden] output during the forward")
+        return captured[-1][:, -1, :]
+
+    return feature_fn
 
 
 def _last_hidden_state(lm: nn.Module, batch: ProbeBatch, device: torch.device | None) -> torch.Tensor:

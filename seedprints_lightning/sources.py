@@ -58,6 +58,9 @@ HF_CONFIG_KEY = "hf_config"
 #: Key, in ``SeedPrintsCallback``'s checkpoint state, of what rebuilds the model from any module's
 #: checkpoint: ``{"hf_config": ..., "state_dict_prefix": ...}`` or ``{"why_not": ...}``.
 MODEL_STATE_KEY = "model_rebuild"
+#: The file in a Hugging Face ``Trainer`` checkpoint directory (``checkpoint-N/``) that holds the
+#: ``SeedPrintsTrainerCallback`` state.
+HF_TRAINER_STATE_FILE = "seedprints_state.pt"
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -83,7 +86,10 @@ def model_rebuild_info(module: torch.nn.Module, lm: torch.nn.Module | None, *, f
 
 SourceKind = Literal["fingerprint", "model_dir", "checkpoint"]
 CHECKPOINT_SUFFIX = ".ckpt"
-_KIND_WORDS = {"fingerprint": "fingerprint file", "model_dir": "model directory", "checkpoint": "Lightning checkpoint"}
+#: Training checkpoints (``torch.save`` archives): Lightning's ``.ckpt``, and what Fabric and
+#: hand-written loops name theirs.
+CHECKPOINT_SUFFIXES = (CHECKPOINT_SUFFIX, ".pt", ".pth")
+_KIND_WORDS = {"fingerprint": "fingerprint file", "model_dir": "model directory", "checkpoint": "training checkpoint"}
 
 
 # --------------------------------------------------------------------------------------
@@ -123,7 +129,7 @@ def classify_source(path: str | Path | Source) -> Source:
         if any(path.glob(f"*{CHECKPOINT_SUFFIX}")):
             hint = f"; it holds {CHECKPOINT_SUFFIX} files: name one of them"
         raise SourceError(f"{path} is a directory but not a save_pretrained model directory (no config.json){hint}")
-    if path.suffix == CHECKPOINT_SUFFIX:
+    if path.suffix in CHECKPOINT_SUFFIXES:
         return Source(path, "checkpoint")
     return Source(path, "fingerprint")
 
@@ -147,12 +153,41 @@ def read_checkpoint(source: Source, *, trust_pickle: bool = False) -> dict[str, 
         return None
 
 
-def checkpoint_ledger_head(source: Source, *, trust_pickle: bool = False) -> tuple[int, str] | None:
-    """``(records, last record's sha256)`` from a checkpoint's ``SeedPrintsCallback`` state, if it has one."""
-    if source.kind != "checkpoint":
+def seedprints_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The SeedPrints state a training checkpoint holds, whichever loop wrote it, or ``None``.
+
+    Lightning: ``checkpoint["callbacks"]["SeedPrintsCallback"]``. Fabric and hand-written loops:
+    the value saved under any key (``fabric.save(path, {"model": model, "seedprints": callback})``).
+    """
+    state = (checkpoint.get("callbacks") or {}).get("SeedPrintsCallback")
+    if isinstance(state, dict):
+        return state
+    return next((value for value in checkpoint.values() if isinstance(value, dict) and "format_version" in value), None)
+
+
+def _hf_trainer_state(source: Source) -> dict[str, Any] | None:
+    path = source.path / HF_TRAINER_STATE_FILE
+    if not path.is_file():
         return None
-    checkpoint = read_checkpoint(source, trust_pickle=trust_pickle) or {}
-    state = checkpoint.get("callbacks", {}).get("SeedPrintsCallback")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: the audit then has no ledger head for this checkpoint, and says so
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def checkpoint_ledger_head(source: Source, *, trust_pickle: bool = False) -> tuple[int, str] | None:
+    """``(records, last record's sha256)`` from a checkpoint's SeedPrints state, if it has one.
+
+    A training checkpoint's state (:func:`seedprints_state`), or a Hugging Face ``Trainer``
+    checkpoint directory's ``seedprints_state.pt``.
+    """
+    if source.kind == "checkpoint":
+        state = seedprints_state(read_checkpoint(source, trust_pickle=trust_pickle) or {})
+    elif source.kind == "model_dir":
+        state = _hf_trainer_state(source)
+    else:
+        return None
     if not isinstance(state, dict) or not state.get("ledger_last_sha256"):
         return None
     return int(state.get("ledger_next_index", 0)), str(state["ledger_last_sha256"])
@@ -166,8 +201,8 @@ def source_step(source: Source, *, trust_pickle: bool = False) -> int | None:
     model directory, or the step stored in a fingerprint file. ``None`` when unknown.
     """
     if source.kind == "checkpoint":
-        checkpoint = read_checkpoint(source, trust_pickle=trust_pickle)
-        step = checkpoint.get("global_step") if checkpoint is not None else None
+        checkpoint = read_checkpoint(source, trust_pickle=trust_pickle) or {}
+        step = checkpoint.get("global_step", (seedprints_state(checkpoint) or {}).get("step"))
     elif source.kind == "model_dir":
         state = _read_json(source.path / "trainer_state.json")
         step = state.get("global_step") if isinstance(state, dict) else None
@@ -190,7 +225,8 @@ def expand_checkpoints(paths: Iterable[str | Path], *, trust_pickle: bool = Fals
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir() and not (path / "config.json").is_file():
-            members = [Source(p, "checkpoint") for p in path.iterdir() if p.is_file() and p.suffix == CHECKPOINT_SUFFIX]
+            members = [Source(p, "checkpoint") for p in path.iterdir()
+                       if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES]
             members += [Source(p, "model_dir") for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file()]
             if not members:
                 raise SourceError(
@@ -206,24 +242,40 @@ def expand_checkpoints(paths: Iterable[str | Path], *, trust_pickle: bool = Fals
     return out
 
 
-def _model_from_lightning_checkpoint(path: Path, trust_pickle: bool) -> torch.nn.Module:
-    """Rebuild the transformers model of a Lightning checkpoint from its ``hf_config`` and ``model.*`` weights.
+def _weights_of(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    """The transformers model's weights in a checkpoint: keys under ``prefix``, with it removed.
 
-    Needs no training code: the checkpoint carries the model's config (``CausalLMModule``
-    stores it; another LightningModule can too, with ``checkpoint["hf_config"] =
-    json.loads(model.config.to_json_string())`` in ``on_save_checkpoint``).
+    A Lightning checkpoint has one ``state_dict``; a Fabric or hand-written one has the model's
+    state dict under a key of the user's choosing, so every tensor dict among its values is tried.
+    """
+    candidates = [checkpoint["state_dict"]] if isinstance(checkpoint.get("state_dict"), dict) else [
+        value for value in checkpoint.values()
+        if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values())]
+    for weights in candidates:
+        found = {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}
+        if found:
+            return found
+    return {}
+
+
+def _model_from_checkpoint(path: Path, trust_pickle: bool) -> torch.nn.Module:
+    """Rebuild the transformers model of a training checkpoint from its config and weights.
+
+    Needs no training code: the SeedPrints state of every face records the model's config and
+    where its weights sit (``CausalLMModule`` also stores the config itself; another
+    LightningModule can too, with ``checkpoint["hf_config"] = json.loads(model.config.to_json_string())``
+    in ``on_save_checkpoint``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     checkpoint = load_lightning_checkpoint(path, trust_pickle=trust_pickle, error=SourceError)
     config_dict, prefix = checkpoint.get(HF_CONFIG_KEY), "model."
-    rebuild = ((checkpoint.get("callbacks") or {}).get("SeedPrintsCallback") or {}).get(MODEL_STATE_KEY) or {}
+    rebuild = (seedprints_state(checkpoint) or {}).get(MODEL_STATE_KEY) or {}
     if not isinstance(config_dict, dict) and isinstance(rebuild, dict):
         if rebuild.get("why_not"):
             raise SourceError(f"{path} cannot be rebuilt into a model: {rebuild['why_not']}")
         config_dict, prefix = rebuild.get("hf_config"), rebuild.get("state_dict_prefix", "model.")
-    state_dict = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items()
-                  if key.startswith(prefix)}
+    state_dict = _weights_of(checkpoint, prefix)
     if not isinstance(config_dict, dict) or not state_dict:
         raise SourceError(
             f"{path} has no '{HF_CONFIG_KEY}' entry or no '{prefix}*' weights, so the model cannot be rebuilt from it: "
@@ -250,7 +302,7 @@ def load_model(
     if source.kind == "fingerprint":
         raise SourceError(f"{source.path} is a fingerprint file, not a model")
     if source.kind == "checkpoint":
-        model = _model_from_lightning_checkpoint(source.path, trust_pickle)
+        model = _model_from_checkpoint(source.path, trust_pickle)
     else:
         from transformers import AutoModelForCausalLM
 

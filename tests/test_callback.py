@@ -563,12 +563,12 @@ def test_root_wrapper_route_for_sharded_strategies():
     trainer.strategy, trainer.precision_plugin = FakeFSDPStrategy(Wrapper(module)), Precision()
     cb = callback()
     spec = SPEC.resolve(module.model)
-    routed = measure_features(trainer, module, spec, cb._features_of)
+    routed = measure_features(trainer, module, spec, cb.settings.features_of)
     assert trainer.strategy.model.calls == 1 and "forward" not in module.__dict__
     direct = extract_features(module.model, spec)
     assert torch.equal(routed, direct)
     module.forward = marker = lambda *a, **k: "own"  # an instance forward of the user's survives too
-    measure_features(trainer, module, spec, cb._features_of)
+    measure_features(trainer, module, spec, cb.settings.features_of)
     assert module.forward is marker and trainer.strategy.model.calls == 2
 
 

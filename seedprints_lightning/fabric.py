@@ -1,0 +1,119 @@
+"""``SeedPrintsFabricCallback``: the custody chain in a Lightning Fabric loop (LitGPT-style pretraining).
+
+Fabric has no training loop and no step counter, and calls two hooks on its callbacks by
+itself: ``on_after_setup(fabric, module)`` after ``fabric.setup(...)`` and
+``on_after_optimizer_step(strategy, optimizer)`` after every ``optimizer.step()``. This face is
+a :class:`~seedprints_lightning.monitor.SeedPrintsMonitor` driven by them:
+
+- ``on_after_setup`` remembers the module (the first one set up that holds a transformers
+  model, or the first one with ``feature_fn``);
+- the chain opens just before the first optimizer step, so a ``fabric.load(path, state)`` made
+  after ``setup`` (the callback in ``state``, under any key) has restored it: at step 0 the init
+  weights become the reference, on a resume the loaded weights are linked to the chain. Fabric
+  calls no hook between ``setup`` and that step, hence a one-time optimizer step pre-hook;
+- ``on_after_optimizer_step`` counts the steps of that optimizer (the count is in the state,
+  so it survives ``fabric.save`` / ``fabric.load``) and probes when one is due.
+
+Metrics go to ``fabric.log_dict`` (every Fabric logger; the Custom Scalars layout is added to
+TensorBoard loggers). ``"stop"`` sets :attr:`should_stop`: end the loop when it is True. The
+ledger and verdicts are every face's, so ``seedprints audit --chain RUN_DIR/seedprints CKPT``
+reads a ``fabric.save`` checkpoint file too.
+
+Call ``callback.end(model)`` after the loop for a probe of the final weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .monitor import SeedPrintsMonitor
+from .probes import find_causal_lm_or_none
+from .verdict import CUSTOM_SCALARS_LAYOUT
+
+__all__ = ["SeedPrintsFabricCallback"]
+
+
+class SeedPrintsFabricCallback(SeedPrintsMonitor):
+    """Probe the model's SeedPrints lineage in a Fabric loop; register it with ``Fabric(callbacks=[...])``.
+
+    Takes the arguments of :class:`~seedprints_lightning.SeedPrintsCallback`; ``save_dir``
+    defaults to ``<first logger's log_dir>/seedprints`` (``./seedprints`` without a logger)::
+
+        callback = SeedPrintsFabricCallback(every_n_steps=1000, on_identity_lost="stop")
+        fabric = Fabric(callbacks=[callback], loggers=TensorBoardLogger("runs"))
+        model, optimizer = fabric.setup(model, optimizer)
+        fabric.load("last.ckpt", {"model": model, "optimizer": optimizer, "seedprints": callback})  # on a resume
+        for batch in loader:                        # forward, fabric.backward(loss), optimizer.step()
+            ...
+            if callback.should_stop:
+                break
+        fabric.save("last.ckpt", {"model": model, "optimizer": optimizer, "seedprints": callback})
+    """
+
+    missing_state = ("SeedPrintsFabricCallback state (save it with fabric.save(path, {..., 'seedprints': callback}) "
+                     "and restore it with fabric.load(path, {..., 'seedprints': callback}) before the first step)")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fabric: Any = None
+        self._module: nn.Module | None = None
+        self._optimizer: Any = None
+        self._hook: Any = None
+        self._logged_layout = False
+
+    # ------------------------------------------------------------------ Fabric's hooks
+    def on_after_setup(self, fabric: Any, module: nn.Module) -> None:
+        original = getattr(module, "_original_module", module)  # weights as fabric.save stores them
+        if self._module is not None or (self.settings.feature_fn is None and find_causal_lm_or_none(original) is None):
+            return
+        self._fabric, self._module = fabric, original
+        if self.save_dir is None:
+            log_dir = next((getattr(logger, "log_dir", None) for logger in fabric.loggers), None)
+            if log_dir:
+                self.save_dir = Path(log_dir) / "seedprints"
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
+
+    def on_after_optimizer_step(self, strategy: Any, optimizer: Any) -> None:
+        if not self.started or not self._is_ours(optimizer):
+            return
+        self.step(self._module, (self.current_step or 0) + 1)
+
+    def end(self, model: nn.Module | None = None, step: int | None = None) -> Any:
+        """Probe the final weights (the set-up module unless ``model`` is given)."""
+        return super().end(self._module if model is None else getattr(model, "_original_module", model), step)
+
+    # ------------------------------------------------------------------ the chain opens before the first step
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.started or not self._steps_module(optimizer):
+            return
+        self._hook.remove()
+        self._hook, self._optimizer = None, optimizer
+        self.start(self._module, self.current_step or 0)
+
+    def _steps_module(self, optimizer: torch.optim.Optimizer) -> bool:
+        owned = {id(p) for p in self._module.parameters()}
+        return any(id(p) in owned for group in optimizer.param_groups for p in group["params"])
+
+    def _is_ours(self, optimizer: Any) -> bool:
+        # DeepSpeed passes its engine, which wraps the torch optimizer the pre-hook saw.
+        return optimizer is self._optimizer or getattr(optimizer, "optimizer", None) is self._optimizer
+
+    # ------------------------------------------------------------------ logging through Fabric's loggers
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        super()._log(metrics, step)
+        fabric = self._fabric
+        if fabric is None or not fabric.loggers:
+            return
+        if not self._logged_layout and fabric.is_global_zero:
+            self._logged_layout = True
+            for logger in fabric.loggers:
+                writer = getattr(logger, "experiment", None)
+                if hasattr(writer, "add_custom_scalars"):
+                    writer.add_custom_scalars(CUSTOM_SCALARS_LAYOUT)
+        fabric.log_dict(metrics, step=step)
