@@ -3,7 +3,9 @@
 A healthy run keeps every link and its ledger verifies; a swap is caught at the next probe
 (``raise`` and ``stop``); ``trainer.train(resume_from_checkpoint=...)`` continues the chain from
 the state the callback wrote beside ``checkpoint-N/`` and the checkpoint is auditable; the
-weights end bit-identical with and without the callback.
+weights end bit-identical with and without the callback. Under ``torchrun`` with 2 CPU processes
+(gloo) each rank probes half the samples, both ranks see the same figures, and a swap raises on
+every rank.
 
 Sizes: the conftest tiny LLaMA (hidden 32), token probes n = 200, L = 8, 2 controls, lr 3e-3,
 batch 4: the figures of test_monitor.py (own links z 60-90 against thresholds 5-8, another
@@ -11,6 +13,9 @@ init's weights z < 4.1), so each outcome has a margin of more than 10 in z.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +29,7 @@ from seedprints_lightning.errors import IdentityWarning
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SPEC = ProbeSpec(num_samples=200, length=8)
+HERE = Path(__file__).resolve()
 
 
 class TokenData(torch.utils.data.Dataset):
@@ -133,3 +139,86 @@ def test_the_trainer_callback_leaves_training_bit_identical(tmp_path):
         trainer.train()
         finals.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
+# ---------------------------------------------------------------------- 2 processes (torchrun, gloo)
+def _worker(mode: str, out: Path) -> int:
+    """One rank of ``torchrun --nproc-per-node 2 tests/test_hf_trainer.py MODE OUT``: writes ``rank<r>.json``."""
+    import json
+    import warnings
+
+    import torch.distributed as dist
+
+    import seedprints_lightning.monitor as monitor_module
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    probed: list[int] = []
+    original = monitor_module.extract_features
+
+    def counting(model, spec, **kwargs):  # every rank probes its slice of each measurement
+        start, stop = kwargs.get("sample_range") or (0, spec.num_samples)
+        probed.append(stop - start)
+        return original(model, spec, **kwargs)
+
+    monitor_module.extract_features = counting
+    raising = mode == "raise"
+    callback = _callback(patience=1, on_identity_lost="raise") if raising else _callback()
+    trainer = _trainer(out, [callback, Swap(at=5)] if raising else [callback], max_steps=20 if raising else 8)
+    error = None
+    try:
+        trainer.train()
+    except IdentityLostError as exc:
+        error = str(exc)
+    rank = dist.get_rank()
+    report = {"rank": rank, "world_size": dist.get_world_size(), "probed": probed, "error": error,
+              "history": [{k: v for k, v in h.items() if k != "probe_seconds"} for h in callback.history]}
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()  # no rank leaves while another is inside a collective
+    return 0
+
+
+def _torchrun(mode: str, out: Path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent) + os.pathsep + str(HERE.parent))
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # no network here: keep gloo on the loopback
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(HERE), mode, str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420)
+    reports = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    output = result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0 and len(reports) == 2, f"expected a report from both ranks; output:\n{output}"
+    return reports
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_probe_half_each_and_agree(tmp_path):
+    rank0, rank1 = _torchrun("healthy", tmp_path)
+    assert (rank0["rank"], rank1["rank"], rank0["world_size"]) == (0, 1, 2)
+    for report in (rank0, rank1):
+        # The reference and 8 probes of 200 samples, 100 per rank; the controls (200 each) whole on every rank.
+        assert [p for p in report["probed"] if p != 200] == [100] * 9, report["probed"]
+        assert all(h["related"] is True for h in report["history"])
+    assert rank0["history"] == rank1["history"]  # the same figures and decisions on both ranks
+    assert verify_chain(tmp_path / "seedprints").ok  # rank 0 wrote one ledger
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_raise_on_every_rank(tmp_path):
+    for report in _torchrun("raise", tmp_path):
+        assert report["error"] is not None and "at step 6" in report["error"], report
+        assert [(h["step"], h["related"]) for h in report["history"]][-2:] == [(5, True), (6, False)]
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    sys.stdout.flush()
+    code = _worker(sys.argv[1], Path(sys.argv[2]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # gloo's threads can abort a normal interpreter exit (see test_callback_ddp.py)
