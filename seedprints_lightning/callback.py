@@ -55,10 +55,10 @@ from ._lightning import (
 from .chain import STATE_FORMAT_VERSION
 from .controls import DEFAULT_NUM_CONTROLS, ControlSet
 from .custody import RunDirectory
-from .errors import IdentityLostError, IdentityWarning, InputError
+from .errors import IdentityWarning, InputError
 from .fingerprint import Fingerprint
 from .integration import ControlsSource, open_chain
-from .monitor import MonitorSettings
+from .monitor import MonitorSettings, act_on_identity_lost
 from .probes import ProbeBatch, ProbeSpec, find_causal_lm_or_none
 from .sources import MODEL_STATE_KEY, model_rebuild_info
 from .verdict import (
@@ -271,12 +271,8 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         return step.verdict
 
     def _act(self, trainer: Any, message: str) -> None:
-        if self.on_identity_lost == "raise":
-            raise IdentityLostError(message)
-        if self.on_identity_lost == "stop":
-            trainer.should_stop = True
-            message += " Stopping the run (on_identity_lost='stop')."
-        self._warn(trainer, message)
+        act_on_identity_lost(self.on_identity_lost, message, stop=lambda: setattr(trainer, "should_stop", True),
+                             warn=lambda text: self._warn(trainer, text))
 
     # ------------------------------------------------------------------ set-up at train start
     def _start_chain(self, trainer: Any, pl_module: Any) -> bool:

@@ -40,7 +40,7 @@ from .fingerprint import Fingerprint, config_digest
 from .integration import ControlsSource, Processes, measure_over_ranks, open_chain, torch_processes
 from .probes import ProbeBatch, ProbeSpec, extract_features, find_causal_lm, find_causal_lm_or_none
 from .schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
-from .sources import MODEL_STATE_KEY, model_rebuild_info
+from .sources import MODEL_STATE_KEY, STEP_STATE_KEY, model_rebuild_info
 from .verdict import (
     CUSTOM_SCALARS_LAYOUT,
     DEFAULT_BIRTH_Z_MARGIN,
@@ -50,13 +50,20 @@ from .verdict import (
     ProbeVerdict,
 )
 
-__all__ = ["ACTIONS", "MonitorSettings", "SeedPrintsMonitor"]
+__all__ = ["ACTIONS", "MonitorSettings", "SeedPrintsMonitor", "act_on_identity_lost"]
 
 ACTIONS = ("warn", "stop", "raise")
 
-#: The state key under which a face's state records the step it was saved at (Fabric and
-#: hand-written checkpoints have no ``global_step`` of their own).
-STEP_STATE_KEY = "step"
+
+
+def act_on_identity_lost(action: str, message: str, *, stop: Callable[[], None], warn: Callable[[str], None]) -> None:
+    """What every face does when the chain says the identity is lost: raise, stop (``stop()``) and warn, or warn."""
+    if action == "raise":
+        raise IdentityLostError(message)
+    if action == "stop":
+        stop()
+        message += " Stopping the run (on_identity_lost='stop')."
+    warn(message)
 
 
 @dataclass(frozen=True)
@@ -362,12 +369,8 @@ class SeedPrintsMonitor:
         return observed.verdict
 
     def _act(self, message: str) -> None:
-        if self.settings.on_identity_lost == "raise":
-            raise IdentityLostError(message)
-        if self.settings.on_identity_lost == "stop":
-            self.should_stop = True
-            message += " Stopping the run (on_identity_lost='stop')."
-        self._warn(message)
+        act_on_identity_lost(self.settings.on_identity_lost, message, stop=lambda: setattr(self, "should_stop", True),
+                             warn=self._warn)
 
     def _take_reference(self, model: nn.Module, step: int, processes: Processes) -> Fingerprint:
         spec = self.settings.probe or ProbeSpec()

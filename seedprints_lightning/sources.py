@@ -58,6 +58,9 @@ HF_CONFIG_KEY = "hf_config"
 #: Key, in ``SeedPrintsCallback``'s checkpoint state, of what rebuilds the model from any module's
 #: checkpoint: ``{"hf_config": ..., "state_dict_prefix": ...}`` or ``{"why_not": ...}``.
 MODEL_STATE_KEY = "model_rebuild"
+#: Key, in the state of the faces without a trainer step of their own (Fabric, hand-written
+#: loops), of the optimizer step the state was saved at.
+STEP_STATE_KEY = "step"
 #: The file in a Hugging Face ``Trainer`` checkpoint directory (``checkpoint-N/``) that holds the
 #: ``SeedPrintsTrainerCallback`` state.
 HF_TRAINER_STATE_FILE = "seedprints_state.pt"
@@ -202,7 +205,7 @@ def source_step(source: Source, *, trust_pickle: bool = False) -> int | None:
     """
     if source.kind == "checkpoint":
         checkpoint = read_checkpoint(source, trust_pickle=trust_pickle) or {}
-        step = checkpoint.get("global_step", (seedprints_state(checkpoint) or {}).get("step"))
+        step = checkpoint.get("global_step", (seedprints_state(checkpoint) or {}).get(STEP_STATE_KEY))
     elif source.kind == "model_dir":
         state = _read_json(source.path / "trainer_state.json")
         step = state.get("global_step") if isinstance(state, dict) else None

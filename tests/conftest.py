@@ -94,3 +94,58 @@ def drawn_figures(monkeypatch) -> list[tuple[str, Any]]:
 
         monkeypatch.setattr(plotting, name, recording)
     return drawn
+
+
+def torchrun_reports(script: str, mode: str, out, timeout_s: int = 420) -> list[dict[str, Any]]:
+    """Run ``script MODE OUT`` on 2 CPU processes under ``torchrun`` (gloo); each rank's ``OUT/rank<r>.json``.
+
+    The script writes its report, passes a barrier and leaves with ``os._exit`` (gloo's threads
+    can abort a normal interpreter exit, see test_callback_ddp.py).
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # no network here: keep gloo on the loopback
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, mode,
+               str(out)]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+    reports = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
+    output = result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0 and len(reports) == 2, f"expected a report from both ranks; output:\n{output}"
+    return reports
+
+
+def count_probed_samples(probed: list[int]) -> None:
+    """Record in ``probed`` how many samples each ``extract_features`` call of the monitor faces probes."""
+    import seedprints_lightning.monitor as monitor_module
+
+    original = monitor_module.extract_features
+
+    def counting(model, spec, **kwargs):
+        start, stop = kwargs.get("sample_range") or (0, spec.num_samples)
+        probed.append(stop - start)
+        return original(model, spec, **kwargs)
+
+    monitor_module.extract_features = counting
+
+
+def exit_after_report(worker: Callable[[], int]) -> None:
+    """A torchrun worker's end: run it, flush, barrier, ``os._exit`` (no gloo teardown at interpreter exit)."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    code = worker()
+    if dist.is_initialized():
+        dist.barrier()  # no rank leaves while another is inside a collective
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_lm
+from conftest import count_probed_samples, exit_after_report, make_tiny_lm, torchrun_reports
 
 from seedprints_lightning import IdentityLostError, ProbeSpec, verify_chain
 from seedprints_lightning.cli import EXIT_OK
@@ -144,24 +144,14 @@ def test_the_trainer_callback_leaves_training_bit_identical(tmp_path):
 # ---------------------------------------------------------------------- 2 processes (torchrun, gloo)
 def _worker(mode: str, out: Path) -> int:
     """One rank of ``torchrun --nproc-per-node 2 tests/test_hf_trainer.py MODE OUT``: writes ``rank<r>.json``."""
-    import json
     import warnings
 
     import torch.distributed as dist
 
-    import seedprints_lightning.monitor as monitor_module
-
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     probed: list[int] = []
-    original = monitor_module.extract_features
-
-    def counting(model, spec, **kwargs):  # every rank probes its slice of each measurement
-        start, stop = kwargs.get("sample_range") or (0, spec.num_samples)
-        probed.append(stop - start)
-        return original(model, spec, **kwargs)
-
-    monitor_module.extract_features = counting
+    count_probed_samples(probed)
     raising = mode == "raise"
     callback = _callback(patience=1, on_identity_lost="raise") if raising else _callback()
     trainer = _trainer(out, [callback, Swap(at=5)] if raising else [callback], max_steps=20 if raising else 8)
@@ -174,29 +164,12 @@ def _worker(mode: str, out: Path) -> int:
     report = {"rank": rank, "world_size": dist.get_world_size(), "probed": probed, "error": error,
               "history": [{k: v for k, v in h.items() if k != "probe_seconds"} for h in callback.history]}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
-    dist.barrier()  # no rank leaves while another is inside a collective
     return 0
-
-
-def _torchrun(mode: str, out: Path):
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent.parent) + os.pathsep + str(HERE.parent))
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # no network here: keep gloo on the loopback
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(HERE), mode, str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420)
-    reports = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
-    output = result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.returncode == 0 and len(reports) == 2, f"expected a report from both ranks; output:\n{output}"
-    return reports
 
 
 @pytest.mark.slow
 def test_two_processes_under_torchrun_probe_half_each_and_agree(tmp_path):
-    rank0, rank1 = _torchrun("healthy", tmp_path)
+    rank0, rank1 = torchrun_reports(str(HERE), "healthy", tmp_path)
     assert (rank0["rank"], rank1["rank"], rank0["world_size"]) == (0, 1, 2)
     for report in (rank0, rank1):
         # The reference and 8 probes of 200 samples, 100 per rank; the controls (200 each) whole on every rank.
@@ -208,17 +181,12 @@ def test_two_processes_under_torchrun_probe_half_each_and_agree(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_under_torchrun_raise_on_every_rank(tmp_path):
-    for report in _torchrun("raise", tmp_path):
+    for report in torchrun_reports(str(HERE), "raise", tmp_path):
         assert report["error"] is not None and "at step 6" in report["error"], report
         assert [(h["step"], h["related"]) for h in report["history"]][-2:] == [(5, True), (6, False)]
 
 
 if __name__ == "__main__":
-    import os
     import sys
 
-    sys.stdout.flush()
-    code = _worker(sys.argv[1], Path(sys.argv[2]))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # gloo's threads can abort a normal interpreter exit (see test_callback_ddp.py)
+    exit_after_report(lambda: _worker(sys.argv[1], Path(sys.argv[2])))

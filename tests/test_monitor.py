@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny_lm
+from conftest import count_probed_samples, exit_after_report, make_tiny_lm, torchrun_reports
 from torch import nn
 
 from seedprints_lightning import IdentityLostError, InputError, ProbeSpec, extract_features, verify_chain
@@ -326,3 +326,56 @@ def test_submodule_output_names_a_missing_submodule_and_refuses_embedding_probes
         feature_fn(LitGPTStyle(), batch)
     with pytest.raises(InputError, match="dotted name"):
         submodule_output("")
+
+
+# ---------------------------------------------------------------------- Fabric on 2 processes (torchrun, gloo)
+def _fabric_worker(mode: str, out) -> int:
+    """One rank of ``torchrun --nproc-per-node 2 tests/test_monitor.py MODE OUT``: writes ``rank<r>.json``."""
+    import json
+    from pathlib import Path
+
+    from lightning.fabric import Fabric
+
+    from seedprints_lightning import SeedPrintsFabricCallback
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    out = Path(out)
+    probed: list[int] = []
+    count_probed_samples(probed)
+    raising = mode == "raise"
+    callback = SeedPrintsFabricCallback(every_n_steps=4, probe=SPEC, num_controls=2, save_dir=out / "seedprints",
+                                        **(dict(patience=1, on_identity_lost="raise") if raising else {}))
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp", callbacks=[callback])
+    fabric.launch()
+    model = make_tiny_lm(0).train()
+    model, optimizer = fabric.setup(model, torch.optim.AdamW(model.parameters(), lr=3e-3))
+    error = None
+    try:
+        _fabric_loop(fabric, callback, model, optimizer, 8, swap_at=3 if raising else None)
+    except IdentityLostError as exc:
+        error = str(exc)
+    report = {"rank": fabric.global_rank, "world_size": fabric.world_size, "probed": probed, "error": error,
+              "history": [{k: v for k, v in h.items() if k != "probe_seconds"} for h in callback.history]}
+    (out / f"rank{fabric.global_rank}.json").write_text(json.dumps(report))
+    return 0
+
+
+@pytest.mark.slow
+def test_fabric_on_two_processes_probes_half_each_agrees_and_raises_on_every_rank(tmp_path):
+    rank0, rank1 = torchrun_reports(__file__, "healthy", tmp_path / "healthy")
+    assert (rank0["rank"], rank1["rank"], rank0["world_size"]) == (0, 1, 2)
+    for report in (rank0, rank1):
+        assert [p for p in report["probed"] if p != 200] == [100] * 9, report["probed"]  # reference + 8 probes
+        assert all(h["related"] is True for h in report["history"])
+    assert rank0["history"] == rank1["history"]
+    assert verify_chain(tmp_path / "healthy" / "seedprints").ok
+    for report in torchrun_reports(__file__, "raise", tmp_path / "raise"):
+        assert report["error"] is not None and "at step 4" in report["error"], report
+        assert [(h["step"], h["related"]) for h in report["history"]][-2:] == [(3, True), (4, False)]
+
+
+if __name__ == "__main__":
+    import sys
+
+    exit_after_report(lambda: _fabric_worker(sys.argv[1], sys.argv[2]))
