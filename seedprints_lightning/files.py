@@ -18,7 +18,13 @@ import torch
 
 from .errors import SeedPrintsError
 
-__all__ = ["atomic_write", "file_sha256", "load_lightning_checkpoint", "read_safetensors", "save_safetensors"]
+__all__ = ["atomic_write", "file_sha256", "is_distributed_checkpoint", "load_lightning_checkpoint", "read_safetensors",
+           "save_safetensors"]
+
+#: What Lightning writes beside the shards of a distributed (DCP) checkpoint directory
+#: (``ModelParallelStrategy`` / FSDP with ``save_distributed_checkpoint=True``): everything but
+#: the weights and optimizer states, the callback states included.
+DISTRIBUTED_META_FILE = "meta.pt"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -76,12 +82,44 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a Lightning distributed checkpoint directory (DCP shards, ``.metadata`` and ``meta.pt``)."""
+    folder = Path(path)
+    return folder.is_dir() and (folder / ".metadata").is_file() and (folder / DISTRIBUTED_META_FILE).is_file()
+
+
+def _load_distributed_checkpoint(folder: Path, *, trust_pickle: bool, error: type[SeedPrintsError],
+                                 weights: bool) -> dict[str, Any]:
+    """A DCP checkpoint directory as one dict: ``meta.pt``, and with ``weights`` the gathered ``state_dict``.
+
+    The shards are gathered offline in one process (``dcp_to_torch_save``, no process group):
+    the whole model and optimizer state pass through host memory once.
+    """
+    try:
+        checkpoint = torch.load(folder / DISTRIBUTED_META_FILE, map_location="cpu", weights_only=not trust_pickle)
+        if weights:
+            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+            with tempfile.TemporaryDirectory() as scratch:
+                dcp_to_torch_save(folder, Path(scratch) / "full.pt")
+                full = torch.load(Path(scratch) / "full.pt", map_location="cpu", weights_only=not trust_pickle)
+            checkpoint["state_dict"] = full.get("state_dict", {})
+    except Exception as exc:
+        raise error(f"{folder} is a distributed checkpoint directory that could not be read ({type(exc).__name__}: "
+                    f"{exc}); pass trust_pickle=True (--trust-pickle) if you created it yourself") from exc
+    if not isinstance(checkpoint, dict):
+        raise error(f"{folder / DISTRIBUTED_META_FILE} is not a Lightning checkpoint's metadata")
+    checkpoint.setdefault("state_dict", {})  # without ``weights``: the step and the callback states only
+    return checkpoint
+
+
 def load_lightning_checkpoint(path: str | os.PathLike, *, trust_pickle: bool,
                               error: type[SeedPrintsError], mmap: bool = False) -> dict[str, Any]:
     """Read a training checkpoint on CPU, or raise ``error`` saying why not.
 
-    A Lightning ``.ckpt`` (a dict with a ``state_dict``) or a Fabric / hand-written one (a dict
-    with a SeedPrints state among its values, beside the model's state dict).
+    A Lightning ``.ckpt`` (a dict with a ``state_dict``), a Lightning distributed checkpoint
+    directory (sharded strategies), or a Fabric / hand-written one (a dict with a SeedPrints
+    state among its values, beside the model's state dict).
 
     ``mmap`` maps the tensors instead of reading them (for a checkpoint's step or callback state).
 
@@ -92,6 +130,8 @@ def load_lightning_checkpoint(path: str | os.PathLike, *, trust_pickle: bool,
     import zipfile
 
     file = Path(path).expanduser()
+    if is_distributed_checkpoint(file):
+        return _load_distributed_checkpoint(file, trust_pickle=trust_pickle, error=error, weights=not mmap)
     if not file.is_file():
         what = "is a directory" if file.is_dir() else "does not exist"
         raise error(f"checkpoint {file} {what}: pass the path of a .ckpt file")

@@ -28,7 +28,7 @@ import torch
 
 from .checks import check_int
 from .errors import IncompatibleFingerprintsError, InputError, ModelNotFoundError, SeedPrintsError, SourceError
-from .files import load_lightning_checkpoint
+from .files import is_distributed_checkpoint, load_lightning_checkpoint
 from .fingerprint import Fingerprint, fingerprint_model
 from .probes import ProbeSpec, find_causal_lm, hidden_size_of
 
@@ -128,6 +128,8 @@ def classify_source(path: str | Path | Source) -> Source:
     if path.is_dir():
         if (path / "config.json").is_file():
             return Source(path, "model_dir")
+        if is_distributed_checkpoint(path):
+            return Source(path, "checkpoint")
         hint = ""
         if any(path.glob(f"*{CHECKPOINT_SUFFIX}")):
             hint = f"; it holds {CHECKPOINT_SUFFIX} files: name one of them"
@@ -227,10 +229,11 @@ def expand_checkpoints(paths: Iterable[str | Path], *, trust_pickle: bool = Fals
     out: list[tuple[Source, int | None]] = []
     for raw in paths:
         path = Path(raw).expanduser()
-        if path.is_dir() and not (path / "config.json").is_file():
+        if path.is_dir() and not (path / "config.json").is_file() and not is_distributed_checkpoint(path):
             members = [Source(p, "checkpoint") for p in path.iterdir()
                        if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES]
             members += [Source(p, "model_dir") for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file()]
+            members += [Source(p, "checkpoint") for p in path.iterdir() if is_distributed_checkpoint(p)]
             if not members:
                 raise SourceError(
                     f"{path} is a directory with no config.json and no {CHECKPOINT_SUFFIX} files or model "

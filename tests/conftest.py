@@ -123,7 +123,7 @@ def torchrun_reports(script: str, mode: str, out, timeout_s: int = 420) -> list[
 
 
 def count_probed_samples(probed: list[int]) -> None:
-    """Record in ``probed`` how many samples each ``extract_features`` call of the monitor faces probes."""
+    """Record in ``probed`` how many samples each probe forward of any face asks for (its slice under several ranks)."""
     import seedprints_lightning.monitor as monitor_module
 
     original = monitor_module.extract_features

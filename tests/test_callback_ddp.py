@@ -95,17 +95,10 @@ def _worker(mode: str, out: Path) -> int:
             return torch.optim.AdamW(self.model.parameters(), lr=3e-3)
 
     # Count the samples each rank probes: with 2 ranks each probes half of them.
-    import seedprints_lightning.monitor as monitor_module
+    from conftest import count_probed_samples
 
     probed: list[int] = []
-    original = monitor_module.extract_features
-
-    def counting(model, spec, **kwargs):
-        start, stop = kwargs.get("sample_range") or (0, spec.num_samples)
-        probed.append(stop - start)
-        return original(model, spec, **kwargs)
-
-    monitor_module.extract_features = counting
+    count_probed_samples(probed)
     sharded = mode.startswith("fsdp2")
     common = dict(probe=ProbeSpec(num_samples=120, length=8), num_controls=2, adaptive_schedule=False,
                   save_dir=out / "seedprints")
@@ -284,3 +277,9 @@ def test_fsdp2_resume_links_to_the_last_probe_before_the_save(tmp_path):
     assert timeless[0] == timeless[1]  # every rank saw the same figures
     audit = verify_chain(tmp_path / "seedprints")
     assert audit.ok and [r["event"] for r in audit.records] == ["interval", "interval", "resume", "interval"]
+    # The sharded (DCP) checkpoint directory is audited as it is: its meta.pt holds the callback state,
+    # and the shards are gathered offline into the model its config describes.
+    from seedprints_lightning.cli import EXIT_OK, main
+
+    assert (tmp_path / "ckpt" / ".metadata").is_file() and (tmp_path / "ckpt" / "meta.pt").is_file()
+    assert main(["audit", "--chain", str(tmp_path / "seedprints"), str(tmp_path / "ckpt"), "-q"]) == EXIT_OK
