@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .monitor import SeedPrintsMonitor
+from .monitor import SeedPrintsMonitor, refuse_wrapped_sharding
 from .probes import find_causal_lm_or_none
 from .verdict import CUSTOM_SCALARS_LAYOUT
 
@@ -70,6 +70,9 @@ class SeedPrintsFabricCallback(SeedPrintsMonitor):
         original = getattr(module, "_original_module", module)  # weights as fabric.save stores them
         if self._module is not None or (self.settings.feature_fn is None and find_causal_lm_or_none(original) is None):
             return
+        # Under FSDP1 the original module may hold no wrapper to tell it by: the strategy tells.
+        if type(getattr(fabric, "strategy", None)).__name__ == "FSDPStrategy":
+            refuse_wrapped_sharding("FSDP1 (Fabric's FSDPStrategy)")
         self._fabric, self._module = fabric, original
         if self.save_dir is None:
             log_dir = next((getattr(logger, "log_dir", None) for logger in fabric.loggers), None)

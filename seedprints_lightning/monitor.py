@@ -196,6 +196,32 @@ class MonitorSettings:
                                 device=device, context=context, log=log, **self.model_identity(module))
 
 
+def wrapped_sharding(model: nn.Module) -> str | None:
+    """The name of a sharding whose shards a direct call of ``model`` does not gather, or ``None``.
+
+    FSDP1 (``FullyShardedDataParallel``) gathers a unit's parameters only in its wrapper's
+    forward. FSDP2 (``fully_shard``) and DeepSpeed ZeRO-3 hook the modules themselves, so calling
+    the model gathers its shards (a collective, which every rank makes alike).
+    """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return "FSDP1 (FullyShardedDataParallel)"
+    return None
+
+
+def refuse_wrapped_sharding(what: str | None) -> None:
+    if what is not None:
+        raise InputError(
+            f"the model is sharded by {what}, whose shards a probe from outside the training step cannot gather: "
+            "this face probes by calling the model itself. Shard with FSDP2 (torch.distributed.fsdp.fully_shard, "
+            "Lightning's ModelParallelStrategy, accelerate's fsdp_version=2), or train with the Lightning Trainer "
+            "and SeedPrintsCallback, which probes through the strategy's root wrapper"
+        )
+
+
 def _device_of(model: nn.Module) -> torch.device:
     param = next(iter(model.parameters()), None)
     return param.device if param is not None else torch.device("cpu")
@@ -294,6 +320,7 @@ class SeedPrintsMonitor:
         if self.started:
             raise InputError("start() was already called on this monitor: call it once per run, then step()")
         step = check_int("step", step, low=0, hint="the optimizer steps already taken (0 for a new run)")
+        refuse_wrapped_sharding(wrapped_sharding(model))
         lm = self.settings.check_model(model, self.reference.spec if self.reference is not None else None)
         if self.save_dir is None:
             self.save_dir = Path.cwd() / "seedprints"

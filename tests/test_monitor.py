@@ -184,6 +184,21 @@ def test_the_monitor_leaves_training_bit_identical(tmp_path):
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
 
 
+def test_fsdp1_whose_shards_a_direct_call_cannot_gather_is_refused_by_name(tmp_path):
+    from types import SimpleNamespace
+
+    from seedprints_lightning import SeedPrintsFabricCallback
+    from seedprints_lightning.monitor import wrapped_sharding
+
+    class FSDPStrategy:  # Fabric's FSDP1 strategy, recognised by name
+        pass
+
+    fabric = SimpleNamespace(strategy=FSDPStrategy(), loggers=[])
+    with pytest.raises(InputError, match=r"sharded by FSDP1 \(Fabric's FSDPStrategy\).*fully_shard"):
+        SeedPrintsFabricCallback(probe=SPEC).on_after_setup(fabric, make_tiny_lm(0))
+    assert wrapped_sharding(make_tiny_lm(0)) is None  # a plain (or DDP, or fully_shard-ed) model is probed
+
+
 # ---------------------------------------------------------------------- Lightning Fabric
 def _fabric(tmp_path, callback, seed: int = 0):
     from lightning.fabric import Fabric
