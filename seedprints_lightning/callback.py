@@ -72,9 +72,6 @@ from .verdict import (
 
 __all__ = ["IdentityWarning", "SeedPrintsCallback", "METRIC_TAGS", "STATE_FORMAT_VERSION"]
 
-_ACTIONS = ("warn", "stop", "raise")
-
-
 class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
     """Probe the model's SeedPrints lineage during training; act when its custody breaks.
 

@@ -18,8 +18,8 @@ import torch
 
 from .errors import SeedPrintsError
 
-__all__ = ["atomic_write", "file_sha256", "is_distributed_checkpoint", "load_lightning_checkpoint", "read_safetensors",
-           "save_safetensors"]
+__all__ = ["atomic_write", "file_sha256", "is_distributed_checkpoint", "is_seedprints_state",
+           "load_lightning_checkpoint", "read_safetensors", "save_safetensors"]
 
 #: What Lightning writes beside the shards of a distributed (DCP) checkpoint directory
 #: (``ModelParallelStrategy`` / FSDP with ``save_distributed_checkpoint=True``): everything but
@@ -80,6 +80,11 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def is_seedprints_state(value: Any) -> bool:
+    """True for a face's checkpoint state (a dict with the chain's ``format_version``), whatever key holds it."""
+    return isinstance(value, dict) and "format_version" in value
 
 
 def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
@@ -152,7 +157,7 @@ def load_lightning_checkpoint(path: str | os.PathLike, *, trust_pickle: bool,
             ) from exc
         raise error(f"{file} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(checkpoint, dict) or ("state_dict" not in checkpoint and not any(
-            isinstance(value, dict) and "format_version" in value for value in checkpoint.values())):
+            is_seedprints_state(value) for value in checkpoint.values())):
         raise error(f"{file} is neither a Lightning checkpoint (no 'state_dict') nor a checkpoint holding a SeedPrints "
                     "state: save it with Trainer.save_checkpoint, or with fabric.save(path, {'model': model, ..., "
                     "'seedprints': callback}) (any key) / torch.save({..., 'seedprints': monitor.state_dict()}, path)")

@@ -28,7 +28,7 @@ import torch
 
 from .checks import check_int
 from .errors import IncompatibleFingerprintsError, InputError, ModelNotFoundError, SeedPrintsError, SourceError
-from .files import is_distributed_checkpoint, load_lightning_checkpoint
+from .files import is_distributed_checkpoint, is_seedprints_state, load_lightning_checkpoint
 from .fingerprint import Fingerprint, fingerprint_model
 from .probes import ProbeSpec, find_causal_lm, hidden_size_of
 
@@ -167,7 +167,7 @@ def seedprints_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     state = (checkpoint.get("callbacks") or {}).get("SeedPrintsCallback")
     if isinstance(state, dict):
         return state
-    return next((value for value in checkpoint.values() if isinstance(value, dict) and "format_version" in value), None)
+    return next((value for value in checkpoint.values() if is_seedprints_state(value)), None)
 
 
 def _hf_trainer_state(source: Source) -> dict[str, Any] | None:
@@ -176,7 +176,7 @@ def _hf_trainer_state(source: Source) -> dict[str, Any] | None:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # unreadable: the audit then has no ledger head for this checkpoint, and says so
+    except Exception:  # unreadable: no ledger head, so the audit cannot tell whether records were cut from the end
         return None
     return state if isinstance(state, dict) else None
 
