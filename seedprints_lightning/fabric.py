@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .monitor import SeedPrintsMonitor, refuse_wrapped_sharding
 from .probes import find_causal_lm_or_none
@@ -78,8 +79,6 @@ class SeedPrintsFabricCallback(SeedPrintsMonitor):
             log_dir = next((getattr(logger, "log_dir", None) for logger in fabric.loggers), None)
             if log_dir:
                 self.save_dir = Path(log_dir) / "seedprints"
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
-
         self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
 
     def on_after_optimizer_step(self, strategy: Any, optimizer: Any) -> None:
