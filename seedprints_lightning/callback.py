@@ -53,11 +53,11 @@ from ._lightning import (
     trainer_fn_value,
 )
 from .chain import STATE_FORMAT_VERSION
-from .controls import DEFAULT_NUM_CONTROLS, ControlSet
+from .controls import DEFAULT_NUM_CONTROLS
 from .custody import RunDirectory
 from .errors import IdentityWarning, InputError
 from .fingerprint import Fingerprint
-from .integration import ControlsSource, open_chain
+from .integration import open_chain
 from .monitor import MonitorSettings, act_on_identity_lost
 from .probes import ProbeBatch, ProbeSpec, find_causal_lm_or_none
 from .sources import MODEL_STATE_KEY, model_rebuild_info
@@ -278,20 +278,15 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             base = trainer.log_dir  # a collective under DDP: every rank gets here
             self.save_dir = Path(base if base else trainer.default_root_dir) / "seedprints"
         step, identity = int(trainer.global_step), self.settings.model_identity(pl_module)
-
-        def build(seeds: tuple[int, ...], spec: ProbeSpec) -> ControlSet:
-            log = (lambda message: print(f"[seedprints] {message}", flush=True)) if trainer.is_global_zero else None
-            return self.settings.build_controls(pl_module, seeds, spec, device=pl_module.device,
-                                                context=trainer.precision_plugin.forward_context, log=log)
-
         origin = self.settings.reference_origin if self.reference_source == "explicit" else (
             f"the SeedPrintsCallback state in checkpoint {getattr(trainer, 'ckpt_path', None)!r}")
         run = None if getattr(trainer, "fast_dev_run", False) else RunDirectory(self.save_dir)  # fast_dev_run: no file
         fresh = open_chain(
             self.chain, step=step, run=run, processes=processes_of(trainer),
             take_reference=lambda: self._take_reference(trainer, pl_module, step, identity),
-            controls=ControlsSource(self.num_controls, build, identity, self.settings.controls_file,
-                                    self.settings.controls_path),
+            controls=self.settings.controls_source(pl_module, device=pl_module.device,
+                                                   is_writer=bool(trainer.is_global_zero),
+                                                   context=trainer.precision_plugin.forward_context),
             origin=origin, warn=lambda message: self._warn(trainer, message),
             missing_state=f"SeedPrintsCallback state (state_key {self.state_key!r})")
         add_custom_scalars_once(trainer, CUSTOM_SCALARS_LAYOUT, self._layout_written)

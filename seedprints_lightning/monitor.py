@@ -73,7 +73,7 @@ class MonitorSettings:
     Built by :meth:`from_arguments`, which raises :class:`~seedprints_lightning.InputError`
     naming the argument and the fix. Also holds what the faces share about the probed model:
     how its features are taken (:meth:`features_of`), what it is (:meth:`model_identity`) and
-    how its controls are built (:meth:`build_controls`).
+    and where its controls come from (:meth:`controls_source`).
     """
 
     every_n_steps: int
@@ -187,13 +187,22 @@ class MonitorSettings:
         return {"model_class": type(lm if lm is not None else module).__name__,
                 "config_digest": config_digest(lm.config) if lm is not None else None}
 
-    def build_controls(self, module: nn.Module, seeds: tuple[int, ...], spec: ProbeSpec, *,
-                       device: torch.device | None, context: Callable[[], Any] | None = None,
-                       log: Callable[[str], None] | None = None) -> ControlSet:
-        """Probe a fresh init of ``module``'s model for each seed (``control_factory`` if given)."""
+    def controls_source(self, module: nn.Module, *, device: torch.device | None, is_writer: bool,
+                        context: Callable[[], Any] | None = None) -> ControlsSource:
+        """Where the run's controls come from: the ``controls=`` file, or fresh inits of ``module``'s model.
+
+        A build probes ``control_factory(seed)`` (default: ``module``'s class and config) for each
+        seed on ``device`` under ``context``; the writer process prints one progress line each.
+        """
         factory = self.control_factory or (lambda seed: build_control_model(module, seed))
-        return ControlSet.build(factory, seeds, spec, lambda control: self.features_of(control, spec),
-                                device=device, context=context, log=log, **self.model_identity(module))
+        identity = self.model_identity(module)
+
+        def build(seeds: tuple[int, ...], spec: ProbeSpec) -> ControlSet:
+            log = (lambda message: print(f"[seedprints] {message}", flush=True)) if is_writer else None
+            return ControlSet.build(factory, seeds, spec, lambda control: self.features_of(control, spec),
+                                    device=device, context=context, log=log, **identity)
+
+        return ControlsSource(self.num_controls, build, identity, self.controls_file, self.controls_path)
 
 
 def wrapped_sharding(model: nn.Module) -> str | None:
@@ -327,16 +336,10 @@ class SeedPrintsMonitor:
         processes = self._processes()
         origin = (self.settings.reference_origin if self.reference_source == "explicit"
                   else f"the {type(self).__name__} state restored with load_state_dict()")
-
-        def build(seeds: tuple[int, ...], spec: ProbeSpec) -> ControlSet:
-            log = (lambda message: print(f"[seedprints] {message}", flush=True)) if processes.is_writer else None
-            return self.settings.build_controls(model, seeds, spec, device=_device_of(model), log=log)
-
         fresh = open_chain(
             self.chain, step=step, run=RunDirectory(self.save_dir), processes=processes,
             take_reference=lambda: self._take_reference(model, step, processes),
-            controls=ControlsSource(self.settings.num_controls, build, self.settings.model_identity(model),
-                                    self.settings.controls_file, self.settings.controls_path),
+            controls=self.settings.controls_source(model, device=_device_of(model), is_writer=processes.is_writer),
             origin=origin, warn=self._warn, missing_state=self.missing_state)
         self._model_rebuild = model_rebuild_info(model, lm, feature_fn=self.settings.feature_fn is not None)
         self.started, self.current_step = True, step

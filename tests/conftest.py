@@ -99,8 +99,7 @@ def drawn_figures(monkeypatch) -> list[tuple[str, Any]]:
 def torchrun_reports(script: str, mode: str, out, timeout_s: int = 420) -> list[dict[str, Any]]:
     """Run ``script MODE OUT`` on 2 CPU processes under ``torchrun`` (gloo); each rank's ``OUT/rank<r>.json``.
 
-    The script writes its report, passes a barrier and leaves with ``os._exit`` (gloo's threads
-    can abort a normal interpreter exit, see test_callback_ddp.py).
+    The script writes its report and ends with :func:`exit_after_report`.
     """
     import json
     import os
@@ -137,15 +136,32 @@ def count_probed_samples(probed: list[int]) -> None:
 
 
 def exit_after_report(worker: Callable[[], int]) -> None:
-    """A torchrun worker's end: run it, flush, barrier, ``os._exit`` (no gloo teardown at interpreter exit)."""
+    """A multi-process test script's end: run ``worker``, barrier, flush, ``os._exit`` (no gloo teardown at exit).
+
+    gloo's C++ threads can die during interpreter shutdown (or the process group's destruction)
+    and abort the process ("terminate called without an active exception", exit -6), at random:
+    ``destroy_process_group()`` made it rarer, not gone (CI saw it once in about 60 runs). Every
+    report is written before this point, so ``os._exit`` loses nothing. A worker that raised
+    exits 1 after its traceback, without the barrier (another rank may never reach it).
+    """
     import os
     import sys
+    import traceback
 
     import torch.distributed as dist
 
-    code = worker()
-    if dist.is_initialized():
-        dist.barrier()  # no rank leaves while another is inside a collective
+    try:
+        code = worker()
+        if dist.is_initialized():  # no rank leaves while another is inside a collective
+            if dist.get_backend() == "gloo":  # names a rank that never arrives instead of hanging
+                import datetime
+
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=120))
+            else:
+                dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -234,28 +234,10 @@ def test_two_cpu_processes_swap_raises_on_every_rank(tmp_path, mode):
         assert report["global_step"] == 4
 
 
-def _main(mode: str, out: Path) -> int:
-    """The worker, then an exit that skips the interpreter's teardown of gloo's threads.
-
-    gloo's C++ threads can die during interpreter shutdown (or the process group's destruction)
-    and abort the process ("terminate called without an active exception", exit -6), at random:
-    ``destroy_process_group()`` in a ``finally`` made it rarer, not gone (CI saw it once in about
-    60 runs). Every report is written and flushed before this point, so ``os._exit`` loses nothing.
-    """
-    import traceback
-
-    try:
-        code = _worker(mode, out)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1], Path(sys.argv[2])))
+    from conftest import exit_after_report  # the script's own folder is on sys.path
+
+    exit_after_report(lambda: _worker(sys.argv[1], Path(sys.argv[2])))
 
 
 def test_fsdp2_resume_links_to_the_last_probe_before_the_save(tmp_path):
