@@ -56,7 +56,10 @@ def _summary(cb: SeedPrintsCallback) -> dict:
     history = cb.history
     return {"probes": len(history), "last_step": history[-1]["step"] if history else None,
             "failed_links": [h["step"] for h in history if h["link_related"] is False],
-            "min_link_headroom": round(min(h["link_z"] / h["link_threshold"] for h in history), 2),
+            # An undetermined probe logs no link figures: it is counted, and left out of the headroom.
+            "undetermined": [h["step"] for h in history if h["link_related"] is None],
+            "min_link_headroom": round(min((h["link_z"] / h["link_threshold"] for h in history
+                                            if h["link_z"] is not None), default=0.0), 2),
             "max_link_span": max(int(h["link_span"]) for h in history),
             "birth_faded_at": next((h["step"] for h in history if not h["birth_detectable"]), None)}
 
@@ -95,8 +98,9 @@ def main() -> None:
     print(json.dumps({"scenario": "swap", "lr": args.lr, "swap_step": args.swap_step, "raised": error is not None,
                       "raised_at": swapped.history[-1]["step"] if error else None,
                       "probes_after_swap": len(after),
-                      "link_z_after_swap": [round(h["link_z"], 2) for h in after],
-                      "thresholds_after_swap": [round(h["link_threshold"], 2) for h in after],
+                      "link_z_after_swap": [None if h["link_z"] is None else round(h["link_z"], 2) for h in after],
+                      "thresholds_after_swap": [None if h["link_threshold"] is None else round(h["link_threshold"], 2)
+                                                for h in after],
                       "held_before_swap": all(h["related"] for h in swapped.history if h["step"] <= args.swap_step),
                       "seconds": round(time.perf_counter() - start)}), flush=True)
 

@@ -10,7 +10,6 @@ fingerprints and :mod:`.audit` judges them.
 """
 
 from ._version import __version__
-from .chain import CustodyChain, verify_chain
 from .errors import (
     FingerprintFileError,
     IdentityLostError,
@@ -19,10 +18,6 @@ from .errors import (
     ModelNotFoundError,
     SeedPrintsError,
 )
-from .fingerprint import Fingerprint, fingerprint_model
-from .probes import ProbeSpec, extract_features
-from .stats import EmpiricalNull, LineageResult, kendall_tau_b, lineage_test
-from .verdict import BIRTH_RULE, CUSTODY_RULE, IdentityVerdict, ProbeVerdict, VerdictRule, decide_identity
 
 __all__ = [
     "__version__",
@@ -55,15 +50,30 @@ __all__ = [
 ]
 
 
-#: The faces, one per training loop, imported on first use: each pulls in its loop's package
-#: (seconds of import time) that the statistical core and the `seedprints` command line do not need.
-_FACES = {"SeedPrintsCallback": "callback", "SeedPrintsTrainerCallback": "hf", "SeedPrintsFabricCallback": "fabric",
-          "SeedPrintsMonitor": "monitor"}
+#: Every export but the version and the errors, and its module: imported on first use, so that
+#: ``import seedprints_lightning`` (and the ``seedprints`` script, :mod:`._entry`) costs no torch
+#: import, and each face pulls in its loop's package (seconds of import time) only when used.
+_LAZY = {
+    "CustodyChain": "chain", "verify_chain": "chain",
+    "Fingerprint": "fingerprint", "fingerprint_model": "fingerprint",
+    "ProbeSpec": "probes", "extract_features": "probes",
+    "EmpiricalNull": "stats", "LineageResult": "stats", "kendall_tau_b": "stats", "lineage_test": "stats",
+    "BIRTH_RULE": "verdict", "CUSTODY_RULE": "verdict", "IdentityVerdict": "verdict", "ProbeVerdict": "verdict",
+    "VerdictRule": "verdict", "decide_identity": "verdict",
+    "SeedPrintsCallback": "callback", "SeedPrintsTrainerCallback": "hf", "SeedPrintsFabricCallback": "fabric",
+    "SeedPrintsMonitor": "monitor",
+}
 
 
 def __getattr__(name: str):
-    if name in _FACES:
+    if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_FACES[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # the next lookup is a plain attribute
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

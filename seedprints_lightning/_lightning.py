@@ -23,6 +23,7 @@ import torch
 
 from .integration import Processes, measure_over_ranks
 from .probes import ProbeSpec
+from .verdict import METRIC_TAGS
 
 __all__ = ["CALLBACK_BASES", "add_custom_scalars_once", "is_tensorboard_logger", "log_metrics", "measure_features",
            "processes_of", "run_model_code", "shards_parameters", "trainer_fn_value"]
@@ -141,6 +142,10 @@ def log_metrics(trainer: Any, metrics: dict[str, float], step: int) -> None:
         logger.log_metrics(metrics, step=step)
     for tag, value in metrics.items():
         trainer.callback_metrics[tag] = torch.tensor(float(value))
+    # A figure this probe could not measure must not be read from an earlier probe.
+    for tag in METRIC_TAGS:
+        if tag not in metrics:
+            trainer.callback_metrics.pop(tag, None)
 
 
 def add_custom_scalars_once(trainer: Any, layout: dict[str, Any], written: set[int]) -> None:

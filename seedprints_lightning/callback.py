@@ -23,6 +23,9 @@ chain, so resuming the wrong weights breaks the chain at train start.
 Files (rank 0, under ``save_dir``, default ``<trainer.log_dir or default_root_dir>/seedprints``,
 :class:`~seedprints_lightning.custody.RunDirectory`): ``reference.safetensors``,
 ``controls.safetensors``, ``custody.jsonl`` and ``probes/``. ``fast_dev_run`` writes no file.
+The directory belongs to this run: rank 0 holds its lock (``custody.lock``) from train start to
+``on_train_end`` / ``on_exception`` / ``teardown``, and a new run refuses a directory that holds
+another run's ledger (:func:`~seedprints_lightning.integration.open_chain`).
 
 Distributed: each rank probes its slice of the samples through the strategy's root wrapper
 (:func:`~seedprints_lightning._lightning.measure_features`), so every rank tests the same
@@ -57,7 +60,7 @@ from .controls import DEFAULT_NUM_CONTROLS
 from .custody import RunDirectory
 from .errors import IdentityWarning, InputError
 from .fingerprint import Fingerprint
-from .integration import open_chain
+from .integration import close_chain, open_chain
 from .monitor import MonitorSettings, act_on_identity_lost
 from .probes import ProbeBatch, ProbeSpec, find_causal_lm_or_none
 from .sources import MODEL_STATE_KEY, model_rebuild_info
@@ -85,8 +88,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         probe: the :class:`~seedprints_lightning.ProbeSpec`; ``None`` = ``ProbeSpec()``.
             Ignored when ``reference`` is given (a different ``probe`` is an error).
         alpha: significance level of the one-sided lineage tests.
-        patience: consecutive failed probes before acting. Undetermined probes neither count
-            as failures nor reset the count; a held verdict resets it.
+        patience: consecutive failed probes before acting; a held verdict resets the count.
         on_identity_lost: ``"warn"``, ``"stop"`` (``trainer.should_stop`` on every rank, after
             reducing the decision) or ``"raise"`` (:class:`~seedprints_lightning.IdentityLostError`
             on every rank).
@@ -121,6 +123,11 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         probe_batch_size: probe samples per forward.
         identity_ratio, identity_mode: forwarded to :func:`~seedprints_lightning.lineage_test`
             for the birth test (links always use ``"coset"``).
+        count_undetermined: an undetermined probe (the lineage could not be measured: NaN or
+            constant hidden states of a diverged run, or of a swapped-in degenerate model)
+            counts towards ``patience`` like a failed one, so a model the chain cannot measure
+            is acted on rather than vouched for. ``False`` only reports it (once) and neither
+            counts nor resets the count: for runs that tolerate a transient diverged stretch.
 
     Attributes:
         chain: the :class:`~seedprints_lightning.chain.CustodyChain` (reference, controls,
@@ -131,7 +138,9 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         last_verdict: the latest :class:`~seedprints_lightning.verdict.ProbeVerdict`.
         reference, reference_source (``"explicit"``, ``"checkpoint"`` or ``"step0"``).
 
-    Logged (every logger, and ``trainer.callback_metrics``): :data:`METRIC_TAGS`, never NaN.
+    Logged (every logger, and ``trainer.callback_metrics``): :data:`METRIC_TAGS`, never NaN;
+    ``seedprints/related`` is 1 held, 0 not related, -1 undetermined (with
+    ``seedprints/undetermined`` = 1), and a test that could not be made logs no figures.
     """
 
     def __init__(
@@ -155,6 +164,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
         probe_batch_size: int = 64,
         identity_ratio: float | None = None,
         identity_mode: Literal["coset", "base"] = "coset",
+        count_undetermined: bool = True,
     ) -> None:
         super().__init__()
         self.settings = MonitorSettings.from_arguments(
@@ -163,7 +173,8 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             birth_z_margin=birth_z_margin, link_z_margin=link_z_margin, link_tau_margin=link_tau_margin,
             adaptive_schedule=adaptive_schedule, reference=reference, feature_fn=feature_fn,
             control_factory=control_factory, controls=controls, save_dir=save_dir,
-            probe_batch_size=probe_batch_size, identity_ratio=identity_ratio, identity_mode=identity_mode)
+            probe_batch_size=probe_batch_size, identity_ratio=identity_ratio, identity_mode=identity_mode,
+            count_undetermined=count_undetermined)
         self.save_dir: Path | None = self.settings.save_dir
         self.chain = self.settings.new_chain()
         self._layout_written: set[int] = set()
@@ -245,8 +256,17 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         step = int(trainer.global_step)
-        if not self._skips(trainer) and self.reference is not None and self.chain.last_probed_step != step:
-            self._probe(trainer, pl_module, "train_end")
+        try:
+            if not self._skips(trainer) and self.reference is not None and self.chain.last_probed_step != step:
+                self._probe(trainer, pl_module, "train_end")
+        finally:
+            close_chain(self.chain)  # the run directory's lock goes with the run
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        close_chain(self.chain)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        close_chain(self.chain)
 
     @staticmethod
     def _skips(trainer: Any) -> bool:

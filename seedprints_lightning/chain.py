@@ -21,6 +21,7 @@ types: it loads with ``torch.load(weights_only=True)``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,21 +32,23 @@ from typing import Any
 
 import torch
 
-from .checks import check_choice, check_int
+from .checks import check_bool, check_choice, check_int
 from .controls import ControlSet
 from .custody import (
     CONTROLS_FILE,
+    LEDGER_FORMAT,
+    LEDGER_VERSION,
     PARENT_ANCHOR_FILE,
     REFERENCE_FILE,
     CustodyLedger,
     RunDirectory,
-    line_sha256,
     load_parent_anchor,
     load_probe_features,
+    lost_chain_of,
     storage_features,
 )
 from .errors import InputError
-from .files import file_sha256
+from .files import file_sha256, is_seedprints_state
 from .fingerprint import Fingerprint
 from .probes import ProbeSpec
 from .schedule import ProbeSchedule
@@ -60,8 +63,8 @@ from .verdict import (
     judge_probe,
 )
 
-__all__ = ["Anchor", "ChainAudit", "ChainProblem", "ChainRules", "ChainStep", "CustodyChain", "STATE_FORMAT_VERSION",
-           "resolve_reference", "verify_chain"]
+__all__ = ["Anchor", "ChainAudit", "ChainProblem", "ChainRules", "ChainStep", "CustodyChain", "PROBLEM_KINDS",
+           "STATE_FORMAT_VERSION", "resolve_reference", "verify_chain"]
 
 #: Version of :meth:`CustodyChain.state_dict`'s layout (2: custody chain; 1 had no anchor and no schedule).
 STATE_FORMAT_VERSION = 2
@@ -149,6 +152,10 @@ class CustodyChain:
         rules: how probes are judged.
         schedule: when to probe (:class:`~seedprints_lightning.schedule.ProbeSchedule`).
         patience: consecutive failed probes before :attr:`ChainStep.identity_lost`.
+        count_undetermined: whether an undetermined probe (its lineage could not be measured:
+            non-finite or degenerate features, no usable identity dimension) counts towards
+            ``patience`` like a failed one (the default: a model the chain cannot measure is not
+            vouched for), or neither counts nor resets the count.
         anchor: the first anchor, when it is not the reference (a child run continues its
             parent's chain from the parent's last held probe).
         reference_source: where the reference came from, for messages (``"explicit"``,
@@ -157,7 +164,8 @@ class CustodyChain:
 
     def __init__(self, reference: Fingerprint | None = None, *, controls: ControlSet | None = None,
                  rules: ChainRules | None = None, schedule: ProbeSchedule | None = None, patience: int = 2,
-                 anchor: Anchor | None = None, reference_source: str | None = None) -> None:
+                 anchor: Anchor | None = None, reference_source: str | None = None,
+                 count_undetermined: bool = True) -> None:
         for name, value, kind in (("reference", reference, Fingerprint), ("controls", controls, ControlSet),
                                   ("rules", rules, ChainRules), ("schedule", schedule, ProbeSchedule),
                                   ("anchor", anchor, Anchor)):
@@ -169,6 +177,7 @@ class CustodyChain:
         self.rules = rules if rules is not None else ChainRules()
         self.schedule = schedule if schedule is not None else ProbeSchedule()
         self.patience = check_int("patience", patience, low=1, hint="consecutive failed probes before acting")
+        self.count_undetermined = check_bool("count_undetermined", count_undetermined)
         self.initial_anchor = anchor
         self.anchor = anchor
         self.next_probe_step, self.interval = self.schedule.first()
@@ -257,7 +266,7 @@ class CustodyChain:
                                                                   verdict.link.headroom)
         identity_lost, reason, notes = self.decide(verdict)
         entry: dict[str, Any] = {"step": step, "event": event}
-        entry.update({name: metrics[tag] for name, tag in zip(METRIC_NAMES, METRIC_TAGS)})
+        entry.update({name: metrics.get(tag) for name, tag in zip(METRIC_NAMES, METRIC_TAGS)})
         entry.update({"related": verdict.related, "birth_detectable": verdict.birth_detectable,
                       "link_related": verdict.link.related, "anchor_step": verdict.anchor_step,
                       "control_z": [float(z) for z in verdict.birth.control_z], "reason": verdict.reason,
@@ -271,18 +280,26 @@ class CustodyChain:
     def decide(self, verdict: ProbeVerdict) -> tuple[bool, str | None, tuple[str, ...]]:
         """Count ``verdict`` and decide: ``(identity lost, why, one-time notes)``.
 
-        A failed probe counts, a held one resets the count, an undetermined one does neither.
+        A failed probe counts, a held one resets the count. An undetermined one (the lineage could
+        not be measured) counts too when :attr:`count_undetermined` (the default): a chain must not
+        vouch for a model it cannot measure, and a swap to a model with degenerate hidden states,
+        or a run that diverged to NaN, is then acted on after ``patience`` probes like a broken link.
+        Otherwise it neither counts nor resets the count.
         """
         step = verdict.step
-        if verdict.related is False:
+        if verdict.related is False or (verdict.related is None and self.count_undetermined):
             self.consecutive_failures += 1
         elif verdict.related is True:
             self.consecutive_failures = 0
         notes = []
         if verdict.related is None and not self.warned_undetermined:
             self.warned_undetermined = True
-            notes.append(f"SeedPrints: the lineage probe at step {step} is undetermined ({verdict.reason}); it counts "
-                         "neither as a failure nor as a success. Further undetermined probes are not reported")
+            counted = (f"it counts as a failed probe towards patience ({self.consecutive_failures} of "
+                       f"{self.patience}; count_undetermined=False would only report it)" if self.count_undetermined
+                       else "it counts neither as a failure nor as a success (count_undetermined=False)")
+            notes.append(f"SeedPrints: the lineage probe at step {step} is undetermined ({verdict.reason}): the "
+                         f"model's lineage could not be measured, so nothing vouches for it; {counted}. Further "
+                         "undetermined probes are not reported")
         if (self.rules.fail_on == "custody" and verdict.birth.related is False and verdict.link.related
                 and not self.warned_birth):
             self.warned_birth = True
@@ -293,7 +310,7 @@ class CustodyChain:
                 f"{verdict.link.z:.2f} from step {verdict.anchor_step}). To keep the birth test itself detectable, "
                 "probe with more samples (ProbeSpec(num_samples=4000 or more): z grows like sqrt(n)) or the other "
                 "probe kind; pass fail_on='birth' or 'either' if your audit needs it to hold.")
-        lost = verdict.related is False and self.consecutive_failures >= self.patience
+        lost = verdict.related is not True and self.consecutive_failures >= self.patience
         return lost, (self.lost_message(verdict) if lost else None), tuple(notes)
 
     def lost_message(self, verdict: ProbeVerdict) -> str:
@@ -302,6 +319,14 @@ class CustodyChain:
         controls = ", ".join(f"{z:.2f}" for z in birth.control_z) or "none"
         reason = f" {verdict.reason.rstrip('.')}." if verdict.reason else ""
         ref = self._require_reference()
+        if verdict.related is None:
+            return (
+                f"SeedPrints: the run's lineage could not be measured at step {verdict.step} "
+                f"({self.consecutive_failures} consecutive failed or undetermined probes, patience {self.patience}):"
+                f"{reason} Nothing vouches for these weights (reference: {self.reference_source}, step {ref.step}): "
+                "check for a diverged run (NaN or constant hidden states) or a swapped-in model. Pass "
+                "count_undetermined=False to only report undetermined probes."
+            )
         return (
             f"SeedPrints: the run lost its lineage identity at step {verdict.step} ({self.consecutive_failures} "
             f"consecutive failed probes, patience {self.patience}, fail_on={self.rules.fail_on!r}): custody link "
@@ -356,7 +381,15 @@ class CustodyChain:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (format 1 or 2); an ``"explicit"`` reference is kept as it is."""
+        """Restore :meth:`state_dict` (format 1 or 2); an ``"explicit"`` reference is kept as it is.
+
+        Anything but a SeedPrints state (``None``, another callback's state, an empty dict) is an
+        :class:`InputError` that says so; only a SeedPrints state of an unknown version asks to upgrade.
+        """
+        if not _is_chain_state(state):
+            raise InputError(f"this is not a SeedPrints state: {_describe_state(state)}. Pass what "
+                             "CustodyChain.state_dict() (or a SeedPrints callback's state_dict()) returned, e.g. a "
+                             "Lightning checkpoint's checkpoint['callbacks']['SeedPrintsCallback']")
         version = state.get("format_version")
         if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= STATE_FORMAT_VERSION:
             raise InputError(
@@ -387,6 +420,34 @@ class CustodyChain:
         self.next_index, self.last_sha256 = int(state.get("ledger_next_index", 0)), state.get("ledger_last_sha256")
         self.ledger = None
         self.restored = True
+
+
+#: Keys every SeedPrints state has had, in every format version (with ``format_version``).
+_STATE_KEYS = ("reference_features", "reference_meta")
+
+
+def _is_chain_state(state: Any) -> bool:
+    """A SeedPrints state (:func:`~seedprints_lightning.files.is_seedprints_state`) with the chain's own keys."""
+    return is_seedprints_state(state) and all(key in state for key in _STATE_KEYS)
+
+
+def _describe_state(state: Any) -> str:
+    if state is None:
+        return "got None (no state was saved, or it was read from the wrong key)"
+    if not isinstance(state, dict):
+        return f"got {type(state).__name__} {_shown_briefly(state)}, not a dict"
+    if not state:
+        return "got an empty dict"
+    keys = sorted(map(str, state))
+    shown = ", ".join(repr(k) for k in keys[:8]) + (", ..." if len(keys) > 8 else "")
+    missing = [key for key in ("format_version", *_STATE_KEYS) if key not in state]
+    return (f"got a dict with the keys {shown} but without {', '.join(map(repr, missing))} (another callback's "
+            "state?)")
+
+
+def _shown_briefly(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def resolve_reference(reference: Any, probe: ProbeSpec | None = None,
@@ -439,8 +500,25 @@ class ChainProblem:
     """One thing wrong with a ledger: which record (``None`` for the files around it), and what."""
 
     index: int | None
-    kind: str  # "tampered", "broken_link", "missing"
+    kind: str  # one of PROBLEM_KINDS
     message: str
+
+
+#: Every kind of :class:`ChainProblem`, and what it says about the evidence (the command line's
+#: exit code follows the class: ``seedprints audit --chain``):
+#:
+#: * ``"tampered"`` (exit 5): the files were edited, damaged or removed. ``"tampered"``: a record
+#:   is malformed, edited, reordered or cut, or a features file altered; ``"missing"``: a
+#:   features file or every record is gone.
+#: * ``"mismatch"`` (exit 1): the files are intact, but the chain or the checkpoint does not hold.
+#:   ``"broken_link"``: a custody link (or the checkpoint's) is broken; ``"other_run"``: the
+#:   checkpoint's callback state was chained to another run's ledger; ``"abandoned_branch"``: to
+#:   records of this run that a resume from an earlier checkpoint moved to ``custody.abandoned-N.jsonl``.
+#: * ``"undetermined"``: a link whose lineage could not be measured (see :class:`ChainAudit`).
+#:
+#: A kind not listed here counts as tampering.
+PROBLEM_KINDS = {"tampered": "tampered", "missing": "tampered", "broken_link": "mismatch",
+                 "other_run": "mismatch", "abandoned_branch": "mismatch", "undetermined": "undetermined"}
 
 
 @dataclass
@@ -450,6 +528,13 @@ class ChainAudit:
     ``ok`` when the files are intact, every recomputed figure matches its record, every link
     held, and (when a checkpoint was given) the checkpoint links to the chain. ``recomputed``
     has one verdict per record (``None`` where the record could not be re-tested).
+
+    An undetermined link (the probe's lineage could not be measured: a diverged model's NaN, a
+    model with constant hidden states) vouches for nothing. A stretch of them that a later held
+    link bridges (that link is tested against the last held probe before the stretch) is only
+    noted in ``notes``; a stretch that reaches the end of the ledger, or an undetermined
+    checkpoint link, is an ``"undetermined"`` problem: the chain then shows descent only up to
+    its last held link (:meth:`last_held_probe`).
     """
 
     run_dir: Path
@@ -461,14 +546,29 @@ class ChainAudit:
     evidence: str = ""
     #: Every anchor the chain held, in order: the first (reference or parent probe), then each held record.
     anchors: list[Anchor] = field(default_factory=list)
+    #: Reports that are no problem: stretches of undetermined records that a later held link bridged.
+    notes: list[str] = field(default_factory=list)
+    #: When the ledger continues a chain whose ledger the directory lost (a resume found none):
+    #: ``records``, ``head_sha256``, ``resumed_at_step``, from ``parent_anchor.safetensors``; else ``None``.
+    continues_lost_chain: dict[str, Any] | None = None
+
+    def _of_class(self, name: str) -> list[ChainProblem]:
+        return [p for p in self.problems if PROBLEM_KINDS.get(p.kind, "tampered") == name]
 
     @property
     def tampered(self) -> list[ChainProblem]:
-        return [p for p in self.problems if p.kind != "broken_link"]
+        """The files were edited, damaged or removed (:data:`PROBLEM_KINDS` class ``"tampered"``)."""
+        return self._of_class("tampered")
+
+    @property
+    def undetermined(self) -> list[ChainProblem]:
+        return [p for p in self.problems if p.kind == "undetermined"]
 
     @property
     def broken_links(self) -> list[ChainProblem]:
-        return [p for p in self.problems if p.kind == "broken_link"]
+        """The files are intact but the chain or the checkpoint does not hold: broken links, and a checkpoint
+        of another run or of an abandoned branch (:data:`PROBLEM_KINDS` class ``"mismatch"``)."""
+        return self._of_class("mismatch")
 
     @property
     def ok(self) -> bool:
@@ -480,6 +580,128 @@ class ChainAudit:
             if anchor.index is not None:
                 return anchor
         raise InputError(f"{self.run_dir}: the ledger has no record whose link held")
+
+
+# --------------------------------------------------------------------------------------
+# A ledger line as the audit reads it: bytes -> text -> JSON object -> every field typed
+# --------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float's range
+        return False
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_inside(value: Any) -> bool:
+    """A relative path that stays in the run directory (what the writer names a features file)."""
+    from pathlib import PurePosixPath
+
+    if not isinstance(value, str) or not value or "\\" in value or "\x00" in value:
+        return False
+    path = PurePosixPath(value)
+    return not path.is_absolute() and ".." not in path.parts
+
+
+def _optional(check: Any) -> Any:
+    return lambda value: value is None or check(value)
+
+
+_INT0 = (lambda v: _is_int(v) and 0 <= v < 2 ** 63, "an integer in [0, 2**63)")
+_NUMBER = (_is_number, "a finite number")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+_OPT_BOOL = (_optional(lambda v: isinstance(v, bool)), "true, false or null")
+_STR = (lambda v: isinstance(v, str), "a string")
+_SHA = (_is_sha256, "a sha256 hex digest")
+_OPT_SHA = (_optional(_is_sha256), "a sha256 hex digest or null")
+_RULE_FIELDS = {"alpha": _NUMBER, "z_margin": _NUMBER, "tau_margin": _NUMBER}
+#: One test's fields (:meth:`~seedprints_lightning.verdict.IdentityVerdict.to_dict`).
+_TEST_FIELDS: dict[str, Any] = {
+    "z": _NUMBER, "log10_p": _NUMBER, "tau_mean": _NUMBER, "k": _INT0, "n": _INT0, "threshold": _NUMBER,
+    "related": _OPT_BOOL, "reason": (_optional(lambda v: isinstance(v, str)), "a string or null"),
+    "control_z": (lambda v: isinstance(v, list) and all(_is_number(x) for x in v), "an array of finite numbers"),
+    "control_tau_max": _NUMBER, "rule": _RULE_FIELDS,
+}
+#: Every field :meth:`~seedprints_lightning.custody.CustodyLedger.append` writes, and what it must be
+#: (a nested dict is an object's own fields). Fields beyond these are allowed.
+_RECORD_FIELDS: dict[str, Any] = {
+    "format": (lambda v: v == LEDGER_FORMAT, repr(LEDGER_FORMAT)),
+    "version": (lambda v: _is_int(v) and v == LEDGER_VERSION,
+                f"{LEDGER_VERSION} (the ledger version this seedprints-lightning reads; upgrade it for a newer one)"),
+    "index": _INT0, "step": _INT0, "time": _STR, "event": _STR,
+    "features_file": (_is_inside, "a relative path inside the run directory"), "features_sha256": _SHA,
+    "anchor_index": (_optional(_INT0[0]), "an integer >= 0 or null"), "anchor_step": _INT0,
+    "birth": _TEST_FIELDS, "link": _TEST_FIELDS, "related": _OPT_BOOL, "birth_detectable": _BOOL,
+    "fail_on": (lambda v: v in FAIL_ON, " or ".join(map(repr, FAIL_ON))),
+    "identity_mode": (lambda v: v in ("coset", "base"), "'coset' or 'base'"),
+    "identity_ratio": (_optional(_is_number), "a finite number or null"),
+    "reference_sha256": _OPT_SHA, "controls_sha256": _OPT_SHA, "initial_anchor_sha256": _OPT_SHA,
+    "prev_sha256": _SHA,
+}
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, allow_nan=True, default=str)
+    return f"{_JSON_TYPES.get(type(value), type(value).__name__)} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _fields_problem(data: dict[str, Any], fields: dict[str, Any], prefix: str = "") -> str | None:
+    """What is wrong with ``data``'s ``fields`` (the first thing), or ``None``."""
+    for key, expected in fields.items():
+        name = f"{prefix}{key}"
+        if key not in data:
+            return f"has no {name!r} field"
+        value = data[key]
+        if isinstance(expected, dict):
+            if not isinstance(value, dict):
+                return f"field {name!r} must be an object, got {_shown(value)}"
+            inner = _fields_problem(value, expected, f"{name}.")
+            if inner is not None:
+                return inner
+        elif not expected[0](value):
+            return f"field {name!r} must be {expected[1]}, got {_shown(value)}"
+    return None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number the ledger writes")
+
+
+def _read_record(raw: bytes) -> tuple[Any, str | None]:
+    """``(the parsed line or None, what makes it no valid ledger record or None)``: never raises."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"is not UTF-8 text (byte {exc.start} of the line): the file was damaged or edited"
+    try:
+        record = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; so are 5000-digit integers
+        return None, f"is not valid JSON ({str(exc)[:200]})"
+    if not isinstance(record, dict):
+        return record, f"is {_shown(record)}, not a ledger record (a JSON object)"
+    problem = _fields_problem(record, _RECORD_FIELDS)
+    return record, None if problem is None else f"is not a valid ledger record: it {problem}"
+
+
+def _ledger_lines(path: Path) -> list[bytes]:
+    """The ledger's lines as bytes (``\\n`` ends a line; a ``\\r`` before it is dropped, as text mode would)."""
+    lines = path.read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
 def _close(a: float, b: float) -> bool:
@@ -497,7 +719,14 @@ def _replay_chain(run: RunDirectory, audit: ChainAudit) -> tuple[CustodyChain, s
     if run.parent_anchor_path.exists():  # a child run: its chain continues from its parent's last held probe
         features, step = load_parent_anchor(run.parent_anchor_path)
         anchor, initial_sha = Anchor(features, step), file_sha256(run.parent_anchor_path)
-        audit.evidence += f"; the chain starts at the parent run's last probe (step {step}, {PARENT_ANCHOR_FILE})"
+        lost = audit.continues_lost_chain = lost_chain_of(run.parent_anchor_path)
+        if lost is None:
+            audit.evidence += f"; the chain starts at the parent run's last probe (step {step}, {PARENT_ANCHOR_FILE})"
+        else:
+            audit.evidence += (
+                f"; this ledger CONTINUES A LOST CHAIN: the resume at step {lost.get('resumed_at_step')} found no "
+                f"ledger in this directory, whose chain had {lost.get('records')} records (head sha256 "
+                f"{lost.get('head_sha256')}); it starts at that chain's anchor (step {step}, {PARENT_ANCHOR_FILE})")
     chain = CustodyChain(reference, controls=controls, anchor=anchor, reference_source="ledger")
     controls_sha = file_sha256(run.controls_path) if len(controls) else None
     return chain, file_sha256(run.reference_path), controls_sha, initial_sha
@@ -505,7 +734,9 @@ def _replay_chain(run: RunDirectory, audit: ChainAudit) -> tuple[CustodyChain, s
 
 def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor | None = None, *,
                  checkpoint_step: int | None = None, checkpoint_name: str | None = None,
-                 expected_head: tuple[int, str] | None = None) -> ChainAudit:
+                 expected_head: tuple[int, str] | None = None,
+                 checkpoint_state: dict[str, Any] | None = None,
+                 ledger: str | os.PathLike | None = None) -> ChainAudit:
     """Re-verify a run's custody ledger offline, record by record, from its files.
 
     ``run_dir`` is the run's ``seedprints`` directory (or a directory holding it). Every record's
@@ -519,15 +750,33 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
     callback state knows it: the ledger must hold that record at that place. Without it, records
     cut from the END of the ledger cannot be told from a run that made fewer probes (the hash
     chain only protects what precedes a record).
+
+    ``checkpoint_state`` is the checkpoint's callback state itself (:meth:`CustodyChain.state_dict`):
+    its ledger head is then ``expected_head``, and a checkpoint that belongs to no place in this
+    ledger is named as such instead of as tampering: ``"other_run"`` when its state holds another
+    birth fingerprint than ``reference.safetensors`` (or its last held probe is not this
+    ledger's), ``"abandoned_branch"`` when its head record is in a ``custody.abandoned-N.jsonl``
+    beside the ledger (:data:`PROBLEM_KINDS`).
+
+    Every line is read as bytes and checked (UTF-8, JSON, an object, every field of the right
+    type) before any figure of it is used: a malformed line is a ``"tampered"`` problem naming
+    it, and the audit goes on with the next. It never raises for what a ledger holds.
+
+    When the ledger continues a lost chain (a resume found no ledger in the directory:
+    ``parent_anchor.safetensors`` says so), a checkpoint from before the loss is a ``"missing"``
+    problem that says so, not records removed from the end. ``ledger`` verifies another ledger
+    file of the directory instead of ``custody.jsonl``: an abandoned branch
+    (``custody.abandoned-<i>.jsonl``) holds the whole branch and verifies alike.
     """
     run = RunDirectory.locate(run_dir)
-    run.require()
+    run.require(ledger)
     audit = ChainAudit(run_dir=run.path)
     chain, reference_sha, controls_sha, initial_sha = _replay_chain(run, audit)
     audit.anchors.append(chain.anchor if chain.anchor is not None
                          else Anchor(chain.reference.features, int(chain.reference.step or 0)))
-    ledger = run.ledger_path
-    lines = ledger.read_text(encoding="utf-8").splitlines()
+    ledger = run.ledger_file(ledger)
+    lines = _ledger_lines(ledger)
+    shas = [hashlib.sha256(line).hexdigest() for line in lines]  # line_sha256 of each line's text
     if not lines:
         audit.problems.append(ChainProblem(None, "missing", f"{ledger} has no record"))
         return audit
@@ -539,11 +788,13 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
     for line_no, line in enumerate(lines):
         where = f"record {line_no} (line {line_no + 1} of {ledger.name})"
         chain.next_index = line_no  # a record's index is its line: the replay numbers them so
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problem(line_no, "tampered", f"{where} is not valid JSON ({exc})")
-            return audit
+        record, malformed = _read_record(line)
+        if malformed is not None:  # nothing of it can be trusted: the next record's prev_sha256 tells the rest
+            problem(line_no, "tampered", f"{where} {malformed}")
+            audit.records.append(record if isinstance(record, dict) else {})
+            audit.recomputed.append(None)
+            prev_sha = shas[line_no]
+            continue
         audit.records.append(record)
         if record.get("index") != line_no:
             problem(line_no, "tampered", f"{where} has index {record.get('index')!r}: a record is missing or the "
@@ -552,8 +803,8 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
             problem(line_no, "tampered", f"{where}: prev_sha256 does not match the hash of the "
                     + ("reference file" if line_no == 0 else "previous record")
                     + ": a record before it was edited, removed or reordered")
-        prev_sha = line_sha256(line)
-        step = int(record.get("step", -1))
+        prev_sha = shas[line_no]
+        step = record["step"]
         if step < last_step:
             problem(line_no, "tampered", f"{where}: step {step} comes after step {last_step}: records reordered")
         last_step = step
@@ -576,7 +827,7 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
         try:
             chain.rules = ChainRules.from_record(record)
             observed = chain.observe(step, load_probe_features(feature_path).float(), str(record.get("event")))
-        except (KeyError, TypeError, InputError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:  # InputError, FingerprintFileError (features file)
             problem(line_no, "tampered", f"{where} cannot be re-tested ({type(exc).__name__}: {exc})")
             audit.recomputed.append(None)
             continue
@@ -598,17 +849,132 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
         elif verdict.link.related:
             audit.anchors.append(chain.anchor)
 
-    if expected_head is not None:
+    if expected_head is None and checkpoint_state is not None:
+        expected_head = ledger_head_of(checkpoint_state)
+    lost = _lost_chain_problem(audit, chain, checkpoint_state, expected_head, shas, ledger.name)
+    foreign = None if lost else _foreign_checkpoint(run, chain, checkpoint_state, expected_head, shas, checkpoint_name)
+    if lost:
+        problem(None, "missing", lost)
+    elif foreign is not None:
+        problem(None, *foreign)
+    elif expected_head is not None:
         count, head_sha = expected_head
         if count > len(lines):
             problem(None, "tampered", f"{ledger.name} holds {len(lines)} records but the checkpoint's callback state "
                                       f"chained to record {count - 1}: records were removed from the end")
-        elif count > 0 and line_sha256(lines[count - 1]) != head_sha:
+        elif count > 0 and shas[count - 1] != head_sha:
             problem(count - 1, "tampered", f"record {count - 1} is not the one the checkpoint's callback state chained "
                                            "to (hash mismatch): it was edited, or the ledger is another run's")
+    _report_undetermined(audit)
     if checkpoint_features is not None:
         _link_checkpoint(audit, chain, checkpoint_features, checkpoint_step, checkpoint_name, last_step)
     return audit
+
+
+def ledger_head_of(state: Any) -> tuple[int, str] | None:
+    """``(records, sha256 of the last)`` of the ledger a callback state was chained to, if it says."""
+    if not isinstance(state, dict):
+        return None
+    count, sha = state.get("ledger_next_index", 0), state.get("ledger_last_sha256")
+    if not sha or not isinstance(sha, str) or not _is_int(count):
+        return None
+    return int(count), sha
+
+
+def _lost_chain_problem(audit: ChainAudit, chain: CustodyChain, state: dict[str, Any] | None,
+                        head: tuple[int, str] | None, shas: list[str], ledger_name: str) -> str | None:
+    """What to say when the checkpoint chained to a record of the lost chain this ledger continues, else None."""
+    lost = audit.continues_lost_chain
+    if lost is None or head is None:
+        return None
+    count, head_sha = head
+    if 0 < count <= len(shas) and shas[count - 1] == head_sha:
+        return None  # a record of this ledger: a checkpoint from after the resume
+    records = lost.get("records")
+    if not _is_int(records) or not 0 < count <= records or (count == records and head_sha != lost.get("head_sha256")):
+        return None
+    reference, ours = state.get("reference_features") if isinstance(state, dict) else None, chain.reference.features
+    if isinstance(reference, torch.Tensor) and not (tuple(reference.shape) == tuple(ours.shape)
+                                                    and torch.equal(reference.float(), ours.float())):
+        return None  # another run's checkpoint
+    which = "its head" if count == records else "a record before its head, which cannot be checked"
+    return (f"the checkpoint chained to record {count - 1} of a ledger this directory no longer holds (lost before the "
+            f"resume at step {lost.get('resumed_at_step')}: that chain had {records} records, head sha256 "
+            f"{lost.get('head_sha256')}; record {count - 1} is {which}); {ledger_name} continues that chain from its "
+            f"anchor at step {audit.anchors[0].step}, so the records up to the checkpoint are not verified. Restore "
+            "the lost ledger to verify them")
+
+
+def _foreign_checkpoint(run: RunDirectory, chain: CustodyChain, state: dict[str, Any] | None,
+                        head: tuple[int, str] | None, shas: list[str], name: str | None) -> tuple[str, str] | None:
+    """``(kind, message)`` when the checkpoint's callback state was chained to no place in this ledger."""
+    if not isinstance(state, dict):
+        return None
+    what = f"checkpoint {name}" if name else "the checkpoint"
+    reference = state.get("reference_features")
+    ours = chain.reference.features
+    if isinstance(reference, torch.Tensor) and not (
+            tuple(reference.shape) == tuple(ours.shape) and torch.equal(reference.float(), ours.float())):
+        return "other_run", (
+            f"{what} belongs to another run: its callback state was chained to a ledger with another birth "
+            f"fingerprint than {run.reference_path}, so this ledger says nothing about it (this is no sign of "
+            "tampering); audit it against its own run's directory")
+    if head is None:
+        return None
+    count, head_sha = head
+    if 0 < count <= len(shas) and shas[count - 1] == head_sha:
+        return None  # its head is here: the checkpoint belongs to this chain
+    for abandoned in sorted(run.path.glob("custody.abandoned-*.jsonl")):
+        try:
+            if head_sha in (hashlib.sha256(line).hexdigest() for line in _ledger_lines(abandoned)):
+                return "abandoned_branch", (
+                    f"{what} belongs to an abandoned branch of this run: the record its callback state chained to "
+                    f"is in {abandoned.name}, not in {run.ledger_path.name} (the run went on past this checkpoint, "
+                    "then was resumed from an earlier one, which moved those records aside); the current chain "
+                    "does not vouch for it")
+        except OSError:
+            continue
+    anchor, index = state.get("anchor_features"), state.get("anchor_index")
+    if isinstance(anchor, torch.Tensor) and _is_int(index) and 0 <= index < len(shas):
+        # Same birth fingerprint (same init and probe) but another chain: its last held probe is not ours.
+        record, malformed = _read_record(_ledger_lines(run.ledger_path)[index])
+        path = run.path / record["features_file"] if malformed is None else None
+        try:
+            ours = load_probe_features(path) if path is not None and path.is_file() else None
+        except (KeyError, ValueError):
+            ours = None
+        if ours is not None and (tuple(ours.shape) != tuple(anchor.shape)
+                                 or not torch.equal(ours.float(), anchor.float())):
+            return "other_run", (
+                f"{what} belongs to another run: its callback state was chained to a ledger with the same birth "
+                f"fingerprint, but its last held probe (record {index}) is not this ledger's record {index} (this "
+                "is no sign of tampering); audit it against its own run's directory")
+    return None
+
+
+def _report_undetermined(audit: ChainAudit) -> None:
+    """Each stretch of records whose link is undetermined: a note when a later link held, else a problem."""
+    start: int | None = None
+    verdicts = audit.recomputed
+    for index in range(len(verdicts) + 1):
+        verdict = verdicts[index] if index < len(verdicts) else None
+        if verdict is not None and verdict.link.related is None:
+            start = index if start is None else start
+            continue
+        if start is None:
+            continue
+        first, last = verdicts[start], verdicts[index - 1]
+        where = (f"record {start} (step {first.step})" if index - 1 == start
+                 else f"records {start}-{index - 1} (steps {first.step}-{last.step})")
+        why = f"the lineage could not be measured ({first.link.reason})"
+        if index == len(verdicts):
+            audit.problems.append(ChainProblem(start, "undetermined", (
+                f"{where}: undetermined, {why}: nothing vouches for the model after step {first.anchor_step}, the "
+                "last held link")))
+        elif verdict is not None and verdict.link.related is True:
+            audit.notes.append(f"{where}: undetermined, {why}; the link at step {verdict.step} from step "
+                               f"{verdict.anchor_step} held across them")
+        start = None
 
 
 def _link_checkpoint(audit: ChainAudit, chain: CustodyChain, features: torch.Tensor, step: int | None,
@@ -620,7 +986,11 @@ def _link_checkpoint(audit: ChainAudit, chain: CustodyChain, features: torch.Ten
     chain.anchor = None if anchor.features is chain.reference.features else anchor
     audit.checkpoint = chain.test(step if step is not None else last_step, storage_features(features).float())
     audit.checkpoint_name = name
-    if audit.checkpoint.link.related is not True:
+    if audit.checkpoint.link.related is None:
+        audit.problems.append(ChainProblem(None, "undetermined", f"checkpoint {name}: its link to the chain is "
+                                           f"undetermined ({audit.checkpoint.link.reason}): its lineage could not be "
+                                           "measured, so nothing vouches for it"))
+    elif audit.checkpoint.link.related is not True:
         audit.problems.append(ChainProblem(None, "broken_link", f"checkpoint {name}: does not link to the chain (link "
                                            f"from step {anchor.step}: z={audit.checkpoint.link.z:.2f}, threshold "
                                            f"{audit.checkpoint.link.threshold:.2f})"))

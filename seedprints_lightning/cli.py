@@ -16,14 +16,18 @@ Exit codes (also in ``--help``):
 
     0  success (and the verdict matched ``--expect``, if given)
     1  the verdict differs from ``--expect`` (an undetermined verdict counts as differing)
-    2  usage or input error: bad arguments or option values, no seedprints data to plot
+    2  usage or input error: bad arguments or option values, no seedprints data to plot,
+       a model whose features are NaN or Inf (``fingerprint`` then writes nothing)
     3  file error: a path is missing or is not a model directory / checkpoint / fingerprint,
        a fingerprint file is truncated or corrupt, or a file cannot be read or written
     4  incompatible inputs: fingerprints made with different probes, models whose
        vocabularies or widths the probe does not fit
-    5  audit --chain: the ledger was tampered with (a record edited, missing or reordered,
-       a features file altered or missing); 1 there means a broken custody link
-    130 interrupted (Ctrl-C)
+    5  audit --chain: the ledger was tampered with (a record edited, malformed, missing or
+       reordered, a features file altered or missing); 1 there means a broken custody link,
+       or a checkpoint that belongs to another run or to an abandoned branch of this one
+    70 internal error: an unexpected exception, a bug (one line; ``SEEDPRINTS_DEBUG=1``
+       re-raises it with its traceback)
+    130 interrupted (Ctrl-C, at any moment: the ``seedprints`` script is :mod:`._entry`)
 
 Every verdict is the callback's (:mod:`.verdict`): a test must clear the analytic threshold
 and the fresh-init controls (stored in a fingerprint file, or built from a model's config),
@@ -39,6 +43,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -48,7 +53,7 @@ from ._version import __version__
 from .errors import FingerprintFileError, IncompatibleFingerprintsError, ModelNotFoundError, SeedPrintsError
 
 __all__ = ["EXIT_OK", "EXIT_EXPECT", "EXIT_USAGE", "EXIT_FILE", "EXIT_INCOMPATIBLE", "EXIT_TAMPERED",
-           "EXIT_INTERRUPTED",
+           "EXIT_UNDETERMINED", "EXIT_INTERRUPTED", "EXIT_INTERNAL",
            "build_parser", "main"]
 
 EXIT_OK = 0
@@ -57,19 +62,30 @@ EXIT_USAGE = 2
 EXIT_FILE = 3
 EXIT_INCOMPATIBLE = 4
 EXIT_TAMPERED = 5
+EXIT_UNDETERMINED = 6
 EXIT_INTERRUPTED = 130
+#: An unexpected error (a bug in seedprints-lightning): one line unless SEEDPRINTS_DEBUG=1 shows the traceback.
+EXIT_INTERNAL = 70
+#: Set to 1 to let an unexpected exception propagate with its traceback instead of one line, exit 70.
+DEBUG_ENV = "SEEDPRINTS_DEBUG"
 
 PROG = "seedprints"
 EXIT_CODES_EPILOG = """\
 exit codes:
   0    success (and the verdict matched --expect, if given)
   1    the verdict differs from --expect (undetermined counts as differing)
-  2    usage or input error (bad arguments or values, no seedprints data to plot)
+  2    usage or input error (bad arguments or values, no seedprints data to plot,
+       a model whose features are NaN/Inf: nothing is written)
   3    file error (missing path; not a model directory, .ckpt or fingerprint;
        truncated or corrupt fingerprint; unreadable or unwritable file)
   4    incompatible inputs (different probe specs, vocabulary or width misfit)
-  5    audit --chain: ledger tampered (record edited, missing or reordered;
-       features altered); 1 there means a broken custody link
+  5    audit --chain: ledger tampered (record edited, malformed, missing or
+       reordered; features altered); 1 there means a broken custody link, or a
+       checkpoint of another run or of an abandoned branch of this one
+  6    audit --chain: intact, but the chain's end (or the checkpoint's link) is
+       undetermined: the model's lineage could not be measured (NaN or
+       degenerate hidden states), so the chain vouches only up to its last held link
+  70   internal error (a bug; SEEDPRINTS_DEBUG=1 shows the traceback)
   130  interrupted
 """
 
@@ -350,6 +366,7 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
             raise UsageError("--vocab-size applies to token probes only")
         spec = ProbeSpec(**fields)
     fp = fingerprint_source(source, spec, num_controls=args.controls, runtime=_runtime(args))
+    fp.check_finite(f"{source.describe()}" + (f" at step {fp.step}" if fp.step is not None else ""))
     written = fp.save(out)
     print(f"wrote {written}")
     print(f"  source    {source.describe()}" + (f", step {fp.step}" if fp.step is not None else ""))
@@ -448,6 +465,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     if args.chain is not None:
         return _cmd_audit_chain(args)
+    if args.ledger is not None:
+        raise UsageError("--ledger names a ledger file of a run directory: use it with --chain RUN_DIR")
     from .audit import audit_checkpoints, find_controls, rule_for_base, rule_name_for_base
     from .probes import ProbeSpec
     from .sources import classify_source, fingerprint_source
@@ -499,12 +518,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 def _cmd_audit_chain(args: argparse.Namespace) -> int:
     from .chain import verify_chain
     from .custody import RunDirectory
-    from .sources import checkpoint_ledger_head, classify_source, fingerprint_source, source_step
+    from .sources import checkpoint_state, classify_source, fingerprint_source, source_step
 
     positional = [p for p in [args.reference, *args.checkpoints] if p is not None]
     if len(positional) > 1:
         raise UsageError("audit --chain takes at most one checkpoint: seedprints audit --chain RUN_DIR [CKPT]")
-    checkpoint_features = checkpoint_step = checkpoint_name = expected_head = None
+    checkpoint_features = checkpoint_step = checkpoint_name = state = None
     if positional:
         from .fingerprint import Fingerprint
 
@@ -513,13 +532,14 @@ def _cmd_audit_chain(args: argparse.Namespace) -> int:
         fp = fingerprint_source(source, spec, runtime=_runtime(args))
         fp_step = fp.step if fp.step is not None else source_step(source, trust_pickle=args.trust_pickle)
         checkpoint_features, checkpoint_step, checkpoint_name = fp.features, fp_step, str(source.path)
-        expected_head = checkpoint_ledger_head(source, trust_pickle=args.trust_pickle)
+        state = checkpoint_state(source, trust_pickle=args.trust_pickle)  # its ledger head, its run's reference
     audit = verify_chain(args.chain, checkpoint_features, checkpoint_step=checkpoint_step,
-                         checkpoint_name=checkpoint_name, expected_head=expected_head)
+                         checkpoint_name=checkpoint_name, checkpoint_state=state, ledger=args.ledger)
     if args.json:
         print(json.dumps({
             "run_dir": str(audit.run_dir), "ok": audit.ok, "evidence": audit.evidence, "records": len(audit.records),
             "problems": [{"record": p.index, "kind": p.kind, "message": p.message} for p in audit.problems],
+            "notes": list(audit.notes),
             "links": [None if v is None else {"step": v.step, "anchor_step": v.anchor_step, **v.link.to_dict()}
                       for v in audit.recomputed],
             "checkpoint": None if audit.checkpoint is None else {"name": audit.checkpoint_name,
@@ -530,8 +550,16 @@ def _cmd_audit_chain(args: argparse.Namespace) -> int:
         print(f"run        {audit.run_dir}")
         print(f"evidence   {audit.evidence}")
         print(format_chain_table(audit))
+        for note in audit.notes:
+            print(f"NOTE       {note}")
         for problem in audit.problems:
             print(f"PROBLEM    [{problem.kind}] {problem.message}")
+        if audit.undetermined and not audit.tampered and not audit.broken_links:
+            held = [a for a in audit.anchors if a.index is not None]
+            print("chain      intact but NOT verified to its end: "
+                  + (f"it holds up to record {held[-1].index} (step {held[-1].step}); " if held
+                     else "no record's link held; ")
+                  + "what follows is undetermined")
         if audit.ok:
             last = next((v for v in reversed(audit.recomputed) if v is not None), None)
             target = (f"checkpoint {audit.checkpoint_name}" if audit.checkpoint is not None
@@ -540,6 +568,10 @@ def _cmd_audit_chain(args: argparse.Namespace) -> int:
                   "birth fingerprint")
     if audit.tampered:
         return EXIT_TAMPERED
+    if audit.broken_links:
+        return EXIT_EXPECT
+    if audit.undetermined:
+        return EXIT_UNDETERMINED
     return EXIT_OK if audit.ok else EXIT_EXPECT
 
 
@@ -619,6 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--chain", metavar="RUN_DIR", default=None,
                        help="the callback's seedprints directory (or the log directory holding it): verify its "
                             "custody.jsonl link by link")
+    audit.add_argument("--ledger", metavar="FILE", default=None,
+                       help="with --chain: verify this ledger file of RUN_DIR instead of custody.jsonl, e.g. an "
+                            "abandoned branch custody.abandoned-0.jsonl (it holds the whole branch)")
     audit.add_argument("-o", "--output", default=None, metavar="PNG", help="also draw z against step into this PNG")
     audit.add_argument("--title", default=None, help="figure title (with -o)")
     audit.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -662,6 +697,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(exc, _exit_code(exc))
     except KeyboardInterrupt:
         return _error("interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:  # a bug: one line for the user, the traceback with SEEDPRINTS_DEBUG=1
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        where = exc.__traceback__
+        while where is not None and where.tb_next is not None:
+            where = where.tb_next
+        at = f" at {Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno}" if where is not None else ""
+        return _error(f"unexpected {type(exc).__name__}{at}: {exc} (a bug in seedprints-lightning {__version__}: "
+                      f"please report it; {DEBUG_ENV}=1 shows the traceback)", EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,12 @@ Layout, beside ``reference.safetensors`` (the run's birth fingerprint) in the ru
 ``seedprints`` directory::
 
     custody.jsonl                       one JSON record per line, one line per probe
-    probes/000012-step00001000.safetensors   that probe's features [n, D] (fp16)
+    probes/000012-step00001000-3f9a0c1d.safetensors   that probe's features [n, D] (fp16); the last
+                                        part is the writing branch's token, so no branch overwrites another's
+    custody.abandoned-<i>.jsonl         a branch that a resume from an older checkpoint abandoned: the whole
+                                        branch (the records it shares with the ledger, then its own), which
+                                        verifies on its own (``verify_chain(run, ledger=...)``)
+    custody.lock                        the writer's exclusive OS lock (:class:`RunLock`)
 
 Each record holds the probe's step, time, event, both verdicts (birth test and custody link,
 with z, tau, threshold, the controls' z and the rule), the index and step of the anchor the
@@ -15,7 +20,10 @@ breaks its hash; and since every verdict is recomputed from the stored features,
 that claims a link held when it did not is caught too (:func:`seedprints_lightning.chain.verify_chain`).
 
 :class:`RunDirectory` is the one place that knows these paths, for the writers (every trainer
-integration) and the readers (the audit) alike.
+integration) and the readers (the audit) alike. A run directory belongs to one run: one process
+writes it at a time (:class:`RunLock`), a new run refuses a directory that holds another run's
+ledger or reference (:meth:`RunDirectory.refuse_new_chain`), and no file of an abandoned branch
+is ever overwritten.
 
 Features are rounded to fp16 BEFORE the callback tests them, so the offline audit recomputes
 exactly the callback's figures from the files (values outside fp16's range, a diverging model,
@@ -26,10 +34,12 @@ defaults (n = 1000) for D = 128, 8 MB for D = 4096.
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +54,13 @@ __all__ = [
     "CUSTODY_FILE",
     "CONTROLS_FILE",
     "CustodyLedger",
+    "LOCK_FILE",
     "PARENT_ANCHOR_FILE",
     "PROBES_DIR",
     "REFERENCE_FILE",
     "RunDirectory",
+    "RunLock",
+    "check_save_dir",
     "line_sha256",
     "storage_features",
 ]
@@ -57,6 +70,8 @@ REFERENCE_FILE = "reference.safetensors"
 PARENT_ANCHOR_FILE = "parent_anchor.safetensors"
 CONTROLS_FILE = "controls.safetensors"
 CUSTODY_FILE = "custody.jsonl"
+#: The writer's exclusive lock on the run directory (:class:`RunLock`).
+LOCK_FILE = "custody.lock"
 PROBES_DIR = "probes"
 LEDGER_FORMAT = "seedprints-custody"
 LEDGER_VERSION = 1
@@ -82,16 +97,115 @@ def _canonical(record: dict[str, Any]) -> str:
     return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def save_parent_anchor(directory: Path, features: torch.Tensor, step: int) -> Path:
-    """Write the parent run's last held probe as this run's first anchor (``parent_anchor.safetensors``)."""
+def save_parent_anchor(directory: Path, features: torch.Tensor, step: int,
+                       continues: dict[str, Any] | None = None) -> Path:
+    """Write the first anchor of this directory's ledger (``parent_anchor.safetensors``).
+
+    A child run's is its parent run's last held probe. ``continues`` (``records``,
+    ``head_sha256``, ``resumed_at_step``) marks a ledger that continues a chain whose ledger
+    this directory lost (:func:`~seedprints_lightning.integration.open_chain`): the anchor is that
+    chain's last held probe, and the audit names the loss.
+    """
+    meta: dict[str, Any] = {"step": int(step)}
+    if continues is not None:
+        meta["continues_lost_chain"] = dict(continues)
     return save_safetensors(Path(directory) / PARENT_ANCHOR_FILE, {"features": storage_features(features)},
-                            {"seedprints": json.dumps({"step": int(step)})})
+                            {"seedprints": json.dumps(meta, sort_keys=True)})
 
 
 def load_parent_anchor(path: Path) -> tuple[torch.Tensor, int]:
     """``(features, step)`` of a file written by :func:`save_parent_anchor`."""
     tensors, meta = read_safetensors(path, "parent anchor file")
     return tensors["features"], int(json.loads(meta["seedprints"])["step"])
+
+
+def lost_chain_of(path: Path) -> dict[str, Any] | None:
+    """What a first-anchor file says about the lost chain its ledger continues (``None``: it continues none)."""
+    _, meta = read_safetensors(path, "parent anchor file")
+    lost = json.loads(meta["seedprints"]).get("continues_lost_chain")
+    return dict(lost) if isinstance(lost, dict) else None
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_save_dir(path: str | os.PathLike, name: str = "save_dir") -> Path:
+    """Raise :class:`InputError` unless ``path`` can be (or is) a run directory this process may write.
+
+    Checked: ``path`` is not an existing regular file (nor anything but a directory); the
+    nearest existing directory (``path`` or its nearest existing ancestor) is a directory (not a
+    regular file above ``path``) that this process may write and enter (``os.access`` with
+    ``W_OK | X_OK``: an approximation on network filesystems and ACLs, where the first write may
+    still fail).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{name}={os.fspath(path)!r} exists and is not a directory (a regular file?): the run's "
+                         "seedprints files need a directory. Pass another path, or move the file away")
+    existing = _nearest_existing(path.absolute())
+    if not existing.is_dir():
+        raise InputError(f"{name}={os.fspath(path)!r} cannot be created: {existing} is a file, not a directory. "
+                         "Pass a path outside it, or move the file away")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "it" if existing == path.absolute() else f"its nearest existing parent {existing}"
+        raise InputError(f"{name}={os.fspath(path)!r} is not writable: {what} does not let this process create "
+                         "files. Pass a directory you can write, or fix its permissions")
+    return path
+
+
+class RunLock:
+    """The exclusive OS lock (``custody.lock``, :mod:`filelock`) of the one process writing a run directory.
+
+    Taken without waiting when the writer opens the ledger: a second writer (another process, or
+    another live face object in this process) gets an :class:`InputError` naming the directory,
+    never a turn to interleave its records. Released by :meth:`release` (every face calls it
+    when its run ends), by the OS when the process dies (a crash, SIGKILL: the next run needs no
+    clean-up), and when this object is garbage collected. On contention the lock is retried once
+    after a garbage collection, so a face object of this process that was dropped without ending
+    its run (a simulated crash) releases it; a lock held by a live object is never taken over.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.path = Path(directory) / LOCK_FILE
+        self._lock: Any = None
+
+    @property
+    def held(self) -> bool:
+        return self._lock is not None and self._lock.is_locked
+
+    def acquire(self) -> RunLock:
+        """Take the lock (no wait); raise :class:`InputError` when another writer holds it."""
+        if self.held:
+            return self
+        from filelock import FileLock, Timeout
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.path), thread_local=False, is_singleton=False)
+        try:
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                gc.collect()  # a dropped face object of this process releases its lock when collected
+                lock.acquire(timeout=0)
+        except Timeout:
+            raise InputError(
+                f"{self.path.parent}: another process is writing this run (its lock {self.path} is held, by another "
+                "process or a face object of this process whose run has not ended): two writers would interleave "
+                "their records in one ledger. End that run first (or wait for it), or log this run to another "
+                "directory (save_dir=...). (On a filesystem without OS file locks, filelock may keep a crashed "
+                f"run's lock: delete {self.path} only if no run is writing there)"
+            ) from None
+        self._lock = lock
+        return self
+
+    def release(self) -> None:
+        """Release the lock (no-op when not held)."""
+        lock, self._lock = self._lock, None
+        if lock is not None and lock.is_locked:
+            lock.release(force=True)
 
 
 def load_probe_features(path: Path) -> torch.Tensor:
@@ -105,6 +219,10 @@ class CustodyLedger:
 
     ``last_sha256`` is the hash the next record chains to; the callback keeps it (and
     ``next_index``) in its checkpoint state, so a resumed run continues the same chain.
+    ``branch`` is a random token in every probe file name this writer makes, so two branches of
+    a run (a resume from an older checkpoint) never overwrite each other's files. ``lock`` is
+    the run directory's :class:`RunLock` (held while writing; :meth:`close` releases it, and an
+    append after that takes it again).
     """
 
     directory: Path
@@ -114,10 +232,38 @@ class CustodyLedger:
     reference_sha256: str | None = None
     controls_sha256: str | None = None
     initial_anchor_sha256: str | None = None
+    lock: RunLock | None = None
+    branch: str = field(default_factory=lambda: secrets.token_hex(4))
 
     @property
     def path(self) -> Path:
         return Path(self.directory) / CUSTODY_FILE
+
+    def close(self) -> None:
+        """Release the run directory's lock (the run ended); a later :meth:`append` takes it again."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _hold_lock(self) -> None:
+        """Take the lock again after :meth:`close`, if the ledger still ends where this chain stands."""
+        if self.lock is None or self.lock.held:
+            return
+        self.lock.acquire()
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+        tail = line_sha256(lines[-1]) if lines else self.reference_sha256
+        if len(lines) != self.next_index or tail != self.last_sha256:
+            self.lock.release()
+            raise InputError(f"{self.path} changed since this run closed it (it holds {len(lines)} records, this "
+                             f"chain stands at {self.next_index}): another run wrote there. Start a new run in "
+                             "another directory (save_dir=...)")
+
+    def _probe_name(self, index: int, step: int) -> str:
+        """A probe file name no file of the directory has (a new branch token on the unlikely clash)."""
+        while True:
+            name = f"{PROBES_DIR}/{index:06d}-step{step:08d}-{self.branch}.safetensors"
+            if not (Path(self.directory) / name).exists():
+                return name
+            self.branch = secrets.token_hex(4)
 
     def append(self, verdict: ProbeVerdict, features: torch.Tensor, *, event: str, anchor_index: int | None,
                identity_mode: str, identity_ratio: float | None) -> dict[str, Any]:
@@ -125,8 +271,9 @@ class CustodyLedger:
         if self.last_sha256 is None:
             raise InputError("CustodyLedger.append before rewind_to(): the chain has no root (open the ledger with "
                              "RunDirectory.open_ledger)")
+        self._hold_lock()
         index = self.next_index
-        name = f"{PROBES_DIR}/{index:06d}-step{verdict.step:08d}.safetensors"
+        name = self._probe_name(index, int(verdict.step))
         feature_path = Path(self.directory) / name
         meta = {"seedprints": json.dumps({"index": index, "step": verdict.step})}
         save_safetensors(feature_path, {"features": features}, meta)
@@ -155,24 +302,33 @@ class CustodyLedger:
 
         Records written after it belong to a branch of the run that was abandoned (the run went
         on past the checkpoint, then was resumed from it). They are moved, never deleted, to
-        ``custody.abandoned-<i>.jsonl``; the path is returned (None when nothing was moved).
+        ``custody.abandoned-<i>.jsonl``, which holds the whole branch (the ``next_index`` records
+        it shares with the ledger, then its own), so it verifies on its own; the path is
+        returned (None when nothing was moved). A ledger that does not hold the checkpoint's
+        record ``next_index - 1`` (fewer records, or another one there) is an :class:`InputError`.
         """
         self.next_index, self.last_sha256 = next_index, last_sha256
         if not self.path.exists():
             return None
         lines = self.path.read_text(encoding="utf-8").splitlines()
         keep = next_index
-        if len(lines) <= keep:
-            return None
+        if len(lines) < keep:
+            raise InputError(
+                f"{self.path} holds {len(lines)} records but this run's checkpoint chained to record {keep - 1}: "
+                "records were lost, or the directory is an older copy. Resume into the directory that holds the whole "
+                f"ledger, or move {self.path.parent} away to continue in a new ledger that names the loss"
+            )
         if keep > 0 and line_sha256(lines[keep - 1]) != last_sha256:
             raise InputError(
                 f"{self.path}: record {keep - 1} is not the one this checkpoint chained to (hash mismatch): the "
                 "ledger belongs to another run or was edited; log to another directory (save_dir=...)"
             )
+        if len(lines) == keep:
+            return None
         i = 0
         while (moved := self.path.with_name(f"custody.abandoned-{i}.jsonl")).exists():
             i += 1
-        moved.write_text("\n".join(lines[keep:]) + "\n", encoding="utf-8")
+        moved.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         kept = "".join(line + "\n" for line in lines[:keep])
         atomic_write(self.path, lambda tmp: tmp.write_text(kept, encoding="utf-8"))
         return moved
@@ -204,21 +360,54 @@ class RunDirectory:
     controls_path = property(lambda self: self.path / CONTROLS_FILE)
     ledger_path = property(lambda self: self.path / CUSTODY_FILE)
     parent_anchor_path = property(lambda self: self.path / PARENT_ANCHOR_FILE)
+    lock_path = property(lambda self: self.path / LOCK_FILE)
 
-    def require(self) -> None:
-        """Raise :class:`FingerprintFileError` unless this is a run directory with a ledger."""
-        for path in (self.ledger_path, self.reference_path):
+    def require(self, ledger: str | os.PathLike | None = None) -> None:
+        """Raise :class:`FingerprintFileError` unless this is a run directory with a ledger (``ledger``: that one)."""
+        for path in (self.ledger_file(ledger), self.reference_path):
             if not path.exists():
                 raise FingerprintFileError(f"{path} does not exist: {self.path} is not a run directory written by "
                                            "SeedPrintsCallback (it needs reference.safetensors and custody.jsonl)")
 
+    def ledger_file(self, ledger: str | os.PathLike | None = None) -> Path:
+        """``custody.jsonl``, or ``ledger`` (e.g. ``custody.abandoned-0.jsonl``; relative to this directory)."""
+        return self.ledger_path if ledger is None else self.path / ledger
+
+    def record_count(self) -> int:
+        """How many records ``custody.jsonl`` holds (0 when it is absent)."""
+        if not self.ledger_path.is_file():
+            return 0
+        return sum(1 for line in self.ledger_path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+    def lock(self) -> RunLock:
+        """This directory's writer lock, taken (:class:`RunLock`; :class:`InputError` when another writer holds it)."""
+        return RunLock(self.path).acquire()
+
+    def refuse_new_chain(self) -> None:
+        """Raise :class:`InputError` when this directory holds another run's ledger (a record in ``custody.jsonl``).
+
+        A new run (a fresh step-0 reference) must not start a chain over it: that run's evidence
+        would be replaced. (A reference file with no record is checked by :meth:`sync_reference`.)
+        """
+        count = self.record_count()
+        if count:
+            raise InputError(self._taken(f"another run's custody ledger ({self.ledger_path.name} holds {count} "
+                                         "records)"))
+
+    def _taken(self, what: str) -> str:
+        return (f"{self.path} holds {what}: a run directory belongs to one run, and a new run (a fresh step-0 "
+                "reference) would replace its evidence. Log this run to a new directory (save_dir=<another "
+                f"directory>), or remove or move {self.path} away first; to continue that run, resume it from its "
+                "checkpoint")
+
     def sync_reference(self, reference: Fingerprint, *, fresh: bool, origin: str) -> tuple[str, str | None]:
         """Write ``reference.safetensors``, or check that the one there is ``reference``.
 
-        Returns ``(its sha256, a warning or None)``. A fresh step-0 reference replaces another
-        run's file (with a warning: that chain ends here); a restored or explicit one must be
-        the file's own (``origin`` names it in the error), since two runs in one directory would
-        chain to each other's records.
+        Returns ``(its sha256, a warning or None)``. The file there must be ``reference`` itself:
+        a fresh step-0 reference never replaces another run's file (the directory belongs to that
+        run: an :class:`InputError` that says to log elsewhere), and a restored or explicit one
+        must be the file's own (``origin`` names it in the error), since two runs in one
+        directory would chain to each other's records.
         """
         path = self.reference_path
         existing = None
@@ -226,43 +415,52 @@ class RunDirectory:
             try:
                 existing = Fingerprint.load(path)
             except FingerprintFileError as exc:
-                if not fresh:
-                    raise InputError(f"{exc}; move it away or pass save_dir=<another directory>") from None
+                raise InputError(f"{exc}; move it away or pass save_dir=<another directory>") from None
         same = (existing is not None and existing.spec == reference.spec
                 and torch.equal(existing.features, reference.features))
-        warning = None
         if existing is not None and not same:
-            if not fresh:
-                raise InputError(
-                    f"the reference from {origin} (step {reference.step}, created {reference.created}) differs from "
-                    f"{path} (step {existing.step}, created {existing.created}), the reference of the run that owns "
-                    "this directory: another run's checkpoint or reference is being used in this run's directory. "
-                    "Resume this run from its own checkpoint, or log to another directory (save_dir=...)"
-                )
-            warning = (f"SeedPrints: replacing {path} (another run's reference, taken at step {existing.step}) with "
-                       "this run's new step-0 reference; its custody ledger starts anew")
+            if fresh:
+                raise InputError(self._taken(f"another run's reference {path.name} (taken at step {existing.step}, "
+                                             f"created {existing.created})"))
+            raise InputError(
+                f"the reference from {origin} (step {reference.step}, created {reference.created}) differs from "
+                f"{path} (step {existing.step}, created {existing.created}), the reference of the run that owns "
+                "this directory: another run's checkpoint or reference is being used in this run's directory. "
+                "Resume this run from its own checkpoint, or log to another directory (save_dir=...)"
+            )
         if not same:
             reference.save(path)
-        return file_sha256(path), warning
+        return file_sha256(path), None
 
     def open_ledger(self, next_index: int, last_sha256: str | None, *, reference_sha256: str,
                     controls_sha256: str | None = None, initial_anchor_sha256: str | None = None,
-                    ) -> tuple[CustodyLedger, str | None]:
+                    lock: RunLock | None = None) -> tuple[CustodyLedger, str | None]:
         """The ledger, positioned to continue after record ``next_index - 1`` (a new chain when none).
 
         Returns ``(ledger, a warning or None)``: records past that position (an earlier run's, or
-        an abandoned branch of this one) are moved to ``custody.abandoned-N.jsonl``, never deleted.
+        an abandoned branch of this one) are moved to ``custody.abandoned-N.jsonl`` with the
+        records the branch shares with the ledger, never deleted. The ledger holds ``lock``
+        (this directory's :class:`RunLock`; taken here when not given) until it is closed.
         """
+        own_lock = lock is None
+        lock = self.lock() if lock is None else lock
         ledger = CustodyLedger(self.path, reference_sha256=reference_sha256, controls_sha256=controls_sha256,
-                               initial_anchor_sha256=initial_anchor_sha256)
+                               initial_anchor_sha256=initial_anchor_sha256, lock=lock)
         new_chain = last_sha256 is None or next_index == 0
         if new_chain:  # rooted in the reference file
             next_index, last_sha256 = 0, reference_sha256
-        moved = ledger.rewind_to(last_sha256, next_index)
+        try:
+            moved = ledger.rewind_to(last_sha256, next_index)
+        except BaseException:
+            if own_lock:
+                lock.release()
+            raise
         if moved is None:
             return ledger, None
+        check = f"seedprints audit --chain {self.path} --ledger {moved.name} verifies it"
         if new_chain:
             return ledger, (f"SeedPrints: a new chain starts in {ledger.path}; the previous records were moved to "
-                            f"{moved}")
+                            f"{moved} ({check})")
         return ledger, (f"SeedPrints: resumed from a checkpoint older than the last probe; the ledger's records "
-                        f"after it (an abandoned branch of the run) were moved to {moved}")
+                        f"after it (an abandoned branch of the run) were moved to {moved} with the records the branch "
+                        f"shares with the ledger ({check})")

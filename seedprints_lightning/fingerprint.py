@@ -154,8 +154,33 @@ class Fingerprint:
             controls=controls, control_seeds=tuple(meta.get("control_seeds") or ()) if controls is not None else (),
         )
 
+    def check_finite(self, name: str | None = None) -> None:
+        """Raise :class:`InputError` unless every feature (and control) value is finite.
+
+        A fingerprint with NaN or Inf compares with nothing (every lineage test of it is
+        undetermined, and :meth:`load` refuses its file), so none is ever written. ``name`` names
+        the model in the message (default: its class and step).
+        """
+        for what, values in (("features", self.features), ("fresh-init controls", self.controls)):
+            if values is None:
+                continue
+            bad = int((~torch.isfinite(values)).sum())
+            if bad:
+                model = name or (f"the {self.model_class or 'model'}"
+                                 + (f" at step {self.step}" if self.step is not None else ""))
+                nan = int(torch.isnan(values).sum())
+                raise InputError(
+                    f"{model}: {bad} of {values.numel()} {what} values are not finite ({nan} NaN, {bad - nan} Inf), so "
+                    "its fingerprint could not be compared with anything and is not written: the model has diverged "
+                    "or has NaN/Inf weights (check the checkpoint, the loss curve, or the dtype it was probed in)"
+                )
+
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the file atomically (a crash never leaves a half-written fingerprint)."""
+        """Write the file atomically (a crash never leaves a half-written fingerprint).
+
+        Non-finite features are refused (:meth:`check_finite`): nothing is written.
+        """
+        self.check_finite()
         tensors = {"features": self.features}
         if self.controls is not None:
             tensors["controls"] = self.controls

@@ -34,10 +34,10 @@ from torch import nn
 from .chain import Anchor, ChainRules, CustodyChain, resolve_reference
 from .checks import check_bool, check_choice, check_int, check_number
 from .controls import DEFAULT_NUM_CONTROLS, ControlSet, build_control_model, preserve_rng_state
-from .custody import RunDirectory
+from .custody import RunDirectory, check_save_dir
 from .errors import IdentityLostError, IdentityWarning, InputError
 from .fingerprint import Fingerprint, config_digest
-from .integration import ControlsSource, Processes, measure_over_ranks, open_chain, torch_processes
+from .integration import ControlsSource, Processes, close_chain, measure_over_ranks, open_chain, torch_processes
 from .probes import ProbeBatch, ProbeSpec, extract_features, find_causal_lm, find_causal_lm_or_none
 from .schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
 from .sources import MODEL_STATE_KEY, STEP_STATE_KEY, model_rebuild_info
@@ -92,6 +92,7 @@ class MonitorSettings:
     controls_path: str | None
     save_dir: Path | None
     probe_batch_size: int
+    count_undetermined: bool = True
 
     @classmethod
     def from_arguments(
@@ -103,9 +104,11 @@ class MonitorSettings:
         feature_fn: Callable[[nn.Module, ProbeBatch], torch.Tensor] | None = None,
         control_factory: Callable[[int], nn.Module] | None = None, controls: str | os.PathLike | None = None,
         save_dir: str | os.PathLike | None = None, probe_batch_size: int = 64, identity_ratio: float | None = None,
-        identity_mode: str = "coset",
+        identity_mode: str = "coset", count_undetermined: bool = True,
     ) -> MonitorSettings:
         check_int("every_n_steps", every_n_steps, low=1, hint="optimizer steps between probes")
+        check_bool("count_undetermined", count_undetermined,
+                   hint="True counts a probe whose lineage cannot be measured towards patience")
         if probe is not None and not isinstance(probe, ProbeSpec):
             raise InputError(f"probe must be a seedprints_lightning.ProbeSpec or None, got {type(probe).__name__}")
         check_number("alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True, hint="e.g. 0.01")
@@ -134,6 +137,8 @@ class MonitorSettings:
             )
         if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
             raise InputError(f"save_dir must be a path (str or os.PathLike) or None, got {type(save_dir).__name__}")
+        if save_dir is not None:  # not a regular file, and it (or its nearest existing parent) writable
+            check_save_dir(save_dir)
         check_int("probe_batch_size", probe_batch_size, low=1)
         if identity_ratio is not None:
             check_number("identity_ratio", identity_ratio, low=0.0, high=1.0, low_open=True,
@@ -148,13 +153,15 @@ class MonitorSettings:
                    adaptive_schedule=bool(adaptive_schedule), reference=explicit, parent_anchor=parent_anchor,
                    reference_origin=origin, feature_fn=feature_fn, control_factory=control_factory,
                    controls_file=controls_file, controls_path=controls_path,
-                   save_dir=None if save_dir is None else Path(save_dir), probe_batch_size=int(probe_batch_size))
+                   save_dir=None if save_dir is None else Path(save_dir), probe_batch_size=int(probe_batch_size),
+                   count_undetermined=count_undetermined)
 
     def new_chain(self) -> CustodyChain:
         schedule = ProbeSchedule(every_n_steps=self.every_n_steps, adaptive=self.adaptive_schedule,
                                  adapt_headroom=DEFAULT_ADAPT_HEADROOM)
         return CustodyChain(self.reference, rules=self.rules, schedule=schedule, patience=self.patience,
-                            anchor=self.parent_anchor, reference_source="explicit" if self.reference else None)
+                            anchor=self.parent_anchor, reference_source="explicit" if self.reference else None,
+                            count_undetermined=self.count_undetermined)
 
     def features_of(self, module: nn.Module, spec: ProbeSpec,
                     sample_range: tuple[int, int] | None = None) -> torch.Tensor:
@@ -241,7 +248,8 @@ class SeedPrintsMonitor:
 
     Call :meth:`start` once before the first optimizer step (at step 0 it takes the reference;
     on a resume it links the loaded weights to the restored chain) and :meth:`step` after every
-    optimizer step: it probes when the schedule says so. :meth:`end` probes the last weights.
+    optimizer step: it probes when the schedule says so. :meth:`end` probes the last weights and
+    releases the run directory's writer lock (:meth:`close` only releases it).
     ``state_dict()`` / ``load_state_dict()`` go into your checkpoint (load before :meth:`start`).
 
     Args: those of :class:`~seedprints_lightning.SeedPrintsCallback` (same meaning, same
@@ -281,6 +289,7 @@ class SeedPrintsMonitor:
         probe_batch_size: int = 64,
         identity_ratio: float | None = None,
         identity_mode: Literal["coset", "base"] = "coset",
+        count_undetermined: bool = True,
         log_dir: str | os.PathLike | None = None,
     ) -> None:
         self.settings = MonitorSettings.from_arguments(
@@ -289,7 +298,8 @@ class SeedPrintsMonitor:
             birth_z_margin=birth_z_margin, link_z_margin=link_z_margin, link_tau_margin=link_tau_margin,
             adaptive_schedule=adaptive_schedule, reference=reference, feature_fn=feature_fn,
             control_factory=control_factory, controls=controls, save_dir=save_dir,
-            probe_batch_size=probe_batch_size, identity_ratio=identity_ratio, identity_mode=identity_mode)
+            probe_batch_size=probe_batch_size, identity_ratio=identity_ratio, identity_mode=identity_mode,
+            count_undetermined=count_undetermined)
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise InputError(f"log_dir must be a path (str or os.PathLike) or None, got {type(log_dir).__name__}")
         self.chain = self.settings.new_chain()
@@ -361,16 +371,28 @@ class SeedPrintsMonitor:
         return None
 
     def end(self, model: nn.Module, step: int | None = None) -> ProbeVerdict | None:
-        """Probe the final weights (unless ``step`` was just probed) and close the TensorBoard writer."""
+        """Probe the final weights (unless ``step`` was just probed), then :meth:`close`."""
         verdict = None
         step = self.current_step if step is None else check_int("step", step, low=0)
-        if self.started and step is not None and self.chain.last_probed_step != step:
-            self.current_step = step
-            verdict = self._probe(model, step, "train_end")
+        try:
+            if self.started and step is not None and self.chain.last_probed_step != step:
+                self.current_step = step
+                verdict = self._probe(model, step, "train_end")
+        finally:
+            self.close()
+        return verdict
+
+    def close(self) -> None:
+        """Release the run directory's lock and close the TensorBoard writer (:meth:`end` does; no probe).
+
+        Call it when a run ends without :meth:`end` (an exception in your loop) and this process
+        goes on to write the same directory. A crashed process needs nothing: the OS releases its
+        lock, and a monitor object that was dropped releases it when garbage collected.
+        """
+        close_chain(self.chain)
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        return verdict
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

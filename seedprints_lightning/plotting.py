@@ -100,6 +100,7 @@ class DriftCurves:
     link_threshold: Series = field(default_factory=Series)
     link_span: Series = field(default_factory=Series)
     related: Series = field(default_factory=Series)
+    undetermined: Series = field(default_factory=Series)
     control_z_max: Series = field(default_factory=Series)
     control_z_mean: Series = field(default_factory=Series)
     probe_seconds: Series = field(default_factory=Series)
@@ -111,6 +112,12 @@ class DriftCurves:
         series = self.link_z if len(self.link_z) else self.z
         mask = np.isin(series.steps, flagged)
         return series.steps[mask], series.values[mask]
+
+    def undetermined_steps(self) -> np.ndarray:
+        """Steps whose probe was undetermined (``undetermined == 1``, or ``related == -1``): no z was measured."""
+        flagged = set(self.undetermined.steps[self.undetermined.values == 1].tolist())
+        flagged |= set(self.related.steps[self.related.values == -1].tolist())
+        return np.array(sorted(flagged), dtype=np.int64)
 
     def faded_points(self) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, z)`` of the birth curve where the birth test was not detectable."""
@@ -242,11 +249,12 @@ def draw_drift(
       not detectable;
     * second panel (when any run logged it), the custody link: ``link_z`` and ``link_threshold``
       (dashed), and a red cross at every probe the callback logged ``related = 0``;
+    * a grey vertical line, on every panel, at each undetermined probe (no z was measured there);
     * a ``log10 p`` panel of the birth test when ``log10_p_panel`` is True.
 
     Every drawn artist of a run carries a ``gid`` naming what it shows, ``"<what>:<run>"`` with
     ``<what>`` one of ``z``, ``control_band``, ``threshold``, ``link_z``, ``link_threshold``,
-    ``faded``, ``unrelated``, ``log10_p``, ``log10_p_threshold``.
+    ``faded``, ``unrelated``, ``undetermined``, ``log10_p``, ``log10_p_threshold``.
     """
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -262,7 +270,7 @@ def draw_drift(
     lax = axes[1] if show_link else ax
     colours = [f"C{i % 10}" for i in range(len(runs))]
     handles: list[Any] = []
-    any_band = any_threshold = any_unrelated = any_faded = False
+    any_band = any_threshold = any_unrelated = any_faded = any_undetermined = False
     for curve, colour in zip(runs, colours):
         (line,) = ax.plot(curve.z.steps, curve.z.values, "-", marker=".", color=colour, label=curve.run, zorder=3,
                           gid=f"z:{curve.run}")
@@ -293,6 +301,11 @@ def draw_drift(
             (lax if len(curve.link_z) else ax).plot(steps, z, "x", color="red", markersize=8, markeredgewidth=2,
                                                     zorder=5, gid=f"unrelated:{curve.run}")
             any_unrelated = True
+        for step in curve.undetermined_steps():
+            for axis in {id(ax): ax, id(lax): lax}.values():
+                axis.axvline(int(step), color="grey", linestyle=":", linewidth=1.5, zorder=0,
+                             gid=f"undetermined:{curve.run}")
+            any_undetermined = True
     if any_band:
         handles.append(Patch(color="grey", alpha=0.3, label="negative controls (mean..max z)"))
     if any_threshold:
@@ -303,6 +316,8 @@ def draw_drift(
     if any_unrelated:
         handles.append(Line2D([], [], linestyle="", marker="x", color="red", markeredgewidth=2,
                               label="identity not shown (verdict)"))
+    if any_undetermined:
+        handles.append(Line2D([], [], linestyle=":", color="grey", label="undetermined (not measurable)"))
     _symlog(ax)
     ax.set_ylabel("birth test z (symlog)")
     ax.legend(handles=handles, loc="best", fontsize="small")

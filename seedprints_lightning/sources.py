@@ -41,6 +41,7 @@ __all__ = [
     "SourceKind",
     "check_fits",
     "checkpoint_ledger_head",
+    "checkpoint_state",
     "classify_source",
     "expand_checkpoints",
     "fingerprint_source",
@@ -181,11 +182,11 @@ def _hf_trainer_state(source: Source) -> dict[str, Any] | None:
     return state if isinstance(state, dict) else None
 
 
-def checkpoint_ledger_head(source: Source, *, trust_pickle: bool = False) -> tuple[int, str] | None:
-    """``(records, last record's sha256)`` from a checkpoint's SeedPrints state, if it has one.
+def checkpoint_state(source: Source, *, trust_pickle: bool = False) -> dict[str, Any] | None:
+    """A checkpoint's SeedPrints state (what the custody chain's ``state_dict()`` saved), if it has one.
 
-    A training checkpoint's state (:func:`seedprints_state`), or a Hugging Face ``Trainer``
-    checkpoint directory's ``seedprints_state.pt``.
+    A training checkpoint's state (:func:`seedprints_state`, read memory-mapped), or a Hugging
+    Face ``Trainer`` checkpoint directory's ``seedprints_state.pt``; ``None`` for anything else.
     """
     if source.kind == "checkpoint":
         state = seedprints_state(read_checkpoint(source, trust_pickle=trust_pickle) or {})
@@ -193,9 +194,14 @@ def checkpoint_ledger_head(source: Source, *, trust_pickle: bool = False) -> tup
         state = _hf_trainer_state(source)
     else:
         return None
-    if not isinstance(state, dict) or not state.get("ledger_last_sha256"):
-        return None
-    return int(state.get("ledger_next_index", 0)), str(state["ledger_last_sha256"])
+    return state if isinstance(state, dict) else None
+
+
+def checkpoint_ledger_head(source: Source, *, trust_pickle: bool = False) -> tuple[int, str] | None:
+    """``(records, last record's sha256)`` from a checkpoint's SeedPrints state, if it has one."""
+    from .chain import ledger_head_of
+
+    return ledger_head_of(checkpoint_state(source, trust_pickle=trust_pickle))
 
 
 def source_step(source: Source, *, trust_pickle: bool = False) -> int | None:

@@ -292,28 +292,36 @@ class ProbeVerdict:
     def to_metrics(self, probe_seconds: float = 0.0) -> dict[str, float]:
         """The logged tags (:data:`METRIC_TAGS`), all finite floats.
 
-        An undetermined test logs z = log10_p = 0 (no evidence); ``related`` and
-        ``birth_detectable`` are 1 only when confirmed.
+        ``related`` is 1 (held), 0 (shown NOT related) or -1 (undetermined), and ``undetermined``
+        flags the last case, so a dashboard or ``EarlyStopping`` never reads "could not be
+        measured" as "unrelated". A test that could not be made logs no z, log10 p, tau or
+        threshold at all (a gap in its curve, not a fake 0); ``birth_detectable`` is 1 only when
+        confirmed.
         """
         b, link = self.birth, self.link
-        values = {
-            "z": b.z, "log10_p": _finite(b.result.log10_p), "tau_mean": _finite(b.result.tau_mean),
-            "identity_dims": float(b.result.k), "threshold": _finite(b.threshold),
-            "birth_detectable": 1.0 if self.birth_detectable else 0.0,
-            "link_z": link.z, "link_log10_p": _finite(link.result.log10_p),
-            "link_tau_mean": _finite(link.result.tau_mean), "link_threshold": _finite(link.threshold),
-            "link_span": float(self.link_span), "related": 1.0 if self.related else 0.0,
-            "control_z_max": _finite(b.control_z_max), "control_z_mean": _finite(b.control_z_mean),
+        values: dict[str, float] = {
+            "identity_dims": float(b.result.k), "birth_detectable": 1.0 if self.birth_detectable else 0.0,
+            "link_span": float(self.link_span),
+            "related": {True: 1.0, False: 0.0, None: -1.0}[self.related],
+            "undetermined": 1.0 if self.related is None else 0.0,
             "probe_seconds": _finite(probe_seconds),
         }
-        return {tag(name): values[name] for name in METRIC_NAMES}
+        if b.related is not None:
+            values.update({"z": b.z, "log10_p": _finite(b.result.log10_p), "tau_mean": _finite(b.result.tau_mean),
+                           "threshold": _finite(b.threshold)})
+        if link.related is not None:
+            values.update({"link_z": link.z, "link_log10_p": _finite(link.result.log10_p),
+                           "link_tau_mean": _finite(link.result.tau_mean), "link_threshold": _finite(link.threshold)})
+        if any(c.related is not None for c in b.controls) or not b.controls:
+            values.update({"control_z_max": _finite(b.control_z_max), "control_z_mean": _finite(b.control_z_mean)})
+        return {tag(name): values[name] for name in METRIC_NAMES if name in values}
 
 
 #: Short metric names, in log order; the tag of ``name`` is ``seedprints/<name>``.
 METRIC_NAMES = (
     "z", "log10_p", "tau_mean", "identity_dims", "threshold", "birth_detectable",
     "link_z", "link_log10_p", "link_tau_mean", "link_threshold", "link_span",
-    "related", "control_z_max", "control_z_mean", "probe_seconds",
+    "related", "undetermined", "control_z_max", "control_z_mean", "probe_seconds",
 )
 
 
@@ -322,7 +330,7 @@ def tag(name: str) -> str:
     return f"seedprints/{name}"
 
 
-#: Every tag the callback logs, in order.
+#: Every tag the callback can log, in order (an undetermined test's figures are left out).
 METRIC_TAGS = tuple(tag(name) for name in METRIC_NAMES)
 
 #: TensorBoard custom-scalars layout: the birth curve with its controls and threshold, and the

@@ -627,18 +627,32 @@ def test_feature_fn_for_a_non_transformers_model(tmp_path):
         make_trainer(tmp_path, max_steps=2, callbacks=[unresolved]).fit(Bag(), loader())
 
 
-def test_undetermined_probe_warns_once_and_is_not_a_failure(tmp_path):
+def _constant_features_callback(**kwargs) -> SeedPrintsCallback:
     spec = ProbeSpec(num_samples=50, length=4, vocab_size=VOCAB)
-    cb = SeedPrintsCallback(every_n_steps=2, probe=spec, num_controls=0, patience=1, on_identity_lost="raise",
-                            adaptive_schedule=False,
-                            feature_fn=lambda module, batch: torch.zeros(batch.size, 8))
-    with pytest.warns(IdentityWarning, match="undetermined") as record:
+    return SeedPrintsCallback(every_n_steps=2, probe=spec, num_controls=0, patience=1, on_identity_lost="raise",
+                              adaptive_schedule=False, feature_fn=lambda module, batch: torch.zeros(batch.size, 8),
+                              **kwargs)
+
+
+def test_a_model_whose_lineage_cannot_be_measured_is_acted_on(tmp_path):
+    cb = _constant_features_callback()
+    with pytest.raises(IdentityLostError, match="could not be measured at step 2"):
         make_trainer(tmp_path, max_steps=6, callbacks=[cb]).fit(Bag(), loader())
+    assert [h["related"] for h in cb.history] == [None]
+
+
+def test_count_undetermined_false_warns_once_and_does_not_count(tmp_path):
+    cb = _constant_features_callback(count_undetermined=False)
+    with pytest.warns(IdentityWarning, match="undetermined") as record:
+        trainer = make_trainer(tmp_path, max_steps=6, callbacks=[cb])
+        trainer.fit(Bag(), loader())
     assert sum("undetermined" in str(w.message) for w in record) == 1
     assert [h["related"] for h in cb.history] == [None, None, None]
     assert cb.chain.consecutive_failures == 0
-    assert all(math.isfinite(h["z"]) and h["related"] is None for h in cb.history)
-    assert all(h[k] == 0.0 for h in cb.history for k in ("z", "log10_p"))
+    # Nothing measured, nothing logged as a figure; the verdict is its own value.
+    assert all(h["z"] is None and h["log10_p"] is None and h["undetermined"] == 1.0 for h in cb.history)
+    assert float(trainer.callback_metrics["seedprints/related"]) == -1.0
+    assert "seedprints/link_z" not in trainer.callback_metrics
 
 
 # ------------------------------------------------------------------ custody chain (issue #8)

@@ -107,6 +107,7 @@ def test_state_round_trip_continues_the_same_ledger(tmp_path):
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)  # plain types and CPU tensors only
     assert saved["seedprints"]["format_version"] == STATE_FORMAT_VERSION
+    loop.chain.ledger.close()  # the first process ends: its run directory's lock goes with it
 
     resumed = HandLoop(tmp_path, chain=CustodyChain(schedule=ProbeSchedule(every_n_steps=4), patience=1))
     resumed.model.load_state_dict(saved["model"])
@@ -140,15 +141,28 @@ def _verdict(step: int, link_z: float | None, birth_z: float = 50.0) -> ProbeVer
                         link=decide_identity(_result(link_z), (), CUSTODY_RULE), anchor_step=step - 1)
 
 
-def test_decide_counts_failures_resets_on_a_hold_and_ignores_undetermined():
+def _decisions(**kwargs):
     chain = CustodyChain(Fingerprint(features=torch.randn(200, 32), spec=SPEC.resolve(make_tiny_lm(0)), step=0),
-                         patience=2)
-    decisions = [chain.decide(_verdict(step, z)) for step, z in enumerate([1.0, None, 1.0, 50.0, 1.0, 1.0], 1)]
+                         patience=2, **kwargs)
+    return [chain.decide(_verdict(step, z)) for step, z in enumerate([1.0, None, 1.0, 50.0, 1.0, 1.0], 1)]
+
+
+def test_decide_counts_failures_and_undetermined_probes_and_resets_on_a_hold():
+    decisions = _decisions()
+    assert [lost for lost, _, _ in decisions] == [False, True, True, False, False, True]
+    assert [reason is None for _, reason, _ in decisions] == [True, False, False, True, True, False]
+    assert "could not be measured" in decisions[1][1] and "count_undetermined=False" in decisions[1][1]
+    assert "3 consecutive failed probes, patience 2" in decisions[2][1]
+    notes = [note for _, _, found in decisions for note in found]
+    assert len(notes) == 1 and "counts as a failed probe towards patience" in notes[0]  # reported once
+
+
+def test_decide_with_count_undetermined_false_ignores_undetermined():
+    decisions = _decisions(count_undetermined=False)
     assert [lost for lost, _, _ in decisions] == [False, False, True, False, False, True]
-    assert [reason is None for _, reason, _ in decisions] == [True, True, False, True, True, False]
     assert "2 consecutive failed probes, patience 2" in decisions[2][1]
     notes = [note for _, _, found in decisions for note in found]
-    assert len(notes) == 1 and "undetermined" in notes[0]  # reported once, never counted
+    assert len(notes) == 1 and "counts neither as a failure nor as a success" in notes[0]
 
 
 def test_observe_refuses_features_of_another_shape_and_a_chain_without_reference():
@@ -176,3 +190,23 @@ def test_rules_come_back_from_a_record():
         ChainRules.from_margins(alpha=0.05, birth_z_margin=3.0, link_z_margin=2.0, link_tau_margin=-1.0)
     with pytest.raises(InputError, match="fail_on"):
         ChainRules(fail_on="loss")
+
+
+@pytest.mark.parametrize("state, says", [
+    (None, "got None"), ([1, 2], "got list"), ("seedprints", "got str"), ({}, "got an empty dict"),
+    ({"monitor": "val_loss", "best_model_score": 0.5}, "'best_model_score', 'monitor' but without 'format_version'"),
+    ({"format_version": 1, "patience": 3}, "without 'reference_features', 'reference_meta'"),
+])
+def test_load_state_dict_of_something_else_says_it_is_not_a_seedprints_state(state, says):
+    with pytest.raises(InputError, match="this is not a SeedPrints state") as raised:
+        CustodyChain().load_state_dict(state)
+    assert says in str(raised.value) and "upgrade" not in str(raised.value)
+
+
+def test_load_state_dict_of_a_newer_seedprints_state_asks_to_upgrade(tmp_path):
+    loop = HandLoop(tmp_path)
+    loop.start()
+    state = loop.chain.state_dict()
+    state["format_version"] = STATE_FORMAT_VERSION + 1
+    with pytest.raises(InputError, match=f"format version {STATE_FORMAT_VERSION + 1}.*upgrade the package"):
+        CustodyChain().load_state_dict(state)

@@ -335,6 +335,37 @@ def test_file_errors_name_the_file(models, fp0, tmp_path, capsys, which) -> None
     assert str(bad) in line
 
 
+def test_fingerprint_of_a_nan_model_writes_nothing_and_says_why(tmp_path, capsys) -> None:
+    diverged = make_tiny_lm(0)
+    with torch.no_grad():
+        diverged.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
+    diverged.save_pretrained(tmp_path / "diverged")
+    capsys.readouterr()  # save_pretrained's progress bar
+    out = tmp_path / "fp.safetensors"
+    assert main(["fingerprint", str(tmp_path / "diverged"), "-o", str(out), *PROBE]) == EXIT_USAGE
+    line = _one_line_error(capsys)
+    assert str(tmp_path / "diverged") in line and "of 6400 features values are not finite" in line
+    assert "diverged or has NaN/Inf weights" in line and "not written" in line
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["diverged"]
+
+
+def test_an_unexpected_error_is_one_line_unless_debugging(monkeypatch, tmp_path, capsys) -> None:
+    import seedprints_lightning.cli as cli
+
+    def broken(args):
+        return {}["no such key"]
+
+    monkeypatch.setattr(cli, "_cmd_plot", broken)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    assert main(["plot", str(tmp_path)]) == cli.EXIT_INTERNAL
+    line = _one_line_error(capsys)
+    assert "unexpected KeyError at test_cli.py:" in line and "'no such key'" in line
+    assert "SEEDPRINTS_DEBUG=1 shows the traceback" in line
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(KeyError, match="no such key"):
+        main(["plot", str(tmp_path)])
+
+
 def test_usage_errors_are_one_line(capsys) -> None:
     assert main(["compare", "only-one"]) == EXIT_USAGE
     assert "required" in _one_line_error(capsys)
@@ -365,6 +396,44 @@ def test_console_entry_point_runs_without_traceback(tmp_path) -> None:
     assert done.returncode == EXIT_FILE, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [f"seedprints: error: {missing} does not exist"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_start_up_exits_130_without_a_traceback(tmp_path) -> None:
+    # The console script's first import is seedprints_lightning._entry, whose handler exists before
+    # torch is imported: a SIGINT during the imports is exit 130 and one line, not -2 or a traceback.
+    # (The interpreter's own first ~20 ms, site and the editable-install finder, run before any code
+    # of the package: no handler can exist then. The wait on /proc makes sure the start-up is past them.)
+    import signal
+    import time
+
+    script = Path(sys.executable).with_name("seedprints")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "seedprints_lightning"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    missing = tmp_path / "missing.safetensors"
+
+    def importing_torch(pid: int) -> bool:
+        try:
+            return "torch" in Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            return not Path("/proc/self/maps").exists()  # no /proc: the delay alone
+
+    tried = []
+    for delay in (0.2, 0.5, 1.0):
+        proc = subprocess.Popen([*cmd, "compare", str(missing), str(missing)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        time.sleep(delay)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and not importing_torch(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if proc.poll() is None:  # still starting up (importing torch): interrupt it
+            proc.send_signal(signal.SIGINT)
+            tried.append(delay)
+        out, err = proc.communicate(timeout=120)
+        if delay in tried:
+            assert proc.returncode == 130, (delay, proc.returncode, err)
+            assert "Traceback" not in err and err.strip().splitlines() == ["seedprints: error: interrupted"], err
+    assert tried[:1] == [0.2], tried  # importing torch alone takes longer than that
 
 
 def test_commands_restore_transformers_logging(tmp_path) -> None:

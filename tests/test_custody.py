@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,7 +171,8 @@ def test_probe_files_hold_fp16_features_exactly_as_tested(run):
     from safetensors import safe_open
 
     record = json.loads(run.lines()[2])
-    assert record["features_file"] == "probes/000002-step00000007.safetensors"
+    # index, step, then the writing branch's token (no branch of the run overwrites another's files)
+    assert re.fullmatch(r"probes/000002-step00000007-[0-9a-f]{8}\.safetensors", record["features_file"])
     with safe_open(str(run.dir / record["features_file"]), framework="pt") as handle:
         features = handle.get_tensor("features")
         assert json.loads(handle.metadata()["seedprints"]) == {"index": 2, "step": 7}
@@ -295,8 +297,10 @@ def test_garbage_line_is_tampered(run):
     lines[2] = lines[2][:-5]
     run.write_lines(lines)
     audit = verify_chain(run.dir)
-    assert [(p.index, p.kind) for p in audit.problems] == [(2, "tampered")]
-    assert "not valid JSON" in audit.problems[0].message
+    # The damaged record is named first; the audit reads on, and the next record no longer chains to it.
+    assert audit.problems[0].index == 2 and "not valid JSON" in audit.problems[0].message
+    assert {p.kind for p in audit.problems} == {"tampered"}
+    assert audit.problems[1].index == 3 and "prev_sha256" in audit.problems[1].message
 
 
 # ------------------------------------------------------------------ broken links
@@ -394,8 +398,10 @@ def test_rewind_moves_later_records_aside_and_continues_the_chain(run):
                            controls_sha256=file_sha256(run.dir / CONTROLS_FILE))
     moved = ledger.rewind_to(sha256_bytes(lines[k - 1].encode("utf-8")), k)
     assert moved == run.dir / "custody.abandoned-0.jsonl"
-    assert moved.read_text(encoding="utf-8").splitlines() == lines[k:]
+    # The whole abandoned branch: the records it shares with the ledger, then its own; it verifies on its own.
+    assert moved.read_text(encoding="utf-8").splitlines() == lines
     assert run.lines() == lines[:k]
+    assert verify_chain(run.dir, ledger=moved.name).ok
     assert (ledger.next_index, ledger.last_sha256) == (k, sha256_bytes(lines[k - 1].encode("utf-8")))
 
     # The resumed run continues: its next records chain to record k - 1 and the chain verifies.
@@ -412,8 +418,10 @@ def test_rewind_moves_later_records_aside_and_continues_the_chain(run):
     new_lines = run.lines()
     moved = CustodyLedger(run.dir).rewind_to(sha256_bytes(new_lines[3].encode("utf-8")), 4)
     assert moved == run.dir / "custody.abandoned-1.jsonl"
-    assert moved.read_text(encoding="utf-8").splitlines() == new_lines[4:]
-    assert (run.dir / "custody.abandoned-0.jsonl").read_text(encoding="utf-8").splitlines() == lines[k:]
+    assert moved.read_text(encoding="utf-8").splitlines() == new_lines
+    assert (run.dir / "custody.abandoned-0.jsonl").read_text(encoding="utf-8").splitlines() == lines
+    assert verify_chain(run.dir, ledger="custody.abandoned-0.jsonl").ok  # still: no file of it was overwritten
+    assert verify_chain(run.dir, ledger="custody.abandoned-1.jsonl").ok
 
 
 def run_features(run: FakeRun, index: int) -> torch.Tensor:

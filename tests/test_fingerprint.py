@@ -270,3 +270,27 @@ def test_file_with_inconsistent_controls(small_fp: Fingerprint, tmp_path: Path) 
               metadata={"seedprints": json.dumps(small_fp.metadata())})  # control_seeds == []
     with pytest.raises(FingerprintFileError, match="inconsistent"):
         Fingerprint.load(missing_seeds)
+
+
+@pytest.mark.parametrize("where", ["features", "controls"])
+def test_a_fingerprint_with_non_finite_values_is_never_written(small_fp: Fingerprint, tmp_path: Path,
+                                                               where: str) -> None:
+    features, controls = small_fp.features.clone(), None
+    if where == "features":
+        features[0, :3] = float("nan")
+        features[1, 0] = float("inf")
+    else:
+        controls = torch.zeros(1, *features.shape)
+        controls[0, 2, 2] = float("nan")
+    fp = Fingerprint(features=features, spec=small_fp.spec, model_class="LlamaForCausalLM", step=17,
+                     controls=controls, control_seeds=(1,) if controls is not None else ())
+    path = tmp_path / "nan.safetensors"
+    with pytest.raises(InputError) as raised:
+        fp.save(path)
+    message = str(raised.value)
+    assert not path.exists() and not list(tmp_path.iterdir())  # nothing written, no temp file left
+    assert "the LlamaForCausalLM at step 17" in message and "diverged" in message and "NaN/Inf weights" in message
+    total = features.numel() if where == "features" else controls.numel()
+    assert (f"4 of {total} features values are not finite (3 NaN, 1 Inf)" in message if where == "features"
+            else f"1 of {total} fresh-init controls values are not finite (1 NaN, 0 Inf)" in message)
+    small_fp.save(path)  # a finite one still saves

@@ -252,6 +252,7 @@ def test_fabric_resume_from_fabric_save_continues_the_chain_and_is_auditable(tmp
     fabric, model, optimizer = _fabric(tmp_path, first)
     _fabric_loop(fabric, first, model, optimizer, 6)
     fabric.save(tmp_path / "last.ckpt", {"model": model, "optimizer": optimizer, "seedprints": first})
+    first.close()  # the first process ends (or crashes): its run directory's lock goes with it
 
     second = SeedPrintsFabricCallback(every_n_steps=4, probe=SPEC, num_controls=2)
     fabric, model, optimizer = _fabric(tmp_path, second, seed=3)  # a new process builds another init first

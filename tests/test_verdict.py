@@ -288,8 +288,10 @@ def test_no_nan_in_dict_metrics_or_summary():
     p = ProbeVerdict(step=5, birth=verdicts[0], link=verdicts[1], anchor_step=0)
     metrics = p.to_metrics(float("nan"))
     assert all(isinstance(x, float) and math.isfinite(x) for x in metrics.values())
-    assert metrics["seedprints/z"] == 0.0 and metrics["seedprints/log10_p"] == 0.0
-    assert metrics["seedprints/related"] == 0.0 and metrics["seedprints/probe_seconds"] == 0.0
+    # An undetermined test logs no figure (no fake 0), and the verdict is its own value, not "unrelated".
+    assert "seedprints/z" not in metrics and "seedprints/log10_p" not in metrics and "seedprints/link_z" not in metrics
+    assert metrics["seedprints/related"] == -1.0 and metrics["seedprints/undetermined"] == 1.0
+    assert metrics["seedprints/probe_seconds"] == 0.0
 
 
 def test_decide_identity_rejects_non_results():
@@ -331,7 +333,8 @@ def test_probe_verdict_related_for_each_fail_on(birth, link, fail_on):
     assert p.birth_detectable is (birth is True)
     assert p.link_span == 20
     metrics = p.to_metrics(0.25)
-    assert metrics["seedprints/related"] == (1.0 if p.related else 0.0)
+    assert metrics["seedprints/related"] == {True: 1.0, False: 0.0, None: -1.0}[p.related]
+    assert metrics["seedprints/undetermined"] == (1.0 if p.related is None else 0.0)
     assert metrics["seedprints/birth_detectable"] == (1.0 if birth is True else 0.0)
     if p.related is not True and fail_on in ("custody", "either") and link is not True:
         assert "custody link from step 10" in p.reason
