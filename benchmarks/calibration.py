@@ -11,7 +11,7 @@ What it does, all on CPU, nothing stored on disk but the optional markdown:
   stdlib prose windows in the SAME order (window starts drawn once from a seeded generator);
 * probes each run at fixed steps with token and embedding probes and keeps only the
   ``[n, D]`` features (no weights are kept);
-* tests every pair that matters with :func:`~seedprints_lightning.stats.lineage_test` at
+* tests every pair that matters with :func:`~seedprints_lightning.core.stats.lineage_test` at
   several identity ratios:
 
   - ``own``: seed s at step t vs seed s at step 0 (must be related);
@@ -23,10 +23,10 @@ What it does, all on CPU, nothing stored on disk but the optional markdown:
     variants must stay related, ``cross`` variants unrelated);
 
 * repeats every test against fresh-init negative controls
-  (:func:`seedprints_lightning.controls.probe_controls` with
-  :func:`~seedprints_lightning.controls.control_seeds`, each tested as
+  (:func:`seedprints_lightning.core.controls.probe_controls` with
+  :func:`~seedprints_lightning.core.controls.control_seeds`, each tested as
   ``lineage_test(control, live)``) so the callback's full verdict
-  (:func:`~seedprints_lightning.verdict.decide_identity`, birth rule: z over the controls) can be
+  (:func:`~seedprints_lightning.core.verdict.decide_identity`, birth rule: z over the controls) can be
   tabulated for several z margins and control counts;
 * reports how z scales with the number of probe samples by re-testing row subsets.
 
@@ -56,13 +56,13 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from seedprints_lightning.controls import control_seeds, probe_controls  # noqa: E402
-from seedprints_lightning.probes import ProbeSpec, extract_features  # noqa: E402
-from seedprints_lightning.stats import LineageResult, lineage_test, z_threshold  # noqa: E402
+from seedprints_lightning.core.controls import control_seeds, probe_controls  # noqa: E402
+from seedprints_lightning.core.probes import ProbeSpec, extract_features  # noqa: E402
+from seedprints_lightning.core.stats import LineageResult, lineage_test, z_threshold  # noqa: E402
+from seedprints_lightning.core.verdict import VerdictRule, decide_identity  # noqa: E402
 from seedprints_lightning.train.corpus import build_corpus  # noqa: E402
 from seedprints_lightning.train.models import make_causal_lm  # noqa: E402
 from seedprints_lightning.train.tokenizer import tokenize_directory  # noqa: E402
-from seedprints_lightning.verdict import VerdictRule, decide_identity  # noqa: E402
 
 __all__ = [
     "CalibrationConfig",

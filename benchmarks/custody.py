@@ -14,7 +14,7 @@ of the 4 fresh-init controls of each config. One extra job ("birth") probes LLaM
 lr 3e-3 with n = 10000 token AND embedding probes at a few steps, to measure how the birth
 test's detectability grows with n.
 
-``analyse`` replays the callback's verdict (:mod:`seedprints_lightning.verdict`) on the
+``analyse`` replays the callback's verdict (:mod:`seedprints_lightning.core.verdict`) on the
 stored features: every link a schedule would make (own links, by interval and learning rate),
 every peer swap and wrong resume (the other seed's model at step t against our anchor), early,
 midway and late, and the birth test; it prints markdown tables (docs/benchmarks.md).
@@ -36,8 +36,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from seedprints_lightning.controls import control_seeds, probe_controls  # noqa: E402
-from seedprints_lightning.probes import ProbeSpec, extract_features  # noqa: E402
+from seedprints_lightning.core.controls import control_seeds, probe_controls  # noqa: E402
+from seedprints_lightning.core.probes import ProbeSpec, extract_features  # noqa: E402
 from seedprints_lightning.train.corpus import build_corpus  # noqa: E402
 from seedprints_lightning.train.models import make_causal_lm  # noqa: E402
 from seedprints_lightning.train.tokenizer import tokenize_directory  # noqa: E402
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for job in args.jobs.split(","):
             collect(job, args.out)
         return 0
-    from custody_analysis import analyse  # noqa: E402  (written against seedprints_lightning.verdict)
+    from custody_analysis import analyse  # noqa: E402  (written against seedprints_lightning.core.verdict)
 
     text = analyse(args.cache)
     print(text)

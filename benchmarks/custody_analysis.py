@@ -1,7 +1,7 @@
 """The ``analyse`` half of ``benchmarks/custody.py``: replay the callback's verdict on stored features.
 
-Every figure comes from :func:`seedprints_lightning.verdict.judge_probe` and
-:class:`seedprints_lightning.schedule.ProbeSchedule` at the package defaults, on the features
+Every figure comes from :func:`seedprints_lightning.core.verdict.judge_probe` and
+:class:`seedprints_lightning.core.schedule.ProbeSchedule` at the package defaults, on the features
 ``custody.py collect`` stored (fp16, as the callback's ledger keeps them).
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from seedprints_lightning.schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
-from seedprints_lightning.stats import lineage_test
-from seedprints_lightning.verdict import BIRTH_RULE, CUSTODY_RULE, VerdictRule, decide_identity
+from seedprints_lightning.core.schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
+from seedprints_lightning.core.stats import lineage_test
+from seedprints_lightning.core.verdict import BIRTH_RULE, CUSTODY_RULE, VerdictRule, decide_identity
 
 #: (tau margin, adapt headroom) pairs replayed besides the defaults, to show how the choice was made.
 VARIANTS = ((0.03, 2.0), (0.04, 2.0), (0.04, 2.5), (0.05, 2.5), (0.1, 2.0))

@@ -30,11 +30,11 @@ import time
 import torch
 
 from seedprints_lightning import ProbeSpec, extract_features, lineage_test
-from seedprints_lightning.chain import CustodyChain
-from seedprints_lightning.controls import ControlSet, control_seeds, probe_controls
-from seedprints_lightning.fingerprint import Fingerprint
+from seedprints_lightning.core.chain import CustodyChain
+from seedprints_lightning.core.controls import ControlSet, control_seeds, probe_controls
+from seedprints_lightning.core.fingerprint import Fingerprint
+from seedprints_lightning.core.verdict import BIRTH_RULE, decide_identity
 from seedprints_lightning.train import make_causal_lm
-from seedprints_lightning.verdict import BIRTH_RULE, decide_identity
 
 TOY = dict(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)
 TINY = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4)

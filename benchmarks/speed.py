@@ -72,7 +72,7 @@ def bench_kendall(n: int, dim: int, repeats: int) -> dict[str, float]:
 
 def bench_probe(repeats: int, num_samples: int, length: int) -> dict[str, float]:
     from seedprints_lightning import ProbeSpec, extract_features
-    from seedprints_lightning.probes import preserve_module_modes
+    from seedprints_lightning.core.probes import preserve_module_modes
     from seedprints_lightning.train.demo import DEMO_MODEL  # the demo's model sizes
     from seedprints_lightning.train.models import make_causal_lm
 
@@ -115,7 +115,7 @@ def time_training_overhead(steps: int) -> tuple[float, float]:
 
     import pytorch_lightning as pl
 
-    from seedprints_lightning.callback import SeedPrintsCallback
+    from seedprints_lightning.faces.lightning import SeedPrintsCallback
 
     # The demo's own builders, so that the timed fit is the demo's fit.
     from seedprints_lightning.train.demo import DEMO_MODEL, OWN_SEED, _data, _module, _quiet_lightning, _trainer
@@ -154,9 +154,9 @@ def bench_overhead(repeats: int, steps: int) -> dict[str, float]:
     import inspect
 
     from seedprints_lightning import Fingerprint, ProbeSpec, SeedPrintsCallback, extract_features
-    from seedprints_lightning.chain import CustodyChain
-    from seedprints_lightning.controls import DEFAULT_NUM_CONTROLS, ControlSet, control_seeds, probe_controls
-    from seedprints_lightning.schedule import ProbeSchedule
+    from seedprints_lightning.core.chain import CustodyChain
+    from seedprints_lightning.core.controls import DEFAULT_NUM_CONTROLS, ControlSet, control_seeds, probe_controls
+    from seedprints_lightning.core.schedule import ProbeSchedule
     from seedprints_lightning.train.demo import DEMO_MODEL
     from seedprints_lightning.train.models import make_causal_lm
 

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(tmp)
         # The controls file is made on the side, from the model's config alone.
         sys.path.insert(0, str(REPO))
-        from seedprints_lightning.cli import main as seedprints_main
+        from seedprints_lightning.offline.cli import main as seedprints_main
         from seedprints_lightning.train.models import make_config
 
         config = make_config("llama", vocab_size=256, hidden_size=args.hidden, num_layers=args.layers,

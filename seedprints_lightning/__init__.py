@@ -1,16 +1,23 @@
 """seedprints-lightning: a birth certificate for LLM pretraining runs.
 
-The flow: probe inputs (:mod:`.probes`) -> features ``[n, D]`` -> lineage test
-(:mod:`.stats`) -> :class:`LineageResult` -> verdict (:mod:`.verdict`) -> the custody chain
-(:mod:`.chain`: anchor, schedule, ledger records in :mod:`.custody`, decision) -> a trainer's
-face logs and acts (:mod:`.callback` for the Lightning ``Trainer``, :mod:`.hf` for the Hugging
-Face ``Trainer``, :mod:`.fabric` for Lightning Fabric, :mod:`.monitor` for any loop;
-:mod:`.integration` is what every face shares). Offline, :mod:`.sources` turns paths into
-fingerprints and :mod:`.audit` judges them.
+Data flows one way, and each layer is a folder:
+
+- :mod:`.core` (no trainer, no CLI): probe inputs and features (``probes``, ``layerwise``) ->
+  the lineage test (``stats``) -> verdicts against fresh-init controls (``verdict``,
+  ``controls``) -> the custody chain (``chain``: anchor, schedule, decision) and its ledger
+  (``ledger``), the fingerprint file (``fingerprint``), how processes agree (``processes``).
+- :mod:`.faces`: one face per training loop over one base (``base``): ``lightning``
+  (``SeedPrintsCallback``), ``hf`` (``SeedPrintsTrainerCallback``), ``fabric``
+  (``SeedPrintsFabricCallback``) and ``monitor`` (``SeedPrintsMonitor``, any loop).
+- :mod:`.offline`: reading checkpoints (``sources``), audits (``audit``, ``identify``), plots
+  (``plotting``) and the ``seedprints`` command line (``cli``).
+- :mod:`.train`: the demo's model, data and LightningCLI.
+
+The method is in ``docs/method.md``.
 """
 
 from ._version import __version__
-from .errors import (
+from .core.errors import (
     FingerprintFileError,
     IdentityLostError,
     IncompatibleFingerprintsError,
@@ -54,14 +61,15 @@ __all__ = [
 #: ``import seedprints_lightning`` (and the ``seedprints`` script, :mod:`._entry`) costs no torch
 #: import, and each face pulls in its loop's package (seconds of import time) only when used.
 _LAZY = {
-    "CustodyChain": "chain", "verify_chain": "chain",
-    "Fingerprint": "fingerprint", "fingerprint_model": "fingerprint",
-    "ProbeSpec": "probes", "extract_features": "probes",
-    "EmpiricalNull": "stats", "LineageResult": "stats", "kendall_tau_b": "stats", "lineage_test": "stats",
-    "BIRTH_RULE": "verdict", "CUSTODY_RULE": "verdict", "IdentityVerdict": "verdict", "ProbeVerdict": "verdict",
-    "VerdictRule": "verdict", "decide_identity": "verdict",
-    "SeedPrintsCallback": "callback", "SeedPrintsTrainerCallback": "hf", "SeedPrintsFabricCallback": "fabric",
-    "SeedPrintsMonitor": "monitor",
+    "CustodyChain": "core.chain", "verify_chain": "core.chain",
+    "Fingerprint": "core.fingerprint", "fingerprint_model": "core.fingerprint",
+    "ProbeSpec": "core.probes", "extract_features": "core.probes",
+    "EmpiricalNull": "core.stats", "LineageResult": "core.stats", "kendall_tau_b": "core.stats",
+    "lineage_test": "core.stats",
+    "BIRTH_RULE": "core.verdict", "CUSTODY_RULE": "core.verdict", "IdentityVerdict": "core.verdict",
+    "ProbeVerdict": "core.verdict", "VerdictRule": "core.verdict", "decide_identity": "core.verdict",
+    "SeedPrintsCallback": "faces.lightning", "SeedPrintsTrainerCallback": "faces.hf",
+    "SeedPrintsFabricCallback": "faces.fabric", "SeedPrintsMonitor": "faces.monitor",
 }
 
 

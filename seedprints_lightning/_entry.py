@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-#: What :data:`seedprints_lightning.cli.EXIT_INTERRUPTED` is (repeated so no import is needed).
+#: What :data:`seedprints_lightning.offline.cli.EXIT_INTERRUPTED` is (repeated so no import is needed).
 EXIT_INTERRUPTED = 130
 
 
@@ -26,9 +26,9 @@ def _interrupted() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run :func:`seedprints_lightning.cli.main`; a Ctrl-C anywhere (imports included) returns 130."""
+    """Run :func:`seedprints_lightning.offline.cli.main`; a Ctrl-C anywhere (imports included) returns 130."""
     try:
-        from .cli import main as cli_main
+        from .offline.cli import main as cli_main
 
         code = cli_main(argv)
     except KeyboardInterrupt:

@@ -81,7 +81,7 @@ def drawn_figures(monkeypatch) -> list[tuple[str, Any]]:
 
     The drawing functions are wrapped, not replaced: the PNG is still written from the same figure.
     """
-    from seedprints_lightning import plotting
+    from seedprints_lightning.offline import plotting
 
     drawn: list[tuple[str, Any]] = []
     for name in ("draw_drift", "draw_audit"):
@@ -123,7 +123,7 @@ def torchrun_reports(script: str, mode: str, out, timeout_s: int = 420) -> list[
 
 def count_probed_samples(probed: list[int]) -> None:
     """Record in ``probed`` how many samples each probe forward of any face asks for (its slice under several ranks)."""
-    import seedprints_lightning.monitor as monitor_module
+    import seedprints_lightning.faces.monitor as monitor_module
 
     original = monitor_module.extract_features
 

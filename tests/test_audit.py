@@ -1,4 +1,4 @@
-"""Tests of seedprints_lightning.audit and ``seedprints audit``."""
+"""Tests of seedprints_lightning.offline.audit and ``seedprints audit``."""
 
 from __future__ import annotations
 
@@ -12,14 +12,18 @@ from conftest import make_tiny_lm
 from matplotlib.image import imread
 
 from seedprints_lightning import Fingerprint, ProbeSpec, fingerprint_model
-from seedprints_lightning.audit import (
+from seedprints_lightning.core.controls import ControlSet, control_seeds, probe_controls, save_controls
+from seedprints_lightning.core.errors import IncompatibleFingerprintsError, InputError, SourceError
+from seedprints_lightning.core.stats import lineage_test
+from seedprints_lightning.core.verdict import BIRTH_RULE, CUSTODY_RULE, IdentityVerdict, VerdictRule
+from seedprints_lightning.offline.audit import (
     AuditRow,
     audit_checkpoints,
     compare_sources,
     find_controls,
     rule_for_base,
 )
-from seedprints_lightning.cli import (
+from seedprints_lightning.offline.cli import (
     EXIT_EXPECT,
     EXIT_FILE,
     EXIT_OK,
@@ -28,11 +32,7 @@ from seedprints_lightning.cli import (
     format_audit_table,
     main,
 )
-from seedprints_lightning.controls import ControlSet, control_seeds, probe_controls, save_controls
-from seedprints_lightning.errors import IncompatibleFingerprintsError, InputError, SourceError
-from seedprints_lightning.sources import classify_source, expand_checkpoints
-from seedprints_lightning.stats import lineage_test
-from seedprints_lightning.verdict import BIRTH_RULE, CUSTODY_RULE, IdentityVerdict, VerdictRule
+from seedprints_lightning.offline.sources import classify_source, expand_checkpoints
 
 SPEC = ProbeSpec(num_samples=200, length=8)
 
@@ -236,7 +236,7 @@ def test_compare_model_dirs_related_and_not(run) -> None:
 
 
 def test_find_controls_sources_in_order(run, tmp_path) -> None:
-    from seedprints_lightning.sources import Source
+    from seedprints_lightning.offline.sources import Source
 
     with_controls = Fingerprint.load(run["ref_init.safetensors"])
     bare = Fingerprint.load(run["ref.safetensors"])
@@ -529,7 +529,7 @@ def test_chain_truncated_ledger_is_detected_with_the_checkpoint(run_copy, chain_
 
 
 def test_checkpoint_without_a_config_is_refused_with_the_fix(run, tmp_path) -> None:
-    from seedprints_lightning.sources import load_model
+    from seedprints_lightning.offline.sources import load_model
 
     raw = torch.load(run["checkpoints"] / "a.ckpt", weights_only=True)
     del raw["hf_config"]
@@ -550,7 +550,7 @@ def test_compare_sources_refuses_probe_options_with_a_fingerprint(run) -> None:
 
 
 def test_probe_runtime_checks_its_fields() -> None:
-    from seedprints_lightning.sources import ProbeRuntime
+    from seedprints_lightning.offline.sources import ProbeRuntime
 
     with pytest.raises(InputError, match="batch_size must be an integer >= 1, got 0"):
         ProbeRuntime(batch_size=0)

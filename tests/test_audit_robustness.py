@@ -23,12 +23,12 @@ import torch
 from conftest import make_tiny_lm
 
 from seedprints_lightning import Fingerprint, ProbeSpec, extract_features
-from seedprints_lightning.chain import PROBLEM_KINDS, CustodyChain, verify_chain
-from seedprints_lightning.cli import EXIT_EXPECT, EXIT_OK, EXIT_TAMPERED, main
-from seedprints_lightning.controls import ControlSet
-from seedprints_lightning.custody import RunDirectory, line_sha256
-from seedprints_lightning.integration import ControlsSource, Processes, open_chain
-from seedprints_lightning.schedule import ProbeSchedule
+from seedprints_lightning.core.chain import PROBLEM_KINDS, CustodyChain, verify_chain
+from seedprints_lightning.core.controls import ControlSet
+from seedprints_lightning.core.ledger import RunDirectory, line_sha256
+from seedprints_lightning.core.processes import ControlsSource, Processes, open_chain
+from seedprints_lightning.core.schedule import ProbeSchedule
+from seedprints_lightning.offline.cli import EXIT_EXPECT, EXIT_OK, EXIT_TAMPERED, main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

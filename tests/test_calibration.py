@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from seedprints_lightning.probes import DEFAULT_LENGTH, DEFAULT_PROBE_KIND
-from seedprints_lightning.stats import DEFAULT_IDENTITY_RATIO, z_threshold
-from seedprints_lightning.verdict import DEFAULT_BIRTH_Z_MARGIN as DEFAULT_CONTROL_MARGIN
+from seedprints_lightning.core.probes import DEFAULT_LENGTH, DEFAULT_PROBE_KIND
+from seedprints_lightning.core.stats import DEFAULT_IDENTITY_RATIO, z_threshold
+from seedprints_lightning.core.verdict import DEFAULT_BIRTH_Z_MARGIN as DEFAULT_CONTROL_MARGIN
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration.py"
 

@@ -27,9 +27,9 @@ from seedprints_lightning import (
     extract_features,
     fingerprint_model,
 )
-from seedprints_lightning._lightning import measure_features
-from seedprints_lightning.callback import METRIC_TAGS, IdentityWarning
-from seedprints_lightning.controls import preserve_rng_state
+from seedprints_lightning.core.controls import preserve_rng_state
+from seedprints_lightning.faces._lightning import measure_features
+from seedprints_lightning.faces.lightning import METRIC_TAGS, IdentityWarning
 
 VOCAB = 64
 SPEC = ProbeSpec(kind="token", num_samples=200, length=8)
@@ -144,7 +144,7 @@ def test_constructor_validates(kwargs, match):
 
 
 def test_constructor_reference_path_and_probe_conflict(tmp_path):
-    from seedprints_lightning.errors import FingerprintFileError
+    from seedprints_lightning.core.errors import FingerprintFileError
 
     with pytest.raises(FingerprintFileError, match="does not exist"):
         SeedPrintsCallback(reference=tmp_path / "missing.safetensors")
@@ -254,7 +254,7 @@ def test_identity_kept_llama_logs_tags_and_files(tmp_path):
     assert {r"^seedprints/link_z$", r"^seedprints/link_threshold$"} in charts.values()
 
     # The custody ledger: one record per probe, and it re-verifies offline.
-    from seedprints_lightning.chain import verify_chain
+    from seedprints_lightning.core.chain import verify_chain
 
     audit = verify_chain(seedprints_dir)
     assert audit.ok, audit.problems
@@ -282,9 +282,9 @@ def test_default_callback_probes_densely_and_warns_after_two_failed_links(tmp_pa
     """What the defaults do (only the probe is shrunk): the adaptive schedule probes every step at
     first, 4 fresh-init controls, alpha 0.01 with the birth and custody rules, the custody link as the
     verdict, and a warning (not a stop) from the second consecutive failure on."""
-    from seedprints_lightning.schedule import ProbeSchedule
-    from seedprints_lightning.stats import z_threshold
-    from seedprints_lightning.verdict import BIRTH_RULE, CUSTODY_RULE
+    from seedprints_lightning.core.schedule import ProbeSchedule
+    from seedprints_lightning.core.stats import z_threshold
+    from seedprints_lightning.core.verdict import BIRTH_RULE, CUSTODY_RULE
 
     cb = SeedPrintsCallback(probe=SPEC)
     trainer = make_trainer(tmp_path, max_steps=10, callbacks=[cb, SwapWeights(at=5)])
@@ -416,7 +416,7 @@ def test_resume_restores_reference_and_controls_and_continues_the_chain(tmp_path
     assert cb.history[2]["anchor_step"] == 20 and cb.history[2]["link_span"] == 0.0
     assert all(h["related"] is True for h in cb.history)
     assert (dir_a / "reference.safetensors").stat().st_mtime_ns == file_mtime
-    from seedprints_lightning.chain import verify_chain
+    from seedprints_lightning.core.chain import verify_chain
 
     audit = verify_chain(dir_a)
     assert audit.ok, audit.problems
@@ -675,7 +675,7 @@ def test_adaptive_schedule_is_dense_at_start_then_every_n(tmp_path):
 def test_weak_link_shortens_the_interval(tmp_path):
     # An adapt headroom no link can reach: every held link counts as weak, so the interval never grows.
     cb = callback(every_n_steps=8, adaptive_schedule=True, num_controls=0)
-    from seedprints_lightning.schedule import ProbeSchedule
+    from seedprints_lightning.core.schedule import ProbeSchedule
 
     cb.chain.schedule = ProbeSchedule(every_n_steps=8, adapt_headroom=1e9)
     make_trainer(tmp_path, max_steps=6, callbacks=[cb]).fit(TinyLM(), loader())
@@ -695,7 +695,7 @@ def test_wrong_weights_at_resume_break_the_chain_at_train_start(tmp_path, run_a,
         make_trainer(tmp_path, max_steps=40, callbacks=[cb]).fit(TinyLM(seed=0), loader(), ckpt_path=wrong)
     assert cb.history[-1]["event"] == "resume" and cb.history[-1]["related"] is False
     assert cb.history[-1]["link_span"] == 0.0
-    from seedprints_lightning.chain import verify_chain
+    from seedprints_lightning.core.chain import verify_chain
 
     audit = verify_chain(save_dir)
     assert not audit.ok and [p.index for p in audit.broken_links] == [2] and not audit.tampered
@@ -737,7 +737,7 @@ def test_control_factory_gives_feature_fn_models_controls(tmp_path):
         feature_fn=lambda module, batch: module.features(batch.input_ids.to(module.emb.weight.device)),
     )
     make_trainer(tmp_path, max_steps=8, callbacks=[cb]).fit(Bag(), loader())
-    from seedprints_lightning.controls import control_seeds
+    from seedprints_lightning.core.controls import control_seeds
 
     assert built == list(control_seeds(2)) and cb.chain.control_features.shape == (2, 100, 32)
     assert all(h["related"] for h in cb.history) and all(len(h["control_z"]) == 2 for h in cb.history)
@@ -756,7 +756,7 @@ def test_parent_run_directory_continues_its_chain_and_refuses_a_broken_one(tmp_p
     make_trainer(tmp_path, max_steps=10, callbacks=[cb]).fit(child, loader())
     assert [(h["step"], h["anchor_step"]) for h in cb.history] == [(0, 20), (10, 0)]
     assert all(h["related"] is True for h in cb.history)
-    from seedprints_lightning.chain import verify_chain
+    from seedprints_lightning.core.chain import verify_chain
 
     assert verify_chain(child_dir).ok
     # A parent whose ledger was edited cannot be continued.
@@ -771,8 +771,8 @@ def test_parent_run_directory_continues_its_chain_and_refuses_a_broken_one(tmp_p
 
 
 def test_precomputed_controls_are_used_instead_of_building_them(tmp_path, monkeypatch):
-    from seedprints_lightning.cli import main as cli_main
-    from seedprints_lightning.controls import ControlSet, probe_controls
+    from seedprints_lightning.core.controls import ControlSet, probe_controls
+    from seedprints_lightning.offline.cli import main as cli_main
 
     module = TinyLM(seed=0)
     model_dir = tmp_path / "model"
@@ -786,7 +786,7 @@ def test_precomputed_controls_are_used_instead_of_building_them(tmp_path, monkey
     # The same fresh inits the callback would build itself (float noise only: another attention kernel).
     assert torch.allclose(features, probe_controls(module.model, spec, seeds), atol=1e-5)
 
-    import seedprints_lightning.controls as controls_module
+    import seedprints_lightning.core.controls as controls_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("a control was built although controls= was given")
@@ -799,7 +799,7 @@ def test_precomputed_controls_are_used_instead_of_building_them(tmp_path, monkey
 
 
 def test_precomputed_controls_must_match_spec_and_config(tmp_path):
-    from seedprints_lightning.controls import save_controls
+    from seedprints_lightning.core.controls import save_controls
 
     features = torch.randn(2, 200, 32)
     other_spec = tmp_path / "spec.safetensors"

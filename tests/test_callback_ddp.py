@@ -180,9 +180,9 @@ def _reports(out: Path, result: subprocess.CompletedProcess) -> list[dict]:
 @pytest.mark.parametrize("mode", ["kept", "fsdp2-kept"])
 def test_two_cpu_processes_match_single_process(tmp_path, mode):
     from seedprints_lightning import Fingerprint, extract_features, lineage_test
-    from seedprints_lightning.chain import verify_chain
-    from seedprints_lightning.controls import ControlSet
-    from seedprints_lightning.custody import storage_features
+    from seedprints_lightning.core.chain import verify_chain
+    from seedprints_lightning.core.controls import ControlSet
+    from seedprints_lightning.core.ledger import storage_features
 
     result = _run(mode, tmp_path)
     assert result.returncode == 0, result.stdout[-4000:]
@@ -241,7 +241,7 @@ if __name__ == "__main__":
 
 
 def test_fsdp2_resume_links_to_the_last_probe_before_the_save(tmp_path):
-    from seedprints_lightning.chain import verify_chain
+    from seedprints_lightning.core.chain import verify_chain
 
     saved = _run("fsdp2-save", tmp_path)
     assert saved.returncode == 0, saved.stdout[-4000:]
@@ -261,7 +261,7 @@ def test_fsdp2_resume_links_to_the_last_probe_before_the_save(tmp_path):
     assert audit.ok and [r["event"] for r in audit.records] == ["interval", "interval", "resume", "interval"]
     # The sharded (DCP) checkpoint directory is audited as it is: its meta.pt holds the callback state,
     # and the shards are gathered offline into the model its config describes.
-    from seedprints_lightning.cli import EXIT_OK, main
+    from seedprints_lightning.offline.cli import EXIT_OK, main
 
     assert (tmp_path / "ckpt" / ".metadata").is_file() and (tmp_path / "ckpt" / "meta.pt").is_file()
     assert main(["audit", "--chain", str(tmp_path / "seedprints"), str(tmp_path / "ckpt"), "-q"]) == EXIT_OK

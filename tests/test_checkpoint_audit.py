@@ -89,7 +89,7 @@ def preempted_run(tmp_path_factory) -> Path:
 
 
 def test_a_user_modules_checkpoint_is_audited_after_sigkill_and_resume(preempted_run, capsys):
-    from seedprints_lightning.cli import EXIT_OK, main
+    from seedprints_lightning.offline.cli import EXIT_OK, main
 
     out = preempted_run
     checkpoint = torch.load(out / "ckpt" / "last.ckpt", weights_only=True)
@@ -104,7 +104,7 @@ def test_a_user_modules_checkpoint_is_audited_after_sigkill_and_resume(preempted
 
 
 def test_a_checkpoint_with_another_runs_weights_does_not_descend(preempted_run, tmp_path, capsys):
-    from seedprints_lightning.cli import EXIT_EXPECT, main
+    from seedprints_lightning.offline.cli import EXIT_EXPECT, main
 
     raw = torch.load(preempted_run / "ckpt" / "last.ckpt", weights_only=True)
     raw["state_dict"] = _user_module(7).state_dict()  # the same run's checkpoint, another init's weights
@@ -117,8 +117,8 @@ def test_a_checkpoint_with_another_runs_weights_does_not_descend(preempted_run, 
 def test_a_feature_fn_models_checkpoint_says_what_to_pass_instead(tmp_path, capsys):
     from torch import nn
 
-    from seedprints_lightning.cli import EXIT_FILE, main
-    from seedprints_lightning.sources import model_rebuild_info
+    from seedprints_lightning.offline.cli import EXIT_FILE, main
+    from seedprints_lightning.offline.sources import model_rebuild_info
 
     info = model_rebuild_info(nn.Linear(4, 4), None, feature_fn=True)
     assert "feature_fn model" in info["why_not"] and "fingerprint file" in info["why_not"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from seedprints_lightning.checks import check_bool, check_choice, check_int, check_number
-from seedprints_lightning.errors import InputError
+from seedprints_lightning.core.checks import check_bool, check_choice, check_int, check_number
+from seedprints_lightning.core.errors import InputError
 
 
 def test_check_int_accepts_ints_in_range_and_returns_int() -> None:

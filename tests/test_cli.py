@@ -16,10 +16,10 @@ from conftest import make_tiny_lm
 from transformers import LlamaForCausalLM
 
 from seedprints_lightning import Fingerprint
-from seedprints_lightning.cli import EXIT_EXPECT, EXIT_FILE, EXIT_INCOMPATIBLE, EXIT_OK, EXIT_USAGE, main
-from seedprints_lightning.controls import control_seeds
-from seedprints_lightning.stats import log10_normal_sf
-from seedprints_lightning.verdict import BIRTH_RULE, CUSTODY_RULE
+from seedprints_lightning.core.controls import control_seeds
+from seedprints_lightning.core.stats import log10_normal_sf
+from seedprints_lightning.core.verdict import BIRTH_RULE, CUSTODY_RULE
+from seedprints_lightning.offline.cli import EXIT_EXPECT, EXIT_FILE, EXIT_INCOMPATIBLE, EXIT_OK, EXIT_USAGE, main
 
 PROBE = ["--num-samples", "200", "--length", "8", "-q"]
 
@@ -235,7 +235,7 @@ def test_compare_two_fingerprints(models, fp0, tmp_path, capsys) -> None:
     assert main(["compare", str(fp0), str(other), "--json", "--controls", "2"]) == EXIT_OK
     data = json.loads(capsys.readouterr().out)
     assert data["evidence"] == f"2 fresh-init controls stored in {fp0}" and len(data["control_z"]) == 2
-    from seedprints_lightning.stats import lineage_test
+    from seedprints_lightning.core.stats import lineage_test
 
     expected = [lineage_test(c, Fingerprint.load(other).features).z for c in stored.controls[:2]]
     assert data["control_z"] == pytest.approx(expected)
@@ -350,7 +350,7 @@ def test_fingerprint_of_a_nan_model_writes_nothing_and_says_why(tmp_path, capsys
 
 
 def test_an_unexpected_error_is_one_line_unless_debugging(monkeypatch, tmp_path, capsys) -> None:
-    import seedprints_lightning.cli as cli
+    import seedprints_lightning.offline.cli as cli
 
     def broken(args):
         return {}["no such key"]
@@ -388,7 +388,7 @@ def test_help_lists_exit_codes(capsys) -> None:
 def test_console_entry_point_runs_without_traceback(tmp_path) -> None:
     # The installed console script when present (pip install -e .), else the module entry point.
     script = Path(sys.executable).with_name("seedprints")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "seedprints_lightning.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "seedprints_lightning.offline.cli"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     missing = tmp_path / "missing.safetensors"
     done = subprocess.run([*cmd, "compare", str(missing), str(missing)], capture_output=True, text=True,

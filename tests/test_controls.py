@@ -15,7 +15,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from seedprints_lightning import InputError, ProbeSpec
-from seedprints_lightning.controls import (
+from seedprints_lightning.core.controls import (
     ControlSet,
     build_control_model,
     control_seeds,
@@ -23,8 +23,8 @@ from seedprints_lightning.controls import (
     probe_controls,
     save_controls,
 )
-from seedprints_lightning.errors import FingerprintFileError
-from seedprints_lightning.probes import extract_features
+from seedprints_lightning.core.errors import FingerprintFileError
+from seedprints_lightning.core.probes import extract_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny models, one thread
 

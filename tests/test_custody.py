@@ -1,6 +1,6 @@
 """The custody ledger and its offline re-verification on a fake run directory: no model, no Lightning.
 
-The records are written by the same :class:`~seedprints_lightning.chain.CustodyChain` that the
+The records are written by the same :class:`~seedprints_lightning.core.chain.CustodyChain` that the
 callback drives (features rounded by ``storage_features`` before the test, the anchor = the last
 held probe's stored features or the reference), so ``verify_chain``, which replays them through
 that class, must recompute every recorded figure.
@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import save_file
 
 from seedprints_lightning import Fingerprint, InputError, ProbeSpec
-from seedprints_lightning.chain import Anchor, CustodyChain, verify_chain
-from seedprints_lightning.cli import format_chain_table
-from seedprints_lightning.controls import ControlSet, save_controls
-from seedprints_lightning.custody import (
+from seedprints_lightning.core.chain import Anchor, CustodyChain, verify_chain
+from seedprints_lightning.core.controls import ControlSet, save_controls
+from seedprints_lightning.core.files import file_sha256
+from seedprints_lightning.core.ledger import (
     CONTROLS_FILE,
     CUSTODY_FILE,
     REFERENCE_FILE,
@@ -35,7 +35,7 @@ from seedprints_lightning.custody import (
     RunDirectory,
     storage_features,
 )
-from seedprints_lightning.files import file_sha256
+from seedprints_lightning.offline.cli import format_chain_table
 
 N, D = 120, 24
 NOISE = 0.3

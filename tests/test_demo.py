@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from seedprints_lightning.errors import IdentityLostError
+from seedprints_lightning.core.errors import IdentityLostError
 from seedprints_lightning.train import demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -41,7 +41,7 @@ def test_demo_model_is_the_documented_size():
 
 @pytest.mark.slow
 def test_quick_demo_passes_both_scenarios(tmp_path, capsys, drawn_figures):
-    from seedprints_lightning.plotting import read_drift_curves
+    from seedprints_lightning.offline.plotting import read_drift_curves
 
     code = demo.main(["--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out
@@ -100,7 +100,7 @@ def test_check_own_fails_on_any_unrelated_probe_or_early_end():
 
 
 def test_check_own_fails_when_the_ledger_does_not_verify():
-    from seedprints_lightning.chain import ChainAudit, ChainProblem
+    from seedprints_lightning.core.chain import ChainAudit, ChainProblem
 
     result = _result([_entry(s, True) for s in (3, 6)])
     result.extra["chain"] = ChainAudit(run_dir=Path("."), records=[{}],

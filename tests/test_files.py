@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from seedprints_lightning.files import atomic_write, file_sha256, save_safetensors
+from seedprints_lightning.core.files import atomic_write, file_sha256, save_safetensors
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temp(tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""Tests of seedprints_lightning.fingerprint: the file format and model-level lineage checks."""
+"""Tests of seedprints_lightning.core.fingerprint: the file format and model-level lineage checks."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from seedprints_lightning.errors import FingerprintFileError, IncompatibleFingerprintsError, InputError
-from seedprints_lightning.fingerprint import FORMAT_VERSION, Fingerprint, config_digest, fingerprint_model
-from seedprints_lightning.probes import ProbeSpec
-from seedprints_lightning.stats import lineage_test
-from seedprints_lightning.verdict import BIRTH_RULE, IdentityVerdict, decide_identity
+from seedprints_lightning.core.errors import FingerprintFileError, IncompatibleFingerprintsError, InputError
+from seedprints_lightning.core.fingerprint import FORMAT_VERSION, Fingerprint, config_digest, fingerprint_model
+from seedprints_lightning.core.probes import ProbeSpec
+from seedprints_lightning.core.stats import lineage_test
+from seedprints_lightning.core.verdict import BIRTH_RULE, IdentityVerdict, decide_identity
 
 SPEC = ProbeSpec(kind="token", num_samples=12, length=6, seed=3)
 
@@ -200,7 +200,7 @@ def test_fresh_inits_are_not_related(lineage_fps: dict[str, Fingerprint], base: 
 
 
 def test_fingerprint_model_stores_controls(tiny_llama: Callable[[int], nn.Module]) -> None:
-    from seedprints_lightning.controls import control_seeds, probe_controls
+    from seedprints_lightning.core.controls import control_seeds, probe_controls
 
     model = tiny_llama(0)
     fp = fingerprint_model(model, SPEC, num_controls=2)

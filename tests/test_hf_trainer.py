@@ -22,9 +22,9 @@ import torch
 from conftest import count_probed_samples, exit_after_report, make_tiny_lm, torchrun_reports
 
 from seedprints_lightning import IdentityLostError, ProbeSpec, verify_chain
-from seedprints_lightning.cli import EXIT_OK
-from seedprints_lightning.cli import main as seedprints_main
-from seedprints_lightning.errors import IdentityWarning
+from seedprints_lightning.core.errors import IdentityWarning
+from seedprints_lightning.offline.cli import EXIT_OK
+from seedprints_lightning.offline.cli import main as seedprints_main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

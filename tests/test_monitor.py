@@ -21,11 +21,11 @@ from conftest import count_probed_samples, exit_after_report, make_tiny_lm, torc
 from torch import nn
 
 from seedprints_lightning import IdentityLostError, InputError, ProbeSpec, extract_features, verify_chain
-from seedprints_lightning.cli import EXIT_EXPECT, EXIT_OK
-from seedprints_lightning.cli import main as seedprints_main
-from seedprints_lightning.errors import IdentityWarning
-from seedprints_lightning.monitor import SeedPrintsMonitor
-from seedprints_lightning.probes import submodule_output
+from seedprints_lightning.core.errors import IdentityWarning
+from seedprints_lightning.core.probes import submodule_output
+from seedprints_lightning.faces.monitor import SeedPrintsMonitor
+from seedprints_lightning.offline.cli import EXIT_EXPECT, EXIT_OK
+from seedprints_lightning.offline.cli import main as seedprints_main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -188,7 +188,7 @@ def test_fsdp1_whose_shards_a_direct_call_cannot_gather_is_refused_by_name(tmp_p
     from types import SimpleNamespace
 
     from seedprints_lightning import SeedPrintsFabricCallback
-    from seedprints_lightning.monitor import wrapped_sharding
+    from seedprints_lightning.faces.monitor import wrapped_sharding
 
     class FSDPStrategy:  # Fabric's FSDP1 strategy, recognised by name
         pass

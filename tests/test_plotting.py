@@ -1,4 +1,4 @@
-"""Tests of seedprints_lightning.plotting and ``seedprints plot`` on synthetic TensorBoard logs."""
+"""Tests of seedprints_lightning.offline.plotting and ``seedprints plot`` on synthetic TensorBoard logs."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from matplotlib.colors import to_rgba
 from matplotlib.image import imread
 from torch.utils.tensorboard import SummaryWriter
 
-from seedprints_lightning.audit import AuditRow
-from seedprints_lightning.cli import EXIT_FILE, EXIT_OK, EXIT_USAGE, main
-from seedprints_lightning.plotting import (
+from seedprints_lightning.core.stats import LineageResult
+from seedprints_lightning.offline.audit import AuditRow
+from seedprints_lightning.offline.cli import EXIT_FILE, EXIT_OK, EXIT_USAGE, main
+from seedprints_lightning.offline.plotting import (
     DriftCurves,
     NoDriftDataError,
     Series,
@@ -23,7 +24,6 @@ from seedprints_lightning.plotting import (
     plot_drift,
     read_drift_curves,
 )
-from seedprints_lightning.stats import LineageResult
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = [0, 100, 200, 300]
@@ -279,7 +279,7 @@ def test_draw_drift_two_runs_and_log10_p_panel() -> None:
     assert _xy(link_lines["unrelated:a"]) == ([7, 31], [3.0, 1.5])
     assert _xy(birth_lines["unrelated:b"]) == ([7, 31], [20.0, 2.0])  # b has no link curve
     assert _xy(p_lines["log10_p:a"]) == (LINK_STEPS, a.log10_p.values.tolist())
-    from seedprints_lightning.stats import log10_normal_sf
+    from seedprints_lightning.core.stats import log10_normal_sf
     assert _xy(p_lines["log10_p_threshold:a"])[1] == pytest.approx([log10_normal_sf(t) for t in a.threshold.values])
     assert draw_drift([a]).axes.__len__() == 2  # no log10 p panel unless asked
 
@@ -339,7 +339,7 @@ def test_plot_audit_writes_png(tmp_path, drawn_figures) -> None:
 
 def test_reader_reads_every_logged_tag_and_plot_draws_it(tmp_path) -> None:
     """Every tag of METRIC_TAGS the callback logs comes back in its DriftCurves field."""
-    from seedprints_lightning.verdict import METRIC_NAMES, tag
+    from seedprints_lightning.core.verdict import METRIC_NAMES, tag
 
     writer = SummaryWriter(str(tmp_path / "run"))
     for i, step in enumerate(LINK_STEPS):

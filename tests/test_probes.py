@@ -1,4 +1,4 @@
-"""Tests of seedprints_lightning.probes: probe inputs, spec handling and feature extraction."""
+"""Tests of seedprints_lightning.core.probes: probe inputs, spec handling and feature extraction."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from conftest import make_tiny_lm
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from seedprints_lightning.errors import InputError, ModelNotFoundError
-from seedprints_lightning.probes import ProbeSpec, extract_features, find_causal_lm, preserve_module_modes
+from seedprints_lightning.core.errors import InputError, ModelNotFoundError
+from seedprints_lightning.core.probes import ProbeSpec, extract_features, find_causal_lm, preserve_module_modes
 
 TOKEN = ProbeSpec(kind="token", num_samples=23, length=7, seed=5, vocab_size=64)
 EMBED = ProbeSpec(kind="embedding", num_samples=23, length=7, seed=5, hidden_size=32, embed_mean=0.1, embed_std=0.02)

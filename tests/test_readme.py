@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from seedprints_lightning.cli import main as seedprints_main
+from seedprints_lightning.offline.cli import main as seedprints_main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

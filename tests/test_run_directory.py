@@ -1,6 +1,6 @@
 """A run directory belongs to one run: no second run, no second writer, no lost evidence, no late failure.
 
-Each test drives :class:`~seedprints_lightning.monitor.SeedPrintsMonitor` (the fastest face; every
+Each test drives :class:`~seedprints_lightning.faces.monitor.SeedPrintsMonitor` (the fastest face; every
 face opens its run directory through the same ``open_chain``) on the conftest tiny LLaMA with the
 sizes of test_monitor.py (token probes n = 200, L = 8, 2 controls, lr 3e-3: own links of a few
 steps at z 60-90 against thresholds of 5-8).
@@ -21,12 +21,12 @@ import torch
 from conftest import make_tiny_lm
 
 from seedprints_lightning import InputError, ProbeSpec, verify_chain
-from seedprints_lightning.cli import EXIT_OK, EXIT_TAMPERED
-from seedprints_lightning.cli import main as seedprints_main
-from seedprints_lightning.custody import LOCK_FILE, check_save_dir
-from seedprints_lightning.errors import IdentityWarning
-from seedprints_lightning.files import file_sha256
-from seedprints_lightning.monitor import SeedPrintsMonitor
+from seedprints_lightning.core.errors import IdentityWarning
+from seedprints_lightning.core.files import file_sha256
+from seedprints_lightning.core.ledger import LOCK_FILE, check_save_dir
+from seedprints_lightning.faces.monitor import SeedPrintsMonitor
+from seedprints_lightning.offline.cli import EXIT_OK, EXIT_TAMPERED
+from seedprints_lightning.offline.cli import main as seedprints_main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -108,7 +108,7 @@ def test_a_new_run_refuses_a_directory_that_holds_another_runs_ledger_or_referen
 # ---------------------------------------------------------------------- 2. one writer per ledger
 _HOLDER = """
 import os, signal, sys
-from seedprints_lightning.custody import RunDirectory
+from seedprints_lightning.core.ledger import RunDirectory
 lock = RunDirectory(sys.argv[1]).lock()
 print("locked", flush=True)
 sys.stdin.readline()

@@ -1,11 +1,11 @@
-"""When to probe (seedprints_lightning.schedule.ProbeSchedule): a pure function, no models."""
+"""When to probe (seedprints_lightning.core.schedule.ProbeSchedule): a pure function, no models."""
 
 from __future__ import annotations
 
 import pytest
 
 from seedprints_lightning import InputError
-from seedprints_lightning.schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
+from seedprints_lightning.core.schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
 
 STRONG = 10.0  # headroom (z / threshold) well above DEFAULT_ADAPT_HEADROOM = 2
 NO_RAMP = 1e9  # ramp_fraction that never binds: isolates the doubling / halving rules

@@ -1,4 +1,4 @@
-"""Tests of seedprints_lightning.stats: Kendall tau-b, the lineage test and its input checks.
+"""Tests of seedprints_lightning.core.stats: Kendall tau-b, the lineage test and its input checks.
 
 The lineage test is checked against a plain reference written straight from method.md
 (numpy + one ``scipy.stats.kendalltau`` per column), not against the package's own helpers.
@@ -16,9 +16,9 @@ import torch
 from scipy import special
 from scipy import stats as sps
 
-from seedprints_lightning import _kendall_cpu, stats
-from seedprints_lightning.errors import InputError
-from seedprints_lightning.stats import (
+from seedprints_lightning.core import _kendall_cpu, stats
+from seedprints_lightning.core.errors import InputError
+from seedprints_lightning.core.stats import (
     EmpiricalNull,
     LineageResult,
     kendall_null_sigma,

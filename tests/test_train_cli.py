@@ -164,7 +164,7 @@ def test_missing_reference_file_is_one_clear_error(tmp_path, monkeypatch, capsys
 
 @pytest.mark.slow
 def test_demo_config_fits_then_a_child_continues_from_it(tmp_path, monkeypatch):
-    from seedprints_lightning.plotting import read_drift_curves
+    from seedprints_lightning.offline.plotting import read_drift_curves
 
     monkeypatch.chdir(tmp_path)
     parent = make_cli(["fit", "--config", str(CONFIG_DIR / "demo.yaml"), *TINY, *TINY_PROBE])
@@ -189,7 +189,7 @@ def test_demo_config_fits_then_a_child_continues_from_it(tmp_path, monkeypatch):
     assert cb.history[0]["anchor_step"] == 3
     child_dir = tmp_path / "runs" / "continue" / "seedprints"
     assert (child_dir / "reference.safetensors").is_file() and (child_dir / "parent_anchor.safetensors").is_file()
-    from seedprints_lightning.chain import verify_chain
+    from seedprints_lightning.core.chain import verify_chain
 
     audit = verify_chain(child_dir)
     assert audit.ok, audit.problems

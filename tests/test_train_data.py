@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from seedprints_lightning.errors import InputError
+from seedprints_lightning.core.errors import InputError
 from seedprints_lightning.train import (
     DOCUMENT_SEPARATOR_ID,
     ByteTokenizer,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, LlamaConfig, PreTrainedModel, Qwen2Config
 
-from seedprints_lightning.errors import InputError
+from seedprints_lightning.core.errors import InputError
 from seedprints_lightning.train import ARCHITECTURES, make_causal_lm, make_config, model_from_config
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4}

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from transformers import PreTrainedModel
 
-from seedprints_lightning.errors import InputError
+from seedprints_lightning.core.errors import InputError
 from seedprints_lightning.train import CausalLMModule, TextDataModule, load_causal_lm_from_checkpoint
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4}

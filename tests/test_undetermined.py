@@ -20,11 +20,11 @@ import torch
 from conftest import make_tiny_lm
 
 from seedprints_lightning import ProbeSpec, verify_chain
-from seedprints_lightning.cli import EXIT_OK, EXIT_UNDETERMINED
-from seedprints_lightning.cli import main as seedprints_main
-from seedprints_lightning.errors import IdentityWarning, InputError
-from seedprints_lightning.monitor import SeedPrintsMonitor
-from seedprints_lightning.verdict import tag
+from seedprints_lightning.core.errors import IdentityWarning, InputError
+from seedprints_lightning.core.verdict import tag
+from seedprints_lightning.faces.monitor import SeedPrintsMonitor
+from seedprints_lightning.offline.cli import EXIT_OK, EXIT_UNDETERMINED
+from seedprints_lightning.offline.cli import main as seedprints_main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -135,7 +135,7 @@ def test_count_undetermined_is_checked_at_construction(tmp_path):
 def test_lightning_callback_metrics_drop_a_figure_the_probe_could_not_measure():
     from types import SimpleNamespace
 
-    from seedprints_lightning._lightning import log_metrics
+    from seedprints_lightning.faces._lightning import log_metrics
 
     trainer = SimpleNamespace(loggers=[], callback_metrics={tag("link_z"): torch.tensor(80.0)})
     log_metrics(trainer, {tag("related"): -1.0, tag("undetermined"): 1.0}, step=5)
@@ -144,7 +144,7 @@ def test_lightning_callback_metrics_drop_a_figure_the_probe_could_not_measure():
 
 
 def test_the_drift_plot_marks_undetermined_probes_not_as_unrelated(tmp_path):
-    from seedprints_lightning.plotting import draw_drift, read_drift_curves
+    from seedprints_lightning.offline.plotting import draw_drift, read_drift_curves
 
     _run(tmp_path, nan_at=4, patience=99, on_identity_lost="warn", last=6)
     (curve,) = read_drift_curves(tmp_path / "tb").values()

@@ -1,4 +1,4 @@
-"""The identity verdict (seedprints_lightning.verdict): rules, thresholds, probe verdicts, metrics."""
+"""The identity verdict (seedprints_lightning.core.verdict): rules, thresholds, probe verdicts, metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from seedprints_lightning import InputError, LineageResult
-from seedprints_lightning.verdict import (
+from seedprints_lightning.core.verdict import (
     BIRTH_RULE,
     CUSTODY_RULE,
     CUSTOM_SCALARS_LAYOUT,

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from ..errors import FingerprintFileError, InputError, SeedPrintsError
+from ..core.errors import FingerprintFileError, InputError, SeedPrintsError
 from .data import TextDataModule
 from .module import CausalLMModule, load_causal_lm_from_checkpoint
 

@@ -40,8 +40,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..checks import check_choice, check_int
-from ..errors import InputError
+from ..core.checks import check_choice, check_int
+from ..core.errors import InputError
 
 __all__ = ["CORPUS_DOMAINS", "DEFAULT_MAX_BYTES", "build_corpus", "default_cache_dir"]
 

@@ -18,8 +18,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..checks import check_choice, check_int, check_number
-from ..errors import InputError
+from ..core.checks import check_choice, check_int, check_number
+from ..core.errors import InputError
 from .corpus import CORPUS_DOMAINS, build_corpus
 from .tokenizer import MEMMAP_DTYPES, read_memmap, tokenize_directory
 

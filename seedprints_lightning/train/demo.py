@@ -40,7 +40,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from ..errors import IdentityLostError
+from ..core.errors import IdentityLostError
 from .corpus import build_corpus
 from .data import TextDataModule
 from .module import CausalLMModule
@@ -105,8 +105,8 @@ def _callback_defaults() -> dict[str, Any]:
     """The SeedPrintsCallback defaults the demo runs with, read from its signature (for the intro)."""
     import inspect
 
-    from ..callback import SeedPrintsCallback
-    from ..probes import ProbeSpec
+    from ..core.probes import ProbeSpec
+    from ..faces.lightning import SeedPrintsCallback
 
     params = inspect.signature(SeedPrintsCallback.__init__).parameters
     defaults = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
@@ -126,7 +126,7 @@ def _quiet_lightning() -> Iterator[None]:
     """
     # Import both Lightning packages first: each sets its logger to INFO when imported, and the
     # callback imports lightning.pytorch (when installed) for its second Callback base.
-    from .. import callback  # noqa: F401
+    from ..faces import lightning  # noqa: F401
 
     loggers = [logging.getLogger(name) for name in
                ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")]
@@ -169,7 +169,7 @@ def _data(data: dict[str, Any] | None = None) -> TextDataModule:
 
 
 def _seedprints(**kwargs: Any) -> Any:
-    from ..callback import SeedPrintsCallback
+    from ..faces.lightning import SeedPrintsCallback
 
     return SeedPrintsCallback(**kwargs)
 
@@ -280,7 +280,7 @@ def _scenario(
         swap_step=swap.swapped_at if swap is not None else None,
     )
     if seedprints.save_dir is not None and (seedprints.save_dir / "custody.jsonl").exists():
-        from ..chain import verify_chain
+        from ..core.chain import verify_chain
 
         result.extra["chain"] = verify_chain(seedprints.save_dir)
     try:
@@ -405,7 +405,7 @@ def format_table(result: ScenarioResult) -> str:
 
 
 def _plot(result: ScenarioResult, out_path: Path, title: str | None = None) -> Path:
-    from ..plotting import plot_drift, read_drift_curves
+    from ..offline.plotting import plot_drift, read_drift_curves
 
     curves = [dataclasses.replace(c, run=result.name) for c in read_drift_curves(result.log_dir).values()]
     if title is None:
@@ -416,7 +416,7 @@ def _plot(result: ScenarioResult, out_path: Path, title: str | None = None) -> P
 
 
 def _plot_both(own: ScenarioResult, wrong: ScenarioResult, out_path: Path) -> Path:
-    from ..plotting import plot_drift, read_drift_curves
+    from ..offline.plotting import plot_drift, read_drift_curves
 
     curves = []
     for result in (own, wrong):

@@ -26,8 +26,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from ..checks import check_choice, check_int
-from ..errors import InputError
+from ..core.checks import check_choice, check_int
+from ..core.errors import InputError
 
 __all__ = ["ARCHITECTURES", "make_causal_lm", "make_config", "model_from_config"]
 

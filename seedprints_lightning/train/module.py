@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from ..checks import check_choice, check_int, check_number
-from ..errors import InputError
-from ..files import load_lightning_checkpoint
-from ..sources import HF_CONFIG_KEY
+from ..core.checks import check_choice, check_int, check_number
+from ..core.errors import InputError
+from ..core.files import load_lightning_checkpoint
+from ..offline.sources import HF_CONFIG_KEY
 from .models import MODEL_SIZE_ARGS, make_causal_lm
 
 __all__ = ["CausalLMModule", "load_causal_lm_from_checkpoint"]

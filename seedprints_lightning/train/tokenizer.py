@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
-from ..files import atomic_write
+from ..core.errors import InputError
+from ..core.files import atomic_write
 
 __all__ = [
     "ByteTokenizer",

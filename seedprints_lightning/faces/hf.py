@@ -1,6 +1,6 @@
 """``SeedPrintsTrainerCallback``: the custody chain in a Hugging Face ``transformers.Trainer`` run.
 
-A :class:`~seedprints_lightning.monitor.SeedPrintsMonitor` whose hooks the ``Trainer`` calls:
+A :class:`~seedprints_lightning.faces.monitor.SeedPrintsMonitor` whose hooks the ``Trainer`` calls:
 
 - ``on_train_begin``: the reference at step 0, or, on ``trainer.train(resume_from_checkpoint=...)``,
   the chain state from ``<output_dir>/checkpoint-<step>/seedprints_state.pt`` and a link of the
@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .errors import InputError
+from ..core.errors import InputError
+from ..offline.sources import HF_TRAINER_STATE_FILE
 from .monitor import SeedPrintsMonitor
-from .sources import HF_TRAINER_STATE_FILE
 
 __all__ = ["SeedPrintsTrainerCallback"]
 

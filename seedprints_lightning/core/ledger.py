@@ -17,7 +17,7 @@ link was tested against, the sha256 of the probe's features file, and ``prev_sha
 sha256 of the previous record's line (for the first record, of ``reference.safetensors``).
 Editing, removing or reordering a record breaks the hash chain; altering a features file
 breaks its hash; and since every verdict is recomputed from the stored features, a record
-that claims a link held when it did not is caught too (:func:`seedprints_lightning.chain.verify_chain`).
+that claims a link held when it did not is caught too (:func:`seedprints_lightning.core.chain.verify_chain`).
 
 :class:`RunDirectory` is the one place that knows these paths, for the writers (every trainer
 integration) and the readers (the audit) alike. A run directory belongs to one run: one process
@@ -103,7 +103,7 @@ def save_parent_anchor(directory: Path, features: torch.Tensor, step: int,
 
     A child run's is its parent run's last held probe. ``continues`` (``records``,
     ``head_sha256``, ``resumed_at_step``) marks a ledger that continues a chain whose ledger
-    this directory lost (:func:`~seedprints_lightning.integration.open_chain`): the anchor is that
+    this directory lost (:func:`~seedprints_lightning.core.processes.open_chain`): the anchor is that
     chain's last held probe, and the audit names the loss.
     """
     meta: dict[str, Any] = {"step": int(step)}

@@ -1,13 +1,13 @@
 """``SeedPrintsMonitor``: the custody chain for any training loop, with no trainer in it.
 
 Every face takes the same arguments, validated once here (:class:`MonitorSettings`), and runs
-the same probe cycle, measure -> :meth:`~seedprints_lightning.chain.CustodyChain.observe` ->
+the same probe cycle, measure -> :meth:`~seedprints_lightning.core.chain.CustodyChain.observe` ->
 log -> act, so every loop writes the same run directory, ledger and verdicts:
 
 - :class:`SeedPrintsMonitor`: a hand-written loop calls ``start(model, step)`` before its first
   optimizer step and ``step(model, step)`` after each one;
-- :class:`~seedprints_lightning.hf.SeedPrintsTrainerCallback` (Hugging Face ``Trainer``) and
-  :class:`~seedprints_lightning.fabric.SeedPrintsFabricCallback` (Lightning Fabric) are this
+- :class:`~seedprints_lightning.faces.hf.SeedPrintsTrainerCallback` (Hugging Face ``Trainer``) and
+  :class:`~seedprints_lightning.faces.fabric.SeedPrintsFabricCallback` (Lightning Fabric) are this
   class with the loop's hooks calling those two methods;
 - :class:`~seedprints_lightning.SeedPrintsCallback` (Lightning ``Trainer``) shares the settings
   and measures through the Lightning strategy instead.
@@ -31,17 +31,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .chain import Anchor, ChainRules, CustodyChain, resolve_reference
-from .checks import check_bool, check_choice, check_int, check_number
-from .controls import DEFAULT_NUM_CONTROLS, ControlSet, build_control_model, preserve_rng_state
-from .custody import RunDirectory, check_save_dir
-from .errors import IdentityLostError, IdentityWarning, InputError
-from .fingerprint import Fingerprint, config_digest
-from .integration import ControlsSource, Processes, close_chain, measure_over_ranks, open_chain, torch_processes
-from .probes import ProbeBatch, ProbeSpec, extract_features, find_causal_lm, find_causal_lm_or_none
-from .schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
-from .sources import MODEL_STATE_KEY, STEP_STATE_KEY, model_rebuild_info
-from .verdict import (
+from ..core.chain import Anchor, ChainRules, CustodyChain, resolve_reference
+from ..core.checks import check_bool, check_choice, check_int, check_number
+from ..core.controls import DEFAULT_NUM_CONTROLS, ControlSet, build_control_model, preserve_rng_state
+from ..core.errors import IdentityLostError, IdentityWarning, InputError
+from ..core.fingerprint import Fingerprint, config_digest
+from ..core.ledger import RunDirectory, check_save_dir
+from ..core.probes import ProbeBatch, ProbeSpec, extract_features, find_causal_lm, find_causal_lm_or_none
+from ..core.processes import ControlsSource, Processes, close_chain, measure_over_ranks, open_chain, torch_processes
+from ..core.schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
+from ..core.verdict import (
     CUSTOM_SCALARS_LAYOUT,
     DEFAULT_BIRTH_Z_MARGIN,
     DEFAULT_LINK_TAU_MARGIN,
@@ -49,6 +48,7 @@ from .verdict import (
     FAIL_ON,
     ProbeVerdict,
 )
+from ..offline.sources import MODEL_STATE_KEY, STEP_STATE_KEY, model_rebuild_info
 
 __all__ = ["ACTIONS", "MonitorSettings", "SeedPrintsMonitor", "act_on_identity_lost"]
 
@@ -260,7 +260,7 @@ class SeedPrintsMonitor:
             :attr:`history` (a face logs through its loop's loggers instead).
 
     Attributes:
-        chain: the :class:`~seedprints_lightning.chain.CustodyChain`.
+        chain: the :class:`~seedprints_lightning.core.chain.CustodyChain`.
         should_stop: set (on every rank) when the identity is lost with ``on_identity_lost="stop"``.
         history, reference, reference_source, last_verdict: as on ``SeedPrintsCallback``.
     """

@@ -3,7 +3,7 @@
 Fabric has no training loop and no step counter, and calls two hooks on its callbacks by
 itself: ``on_after_setup(fabric, module)`` after ``fabric.setup(...)`` and
 ``on_after_optimizer_step(strategy, optimizer)`` after every ``optimizer.step()``. This face is
-a :class:`~seedprints_lightning.monitor.SeedPrintsMonitor` driven by them:
+a :class:`~seedprints_lightning.faces.monitor.SeedPrintsMonitor` driven by them:
 
 - ``on_after_setup`` remembers the module (the first one set up that holds a transformers
   model, or the first one with ``feature_fn``);
@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from ..core.probes import find_causal_lm_or_none
+from ..core.verdict import CUSTOM_SCALARS_LAYOUT
 from .monitor import SeedPrintsMonitor, refuse_wrapped_sharding
-from .probes import find_causal_lm_or_none
-from .verdict import CUSTOM_SCALARS_LAYOUT
 
 __all__ = ["SeedPrintsFabricCallback"]
 

@@ -1,6 +1,6 @@
 """``SeedPrintsCallback``: a birth certificate and a chain of custody for a Lightning run.
 
-The callback is a thin Lightning face over :class:`~seedprints_lightning.chain.CustodyChain`,
+The callback is a thin Lightning face over :class:`~seedprints_lightning.core.chain.CustodyChain`,
 which does the work: at step 0 the model's features become the run's reference (its "birth");
 then on a schedule (:mod:`.schedule`) each probe is judged twice (:mod:`.verdict`), the
 **birth test** against the reference (it fades at ordinary learning rates: reported, not acted
@@ -21,14 +21,14 @@ A resumed run (or one given a parent's ``reference=``) first links the loaded we
 chain, so resuming the wrong weights breaks the chain at train start.
 
 Files (rank 0, under ``save_dir``, default ``<trainer.log_dir or default_root_dir>/seedprints``,
-:class:`~seedprints_lightning.custody.RunDirectory`): ``reference.safetensors``,
+:class:`~seedprints_lightning.core.ledger.RunDirectory`): ``reference.safetensors``,
 ``controls.safetensors``, ``custody.jsonl`` and ``probes/``. ``fast_dev_run`` writes no file.
 The directory belongs to this run: rank 0 holds its lock (``custody.lock``) from train start to
 ``on_train_end`` / ``on_exception`` / ``teardown``, and a new run refuses a directory that holds
-another run's ledger (:func:`~seedprints_lightning.integration.open_chain`).
+another run's ledger (:func:`~seedprints_lightning.core.processes.open_chain`).
 
 Distributed: each rank probes its slice of the samples through the strategy's root wrapper
-(:func:`~seedprints_lightning._lightning.measure_features`), so every rank tests the same
+(:func:`~seedprints_lightning.faces._lightning.measure_features`), so every rank tests the same
 numbers, follows the same schedule and takes the same decision, reduced over ranks before it
 acts. Zero observer effect: probes and control builds leave RNG states and module modes as they
 were and keep no gradient; the optimizer and the data are never touched.
@@ -46,6 +46,22 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..core.chain import STATE_FORMAT_VERSION
+from ..core.controls import DEFAULT_NUM_CONTROLS
+from ..core.errors import IdentityWarning, InputError
+from ..core.fingerprint import Fingerprint
+from ..core.ledger import RunDirectory
+from ..core.probes import ProbeBatch, ProbeSpec, find_causal_lm_or_none
+from ..core.processes import close_chain, open_chain
+from ..core.verdict import (
+    CUSTOM_SCALARS_LAYOUT,
+    DEFAULT_BIRTH_Z_MARGIN,
+    DEFAULT_LINK_TAU_MARGIN,
+    DEFAULT_LINK_Z_MARGIN,
+    METRIC_TAGS,
+    ProbeVerdict,
+)
+from ..offline.sources import MODEL_STATE_KEY, model_rebuild_info
 from ._lightning import (
     CALLBACK_BASES,
     add_custom_scalars_once,
@@ -55,23 +71,7 @@ from ._lightning import (
     run_model_code,
     trainer_fn_value,
 )
-from .chain import STATE_FORMAT_VERSION
-from .controls import DEFAULT_NUM_CONTROLS
-from .custody import RunDirectory
-from .errors import IdentityWarning, InputError
-from .fingerprint import Fingerprint
-from .integration import close_chain, open_chain
 from .monitor import MonitorSettings, act_on_identity_lost
-from .probes import ProbeBatch, ProbeSpec, find_causal_lm_or_none
-from .sources import MODEL_STATE_KEY, model_rebuild_info
-from .verdict import (
-    CUSTOM_SCALARS_LAYOUT,
-    DEFAULT_BIRTH_Z_MARGIN,
-    DEFAULT_LINK_TAU_MARGIN,
-    DEFAULT_LINK_Z_MARGIN,
-    METRIC_TAGS,
-    ProbeVerdict,
-)
 
 __all__ = ["IdentityWarning", "SeedPrintsCallback", "METRIC_TAGS", "STATE_FORMAT_VERSION"]
 
@@ -99,9 +99,9 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             the analytic threshold and the effect-size margin alone).
         birth_z_margin: z over the largest control z that the birth test must clear.
         link_z_margin, link_tau_margin: what a custody link must clear over the controls, in
-            z and in ``tau_mean`` (effect size). See :mod:`seedprints_lightning.verdict`.
+            z and in ``tau_mean`` (effect size). See :mod:`seedprints_lightning.core.verdict`.
         adaptive_schedule: dense probes at the start and closer probes when a link weakens
-            (:class:`~seedprints_lightning.schedule.ProbeSchedule`); ``False`` probes every
+            (:class:`~seedprints_lightning.core.schedule.ProbeSchedule`); ``False`` probes every
             ``every_n_steps`` only (custody then needs a gentle learning rate: measured in
             docs/benchmarks.md).
         reference: a parent's :class:`~seedprints_lightning.Fingerprint`, its file path, or the
@@ -115,7 +115,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             that seed, for controls of models the callback cannot rebuild itself (needed with
             ``feature_fn`` and ``num_controls > 0``). Default: ``type(lm)(lm.config)``.
         controls: a controls file precomputed with ``seedprints controls`` (or
-            :func:`~seedprints_lightning.controls.save_controls`): loaded instead of building the
+            :func:`~seedprints_lightning.core.controls.save_controls`): loaded instead of building the
             controls inside the run, so no rank ever holds an unsharded copy of the model. It must
             match the run's probe spec and, when it records one, the model's config digest; its
             control count replaces ``num_controls``.
@@ -130,12 +130,12 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
             counts nor resets the count: for runs that tolerate a transient diverged stretch.
 
     Attributes:
-        chain: the :class:`~seedprints_lightning.chain.CustodyChain` (reference, controls,
+        chain: the :class:`~seedprints_lightning.core.chain.CustodyChain` (reference, controls,
             anchor, schedule position, failure count, ledger); its state is this callback's.
         history: one plain dict per probe (``step``, ``event``, the logged metrics under short
             names, ``related``, ``birth_detectable``, ``anchor_step``, ``control_z``,
             ``reason``, ``record_index``, ``consecutive_failures``, ``next_step``).
-        last_verdict: the latest :class:`~seedprints_lightning.verdict.ProbeVerdict`.
+        last_verdict: the latest :class:`~seedprints_lightning.core.verdict.ProbeVerdict`.
         reference, reference_source (``"explicit"``, ``"checkpoint"`` or ``"step0"``).
 
     Logged (every logger, and ``trainer.callback_metrics``): :data:`METRIC_TAGS`, never NaN;
@@ -293,7 +293,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ set-up at train start
     def _start_chain(self, trainer: Any, pl_module: Any) -> bool:
-        """Reference, files, controls and ledger (:func:`~seedprints_lightning.integration.open_chain`)."""
+        """Reference, files, controls and ledger (:func:`~seedprints_lightning.core.processes.open_chain`)."""
         if self.settings.save_dir is None:
             base = trainer.log_dir  # a collective under DDP: every rank gets here
             self.save_dir = Path(base if base else trainer.default_root_dir) / "seedprints"

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._version import __version__
+from .._version import __version__
 from .errors import FingerprintFileError, IncompatibleFingerprintsError, InputError
 from .files import read_safetensors, save_safetensors
 from .probes import ProbeSpec, extract_features, find_causal_lm, hidden_size_of

@@ -12,9 +12,9 @@ training loop does the same with its own measuring and acting. :func:`verify_cha
 ledger's records through the same class, without writing, to re-verify a run offline.
 
 The chain holds the reference (the run's birth fingerprint), one
-:class:`~seedprints_lightning.controls.ControlSet`, the judging settings (:class:`ChainRules`),
+:class:`~seedprints_lightning.core.controls.ControlSet`, the judging settings (:class:`ChainRules`),
 the anchor (the last probe whose own link held), the schedule position, the failure count and,
-on the process that writes files, a :class:`~seedprints_lightning.custody.CustodyLedger`. Its
+on the process that writes files, a :class:`~seedprints_lightning.core.ledger.CustodyLedger`. Its
 :meth:`~CustodyChain.state_dict` is the callback's checkpoint state (CPU tensors and plain
 types: it loads with ``torch.load(weights_only=True)``).
 """
@@ -34,7 +34,10 @@ import torch
 
 from .checks import check_bool, check_choice, check_int
 from .controls import ControlSet
-from .custody import (
+from .errors import InputError
+from .files import file_sha256, is_seedprints_state
+from .fingerprint import Fingerprint
+from .ledger import (
     CONTROLS_FILE,
     LEDGER_FORMAT,
     LEDGER_VERSION,
@@ -47,9 +50,6 @@ from .custody import (
     lost_chain_of,
     storage_features,
 )
-from .errors import InputError
-from .files import file_sha256, is_seedprints_state
-from .fingerprint import Fingerprint
 from .probes import ProbeSpec
 from .schedule import ProbeSchedule
 from .verdict import (
@@ -148,9 +148,9 @@ class CustodyChain:
 
     Args:
         reference: the birth fingerprint (``None`` until :meth:`begin` or :meth:`load_state_dict`).
-        controls: the fresh-init negative controls (see :class:`~seedprints_lightning.controls.ControlSet`).
+        controls: the fresh-init negative controls (see :class:`~seedprints_lightning.core.controls.ControlSet`).
         rules: how probes are judged.
-        schedule: when to probe (:class:`~seedprints_lightning.schedule.ProbeSchedule`).
+        schedule: when to probe (:class:`~seedprints_lightning.core.schedule.ProbeSchedule`).
         patience: consecutive failed probes before :attr:`ChainStep.identity_lost`.
         count_undetermined: whether an undetermined probe (its lineage could not be measured:
             non-finite or degenerate features, no usable identity dimension) counts towards
@@ -241,7 +241,7 @@ class CustodyChain:
         """One probe of the live model at ``step``: judge, record, advance, decide.
 
         ``features`` are the live model's ``[n, D]`` on the reference's probe. They are rounded
-        for storage first (:func:`~seedprints_lightning.custody.storage_features`) and the
+        for storage first (:func:`~seedprints_lightning.core.ledger.storage_features`) and the
         rounded values are tested, so the ledger holds exactly what was judged.
         ``measure_seconds`` (the forward passes) is added to the logged ``probe_seconds``.
         """
@@ -427,7 +427,7 @@ _STATE_KEYS = ("reference_features", "reference_meta")
 
 
 def _is_chain_state(state: Any) -> bool:
-    """A SeedPrints state (:func:`~seedprints_lightning.files.is_seedprints_state`) with the chain's own keys."""
+    """A SeedPrints state (:func:`~seedprints_lightning.core.files.is_seedprints_state`) with the chain's own keys."""
     return is_seedprints_state(state) and all(key in state for key in _STATE_KEYS)
 
 
@@ -626,14 +626,14 @@ _STR = (lambda v: isinstance(v, str), "a string")
 _SHA = (_is_sha256, "a sha256 hex digest")
 _OPT_SHA = (_optional(_is_sha256), "a sha256 hex digest or null")
 _RULE_FIELDS = {"alpha": _NUMBER, "z_margin": _NUMBER, "tau_margin": _NUMBER}
-#: One test's fields (:meth:`~seedprints_lightning.verdict.IdentityVerdict.to_dict`).
+#: One test's fields (:meth:`~seedprints_lightning.core.verdict.IdentityVerdict.to_dict`).
 _TEST_FIELDS: dict[str, Any] = {
     "z": _NUMBER, "log10_p": _NUMBER, "tau_mean": _NUMBER, "k": _INT0, "n": _INT0, "threshold": _NUMBER,
     "related": _OPT_BOOL, "reason": (_optional(lambda v: isinstance(v, str)), "a string or null"),
     "control_z": (lambda v: isinstance(v, list) and all(_is_number(x) for x in v), "an array of finite numbers"),
     "control_tau_max": _NUMBER, "rule": _RULE_FIELDS,
 }
-#: Every field :meth:`~seedprints_lightning.custody.CustodyLedger.append` writes, and what it must be
+#: Every field :meth:`~seedprints_lightning.core.ledger.CustodyLedger.append` writes, and what it must be
 #: (a nested dict is an object's own fields). Fields beyond these are allowed.
 _RECORD_FIELDS: dict[str, Any] = {
     "format": (lambda v: v == LEDGER_FORMAT, repr(LEDGER_FORMAT)),

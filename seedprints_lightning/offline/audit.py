@@ -2,7 +2,7 @@
 
 The library layer under ``seedprints compare`` and ``seedprints audit`` (:mod:`.cli`), usable on
 its own. Paths are resolved to fingerprints by :mod:`.sources`; here they are judged, with the
-callback's verdict (:func:`~seedprints_lightning.verdict.judge`) against fresh-init controls:
+callback's verdict (:func:`~seedprints_lightning.core.verdict.judge`) against fresh-init controls:
 
 * :func:`compare_sources` tests one source against another (``A`` is the base, ``B`` the target);
 * :func:`audit_checkpoints` tests every checkpoint of a run against one reference fingerprint and
@@ -10,7 +10,7 @@ callback's verdict (:func:`~seedprints_lightning.verdict.judge`) against fresh-i
   after training instead of by the callback during it.
 
 The re-verification of a run's custody ledger (``seedprints audit --chain``) is
-:func:`seedprints_lightning.chain.verify_chain`: it replays the records through the chain itself.
+:func:`seedprints_lightning.core.chain.verify_chain`: it replays the records through the chain itself.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from typing import Any, Literal
 
 import torch
 
-from .controls import ControlSet
-from .errors import FingerprintFileError, IncompatibleFingerprintsError, InputError
-from .fingerprint import Fingerprint, fingerprint_model
-from .probes import ProbeSpec
+from ..core.controls import ControlSet
+from ..core.errors import FingerprintFileError, IncompatibleFingerprintsError, InputError
+from ..core.fingerprint import Fingerprint, fingerprint_model
+from ..core.probes import ProbeSpec
+from ..core.stats import LineageResult, check_test_options
+from ..core.verdict import BIRTH_RULE, CUSTODY_RULE, IdentityVerdict, VerdictRule, judge
 from .sources import (
     ProbeRuntime,
     Source,
@@ -38,8 +40,6 @@ from .sources import (
     source_step,
     spec_for_models,
 )
-from .stats import LineageResult, check_test_options
-from .verdict import BIRTH_RULE, CUSTODY_RULE, IdentityVerdict, VerdictRule, judge
 
 __all__ = [
     "AuditRow",
@@ -60,7 +60,7 @@ __all__ = [
 
 def _sibling_controls(path: Path, spec: ProbeSpec) -> ControlSet | None:
     """The callback's ``controls.safetensors`` beside a reference file, if it was made on ``spec``."""
-    from .custody import CONTROLS_FILE
+    from ..core.ledger import CONTROLS_FILE
 
     sibling = path.parent / CONTROLS_FILE
     if not sibling.is_file():
@@ -87,7 +87,7 @@ def find_controls(
     beside a fingerprint file. ``num_controls=0`` asks for none. Without controls the verdict
     rests on the analytic threshold and the effect-size margin alone, and says so.
     """
-    from .controls import control_seeds, probe_controls
+    from ..core.controls import control_seeds, probe_controls
 
     if num_controls == 0:
         return ControlSet.none("no controls (--controls 0): analytic threshold and effect-size margin only")
@@ -237,14 +237,14 @@ def compare_sources(
 ) -> Comparison:
     """Is ``b`` descended from ``a``? Each is a fingerprint file, model directory or checkpoint.
 
-    Judged by the callback's verdict (:func:`~seedprints_lightning.verdict.judge`) against
+    Judged by the callback's verdict (:func:`~seedprints_lightning.core.verdict.judge`) against
     fresh-init controls found by :func:`find_controls`, with the rule of :func:`rule_for_base`
     (birth rule when ``a`` is an init, custody rule otherwise; ``rule`` forces one).
 
     * two fingerprints: compared as they are (different probe specs raise
       :class:`IncompatibleFingerprintsError`);
     * a fingerprint and a model: the model is probed with the fingerprint's spec;
-    * two models: both are probed with :func:`~seedprints_lightning.sources.spec_for_models`
+    * two models: both are probed with :func:`~seedprints_lightning.offline.sources.spec_for_models`
       (``kind`` etc. choose it; both are held in CPU memory at once, and each is on ``device``
       only while probed).
 
@@ -311,7 +311,7 @@ def audit_checkpoints(
     ``rule`` defaults to :func:`rule_for_base` of the reference's step.
 
     Every checkpoint is probed with the reference's spec (one model in memory at a time);
-    directories expand as in :func:`~seedprints_lightning.sources.expand_checkpoints`. Rows come
+    directories expand as in :func:`~seedprints_lightning.offline.sources.expand_checkpoints`. Rows come
     in that order. The first checkpoint that cannot be loaded or probed raises (nothing is
     silently skipped); one whose features a test cannot use is an undetermined row.
     """

@@ -3,7 +3,7 @@
 :func:`read_drift_curves` turns a log directory into one typed :class:`DriftCurves` per run
 (a run is every directory holding ``events.out.tfevents.*`` files, named by its path relative
 to the log directory). :func:`plot_drift` draws them to a PNG; :func:`plot_audit` draws the
-rows of :func:`~seedprints_lightning.audit.audit_checkpoints`. :func:`draw_drift` and
+rows of :func:`~seedprints_lightning.offline.audit.audit_checkpoints`. :func:`draw_drift` and
 :func:`draw_audit` return their figures unsaved (each artist's ``gid`` names what it shows).
 
 The z axis is **symlog** (linear for ``|z| < 1``, logarithmic beyond): z spans from about
@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import InputError
-from .stats import log10_normal_sf
-from .verdict import METRIC_NAMES, tag
+from ..core.errors import InputError
+from ..core.stats import log10_normal_sf
+from ..core.verdict import METRIC_NAMES, tag
 
 if TYPE_CHECKING:  # pragma: no cover
     from .audit import AuditRow
@@ -48,7 +48,7 @@ __all__ = [
 
 TAG_PREFIX = tag("")
 #: DriftCurves field -> TensorBoard tag written by SeedPrintsCallback
-#: (:data:`~seedprints_lightning.verdict.METRIC_TAGS`).
+#: (:data:`~seedprints_lightning.core.verdict.METRIC_TAGS`).
 TAGS: dict[str, str] = {name: tag(name) for name in METRIC_NAMES}
 _EVENT_PATTERN = "events.out.tfevents.*"
 _Z_LINTHRESH = 1.0

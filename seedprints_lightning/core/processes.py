@@ -22,10 +22,10 @@ import torch
 
 from .chain import Anchor, CustodyChain
 from .controls import ControlSet, control_seeds
-from .custody import REFERENCE_FILE, RunDirectory, RunLock, save_parent_anchor
 from .errors import InputError
 from .files import file_sha256
 from .fingerprint import Fingerprint
+from .ledger import REFERENCE_FILE, RunDirectory, RunLock, save_parent_anchor
 from .probes import ProbeSpec
 
 __all__ = ["ControlsSource", "Processes", "close_chain", "measure_over_ranks", "open_chain", "torch_processes"]
@@ -152,7 +152,7 @@ def open_chain(chain: CustodyChain, *, step: int, run: RunDirectory | None, proc
     The reference is the chain's own (explicit or restored) or, at step 0 only, ``take_reference()``;
     a trained run without one is an error that names ``missing_state`` and the fix. With ``run``
     (``None`` writes no file), the writer process first takes the directory's lock
-    (:class:`~seedprints_lightning.custody.RunLock`, held by the ledger until :func:`close_chain`),
+    (:class:`~seedprints_lightning.core.ledger.RunLock`, held by the ledger until :func:`close_chain`),
     then writes or checks ``reference.safetensors`` (``origin`` names where a restored or explicit
     reference came from), saves the controls and positions the ledger; every process raises the
     writer's errors alike. A run directory belongs to one run:
@@ -214,7 +214,7 @@ def _claim(run: RunDirectory | None, processes: Processes, fresh: bool) -> RunLo
     error = lock = None
     if processes.is_writer:
         try:
-            from .custody import check_save_dir
+            from .ledger import check_save_dir
 
             check_save_dir(run.path)
             lock = run.lock()
@@ -249,7 +249,7 @@ def _continue_lost_chain(chain: CustodyChain) -> None:
     With no held probe yet the current anchor is the reference; it becomes the first anchor too
     (as stored: fp16), so the new ledger's first-anchor file records the loss either way.
     """
-    from .custody import storage_features
+    from .ledger import storage_features
 
     current = chain.anchor if chain.anchor is not None else Anchor(chain.reference.features,
                                                                    int(chain.reference.step or 0))
@@ -309,7 +309,7 @@ def _first_anchor_sha(chain: CustodyChain, run: RunDirectory, continues: dict[st
 
 
 def _same_anchor(path: Any, anchor: Anchor) -> bool:
-    from .custody import load_parent_anchor, storage_features
+    from .ledger import load_parent_anchor, storage_features
 
     try:
         features, step = load_parent_anchor(path)

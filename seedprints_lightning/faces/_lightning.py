@@ -21,9 +21,9 @@ from typing import Any
 import pytorch_lightning as _pl
 import torch
 
-from .integration import Processes, measure_over_ranks
-from .probes import ProbeSpec
-from .verdict import METRIC_TAGS
+from ..core.probes import ProbeSpec
+from ..core.processes import Processes, measure_over_ranks
+from ..core.verdict import METRIC_TAGS
 
 __all__ = ["CALLBACK_BASES", "add_custom_scalars_once", "is_tensorboard_logger", "log_metrics", "measure_features",
            "processes_of", "run_model_code", "shards_parameters", "trainer_fn_value"]
@@ -78,7 +78,7 @@ def run_model_code(trainer: Any, pl_module: Any, fn: Callable[[], Any]) -> Any:
     wrapper's forward is a collective that routes to ``training_step``): call ``fn`` directly.
     Callback hooks run outside the training step's autocast, hence the precision plugin's context.
     """
-    from .controls import preserve_rng_state
+    from ..core.controls import preserve_rng_state
 
     wrapper = getattr(trainer.strategy, "model", None)
     with preserve_rng_state(), trainer.precision_plugin.forward_context():
@@ -108,7 +108,7 @@ def measure_features(trainer: Any, pl_module: Any, spec: ProbeSpec,
                      features_of: Callable[[Any, ProbeSpec, tuple[int, int] | None], torch.Tensor]) -> torch.Tensor:
     """The live model's ``[n, D]`` features on ``spec``, identical on every rank.
 
-    :func:`~seedprints_lightning.integration.measure_over_ranks` over the strategy's collectives:
+    :func:`~seedprints_lightning.core.processes.measure_over_ranks` over the strategy's collectives:
     each rank probes its slice (``features_of(module, spec, sample_range)``) through
     :func:`run_model_code`, so more ranks make a probe faster.
     """
@@ -126,7 +126,7 @@ def measure_features(trainer: Any, pl_module: Any, spec: ProbeSpec,
 
 
 def processes_of(trainer: Any) -> Processes:
-    """The trainer's ranks as :class:`~seedprints_lightning.integration.Processes` (rank 0 writes)."""
+    """The trainer's ranks as :class:`~seedprints_lightning.core.processes.Processes` (rank 0 writes)."""
     strategy = trainer.strategy
     return Processes(is_writer=bool(trainer.is_global_zero), broadcast=lambda obj: strategy.broadcast(obj, src=0),
                      any_rank=lambda flag: bool(strategy.reduce_boolean_decision(flag, all=False)))

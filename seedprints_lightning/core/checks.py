@@ -1,7 +1,7 @@
 """Argument checks: one message style and one error type for every module.
 
 Every message reads ``"<name> must be <what>[ (<hint>)], got <value>"``, lower case and
-without a full stop, and every check raises :class:`~seedprints_lightning.errors.InputError`
+without a full stop, and every check raises :class:`~seedprints_lightning.core.errors.InputError`
 (a ``ValueError``). ``bool`` is never accepted as a number: ``True`` is an ``int`` to Python,
 but never what a user meant by ``every_n_steps=True``.
 """

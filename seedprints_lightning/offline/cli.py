@@ -49,8 +49,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._version import __version__
-from .errors import FingerprintFileError, IncompatibleFingerprintsError, ModelNotFoundError, SeedPrintsError
+from .._version import __version__
+from ..core.errors import FingerprintFileError, IncompatibleFingerprintsError, ModelNotFoundError, SeedPrintsError
 
 __all__ = ["EXIT_OK", "EXIT_EXPECT", "EXIT_USAGE", "EXIT_FILE", "EXIT_INCOMPATIBLE", "EXIT_TAMPERED",
            "EXIT_UNDETERMINED", "EXIT_INTERRUPTED", "EXIT_INTERNAL",
@@ -294,7 +294,7 @@ def _verdict_lines(verdict: Any, evidence: str, rule_name: str) -> list[str]:
 
 
 def format_audit_table(rows: Sequence[Any]) -> str:
-    """A plain-text table of :func:`~seedprints_lightning.audit.audit_checkpoints` rows (one line each)."""
+    """A plain-text table of :func:`~seedprints_lightning.offline.audit.audit_checkpoints` rows (one line each)."""
     from .audit import verdict_word
 
     header = ("checkpoint", "step", "z", "threshold", "log10 p", "tau_mean", "k", "verdict")
@@ -316,7 +316,7 @@ def _fmt_log10_p(value: float) -> str:
 
 
 def format_chain_table(audit: Any) -> str:
-    """A plain-text table of a :class:`~seedprints_lightning.chain.ChainAudit`: one line per record."""
+    """A plain-text table of a :class:`~seedprints_lightning.core.chain.ChainAudit`: one line per record."""
     header = f"{'record':>6}  {'step':>8}  {'anchor':>8}  {'link z':>9}  {'link thr':>9}  {'birth z':>8}  verdict"
     lines = [header, "-" * len(header)]
     for record, verdict in zip(audit.records, audit.recomputed):
@@ -348,7 +348,7 @@ def _expect_met(expect: str | None, related: bool | None) -> bool:
 
 @_quiet_transformers()
 def _cmd_fingerprint(args: argparse.Namespace) -> int:
-    from .probes import ProbeSpec
+    from ..core.probes import ProbeSpec
     from .sources import classify_source, fingerprint_source, load_source_fingerprint
 
     out = Path(args.output)
@@ -378,9 +378,9 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
 
 @_quiet_transformers()
 def _cmd_controls(args: argparse.Namespace) -> int:
-    from .controls import controls_from_config, load_config, save_controls
-    from .fingerprint import config_digest
-    from .probes import ProbeSpec
+    from ..core.controls import controls_from_config, load_config, save_controls
+    from ..core.fingerprint import config_digest
+    from ..core.probes import ProbeSpec
     from .sources import load_source_fingerprint
 
     out = Path(args.output)
@@ -414,8 +414,8 @@ def _cmd_controls(args: argparse.Namespace) -> int:
 
 @_quiet_transformers()
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from ..core.fingerprint import Fingerprint
     from .audit import compare_sources
-    from .fingerprint import Fingerprint
     from .sources import classify_source
 
     if _given_probe_options(args):
@@ -467,8 +467,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         return _cmd_audit_chain(args)
     if args.ledger is not None:
         raise UsageError("--ledger names a ledger file of a run directory: use it with --chain RUN_DIR")
+    from ..core.probes import ProbeSpec
     from .audit import audit_checkpoints, find_controls, rule_for_base, rule_name_for_base
-    from .probes import ProbeSpec
     from .sources import classify_source, fingerprint_source
 
     if args.reference is None or not args.checkpoints:
@@ -516,8 +516,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit_chain(args: argparse.Namespace) -> int:
-    from .chain import verify_chain
-    from .custody import RunDirectory
+    from ..core.chain import verify_chain
+    from ..core.ledger import RunDirectory
     from .sources import checkpoint_state, classify_source, fingerprint_source, source_step
 
     positional = [p for p in [args.reference, *args.checkpoints] if p is not None]
@@ -525,7 +525,7 @@ def _cmd_audit_chain(args: argparse.Namespace) -> int:
         raise UsageError("audit --chain takes at most one checkpoint: seedprints audit --chain RUN_DIR [CKPT]")
     checkpoint_features = checkpoint_step = checkpoint_name = state = None
     if positional:
-        from .fingerprint import Fingerprint
+        from ..core.fingerprint import Fingerprint
 
         spec = Fingerprint.load(RunDirectory.locate(args.chain).reference_path).spec
         source = classify_source(positional[0])
@@ -671,7 +671,7 @@ def _error(message: object, code: int) -> int:
 
 
 def _exit_code(exc: BaseException) -> int:
-    from .errors import SourceError
+    from ..core.errors import SourceError
 
     if isinstance(exc, IncompatibleFingerprintsError):
         return EXIT_INCOMPATIBLE

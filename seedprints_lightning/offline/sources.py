@@ -12,7 +12,7 @@ Models are loaded on CPU (``local_files_only``: nothing is downloaded), cast to 
 ``dtype`` (float32 by default, so fingerprints made on different machines agree), moved to its
 ``device`` only while they are probed, and released afterwards. Lightning checkpoints are read
 with ``torch.load(weights_only=True)`` unless ``trust_pickle=True``, always by
-:func:`~seedprints_lightning.files.load_lightning_checkpoint`. What is done with the fingerprints
+:func:`~seedprints_lightning.core.files.load_lightning_checkpoint`. What is done with the fingerprints
 (compare, audit) is in :mod:`.audit`.
 """
 
@@ -26,11 +26,11 @@ from typing import Any, Literal
 
 import torch
 
-from .checks import check_int
-from .errors import IncompatibleFingerprintsError, InputError, ModelNotFoundError, SeedPrintsError, SourceError
-from .files import is_distributed_checkpoint, is_seedprints_state, load_lightning_checkpoint
-from .fingerprint import Fingerprint, fingerprint_model
-from .probes import ProbeSpec, find_causal_lm, hidden_size_of
+from ..core.checks import check_int
+from ..core.errors import IncompatibleFingerprintsError, InputError, ModelNotFoundError, SeedPrintsError, SourceError
+from ..core.files import is_distributed_checkpoint, is_seedprints_state, load_lightning_checkpoint
+from ..core.fingerprint import Fingerprint, fingerprint_model
+from ..core.probes import ProbeSpec, find_causal_lm, hidden_size_of
 
 __all__ = [
     "CHECKPOINT_SUFFIX",
@@ -199,7 +199,7 @@ def checkpoint_state(source: Source, *, trust_pickle: bool = False) -> dict[str,
 
 def checkpoint_ledger_head(source: Source, *, trust_pickle: bool = False) -> tuple[int, str] | None:
     """``(records, last record's sha256)`` from a checkpoint's SeedPrints state, if it has one."""
-    from .chain import ledger_head_of
+    from ..core.chain import ledger_head_of
 
     return ledger_head_of(checkpoint_state(source, trust_pickle=trust_pickle))
 

@@ -162,7 +162,7 @@ def probe_controls(
     """Features ``[c, n, D]`` (CPU float32) of a fresh init per seed on ``spec``'s probes.
 
     Controls are built one at a time (:func:`build_control_model`), probed with
-    :func:`~seedprints_lightning.probes.extract_features` and freed before the next, so at
+    :func:`~seedprints_lightning.core.probes.extract_features` and freed before the next, so at
     most one extra model lives at a time. ``context`` (e.g. a Lightning precision plugin's
     ``forward_context``) wraps each probe. ``spec`` must be resolved (the run's reference
     spec: controls see exactly the reference's inputs). Global RNGs are left untouched.

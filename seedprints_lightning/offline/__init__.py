@@ -1,0 +1,1 @@
+"""Offline work on what runs left behind: reading checkpoints, audits, identification, plots and the CLI."""
