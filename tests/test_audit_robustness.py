@@ -26,7 +26,8 @@ from seedprints_lightning import Fingerprint, ProbeSpec, extract_features
 from seedprints_lightning.core.chain import PROBLEM_KINDS, CustodyChain, verify_chain
 from seedprints_lightning.core.controls import ControlSet
 from seedprints_lightning.core.ledger import RunDirectory, line_sha256
-from seedprints_lightning.core.processes import ControlsSource, Processes, open_chain
+from seedprints_lightning.core.opening import ControlsSource, open_chain
+from seedprints_lightning.core.processes import Processes
 from seedprints_lightning.core.schedule import ProbeSchedule
 from seedprints_lightning.offline.cli import EXIT_EXPECT, EXIT_OK, EXIT_TAMPERED, main
 

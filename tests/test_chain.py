@@ -21,7 +21,8 @@ from seedprints_lightning import Fingerprint, InputError, LineageResult, ProbeSp
 from seedprints_lightning.core.chain import STATE_FORMAT_VERSION, ChainRules, CustodyChain, verify_chain
 from seedprints_lightning.core.controls import ControlSet, build_control_model
 from seedprints_lightning.core.ledger import RunDirectory
-from seedprints_lightning.core.processes import ControlsSource, Processes, open_chain
+from seedprints_lightning.core.opening import ControlsSource, open_chain
+from seedprints_lightning.core.processes import Processes
 from seedprints_lightning.core.schedule import ProbeSchedule
 from seedprints_lightning.core.verdict import BIRTH_RULE, CUSTODY_RULE, ProbeVerdict, decide_identity
 

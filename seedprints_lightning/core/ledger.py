@@ -103,7 +103,7 @@ def save_parent_anchor(directory: Path, features: torch.Tensor, step: int,
 
     A child run's is its parent run's last held probe. ``continues`` (``records``,
     ``head_sha256``, ``resumed_at_step``) marks a ledger that continues a chain whose ledger
-    this directory lost (:func:`~seedprints_lightning.core.processes.open_chain`): the anchor is that
+    this directory lost (:func:`~seedprints_lightning.core.opening.open_chain`): the anchor is that
     chain's last held probe, and the audit names the loss.
     """
     meta: dict[str, Any] = {"step": int(step)}

@@ -25,7 +25,7 @@ Files (rank 0, under ``save_dir``, default ``<trainer.log_dir or default_root_di
 ``controls.safetensors``, ``custody.jsonl`` and ``probes/``. ``fast_dev_run`` writes no file.
 The directory belongs to this run: rank 0 holds its lock (``custody.lock``) from train start to
 ``on_train_end`` / ``on_exception`` / ``teardown``, and a new run refuses a directory that holds
-another run's ledger (:func:`~seedprints_lightning.core.processes.open_chain`).
+another run's ledger (:func:`~seedprints_lightning.core.opening.open_chain`).
 
 Distributed: each rank probes its slice of the samples through the strategy's root wrapper
 (:func:`~seedprints_lightning.faces._lightning.measure_features`), so every rank tests the same
@@ -51,8 +51,8 @@ from ..core.controls import DEFAULT_NUM_CONTROLS
 from ..core.errors import IdentityWarning, InputError
 from ..core.fingerprint import Fingerprint
 from ..core.ledger import RunDirectory
+from ..core.opening import close_chain, open_chain
 from ..core.probes import ProbeBatch, ProbeSpec, find_causal_lm_or_none
-from ..core.processes import close_chain, open_chain
 from ..core.verdict import (
     CUSTOM_SCALARS_LAYOUT,
     DEFAULT_BIRTH_Z_MARGIN,
@@ -293,7 +293,7 @@ class SeedPrintsCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ set-up at train start
     def _start_chain(self, trainer: Any, pl_module: Any) -> bool:
-        """Reference, files, controls and ledger (:func:`~seedprints_lightning.core.processes.open_chain`)."""
+        """Reference, files, controls and ledger (:func:`~seedprints_lightning.core.opening.open_chain`)."""
         if self.settings.save_dir is None:
             base = trainer.log_dir  # a collective under DDP: every rank gets here
             self.save_dir = Path(base if base else trainer.default_root_dir) / "seedprints"

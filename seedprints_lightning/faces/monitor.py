@@ -37,8 +37,9 @@ from ..core.controls import DEFAULT_NUM_CONTROLS, ControlSet, build_control_mode
 from ..core.errors import IdentityLostError, IdentityWarning, InputError
 from ..core.fingerprint import Fingerprint, config_digest
 from ..core.ledger import RunDirectory, check_save_dir
+from ..core.opening import ControlsSource, close_chain, open_chain
 from ..core.probes import ProbeBatch, ProbeSpec, extract_features, find_causal_lm, find_causal_lm_or_none
-from ..core.processes import ControlsSource, Processes, close_chain, measure_over_ranks, open_chain, torch_processes
+from ..core.processes import Processes, measure_over_ranks, torch_processes
 from ..core.schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
 from ..core.verdict import (
     CUSTOM_SCALARS_LAYOUT,
