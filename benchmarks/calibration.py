@@ -1,4 +1,4 @@
-"""Calibration benchmark: the measurements that set the package's defaults (issue #5).
+"""Calibration benchmark: the measurements that set the package's defaults.
 
     python benchmarks/calibration.py            # full run (~10-15 min on 2 shared CPU cores)
     python benchmarks/calibration.py --quick    # ~1 min smoke run

@@ -1,4 +1,4 @@
-"""Custody calibration (issue #8): what stops a healthy run, what lets a swap through.
+"""Custody calibration: what stops a healthy run, what lets a swap through.
 
     python benchmarks/custody.py collect --out /tmp/custody-cache [--jobs llama-128-3e-3,...]
     python benchmarks/custody.py analyse --cache /tmp/custody-cache [--markdown out.md]

@@ -36,7 +36,7 @@ def best_of(fn, repeats: int) -> float:
 
 
 def scipy_reference_z(a: np.ndarray, b: np.ndarray, temperature: float = 10.0) -> float:
-    """The formulas of method.md with one scipy Kendall tau per column (all dims, coset)."""
+    """The formulas of docs/method.md with one scipy Kendall tau per column (all dims, coset)."""
     def softmax(x):
         x = x / temperature
         x = x - x.max(axis=1, keepdims=True)

@@ -1,4 +1,4 @@
-"""Probe time against the number of ranks (issue #9): the probe is split over the ranks.
+"""Probe time against the number of ranks: the probe is split over the ranks.
 
     python benchmarks/split_probe.py [--devices 1,2] [--num-samples 1000]
 

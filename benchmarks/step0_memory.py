@@ -1,4 +1,4 @@
-"""Peak host memory of the callback's step-0 work (issue #9): built controls vs a controls file.
+"""Peak host memory of the callback's step-0 work: built controls vs a controls file.
 
     python benchmarks/step0_memory.py [--hidden 1024] [--layers 8]
 

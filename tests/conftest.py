@@ -123,16 +123,16 @@ def torchrun_reports(script: str, mode: str, out, timeout_s: int = 420) -> list[
 
 def count_probed_samples(probed: list[int]) -> None:
     """Record in ``probed`` how many samples each probe forward of any face asks for (its slice under several ranks)."""
-    import seedprints_lightning.faces.monitor as monitor_module
+    import seedprints_lightning.faces.settings as settings_module  # where every face calls extract_features
 
-    original = monitor_module.extract_features
+    original = settings_module.extract_features
 
     def counting(model, spec, **kwargs):
         start, stop = kwargs.get("sample_range") or (0, spec.num_samples)
         probed.append(stop - start)
         return original(model, spec, **kwargs)
 
-    monitor_module.extract_features = counting
+    settings_module.extract_features = counting
 
 
 def exit_after_report(worker: Callable[[], int]) -> None:
@@ -165,3 +165,52 @@ def exit_after_report(worker: Callable[[], int]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def open_test_chain(model: torch.nn.Module, run_dir, spec, *, num_controls: int = 1, every_n_steps: int = 4,
+                    patience: int = 1, signer: Any = None):
+    """A hand-written loop's chain (``open_chain`` at step 0 into ``run_dir``), as a test drives it without a face."""
+    from seedprints_lightning import CustodyChain, Fingerprint, extract_features
+    from seedprints_lightning.core.controls import ControlSet, build_control_model
+    from seedprints_lightning.core.ledger import RunDirectory
+    from seedprints_lightning.core.opening import ControlsSource, open_chain
+    from seedprints_lightning.core.processes import Processes
+    from seedprints_lightning.core.schedule import ProbeSchedule
+
+    chain = CustodyChain(schedule=ProbeSchedule(every_n_steps=every_n_steps), patience=patience)
+
+    def build(seeds, s):
+        return ControlSet.build(lambda seed: build_control_model(model, seed), seeds, s,
+                                lambda control: extract_features(control, s))
+
+    open_chain(chain, step=0, run=RunDirectory(run_dir), processes=Processes(),
+               take_reference=lambda: Fingerprint(features=extract_features(model, spec), spec=spec, step=0),
+               controls=ControlsSource(num_controls, build), origin="test", warn=lambda _: None, signer=signer)
+    return chain
+
+
+def train_and_probe(model: torch.nn.Module, optimizer: torch.optim.Optimizer, monitor: Any, steps) -> None:
+    """One optimizer step on a fixed batch per step in ``steps``, each followed by ``monitor.step``."""
+    data = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    for step in steps:
+        model(input_ids=data, labels=data).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        monitor.step(model, step)
+
+
+def train_and_observe(model: torch.nn.Module, optimizer: torch.optim.Optimizer, chain: Any, spec, steps, *,
+                      seed: int = 0, after: Callable[[int], None] | None = None) -> None:
+    """Optimizer steps on seeded batches of 4; ``chain.observe`` when due, then ``after(step)`` (a save, say)."""
+    from seedprints_lightning import extract_features
+
+    data = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(seed))
+    for step in steps:
+        ids = data[(step * 4) % 60:(step * 4) % 60 + 4]
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if chain.due(step):
+            chain.observe(step, extract_features(model, spec))
+        if after is not None:
+            after(step)

@@ -26,6 +26,7 @@ from seedprints_lightning import (
     SeedPrintsCallback,
     extract_features,
     fingerprint_model,
+    verify_chain,
 )
 from seedprints_lightning.core.controls import preserve_rng_state
 from seedprints_lightning.faces._lightning import measure_features
@@ -258,8 +259,12 @@ def test_identity_kept_llama_logs_tags_and_files(tmp_path):
 
     audit = verify_chain(seedprints_dir)
     assert audit.ok, audit.problems
-    assert [r["step"] for r in audit.records] == [10, 20, 30]
-    assert [v.link.z for v in audit.recomputed] == pytest.approx([h["link_z"] for h in cb.history], rel=1e-6)
+    # One record per probe, and one per checkpoint save binding its weights (ModelCheckpoint saved at step 10
+    # only: related stayed 1, which never improves on the best).
+    probes = [(r, v) for r, v in zip(audit.records, audit.recomputed) if r.get("kind") != "save"]
+    assert [r["step"] for r, _ in probes] == [10, 20, 30]
+    assert [r["step"] for r in audit.records if r.get("kind") == "save"] == [10]
+    assert [v.link.z for _, v in probes] == pytest.approx([h["link_z"] for h in cb.history], rel=1e-6)
 
 
 def test_identity_kept_qwen2(tmp_path, capsys):
@@ -381,7 +386,8 @@ def run_b(tmp_path_factory) -> SavedRun:
 
 def _without_callback_state(ckpt: Path, out: Path) -> Path:
     raw = torch.load(ckpt, weights_only=False)
-    del raw["callbacks"]["SeedPrintsCallback"]
+    for key in [k for k in raw["callbacks"] if k.startswith("SeedPrintsCallback")]:
+        del raw["callbacks"][key]
     torch.save(raw, out)
     return out
 
@@ -389,7 +395,7 @@ def _without_callback_state(ckpt: Path, out: Path) -> Path:
 def test_checkpoint_state_is_weights_only_and_cpu(run_a):
     assert [h["step"] for h in run_a.cb.history] == [10, 20]
     # The state survives a weights-only load and holds only CPU tensors / plain types.
-    state = torch.load(run_a.ckpt, weights_only=True)["callbacks"]["SeedPrintsCallback"]
+    state = torch.load(run_a.ckpt, weights_only=True)["callbacks"][run_a.cb.state_key]
     assert state["format_version"] == 2 and state["last_probed_step"] == 20
     assert state["anchor_step"] == 20 and state["anchor_features"].dtype == torch.float16
     buffer = io.BytesIO()
@@ -429,7 +435,7 @@ def test_resume_without_callback_state_is_refused(tmp_path, run_a):
     dir_a = run_a.copy_to(tmp_path / "a")
     stripped = _without_callback_state(run_a.ckpt, tmp_path / "stripped.ckpt")
     cb = callback(save_dir=dir_a)
-    with pytest.raises(InputError, match=r"no SeedPrintsCallback state \(state_key 'SeedPrintsCallback'\).*reference="):
+    with pytest.raises(InputError, match=r"no SeedPrintsCallback state \(state_key 'SeedPrintsCallback\{.*reference="):
         make_trainer(tmp_path, max_steps=30, callbacks=[cb]).fit(TinyLM(seed=0), loader(), ckpt_path=stripped)
     assert cb.history == []
 
@@ -655,7 +661,7 @@ def test_count_undetermined_false_warns_once_and_does_not_count(tmp_path):
     assert "seedprints/link_z" not in trainer.callback_metrics
 
 
-# ------------------------------------------------------------------ custody chain (issue #8)
+# ------------------------------------------------------------------ custody chain
 
 
 def test_adaptive_schedule_is_dense_at_start_then_every_n(tmp_path):
@@ -767,7 +773,7 @@ def test_parent_run_directory_continues_its_chain_and_refuses_a_broken_one(tmp_p
         callback(reference=parent_dir, probe=None)
 
 
-# ------------------------------------------------------------------ precomputed controls (issue #9)
+# ------------------------------------------------------------------ precomputed controls
 
 
 def test_precomputed_controls_are_used_instead_of_building_them(tmp_path, monkeypatch):
@@ -794,7 +800,7 @@ def test_precomputed_controls_are_used_instead_of_building_them(tmp_path, monkey
     monkeypatch.setattr(controls_module, "build_control_model", refuse)
     cb = callback(controls=out)
     make_trainer(tmp_path, max_steps=10, callbacks=[cb]).fit(module, loader())
-    assert cb.num_controls == 2 and torch.equal(cb.chain.control_features, features)
+    assert cb.settings.num_controls == 2 and torch.equal(cb.chain.control_features, features)
     assert all(h["related"] is True and len(h["control_z"]) == 2 for h in cb.history)
 
 
@@ -825,8 +831,45 @@ def test_version_1_state_loads_and_restarts_the_chain_at_the_reference(run_a):
     cb = callback()
     cb.load_state_dict(state)
     assert cb.chain.anchor is None and cb.chain.anchor_step is None  # the chain restarts at the reference
-    assert (cb.chain.next_probe_step, cb.chain.interval) == (20 + cb.every_n_steps, cb.every_n_steps)
+    assert (cb.chain.next_probe_step, cb.chain.interval) == (20 + cb.settings.every_n_steps, cb.settings.every_n_steps)
     assert torch.equal(cb.reference.features, cb_a.reference.features)
     state["format_version"] = 3
     with pytest.raises(InputError, match="format version 3"):
         callback().load_state_dict(state)
+
+
+# ------------------------------------------------------------------ state_key per instance
+
+
+def test_two_callbacks_in_one_trainer_keep_their_own_states(tmp_path):
+    token = callback(save_dir=tmp_path / "token", num_controls=0)
+    embedding = callback(save_dir=tmp_path / "embedding", num_controls=0,
+                         probe=ProbeSpec(kind="embedding", num_samples=200, length=8))
+    assert token.state_key != embedding.state_key and token.state_key.startswith("SeedPrintsCallback{")
+    assert token.state_key == callback(save_dir=tmp_path / "token", num_controls=0).state_key  # derived, stable
+    trainer = make_trainer(tmp_path, max_steps=10, callbacks=[token, embedding])
+    trainer.fit(TinyLM(seed=0), loader())
+    trainer.save_checkpoint(tmp_path / "both.ckpt")
+    states = torch.load(tmp_path / "both.ckpt", weights_only=True)["callbacks"]
+    assert states[token.state_key]["reference_meta"] != states[embedding.state_key]["reference_meta"]
+    for cb in (token, embedding):  # each resumes its own chain: one more probe, linked to its own last one
+        again = callback(save_dir=cb.settings.save_dir, num_controls=0, probe=cb.settings.probe)
+        make_trainer(tmp_path, max_steps=20, callbacks=[again]).fit(TinyLM(seed=0), loader(),
+                                                                    ckpt_path=tmp_path / "both.ckpt")
+        assert torch.equal(again.reference.features, cb.reference.features)
+        resumed = again.history[len(cb.history):]  # the restored history comes first
+        assert resumed[0]["event"] == "resume" and all(h["related"] is True for h in resumed)
+
+
+def test_a_checkpoint_with_the_former_constant_state_key_still_resumes(tmp_path, run_a):
+    dir_a = run_a.copy_to(tmp_path / "a")
+    raw = torch.load(run_a.ckpt, weights_only=False)
+    raw["callbacks"] = {"SeedPrintsCallback": raw["callbacks"].pop(run_a.cb.state_key)}
+    torch.save(raw, tmp_path / "legacy.ckpt")
+    cb = callback(save_dir=dir_a, num_controls=2)
+    trainer = make_trainer(tmp_path, max_steps=30, callbacks=[cb])
+    trainer.fit(TinyLM(seed=0), loader(), ckpt_path=tmp_path / "legacy.ckpt")
+    assert cb.chain.restored and torch.equal(cb.reference.features, run_a.cb.reference.features)
+    assert [(h["step"], h["event"]) for h in cb.history][2:] == [(20, "resume"), (30, "interval")]  # after 10, 20
+    assert all(h["related"] is True for h in cb.history)
+    assert verify_chain(dir_a).ok

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from seedprints_lightning.offline.sources import seedprints_state
+
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 SPEC = dict(num_samples=200, length=8)
@@ -93,7 +95,7 @@ def test_a_user_modules_checkpoint_is_audited_after_sigkill_and_resume(preempted
 
     out = preempted_run
     checkpoint = torch.load(out / "ckpt" / "last.ckpt", weights_only=True)
-    rebuild = checkpoint["callbacks"]["SeedPrintsCallback"]["model_rebuild"]
+    rebuild = seedprints_state(checkpoint)["model_rebuild"]
     assert rebuild["state_dict_prefix"] == "net." and rebuild["hf_config"]["model_type"] == "llama"
     assert "hf_config" not in checkpoint  # the module stored nothing itself
     assert main(["audit", "--chain", str(out / "seedprints"), str(out / "ckpt" / "last.ckpt"), "-q"]) == EXIT_OK

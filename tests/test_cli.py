@@ -384,13 +384,16 @@ def test_help_lists_exit_codes(capsys) -> None:
 # ----------------------------------------------------------------------------- subprocess
 
 
+def _console(tmp_path: Path) -> tuple[list[str], dict[str, str], Path]:
+    """The console script (installed, else `python -m seedprints_lightning`), its environment, a missing path."""
+    script = Path(sys.executable).with_name("seedprints")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "seedprints_lightning"]
+    return cmd, {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}, tmp_path / "missing.safetensors"
+
+
 @pytest.mark.slow
 def test_console_entry_point_runs_without_traceback(tmp_path) -> None:
-    # The installed console script when present (pip install -e .), else the module entry point.
-    script = Path(sys.executable).with_name("seedprints")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "seedprints_lightning.offline.cli"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    missing = tmp_path / "missing.safetensors"
+    cmd, env, missing = _console(tmp_path)
     done = subprocess.run([*cmd, "compare", str(missing), str(missing)], capture_output=True, text=True,
                           timeout=300, env=env)
     assert done.returncode == EXIT_FILE, done.stderr
@@ -407,10 +410,7 @@ def test_ctrl_c_at_start_up_exits_130_without_a_traceback(tmp_path) -> None:
     import signal
     import time
 
-    script = Path(sys.executable).with_name("seedprints")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "seedprints_lightning"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    missing = tmp_path / "missing.safetensors"
+    cmd, env, missing = _console(tmp_path)
 
     def importing_torch(pid: int) -> bool:
         try:

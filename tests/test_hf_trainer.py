@@ -48,9 +48,9 @@ def _trainer(out, callbacks, max_steps: int, seed: int = 0, **arguments):
 
     args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
                              learning_rate=3e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                             logging_steps=1000, report_to="none", save_strategy="steps",
+                             **{"logging_steps": 1000, "report_to": "none", **arguments}, save_strategy="steps",
                              save_steps=6, use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
-                             disable_tqdm=True, **arguments)
+                             disable_tqdm=True)
     return Trainer(model=make_tiny_lm(seed).train(), args=args, train_dataset=TokenData(), callbacks=callbacks)
 
 
@@ -74,20 +74,47 @@ class Swap:
         return _Swap()
 
 
-def test_a_healthy_trainer_run_keeps_every_link_logs_to_tensorboard_and_verifies(tmp_path):
-    callback = _callback()
-    trainer = _trainer(tmp_path, [callback], max_steps=10)
+class Recorder:
+    """A TrainerCallback placed BEFORE the face: every ``logs`` its ``on_log`` receives, with the step."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Recorder(TrainerCallback):
+            seen: list = []
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                self.seen.append((state.global_step, dict(logs or {})))
+
+        return _Recorder()
+
+
+def test_a_healthy_trainer_run_keeps_every_link_logs_through_report_to_and_verifies(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    recorder, callback = Recorder(), _callback()
+    trainer = _trainer(tmp_path, [recorder, callback], max_steps=10, report_to=["tensorboard"])
     trainer.train()
-    assert [h["step"] for h in callback.history] == [1, 2, 3, 4, 5, 6, 7, 8, 10]  # step N = after N optimizer steps
+    probed = [1, 2, 3, 4, 5, 6, 7, 8, 10]
+    assert [h["step"] for h in callback.history] == probed  # step N = after N optimizer steps
     assert all(h["related"] is True for h in callback.history)
     assert min(h["link_z"] - h["link_threshold"] for h in callback.history) > 10
     audit = verify_chain(tmp_path / "seedprints")  # <output_dir>/seedprints, the same files as every face
-    assert audit.ok and len(audit.records) == 9, audit.problems
+    assert audit.ok, audit.problems
+    assert len([r for r in audit.records if r.get("kind") != "save"]) == 9
+    assert [r["step"] for r in audit.records if r.get("kind") == "save"] == [6, 10]  # each checkpoint-N bound
     assert (tmp_path / "checkpoint-6" / "seedprints_state.pt").is_file()
+    # Every callback's on_log (any report_to integration, and one placed before the face) sees the metrics.
+    logged = {step: logs["seedprints/link_z"] for step, logs in recorder.seen if "seedprints/link_z" in logs}
+    assert sorted(logged) == probed
+    assert logged[10] == pytest.approx(callback.history[-1]["link_z"])
+    assert [e["step"] for e in trainer.state.log_history if "seedprints/link_z" in e] == probed
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "runs" / "seedprints")).Reload()
-    assert [e.step for e in events.Scalars("seedprints/link_z")] == [1, 2, 3, 4, 5, 6, 7, 8, 10]
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0}).Reload()  # the Trainer's writer
+    tags = events.Tags()["scalars"]
+    link_tag = next(tag for tag in tags if tag.endswith("seedprints/link_z"))
+    assert [e.step for e in events.Scalars(link_tag)] == probed
+    assert not (tmp_path / "runs" / "seedprints").exists()  # no second writer of our own unless log_dir= is given
 
 
 def test_a_swap_raises_or_stops_the_trainer(tmp_path):

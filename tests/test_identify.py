@@ -179,3 +179,63 @@ def test_in_memory_evidence_shared_init_and_errors(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FingerprintFileError, match="no seedprints run directory"):
         load_runs([Path(tmp_path / "empty")])
+
+
+# --------------------------------------------------------------------------------------
+# The command line: seedprints identify CKPT RUN_DIR [RUN_DIR ...] [--json]
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(runs, tmp_path_factory) -> dict:
+    """run1's last model and a fresh init (seed 9), as save_pretrained directories."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, model in (("run1", runs["models"]["run1"]), ("fresh", make_tiny_lm(9))):
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from seedprints_lightning.offline.cli import main
+
+    code = main(["identify", *map(str, argv), "--device", "cpu", "-q"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_names_the_run_and_json_gives_it_as_given(runs, saved, capsys, monkeypatch) -> None:
+    root = runs["root"]
+    monkeypatch.chdir(root)  # relative paths, as typed: reported back verbatim
+    code, out, err = _cli(capsys, saved["run1"], "run0", "run1", "run2")
+    assert code == 0, err
+    assert "match      run1\n" in out and "best step 8" in out and "corrected log10 p" in out, out
+    assert "links to steps 0-8 of run1" in out and "Bonferroni over 27" in out
+    code, out, err = _cli(capsys, saved["run1"], "run0", "run1", "run2", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["run"] == "run1" and data["status"] == "match"
+    assert data["matches"][0]["best_step"] == STEPS and data["matches"][0]["steps"] == [0, STEPS]
+    assert data["checkpoint"]["kind"] == "model_dir" and len(data["probed"]) == 1
+    # A directory holding every run: each found below it, named given/relative.
+    code, out, _ = _cli(capsys, saved["run1"], ".", "--json")
+    assert code == 0 and json.loads(out)["run"] == str(Path(".") / "run1" / "seedprints")
+
+
+def test_cli_none_is_exit_1_and_errors_follow_the_conventions(runs, saved, capsys, tmp_path) -> None:
+    root = runs["root"]
+    code, out, _ = _cli(capsys, saved["fresh"], root / "run0", root / "run1", root / "run2", "--json")
+    assert code == 1 and json.loads(out)["run"] is None and json.loads(out)["status"] == "none"
+    code, out, _ = _cli(capsys, saved["fresh"], root / "run0", root / "run1")
+    assert code == 1 and "match      none" in out
+    code, _, err = _cli(capsys, saved["fresh"], tmp_path / "missing")
+    assert code == 3 and err.startswith("seedprints: error:") and "does not exist" in err
+    code, _, err = _cli(capsys, tmp_path / "nothing.ckpt", root / "run0")
+    assert code == 3 and "does not exist" in err
+    code, _, err = _cli(capsys, saved["fresh"])
+    assert code == 2
+    wide = tmp_path / "wide"
+    make_tiny_lm(0, hidden_size=48, intermediate_size=96).save_pretrained(wide)
+    code, _, err = _cli(capsys, wide, root / "run0")
+    assert code == 4 and "could be tested" in err, err

@@ -188,15 +188,16 @@ def test_fsdp1_whose_shards_a_direct_call_cannot_gather_is_refused_by_name(tmp_p
     from types import SimpleNamespace
 
     from seedprints_lightning import SeedPrintsFabricCallback
-    from seedprints_lightning.faces.monitor import wrapped_sharding
+    from seedprints_lightning.faces.base import sharding_of
 
     class FSDPStrategy:  # Fabric's FSDP1 strategy, recognised by name
         pass
 
     fabric = SimpleNamespace(strategy=FSDPStrategy(), loggers=[])
-    with pytest.raises(InputError, match=r"sharded by FSDP1 \(Fabric's FSDPStrategy\).*fully_shard"):
+    with pytest.raises(InputError, match=r"sharded by FSDP1 \(FSDPStrategy\).*fully_shard"):
         SeedPrintsFabricCallback(probe=SPEC).on_after_setup(fabric, make_tiny_lm(0))
-    assert wrapped_sharding(make_tiny_lm(0)) is None  # a plain (or DDP, or fully_shard-ed) model is probed
+    assert sharding_of(model=make_tiny_lm(0)) is None  # a plain (or DDP, or fully_shard-ed) model is probed
+    assert sharding_of(strategy=type("DeepSpeedStrategy", (), {})()) == "DeepSpeed"  # probed: ZeRO-3 hooks modules
 
 
 # ---------------------------------------------------------------------- Lightning Fabric

@@ -29,7 +29,7 @@ def test_make_targets_named_in_readme_exist():
 def test_every_seedprints_subcommand_in_readme_parses(capsys):
     lines = [line for block in _code_blocks("bash") for line in block.splitlines() if line.startswith("seedprints ")]
     subcommands = {shlex.split(line.split("#")[0])[1] for line in lines}
-    assert subcommands == {"fingerprint", "compare", "plot", "audit", "controls"}
+    assert subcommands == {"fingerprint", "compare", "plot", "audit", "controls", "identify"}
     for sub in sorted(subcommands):
         try:
             code = seedprints_main([sub, "--help"])

@@ -116,12 +116,17 @@ os.kill(os.getpid(), signal.SIGKILL)  # a crash: no clean-up at all
 """
 
 
+def _saved_at(run_dir: Path, steps: int, path: Path):
+    """A run started in ``run_dir``, trained ``steps`` steps, and its checkpoint saved at ``path``: ``(run, state)``."""
+    run = Run(run_dir)
+    run.start()
+    run.train(steps)
+    return run, run.save(path)
+
+
 def test_two_writers_never_share_a_ledger(tmp_path):
     run_dir = tmp_path / "seedprints"
-    first = Run(run_dir)
-    first.start()
-    first.train(4)
-    state = first.save(tmp_path / "step4.pt")
+    first, state = _saved_at(run_dir, 4, tmp_path / "step4.pt")
     # The same run resumed by a second face object while the first still writes: refused, nothing appended.
     with pytest.raises(InputError, match=rf"{run_dir}: another process is writing this run .*{LOCK_FILE}"):
         Run(run_dir, state=state).start()
@@ -165,10 +170,7 @@ def test_two_writers_never_share_a_ledger(tmp_path):
 # ---------------------------------------------------------------------- 3. abandoned branches stay whole
 def test_an_abandoned_branch_keeps_every_file_and_verifies_on_its_own(tmp_path, capsys):
     run_dir = tmp_path / "seedprints"
-    first = Run(run_dir)
-    first.start()
-    first.train(4)
-    state = first.save(tmp_path / "step4.pt")
+    first, state = _saved_at(run_dir, 4, tmp_path / "step4.pt")
     first.train(8)
     first.monitor.end(first.model)
     branch = _ledger(run_dir)
@@ -198,10 +200,7 @@ def test_an_abandoned_branch_keeps_every_file_and_verifies_on_its_own(tmp_path, 
 # ---------------------------------------------------------------------- 4. a resume that lost its evidence
 def test_a_resume_whose_ledger_was_deleted_warns_and_continues_in_a_ledger_that_names_the_loss(tmp_path, capsys):
     run_dir = tmp_path / "seedprints"
-    first = Run(run_dir)
-    first.start()
-    first.train(6)
-    state = first.save(tmp_path / "step6.pt")
+    first, state = _saved_at(run_dir, 6, tmp_path / "step6.pt")
     first.monitor.end(first.model)
     lost_head = state["seedprints"]["ledger_last_sha256"]
     assert state["seedprints"]["ledger_next_index"] == 6
@@ -244,10 +243,7 @@ def test_a_resume_whose_ledger_was_deleted_warns_and_continues_in_a_ledger_that_
 
 def test_a_resume_whose_ledger_lacks_the_checkpoints_head_is_refused(tmp_path):
     run_dir = tmp_path / "seedprints"
-    first = Run(run_dir)
-    first.start()
-    first.train(6)
-    state = first.save(tmp_path / "step6.pt")
+    first, state = _saved_at(run_dir, 6, tmp_path / "step6.pt")
     first.monitor.end(first.model)
     lines = (run_dir / "custody.jsonl").read_text(encoding="utf-8").splitlines()
     (run_dir / "custody.jsonl").write_text("".join(line + "\n" for line in lines[:3]), encoding="utf-8")

@@ -195,7 +195,7 @@ def test_missing_extra_names_it(monkeypatch) -> None:
 def test_a_signed_ledger_still_verifies_as_a_chain(tmp_path, key_file) -> None:
     """Records signed as CustodyLedger would sign them (signature inside the written line) pass verify_chain."""
     import torch
-    from conftest import make_tiny_lm
+    from conftest import make_tiny_lm, train_and_probe
 
     from seedprints_lightning import ProbeSpec, verify_chain
     from seedprints_lightning.core.files import file_sha256
@@ -209,12 +209,7 @@ def test_a_signed_ledger_still_verifies_as_a_chain(tmp_path, key_file) -> None:
     monitor = SeedPrintsMonitor(every_n_steps=4, probe=ProbeSpec(num_samples=100, length=8), num_controls=1,
                                 save_dir=run)
     monitor.start(model)
-    data = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
-    for step in (1, 2, 3):
-        model(input_ids=data, labels=data).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        monitor.step(model, step)
+    train_and_probe(model, optimizer, monitor, (1, 2, 3))
     # What a signing CustodyLedger.append writes: each record signed, chained to the previous signed line.
     prev, signed = file_sha256(run / REFERENCE_FILE), []
     for line in (run / "custody.jsonl").read_text().splitlines():
@@ -230,3 +225,190 @@ def test_a_signed_ledger_still_verifies_as_a_chain(tmp_path, key_file) -> None:
     del first["signature"]
     (run / "custody.jsonl").write_text("".join(line + "\n" for line in [_canonical(first), *signed[1:]]))
     assert [p.kind for p in verify_chain(run).problems] == ["tampered"]
+
+
+# --------------------------------------------------------------------------------------
+# Signed ledgers written through open_chain, verified by verify_chain and `seedprints audit --chain`
+# --------------------------------------------------------------------------------------
+
+SIGNED_SPEC_SAMPLES = 100
+
+
+def _run(root, signer=None, steps=8, seed=0):
+    """A hand-written loop (open_chain + CustodyChain.observe) writing ROOT/seedprints; returns (run path, chain)."""
+    import torch
+    from conftest import make_tiny_lm, open_test_chain, train_and_observe
+
+    from seedprints_lightning import ProbeSpec
+    from seedprints_lightning.core.ledger import RunDirectory
+    from seedprints_lightning.core.opening import close_chain
+
+    torch.set_num_threads(1)
+    model = make_tiny_lm(seed).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    spec = ProbeSpec(num_samples=SIGNED_SPEC_SAMPLES, length=8).resolve(model)
+    run = RunDirectory(root / "seedprints")
+    chain = open_test_chain(model, run.path, spec, signer=signer)
+    train_and_observe(model, optimizer, chain, spec, range(1, steps + 1), seed=seed)
+    close_chain(chain)
+    return run.path, chain
+
+
+def _audit(capsys, *argv):
+    from seedprints_lightning.offline.cli import main
+
+    code = main(["audit", "--chain", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def signed_runs(tmp_path_factory):
+    """The owner's key pair, another key, and three runs: signed by the owner, by the other key, unsigned."""
+    root = tmp_path_factory.mktemp("signed")
+    owner_key, other_key = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    (root / "owner.pem").write_bytes(_pem(owner_key))
+    owner = load_signing_key(root / "owner.pem")
+    (root / "owner.pub.pem").write_text(owner.public_key_pem)
+    other = RecordSigner(other_key)
+    owned, chain = _run(root / "owned", owner)
+    thief, _ = _run(root / "thief", other)
+    unsigned, _ = _run(root / "unsigned", None)
+    return {"root": root, "owner": owner, "pub": root / "owner.pub.pem", "owned": owned, "thief": thief,
+            "unsigned": unsigned, "chain": chain}
+
+
+def test_the_owners_run_verifies_and_says_it_is_signed(signed_runs, capsys):
+    import io
+
+    import torch
+
+    from seedprints_lightning import verify_chain
+
+    run, owner = signed_runs["owned"], signed_runs["owner"]
+    lines = (run / "custody.jsonl").read_bytes().splitlines()
+    assert len(lines) >= 5 and all(json.loads(line)["signature"]["key_id"] == owner.key_id for line in lines)
+    audit = verify_chain(run, public_key=signed_runs["pub"])
+    assert audit.ok and audit.verified_key == owner.key_id and audit.signed_by == (owner.key_id,), audit.problems
+    assert f"signed by key {owner.key_id}" in audit.evidence
+    code, out, err = _audit(capsys, run, "--public-key", signed_runs["pub"])
+    assert code == 0, out + err
+    assert f"signed by key {owner.key_id}: every record's signature verified" in out
+    # Without --public-key: as before, and the evidence says who signed (not checked).
+    code, out, _ = _audit(capsys, run)
+    assert code == 0 and f"records signed by key {owner.key_id} (signatures not checked" in out
+    # The signer is in no state: the chain's state saves as before and holds no key material.
+    state = signed_runs["chain"].state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    assert b"PRIVATE" not in buffer.getvalue() and "signer" not in state
+
+
+def test_another_key_or_no_signature_is_tampering(signed_runs, capsys):
+    from seedprints_lightning import verify_chain
+
+    for name, words in (("thief", "signed by another key"), ("unsigned", "is not signed")):
+        run = signed_runs[name]
+        assert verify_chain(run).ok  # the hash chain alone is intact
+        audit = verify_chain(run, public_key=signed_runs["owner"].public_key)
+        assert not audit.ok and {p.kind for p in audit.problems} == {"tampered"}
+        assert [p.index for p in audit.problems] == list(range(len(audit.records)))
+        code, out, _ = _audit(capsys, run, "--public-key", signed_runs["pub"])
+        assert code == 5 and "PROBLEM    [tampered] record 0 (line 1 of custody.jsonl)" in out and words in out, out
+
+
+def test_an_edited_record_with_the_chain_rehashed_fails(signed_runs, tmp_path, capsys):
+    import shutil
+
+    from seedprints_lightning import verify_chain
+    from seedprints_lightning.core.files import file_sha256
+
+    run = tmp_path / "seedprints"
+    shutil.copytree(signed_runs["owned"], run, ignore=shutil.ignore_patterns("custody.lock"))
+    records = [json.loads(line) for line in (run / "custody.jsonl").read_text().splitlines()]
+    # The forger edits record 2 (a claim in it) and re-hashes every record after it; with another key
+    # of their own they may re-sign it, and the chain is consistent again.
+    records[2]["event"] = "forged"
+    del records[2]["signature"]
+    records[2] = sign_ledger_line(RecordSigner(ed25519.Ed25519PrivateKey.generate()), records[2])
+    prev = file_sha256(run / "reference.safetensors")
+    lines = []
+    for record in records:
+        record["prev_sha256"] = prev
+        lines.append(_canonical(record))
+        prev = line_sha256(lines[-1])
+    (run / "custody.jsonl").write_text("".join(line + "\n" for line in lines))
+    assert verify_chain(run).ok  # the hash chain cannot tell
+    audit = verify_chain(run, public_key=signed_runs["pub"])
+    assert sorted(p.index for p in audit.problems) == list(range(2, len(records)))
+    code, out, _ = _audit(capsys, run, "--public-key", signed_runs["pub"])
+    assert code == 5 and "record 2 (line 3 of custody.jsonl) is signed by another key" in out
+    assert "record 3 (line 4 of custody.jsonl) has a signature that does not match its content" in out
+
+
+def test_public_key_errors_are_one_line(signed_runs, tmp_path, capsys):
+    run = signed_runs["owned"]
+    code, _, err = _audit(capsys, run, "--public-key", tmp_path / "missing.pem")
+    assert code == 3 and err.count("\n") == 1 and "missing.pem: no such file" in err
+    (tmp_path / "bad.pem").write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
+    code, _, err = _audit(capsys, run, "--public-key", tmp_path / "bad.pem")
+    assert code == 2 and err.count("\n") == 1 and "bad.pem is not a PEM public key" in err
+    rsa_public = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    (tmp_path / "rsa.pub.pem").write_bytes(rsa_public.public_bytes(serialization.Encoding.PEM,
+                                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
+    code, _, err = _audit(capsys, run, "--public-key", tmp_path / "rsa.pub.pem")
+    assert code == 2 and "Ed25519 signatures only" in err
+    code, _, err = _audit(capsys, run, "--public-key", signed_runs["root"] / "owner.pem")
+    assert code == 2 and "is a PRIVATE key" in err and "BEGIN" not in err
+    from seedprints_lightning.offline.cli import main
+
+    assert main(["audit", "ref.safetensors", "ck.ckpt", "--public-key", str(signed_runs["pub"])]) == 2
+
+
+def test_open_chain_refuses_a_signer_that_is_not_one(tmp_path):
+    from seedprints_lightning.core.ledger import RunDirectory
+
+    with pytest.raises(InputError, match="signer must be a RecordSigner"):
+        RunDirectory(tmp_path).open_ledger(0, None, reference_sha256="0" * 64, signer="key.pem")
+
+
+def test_the_monitor_signs_with_signing_key(tmp_path, key_file, capsys):
+    """Through the face, when it takes ``signing_key=`` (the faces pass ``signer=`` to open_chain)."""
+    import inspect
+
+    import torch
+    from conftest import make_tiny_lm, train_and_probe
+
+    from seedprints_lightning import ProbeSpec
+    from seedprints_lightning.faces.monitor import SeedPrintsMonitor
+
+    if "signing_key" not in inspect.signature(SeedPrintsMonitor.__init__).parameters:
+        pytest.skip("SeedPrintsMonitor takes no signing_key yet")
+    path, key = key_file
+    torch.set_num_threads(1)
+    model = make_tiny_lm(0).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    monitor = SeedPrintsMonitor(every_n_steps=4, probe=ProbeSpec(num_samples=100, length=8), num_controls=1,
+                                save_dir=tmp_path / "seedprints", signing_key=path)
+    assert str(key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                 serialization.NoEncryption()).hex()) not in repr(monitor.__dict__)
+    monitor.start(model)
+    train_and_probe(model, optimizer, monitor, (1, 2, 3))
+    monitor.end(model)
+    (tmp_path / "pub.pem").write_text(load_signing_key(path).public_key_pem)
+    code, out, _ = _audit(capsys, tmp_path / "seedprints", "--public-key", tmp_path / "pub.pem")
+    assert code == 0, out
+    other = tmp_path / "other.pub.pem"
+    other.write_text(RecordSigner(ed25519.Ed25519PrivateKey.generate()).public_key_pem)
+    assert _audit(capsys, tmp_path / "seedprints", "--public-key", other)[0] == 5
+
+
+def test_save_records_are_signed_too(tmp_path, key_file):
+    from seedprints_lightning.core.ledger import CustodyLedger
+
+    signer = load_signing_key(key_file[0])
+    ledger = CustodyLedger(tmp_path, signer=signer)
+    ledger.rewind_to("a" * 64, 0)
+    record = ledger.record_save(3, "b" * 64)
+    assert record["signature"]["key_id"] == signer.key_id and "signer" not in repr(ledger).replace("signed", "")
+    assert check_signed_ledger((tmp_path / "custody.jsonl").read_bytes().splitlines(), signer.public_key) == []

@@ -1,6 +1,6 @@
 """Tests of seedprints_lightning.core.stats: Kendall tau-b, the lineage test and its input checks.
 
-The lineage test is checked against a plain reference written straight from method.md
+The lineage test is checked against a plain reference written straight from docs/method.md
 (numpy + one ``scipy.stats.kendalltau`` per column), not against the package's own helpers.
 All random data come from fixed seeds.
 """
@@ -32,14 +32,14 @@ LN10 = math.log(10.0)
 
 
 # --------------------------------------------------------------------------------------
-# Reference implementation, written from method.md
+# Reference implementation, written from docs/method.md
 # --------------------------------------------------------------------------------------
 
 
 def reference_lineage(
     base: np.ndarray, target: np.ndarray, k: int, mode: str = "coset", temperature: float = 10.0
 ) -> dict:
-    """method.md steps 2-6 with numpy and scipy only (one-sided p, no agg, analytic null)."""
+    """docs/method.md steps 2-6 with numpy and scipy only (one-sided p, no agg, analytic null)."""
     a = np.asarray(base, dtype=np.float64)
     b = np.asarray(target, dtype=np.float64)
     n = a.shape[0]

@@ -117,9 +117,11 @@ def test_command_line_arguments_reach_the_callback(tmp_path, monkeypatch):
         run=False,
     )
     cb = _seedprints(cli.trainer)
-    assert (cb.every_n_steps, cb.alpha, cb.patience, cb.on_identity_lost, cb.num_controls) == (25, 0.05, 4, "stop", 2)
-    assert cb.probe == ProbeSpec(kind="embedding", num_samples=300, length=32, seed=42)
-    assert cb.identity_ratio == 0.5
+    settings = cb.settings
+    assert (settings.every_n_steps, settings.rules.birth_rule.alpha, settings.patience, settings.on_identity_lost,
+            settings.num_controls) == (25, 0.05, 4, "stop", 2)
+    assert settings.probe == ProbeSpec(kind="embedding", num_samples=300, length=32, seed=42)
+    assert settings.rules.identity_ratio == 0.5
     assert cli.datamodule.vocab_size == cli.model.hparams.vocab_size == 256
 
 
@@ -134,8 +136,8 @@ def test_callback_appended_from_the_command_line_without_a_config(tmp_path, monk
         run=False,
     )
     cb = _seedprints(cli.trainer)
-    assert cb.every_n_steps == 50
-    assert cb.probe == ProbeSpec(num_samples=100, length=8)
+    assert cb.settings.every_n_steps == 50
+    assert cb.settings.probe == ProbeSpec(num_samples=100, length=8)
     assert cli.datamodule.vocab_size == 300  # the link
 
 
@@ -150,7 +152,7 @@ def test_probe_in_class_path_form_from_yaml(tmp_path, monkeypatch):
         }]},
     }))
     cb = _seedprints(make_cli(["--config", str(config)], run=False).trainer)
-    assert cb.every_n_steps == 7 and cb.probe == ProbeSpec(kind="embedding", length=16)
+    assert cb.settings.every_n_steps == 7 and cb.settings.probe == ProbeSpec(kind="embedding", length=16)
 
 
 def test_missing_reference_file_is_one_clear_error(tmp_path, monkeypatch, capsys):

@@ -128,7 +128,7 @@ def test_callback_rules_follow_its_arguments():
     rules = cb.chain.rules
     assert rules.birth_rule == VerdictRule(alpha=0.05, z_margin=1.0, tau_margin=0.0)  # no tau margin for the birth test
     assert rules.custody_rule == VerdictRule(alpha=0.05, z_margin=2.0, tau_margin=0.1)
-    assert cb.alpha == 0.05
+    assert cb.settings.rules.birth_rule.alpha == 0.05
     with pytest.raises(InputError, match="link_tau_margin must be"):
         SeedPrintsCallback(link_tau_margin=-1.0)
     with pytest.raises(InputError, match="birth_z_margin must be"):
@@ -194,7 +194,7 @@ def test_tau_part_applies_without_controls():
 
 
 def test_controls_above_flag_a_significant_but_inflated_z():
-    # method.md: a swapped model at z = 4.1 with controls 2.3 .. 6.2 passes the analytic test alone.
+    # docs/method.md: a swapped model at z = 4.1 with controls 2.3 .. 6.2 passes the analytic test alone.
     swapped = result(4.1)
     assert swapped.related is True
     v = decide_identity(swapped, [result(2.3), result(6.2), result(3.0)], PLAIN)

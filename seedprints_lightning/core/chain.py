@@ -43,6 +43,7 @@ from .ledger import (
     LEDGER_VERSION,
     PARENT_ANCHOR_FILE,
     REFERENCE_FILE,
+    SAVE_KIND,
     CustodyLedger,
     RunDirectory,
     load_parent_anchor,
@@ -206,11 +207,56 @@ class CustodyChain:
         self.next_index, self.last_sha256, self.ledger = 0, None, None
 
     def attach_ledger(self, ledger: CustodyLedger) -> None:
-        """Write every further record to ``ledger`` (positioned where this chain stands)."""
-        if ledger.next_index != self.next_index:
+        """Write every further record to ``ledger``.
+
+        A new chain (no record yet) takes the ledger's position; a chain with records must find
+        the ledger positioned right after its last record (a resume's ledger is rewound there).
+        """
+        if self.next_index and ledger.next_index != self.next_index:
             raise InputError(f"the ledger is at record {ledger.next_index} but the chain at {self.next_index}")
         self.ledger = ledger
-        self.last_sha256 = ledger.last_sha256
+        self.next_index, self.last_sha256 = ledger.next_index, ledger.last_sha256
+
+    def keep_records(self, keep: bool) -> None:
+        """Whether this chain numbers its probes as ledger records (False: a run that writes no file)."""
+        self.keeps_records = bool(keep)
+
+    def number_records_from(self, index: int) -> None:
+        """The next record's index: the writing process's ledger's (shared with every rank), or a replay's line."""
+        self.next_index = check_int("index", index, low=0)
+
+    def judge_by(self, rules: ChainRules) -> None:
+        """Judge the next probes by ``rules`` (a replay uses each ledger record's own)."""
+        if not isinstance(rules, ChainRules):
+            raise InputError(f"rules must be ChainRules, got {type(rules).__name__}")
+        self.rules = rules
+
+    def continue_in_new_ledger(self) -> None:
+        """Go on in a NEW ledger, numbered from 0, whose first anchor is the current one (no record of its own).
+
+        For a resume whose ledger was lost: with no held probe yet the current anchor is the
+        reference; it becomes the first anchor as stored (fp16), so the new ledger's first-anchor
+        file records the loss either way.
+        """
+        ref = self._require_reference()
+        current = self.anchor if self.anchor is not None else Anchor(ref.features, int(ref.step or 0))
+        self.initial_anchor = self.anchor = Anchor(storage_features(current.features), current.step)
+        self.next_index, self.last_sha256 = 0, None
+
+    def record_save(self, step: int, weights_sha256: str, checkpoint: str | None = None) -> int | None:
+        """Record a checkpoint save (the digest of the weights it holds) as the chain's next record.
+
+        Call it on every process, before the chain's state goes into that checkpoint: the process
+        holding the ledger appends the record; every process advances the numbering alike.
+        Returns the record's index (``None`` when the chain keeps no records).
+        """
+        if not self.keeps_records:
+            return None
+        index = self.next_index
+        if self.ledger is not None:
+            self.last_sha256 = self.ledger.record_save(step, weights_sha256, checkpoint=checkpoint)["sha256"]
+        self.next_index = index + 1
+        return index
 
     @property
     def anchor_step(self) -> int | None:
@@ -225,11 +271,16 @@ class CustodyChain:
         """Whether a probe is due at optimizer step ``step`` (once per step: accumulation repeats a step)."""
         return self.reference is not None and step >= self.next_probe_step and step != self.last_probed_step
 
-    def test(self, step: int, live: torch.Tensor) -> ProbeVerdict:
-        """Judge ``live`` features at ``step`` against the reference and the current anchor; change nothing."""
+    def test(self, step: int, live: torch.Tensor, anchor: Anchor | None = None) -> ProbeVerdict:
+        """Judge ``live`` features at ``step`` against the reference and ``anchor`` (default: the current one).
+
+        Changes nothing. An ``anchor`` whose features are the reference's is the reference itself.
+        """
         ref = self._require_reference()
-        anchor = self.anchor.features.float() if self.anchor is not None else ref.features
-        anchor_step = self.anchor.step if self.anchor is not None else int(ref.step or 0)
+        chosen = self.anchor if anchor is None else (None if anchor.features is ref.features else anchor)
+        anchor_features = chosen.features.float() if chosen is not None else ref.features
+        anchor_step = chosen.step if chosen is not None else int(ref.step or 0)
+        anchor = anchor_features
         rules = self.rules
         return judge_probe(step, live, reference=ref.features, anchor=anchor, anchor_step=anchor_step,
                            controls=self.controls.as_list(), birth_rule=rules.birth_rule,
@@ -551,6 +602,20 @@ class ChainAudit:
     #: When the ledger continues a chain whose ledger the directory lost (a resume found none):
     #: ``records``, ``head_sha256``, ``resumed_at_step``, from ``parent_anchor.safetensors``; else ``None``.
     continues_lost_chain: dict[str, Any] | None = None
+    #: The save records of the ledger (``kind == "save"``: a checkpoint saved at that step held the
+    #: weights whose digest the record holds); they take a line each and are not re-tested.
+    saves: list[dict[str, Any]] = field(default_factory=list)
+    #: The ``key_id`` of every key whose signature is on a record (sorted; empty: no record is signed).
+    signed_by: tuple[str, ...] = ()
+    #: The ``key_id`` of the public key every record's signature was checked against (``None``: not checked).
+    verified_key: str | None = None
+    #: With ``checkpoint_weights_sha256``: that digest, and the save records holding exactly those weights.
+    checkpoint_weights_sha256: str | None = None
+    checkpoint_saves: list[dict[str, Any]] = field(default_factory=list)
+
+    def is_save(self, index: int) -> bool:
+        """Whether record ``index`` is a save record (no probe, nothing re-tested)."""
+        return 0 <= index < len(self.records) and self.records[index].get("kind") == SAVE_KIND
 
     def _of_class(self, name: str) -> list[ChainProblem]:
         return [p for p in self.problems if PROBLEM_KINDS.get(p.kind, "tampered") == name]
@@ -649,6 +714,14 @@ _RECORD_FIELDS: dict[str, Any] = {
     "reference_sha256": _OPT_SHA, "controls_sha256": _OPT_SHA, "initial_anchor_sha256": _OPT_SHA,
     "prev_sha256": _SHA,
 }
+#: Every field of a save record (:meth:`~seedprints_lightning.core.ledger.CustodyLedger.record_save`).
+_SAVE_FIELDS: dict[str, Any] = {
+    "format": _RECORD_FIELDS["format"], "version": _RECORD_FIELDS["version"],
+    "kind": (lambda v: v == SAVE_KIND, repr(SAVE_KIND)), "index": _INT0, "step": _INT0, "time": _STR,
+    "event": _STR, "weights_sha256": _SHA, "checkpoint": (_optional(lambda v: isinstance(v, str)), "a string or null"),
+    "reference_sha256": _OPT_SHA, "controls_sha256": _OPT_SHA, "initial_anchor_sha256": _OPT_SHA,
+    "prev_sha256": _SHA,
+}
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
                float: "a number", type(None): "null"}
 
@@ -692,7 +765,11 @@ def _read_record(raw: bytes) -> tuple[Any, str | None]:
         return None, f"is not valid JSON ({str(exc)[:200]})"
     if not isinstance(record, dict):
         return record, f"is {_shown(record)}, not a ledger record (a JSON object)"
-    problem = _fields_problem(record, _RECORD_FIELDS)
+    kind = record.get("kind")
+    if kind is not None and kind != SAVE_KIND:
+        return record, (f"is not a valid ledger record: its kind {_shown(kind)} is none this seedprints-lightning "
+                        f"knows (a probe's record has no kind, a save's is {SAVE_KIND!r})")
+    problem = _fields_problem(record, _SAVE_FIELDS if kind == SAVE_KIND else _RECORD_FIELDS)
     return record, None if problem is None else f"is not a valid ledger record: it {problem}"
 
 
@@ -736,7 +813,8 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
                  checkpoint_step: int | None = None, checkpoint_name: str | None = None,
                  expected_head: tuple[int, str] | None = None,
                  checkpoint_state: dict[str, Any] | None = None,
-                 ledger: str | os.PathLike | None = None) -> ChainAudit:
+                 ledger: str | os.PathLike | None = None, public_key: Any = None,
+                 checkpoint_weights_sha256: str | None = None) -> ChainAudit:
     """Re-verify a run's custody ledger offline, record by record, from its files.
 
     ``run_dir`` is the run's ``seedprints`` directory (or a directory holding it). Every record's
@@ -767,7 +845,29 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
     problem that says so, not records removed from the end. ``ledger`` verifies another ledger
     file of the directory instead of ``custody.jsonl``: an abandoned branch
     (``custody.abandoned-<i>.jsonl``) holds the whole branch and verifies alike.
+
+    ``public_key`` (an Ed25519 public key, or a PEM path / PEM text:
+    :func:`~seedprints_lightning.core.signing.load_public_key`): every record must also carry a valid
+    signature by that key (:func:`~seedprints_lightning.core.signing.check_signed_ledger`); an unsigned
+    record, one signed by another key, or one whose signature no longer matches its content (edited,
+    whether or not the chain after it was re-hashed) is a ``"tampered"`` problem naming it. Without
+    it signatures are not checked; ``signed_by`` still lists the keys that signed (and
+    ``evidence`` says so). Nothing in the run directory is trusted as the key.
+
+    Save records (``"kind": "save"``, written by ``CustodyLedger.record_save`` when a checkpoint
+    was saved) are checked in the chain (index, ``prev_sha256``, step order, file hashes) and not
+    replayed. ``checkpoint_weights_sha256`` (:func:`~seedprints_lightning.core.weights.weights_digest`
+    of a checkpoint's weights) fills ``checkpoint_saves`` with the save records holding exactly
+    those weights (informative: no match is no problem).
     """
+    signing_key = None
+    if public_key is not None:
+        from .signing import RecordSigner, key_id_of, load_public_key
+
+        signing_key = public_key.public_key if isinstance(public_key, RecordSigner) else public_key
+        if isinstance(signing_key, (str, bytes, os.PathLike)):
+            signing_key = load_public_key(signing_key)
+        key_id_of(signing_key)  # an InputError unless it is an Ed25519 public key
     run = RunDirectory.locate(run_dir)
     run.require(ledger)
     audit = ChainAudit(run_dir=run.path)
@@ -784,10 +884,10 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
     def problem(index: int | None, kind: str, message: str) -> None:
         audit.problems.append(ChainProblem(index, kind, message))
 
-    prev_sha, last_step = reference_sha, -1
+    prev_sha, last_step, signers = reference_sha, -1, set()
     for line_no, line in enumerate(lines):
         where = f"record {line_no} (line {line_no + 1} of {ledger.name})"
-        chain.next_index = line_no  # a record's index is its line: the replay numbers them so
+        chain.number_records_from(line_no)  # a record's index is its line: the replay numbers them so
         record, malformed = _read_record(line)
         if malformed is not None:  # nothing of it can be trusted: the next record's prev_sha256 tells the rest
             problem(line_no, "tampered", f"{where} {malformed}")
@@ -796,6 +896,9 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
             prev_sha = shas[line_no]
             continue
         audit.records.append(record)
+        signature = record.get("signature")
+        if isinstance(signature, dict) and isinstance(signature.get("key_id"), str):
+            signers.add(signature["key_id"])
         if record.get("index") != line_no:
             problem(line_no, "tampered", f"{where} has index {record.get('index')!r}: a record is missing or the "
                                          "records were reordered")
@@ -816,6 +919,10 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
                  f"was made with other controls than {CONTROLS_FILE} (hash mismatch)")):
             if record.get(key) != expected:
                 problem(line_no, "tampered", f"{where} {what}")
+        if record.get("kind") == SAVE_KIND:  # a checkpoint save: chained, nothing to re-test
+            audit.saves.append(record)
+            audit.recomputed.append(None)
+            continue
         feature_path = run.path / str(record.get("features_file", ""))
         if not feature_path.is_file():
             problem(line_no, "missing", f"{where}: its features file {feature_path} is missing")
@@ -825,7 +932,7 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
             problem(line_no, "tampered", f"{where}: {feature_path.name} was altered (sha256 mismatch)")
         anchor_index = None if chain.anchor is None else chain.anchor.index
         try:
-            chain.rules = ChainRules.from_record(record)
+            chain.judge_by(ChainRules.from_record(record))
             observed = chain.observe(step, load_probe_features(feature_path).float(), str(record.get("event")))
         except (KeyError, TypeError, ValueError) as exc:  # InputError, FingerprintFileError (features file)
             problem(line_no, "tampered", f"{where} cannot be re-tested ({type(exc).__name__}: {exc})")
@@ -849,6 +956,17 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
         elif verdict.link.related:
             audit.anchors.append(chain.anchor)
 
+    audit.signed_by = tuple(sorted(signers))
+    if signing_key is not None:
+        _check_signatures(audit, lines, signing_key, ledger.name)
+    elif signers:
+        audit.evidence += (f"; records signed by key {', '.join(audit.signed_by)} (signatures not checked: give the "
+                           "owner's public key to check them)")
+    if checkpoint_weights_sha256 is not None:
+        from .weights import find_saves
+
+        audit.checkpoint_weights_sha256 = checkpoint_weights_sha256
+        audit.checkpoint_saves = find_saves(audit.saves, checkpoint_weights_sha256)
     if expected_head is None and checkpoint_state is not None:
         expected_head = ledger_head_of(checkpoint_state)
     lost = _lost_chain_problem(audit, chain, checkpoint_state, expected_head, shas, ledger.name)
@@ -869,6 +987,24 @@ def verify_chain(run_dir: str | os.PathLike, checkpoint_features: torch.Tensor |
     if checkpoint_features is not None:
         _link_checkpoint(audit, chain, checkpoint_features, checkpoint_step, checkpoint_name, last_step)
     return audit
+
+
+def _check_signatures(audit: ChainAudit, lines: list[bytes], key: Any, ledger_name: str) -> None:
+    """Every record must carry a valid signature by ``key``: each one that does not is a ``"tampered"`` problem."""
+    from .signing import check_signed_ledger, key_id_of
+
+    key_id = key_id_of(key)
+    audit.verified_key = key_id
+    problems = check_signed_ledger(lines, key)
+    for line_no, message in problems:
+        audit.problems.append(ChainProblem(line_no, "tampered", (
+            f"record {line_no} (line {line_no + 1} of {ledger_name}) {message}: it is not vouched for by the "
+            f"public key given (key_id {key_id})")))
+    if problems:
+        audit.evidence += (f"; signatures checked against key {key_id}: {len(problems)} of {len(lines)} records "
+                           "are not signed by it")
+    else:
+        audit.evidence += f"; signed by key {key_id}: every record's signature verified against the public key given"
 
 
 def ledger_head_of(state: Any) -> tuple[int, str] | None:
@@ -955,7 +1091,9 @@ def _foreign_checkpoint(run: RunDirectory, chain: CustodyChain, state: dict[str,
 def _report_undetermined(audit: ChainAudit) -> None:
     """Each stretch of records whose link is undetermined: a note when a later link held, else a problem."""
     start: int | None = None
-    verdicts = audit.recomputed
+    # Save records hold no probe: a stretch of undetermined probes runs across them.
+    probes = [i for i in range(len(audit.recomputed)) if not audit.is_save(i)]
+    verdicts = [audit.recomputed[i] for i in probes]
     for index in range(len(verdicts) + 1):
         verdict = verdicts[index] if index < len(verdicts) else None
         if verdict is not None and verdict.link.related is None:
@@ -964,11 +1102,12 @@ def _report_undetermined(audit: ChainAudit) -> None:
         if start is None:
             continue
         first, last = verdicts[start], verdicts[index - 1]
-        where = (f"record {start} (step {first.step})" if index - 1 == start
-                 else f"records {start}-{index - 1} (steps {first.step}-{last.step})")
+        first_record, last_record = probes[start], probes[index - 1]
+        where = (f"record {first_record} (step {first.step})" if index - 1 == start
+                 else f"records {first_record}-{last_record} (steps {first.step}-{last.step})")
         why = f"the lineage could not be measured ({first.link.reason})"
         if index == len(verdicts):
-            audit.problems.append(ChainProblem(start, "undetermined", (
+            audit.problems.append(ChainProblem(first_record, "undetermined", (
                 f"{where}: undetermined, {why}: nothing vouches for the model after step {first.anchor_step}, the "
                 "last held link")))
         elif verdict is not None and verdict.link.related is True:
@@ -983,8 +1122,8 @@ def _link_checkpoint(audit: ChainAudit, chain: CustodyChain, features: torch.Ten
     candidates = [a for a in audit.anchors if step is None or a.step <= step]
     anchor = candidates[-1] if candidates else audit.anchors[0]
     # The first anchor may be the reference itself: the link then shares the birth test.
-    chain.anchor = None if anchor.features is chain.reference.features else anchor
-    audit.checkpoint = chain.test(step if step is not None else last_step, storage_features(features).float())
+    audit.checkpoint = chain.test(step if step is not None else last_step, storage_features(features).float(),
+                                  anchor=anchor)
     audit.checkpoint_name = name
     if audit.checkpoint.link.related is None:
         audit.problems.append(ChainProblem(None, "undetermined", f"checkpoint {name}: its link to the chain is "

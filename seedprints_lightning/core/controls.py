@@ -3,7 +3,7 @@
 Why controls exist
 ------------------
 The lineage test's analytic null (``z ~ N(0, 1)`` for unrelated models) is not always
-calibrated. ``method.md`` records unrelated pairs at z = 4 to 9.5 (token probes with few
+calibrated. ``docs/method.md`` records unrelated pairs at z = 4 to 9.5 (token probes with few
 identity dimensions on a 160M LLaMA; embedding probes on a narrow 256-wide model), and
 permuting the samples did not remove it: it is a real response shared by every model of the
 architecture, not a variance error. A bare ``z > z_threshold(alpha)`` would then call an
@@ -51,6 +51,10 @@ from .probes import ProbeSpec, extract_features, find_causal_lm
 __all__ = [
     "CONTROL_SEED_BASE",
     "DEFAULT_NUM_CONTROLS",
+    "INIT_CUSTOM",
+    "INIT_STREAMED",
+    "INIT_WHOLE",
+    "streams_controls",
     "build_control_model",
     "control_seeds",
     "ControlSet",
@@ -59,6 +63,7 @@ __all__ = [
     "load_config",
     "probe_control_models",
     "probe_controls",
+    "init_scheme_of",
     "save_controls",
 ]
 
@@ -71,8 +76,26 @@ DEFAULT_NUM_CONTROLS = 4
 CONTROL_SEED_BASE = 1_000_003
 
 _CONTROLS_FORMAT = "seedprints-controls"
-_CONTROLS_FORMAT_VERSION = 1
+#: 2 records the init scheme of the controls (``init_scheme``); version 1 files predate streamed
+#: controls, so their controls are whole-model inits (:data:`INIT_WHOLE`).
+_CONTROLS_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _META_KEY = "seedprints"
+
+#: How a control's weights were drawn. ``"streamed-v1"``: every block under its own seed
+#: (:func:`~seedprints_lightning.core.layerwise.streamed_block_seed`), so the control can be built
+#: whole (:func:`~seedprints_lightning.core.layerwise.build_streamed_control_model`) or one block at
+#: a time (:func:`~seedprints_lightning.core.layerwise.probe_streamed_control`) with the same weights.
+#: ``"whole"``: ``type(lm)(config)`` under ``torch.manual_seed(seed)``, one RNG stream over the whole
+#: model (architectures the layer-major probe cannot split, and every file before version 2).
+#: ``"custom"``: a user's ``control_factory``. Both built-in schemes are draws of one init
+#: distribution (tests/test_layerwise.py, benchmarks/streamed_controls.py): files of either scheme
+#: are valid nulls for any run of the config.
+INIT_STREAMED = "streamed-v1"
+INIT_WHOLE = "whole"
+INIT_CUSTOM = "custom"
+#: The attribute :func:`build_control_model` sets on a control model to say how it was drawn.
+INIT_SCHEME_ATTR = "seedprints_init_scheme"
 
 
 # --------------------------------------------------------------------------------------
@@ -120,18 +143,46 @@ def control_seeds(num_controls: int, base: int = CONTROL_SEED_BASE) -> tuple[int
     return tuple(start + i for i in range(num))
 
 
+def streams_controls(model_or_config: Any) -> bool:
+    """Whether controls of this causal LM (or config) are drawn block by block (:data:`INIT_STREAMED`).
+
+    True for the architectures :mod:`.layerwise` can split (``config.model_type`` in its
+    ``SUPPORTED_MODEL_TYPES``) when the model is the class ``AutoModelForCausalLM`` builds for the
+    config: the streamed control is that class. Anything else gets the whole-model recipe.
+    """
+    from .layerwise import SUPPORTED_MODEL_TYPES
+
+    config = getattr(model_or_config, "config", model_or_config)
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False
+    if isinstance(model_or_config, nn.Module):
+        try:
+            from transformers import AutoModelForCausalLM
+
+            expected = AutoModelForCausalLM._model_mapping[type(config)]
+        except (KeyError, ImportError, AttributeError):
+            return False
+        return type(model_or_config) is expected
+    return True
+
+
 def build_control_model(model: nn.Module, seed: int) -> nn.Module:
     """A fresh init of ``model``'s causal LM: same class and config, init seed ``seed``.
 
-    ``type(lm)(lm.config)`` is built on the CPU under ``torch.manual_seed(seed)`` (so the
-    control is the same whatever device the live model is on), then moved to the live
-    model's device and parameter dtype, in eval mode. Every global RNG is restored after:
-    building a control never changes the data order or dropout of the run.
+    For the architectures the layer-major probe splits (:func:`streams_controls`: LLaMA, Qwen2,
+    Mistral, GPT-2) this is :func:`~seedprints_lightning.core.layerwise.build_streamed_control_model`
+    ``(config, seed)``: every block drawn under its own seed on the CPU, in the dtype
+    ``from_config`` builds, then cast to the live model's parameter dtype, so an in-run control
+    is, bit for bit, the model a precomputed ``seedprints controls`` file probed for that seed.
+    Other classes get ``type(lm)(lm.config)`` under ``torch.manual_seed(seed)`` on the CPU, cast
+    to the live dtype. Either way the control is moved to the live model's device, in eval mode,
+    and carries its scheme in the attribute :data:`INIT_SCHEME_ATTR`. Every global RNG is
+    restored after: building a control never changes the data order or dropout of the run.
 
     ``model`` is a ``transformers.PreTrainedModel`` or a module containing one. The control
     holds a full copy of the model's parameters: for very large models that is the cost of a
     control (built one at a time by :func:`probe_controls`, and only when the reference is
-    taken).
+    taken; ``seedprints controls`` precomputes them without ever holding one whole).
     """
     seed = check_int("seed", seed, low=0)
     lm = find_causal_lm(model)
@@ -140,13 +191,23 @@ def build_control_model(model: nn.Module, seed: int) -> nn.Module:
     dtype = reference_param.dtype if reference_param is not None else torch.float32
     if device.type == "meta":
         raise InputError("the live model is on the meta device; controls need materialised weights")
-    with preserve_rng_state():
-        torch.manual_seed(seed)
-        with torch.device("cpu"):
-            control = type(lm)(lm.config)
-    control = control.to(device=device, dtype=dtype if dtype.is_floating_point else None)
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    if streams_controls(lm):
+        from .layerwise import build_streamed_control_model
+
+        control = build_streamed_control_model(lm.config, seed, device="cpu", dtype=dtype)
+        scheme = INIT_STREAMED
+    else:
+        with preserve_rng_state():
+            torch.manual_seed(seed)
+            with torch.device("cpu"):
+                control = type(lm)(lm.config)
+        control = control.to(dtype=dtype)
+        scheme = INIT_WHOLE
+    control = control.to(device=device)
     control.eval()
     control.requires_grad_(False)
+    setattr(control, INIT_SCHEME_ATTR, scheme)
     return control
 
 
@@ -194,6 +255,7 @@ def probe_control_models(
     device: torch.device | str | None = None,
     context: Callable[[], contextlib.AbstractContextManager] | None = None,
     log: Callable[[str], None] | None = None,
+    schemes: list[str] | None = None,
 ) -> torch.Tensor:
     """Features ``[c, n, D]`` of ``factory(seed)`` for each seed, one control alive at a time.
 
@@ -201,7 +263,8 @@ def probe_control_models(
     with every global RNG restored after, so a factory that just constructs the model is seeded
     too); the control is moved to ``device``, put in eval mode, probed by ``features_of`` and
     freed before the next is built. ``log`` gets one progress line per control: for a large
-    model the step-0 work takes minutes.
+    model the step-0 work takes minutes. ``schemes``, if given, gets each control's init scheme
+    (the :data:`INIT_SCHEME_ATTR` :func:`build_control_model` sets; :data:`INIT_CUSTOM` without it).
     """
     seeds = [check_int("seed", s, low=0) for s in seeds]
     out = []
@@ -212,6 +275,8 @@ def probe_control_models(
             control = factory(seed)
             if not isinstance(control, nn.Module):
                 raise InputError(f"control_factory({seed}) returned {type(control).__name__}, not a torch.nn.Module")
+            if schemes is not None:
+                schemes.append(getattr(control, INIT_SCHEME_ATTR, INIT_CUSTOM))
             if device is not None:
                 control = control.to(device)
             control.eval()
@@ -226,14 +291,24 @@ def probe_control_models(
     return torch.stack(out)
 
 
+def init_scheme_of(schemes: Sequence[str]) -> str | None:
+    """One scheme for a set of controls: the common one, ``"mixed"`` when they differ, ``None`` for none."""
+    distinct = sorted(set(schemes))
+    return None if not distinct else distinct[0] if len(distinct) == 1 else "mixed"
+
+
 def save_controls(path: str | os.PathLike, features: torch.Tensor, seeds: Sequence[int], spec: ProbeSpec,
-                  extra: dict[str, Any] | None = None) -> Path:
-    """Write control features ``[c, n, D]`` with their seeds and spec (safetensors, atomic)."""
+                  extra: dict[str, Any] | None = None, *, init_scheme: str | None = INIT_STREAMED) -> Path:
+    """Write control features ``[c, n, D]`` with their seeds, spec and init scheme (safetensors, atomic).
+
+    Format version :data:`_CONTROLS_FORMAT_VERSION` (2): the metadata records ``init_scheme``
+    (:data:`INIT_STREAMED`, :data:`INIT_WHOLE`, :data:`INIT_CUSTOM`, ``"mixed"``, or ``None``: unknown).
+    """
     features = features.detach().to(device="cpu", dtype=torch.float32).contiguous()
     if features.dim() != 3 or features.shape[0] != len(seeds):
         raise InputError(f"control features must be [len(seeds)={len(seeds)}, n, D], got {tuple(features.shape)}")
     meta = {"format": _CONTROLS_FORMAT, "format_version": _CONTROLS_FORMAT_VERSION, "seeds": [int(s) for s in seeds],
-            "spec": spec.to_dict(), "extra": dict(extra or {})}
+            "spec": spec.to_dict(), "init_scheme": init_scheme, "extra": dict(extra or {})}
     return save_safetensors(path, {"features": features}, {_META_KEY: json.dumps(meta)})
 
 
@@ -245,8 +320,9 @@ class ControlSet:
     ``spec``, or ``None`` when there are none: the verdict then rests on the analytic threshold
     and the effect-size margin alone. ``config_digest`` and ``model_class`` name the config the
     inits were made from (``None`` when unknown); ``description`` says, for reports, where they
-    came from. One value for the callback's controls, a ``seedprints controls`` file and the
-    offline audit's evidence.
+    came from. ``init_scheme`` says how the inits were drawn (:data:`INIT_STREAMED`,
+    :data:`INIT_WHOLE`, ...; ``None``: unknown). One value for the callback's controls, a
+    ``seedprints controls`` file and the offline audit's evidence.
     """
 
     features: torch.Tensor | None = None
@@ -255,6 +331,7 @@ class ControlSet:
     config_digest: str | None = None
     model_class: str | None = None
     description: str = "no controls: analytic threshold and effect-size margin only"
+    init_scheme: str | None = None
 
     def __post_init__(self) -> None:
         if self.features is None:
@@ -309,19 +386,33 @@ class ControlSet:
         if self.features is None or self.spec is None:
             raise InputError("an empty ControlSet has nothing to save")
         meta = {"model_class": self.model_class, "config_digest": self.config_digest, **extra}
-        return save_controls(path, self.features, self.seeds, self.spec, extra=meta)
+        return save_controls(path, self.features, self.seeds, self.spec, extra=meta, init_scheme=self.init_scheme)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ControlSet:
-        """Read a file written by :func:`save_controls` (or :meth:`save`)."""
+        """Read a file written by :func:`save_controls` (or :meth:`save`).
+
+        Version 1 files (before the init scheme was recorded) load as :data:`INIT_WHOLE`; a version
+        this package does not know is refused, naming it and the versions it reads.
+        """
         path = Path(path)
         tensors, file_meta = read_safetensors(path, "seedprints controls file")
         try:
             meta, features = json.loads(file_meta[_META_KEY]), tensors["features"]
         except (KeyError, ValueError) as exc:
             raise FingerprintFileError(f"{path} is not a readable seedprints controls file ({exc!r})") from exc
-        if meta.get("format") != _CONTROLS_FORMAT or meta.get("format_version") != _CONTROLS_FORMAT_VERSION:
-            raise FingerprintFileError(f"{path}: not a seedprints controls file of version {_CONTROLS_FORMAT_VERSION}")
+        if not isinstance(meta, dict) or meta.get("format") != _CONTROLS_FORMAT:
+            raise FingerprintFileError(f"{path}: not a seedprints controls file (metadata format "
+                                       f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+        version = meta.get("format_version")
+        if version not in _READABLE_VERSIONS:
+            from .._version import __version__
+
+            raise FingerprintFileError(
+                f"{path}: seedprints controls file format version {version!r} is not supported by seedprints-lightning "
+                f"{__version__} (it reads versions {', '.join(map(str, _READABLE_VERSIONS))}); upgrade the package or "
+                "re-create the file with `seedprints controls`")
+        init_scheme = INIT_WHOLE if version == 1 else meta.get("init_scheme")
         if features.dim() != 3 or features.shape[0] != len(meta["seeds"]):
             raise FingerprintFileError(f"{path}: the features tensor {tuple(features.shape)} does not match its "
                                        f"{len(meta['seeds'])} seeds; re-create the file")
@@ -329,7 +420,7 @@ class ControlSet:
         seeds = tuple(int(s) for s in meta["seeds"])
         return cls(features=features, seeds=seeds, spec=ProbeSpec.from_dict(meta["spec"]),
                    config_digest=extra.get("config_digest"), model_class=extra.get("model_class"),
-                   description=f"{len(seeds)} fresh-init controls from {path}")
+                   description=f"{len(seeds)} fresh-init controls from {path}", init_scheme=init_scheme)
 
     @classmethod
     def build(cls, factory: Callable[[int], nn.Module], seeds: Sequence[int], spec: ProbeSpec,
@@ -339,9 +430,11 @@ class ControlSet:
         seeds = tuple(seeds)
         if not seeds:
             return cls.none("no controls (num_controls=0): analytic threshold and effect-size margin only")
-        features = probe_control_models(factory, seeds, features_of, **probe_kwargs)
+        schemes: list[str] = []
+        features = probe_control_models(factory, seeds, features_of, schemes=schemes, **probe_kwargs)
         return cls(features=features, seeds=seeds, spec=spec, config_digest=config_digest, model_class=model_class,
-                   description=f"{len(seeds)} fresh inits (seeds {seeds[0]}..{seeds[-1]})")
+                   description=f"{len(seeds)} fresh inits (seeds {seeds[0]}..{seeds[-1]})",
+                   init_scheme=init_scheme_of(schemes))
 
 
 # --------------------------------------------------------------------------------------
@@ -379,13 +472,23 @@ def controls_from_config(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     log: Callable[[str], None] | None = None,
+    whole: bool = False,
+    info: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, tuple[int, ...]]:
     """``(features [c, n, D], seeds)`` of ``num_controls`` fresh inits of ``config`` (the callback's seeds).
 
     What ``SeedPrintsCallback(controls=FILE)`` loads instead of building the controls inside the
-    run: precomputed once, on any machine with room for one copy of the model, so the training
-    ranks never hold an unsharded copy. ``spec`` must be the run's reference spec (token probes
-    resolve from the config alone; embedding probes need the run's init statistics).
+    run, so the training ranks never hold an unsharded copy. ``spec`` must be the run's reference
+    spec (token probes resolve from the config alone; embedding probes need the run's init
+    statistics).
+
+    For the architectures :func:`streams_controls` accepts, each control is
+    :func:`~seedprints_lightning.core.layerwise.probe_streamed_control`: drawn and probed one block
+    at a time (peak memory one block plus the probe activations), the same weights the run's
+    in-run control of that seed has (:func:`build_control_model`). ``whole=True``, or any other
+    architecture (``log`` says so), probes ``AutoModelForCausalLM.from_config(config)`` whole under
+    the seed (:data:`INIT_WHOLE`: one copy of the model in memory). ``info``, if given, gets
+    ``init_scheme`` and, on a fallback, ``note``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -395,6 +498,30 @@ def controls_from_config(
                              "resolved spec (seedprints controls --spec-from <reference.safetensors>)")
         spec = dataclasses.replace(spec, vocab_size=int(config.vocab_size))
     seeds = control_seeds(num_controls)
+    info = info if info is not None else {}
+    if not whole and streams_controls(config):
+        from .layerwise import probe_streamed_control
+
+        info["init_scheme"] = INIT_STREAMED
+        out = []
+        with preserve_rng_state():
+            for i, seed in enumerate(seeds):
+                start = time.perf_counter()
+                out.append(probe_streamed_control(config, seed, spec, batch_size=batch_size, device=device,
+                                                  dtype=dtype))
+                if log is not None:
+                    log(f"control {i + 1}/{len(seeds)} (init seed {seed}, streamed block by block) probed in "
+                        f"{time.perf_counter() - start:.1f} s")
+        return torch.stack(out), seeds
+    if not whole:
+        from .layerwise import SUPPORTED_MODEL_TYPES
+
+        note = (f"model_type {getattr(config, 'model_type', None)!r} cannot be drawn block by block (streamed "
+                f"controls support {', '.join(SUPPORTED_MODEL_TYPES)}): each control is built whole")
+        info["note"] = note
+        if log is not None:
+            log(note)
+    info["init_scheme"] = INIT_WHOLE
 
     def factory(seed: int) -> nn.Module:
         with torch.device("cpu"):

@@ -19,6 +19,14 @@ Editing, removing or reordering a record breaks the hash chain; altering a featu
 breaks its hash; and since every verdict is recomputed from the stored features, a record
 that claims a link held when it did not is caught too (:func:`seedprints_lightning.core.chain.verify_chain`).
 
+Two further, optional things a ledger can hold. A **save record** (``"kind": "save"``:
+:meth:`CustodyLedger.record_save`, written when a face saves a checkpoint) holds the step and the
+:func:`~seedprints_lightning.core.weights.weights_digest` of the saved weights; it is chained like a
+probe's record, takes the next index, and lets the audit say which recorded save a checkpoint's
+exact weights are. A **signature** (a ledger opened with ``signer=``): every record is signed
+with the run owner's Ed25519 key before its line is written (:mod:`.signing`), so a ledger
+rewritten by someone without the key fails ``verify_chain(..., public_key=...)``.
+
 :class:`RunDirectory` is the one place that knows these paths, for the writers (every trainer
 integration) and the readers (the audit) alike. A run directory belongs to one run: one process
 writes it at a time (:class:`RunLock`), a new run refuses a directory that holds another run's
@@ -60,8 +68,10 @@ __all__ = [
     "REFERENCE_FILE",
     "RunDirectory",
     "RunLock",
+    "SAVE_KIND",
     "check_save_dir",
     "line_sha256",
+    "record_save",
     "storage_features",
 ]
 
@@ -75,6 +85,9 @@ LOCK_FILE = "custody.lock"
 PROBES_DIR = "probes"
 LEDGER_FORMAT = "seedprints-custody"
 LEDGER_VERSION = 1
+#: The ``kind`` of a record that a checkpoint save wrote (:meth:`CustodyLedger.record_save`); a probe's
+#: record has no ``kind`` field.
+SAVE_KIND = "save"
 _FP16_MAX = 65504.0
 
 
@@ -222,7 +235,10 @@ class CustodyLedger:
     ``branch`` is a random token in every probe file name this writer makes, so two branches of
     a run (a resume from an older checkpoint) never overwrite each other's files. ``lock`` is
     the run directory's :class:`RunLock` (held while writing; :meth:`close` releases it, and an
-    append after that takes it again).
+    append after that takes it again). ``signer`` (a
+    :class:`~seedprints_lightning.core.signing.RecordSigner`, or ``None``) signs every record before
+    its line is written (:func:`~seedprints_lightning.core.signing.sign_ledger_line`); the ledger
+    keeps it only in memory (it is not in any state, and cannot be pickled or copied).
     """
 
     directory: Path
@@ -234,10 +250,67 @@ class CustodyLedger:
     initial_anchor_sha256: str | None = None
     lock: RunLock | None = None
     branch: str = field(default_factory=lambda: secrets.token_hex(4))
+    signer: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_signer(self.signer)
 
     @property
     def path(self) -> Path:
         return Path(self.directory) / CUSTODY_FILE
+
+    @property
+    def signed(self) -> bool:
+        return self.signer is not None
+
+    def _write(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Sign ``record`` (with a signer), append its line, advance the chain; return it as written (+ ``sha256``)."""
+        if self.signer is not None:
+            from .signing import sign_ledger_line
+
+            record = sign_ledger_line(self.signer, record)
+        line = _canonical(record)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.next_index, self.last_sha256 = self.next_index + 1, line_sha256(line)
+        return dict(record, sha256=self.last_sha256)
+
+    def _require_root(self, what: str) -> None:
+        if self.last_sha256 is None:
+            raise InputError(f"CustodyLedger.{what} before rewind_to(): the chain has no root (open the ledger with "
+                             "RunDirectory.open_ledger)")
+
+    def record_save(self, step: int, weights_sha256: str, *, checkpoint: str | None = None) -> dict[str, Any]:
+        """Append a save record: the checkpoint saved at ``step`` holds the weights whose digest is ``weights_sha256``.
+
+        ``weights_sha256`` is :func:`~seedprints_lightning.core.weights.weights_digest` of the saved
+        model's state dict; ``checkpoint`` optionally names the file (informative only: the audit
+        matches the weights, never the name). The record is chained (and signed) like a probe's and
+        takes the next index; ``verify_chain`` checks its place in the chain and skips it in the
+        replay. Returns the record with its ``sha256`` (the chain's new head).
+        """
+        from .checks import check_int
+
+        self._require_root("record_save")
+        step = check_int("step", step, low=0, hint="the optimizer step of the save")
+        if not (isinstance(weights_sha256, str) and len(weights_sha256) == 64
+                and all(c in "0123456789abcdef" for c in weights_sha256)):
+            raise InputError(f"weights_sha256 must be a sha256 hex digest (weights_digest(state_dict)), got "
+                             f"{weights_sha256!r:.80}")
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            raise InputError(f"checkpoint must be a str (the file's name) or None, got {type(checkpoint).__name__}")
+        self._hold_lock()
+        record = {
+            "format": LEDGER_FORMAT, "version": LEDGER_VERSION, "kind": SAVE_KIND, "index": self.next_index,
+            "step": step, "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "event": "save",
+            "weights_sha256": weights_sha256, "checkpoint": checkpoint,
+            "reference_sha256": self.reference_sha256, "controls_sha256": self.controls_sha256,
+            "initial_anchor_sha256": self.initial_anchor_sha256, "prev_sha256": self.last_sha256,
+        }
+        return self._write(record)
 
     def close(self) -> None:
         """Release the run directory's lock (the run ended); a later :meth:`append` takes it again."""
@@ -267,10 +340,8 @@ class CustodyLedger:
 
     def append(self, verdict: ProbeVerdict, features: torch.Tensor, *, event: str, anchor_index: int | None,
                identity_mode: str, identity_ratio: float | None) -> dict[str, Any]:
-        """Write the features file and append one record; return the record (with its ``sha256``)."""
-        if self.last_sha256 is None:
-            raise InputError("CustodyLedger.append before rewind_to(): the chain has no root (open the ledger with "
-                             "RunDirectory.open_ledger)")
+        """Write the features file and append one record (signed with a signer); return it (with its ``sha256``)."""
+        self._require_root("append")
         self._hold_lock()
         index = self.next_index
         name = self._probe_name(index, int(verdict.step))
@@ -288,14 +359,7 @@ class CustodyLedger:
             "reference_sha256": self.reference_sha256, "controls_sha256": self.controls_sha256,
             "initial_anchor_sha256": self.initial_anchor_sha256, "prev_sha256": self.last_sha256,
         }
-        line = _canonical(record)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        self.next_index, self.last_sha256 = index + 1, line_sha256(line)
-        return dict(record, sha256=self.last_sha256)
+        return self._write(record)
 
     def rewind_to(self, last_sha256: str, next_index: int) -> Path | None:
         """Resume the chain after the record with hash ``last_sha256`` (the checkpoint's).
@@ -333,6 +397,28 @@ class CustodyLedger:
         atomic_write(self.path, lambda tmp: tmp.write_text(kept, encoding="utf-8"))
         return moved
 
+
+def _check_signer(signer: Any) -> None:
+    if signer is None:
+        return
+    from .signing import RecordSigner
+
+    if not isinstance(signer, RecordSigner):
+        raise InputError(f"signer must be a RecordSigner (seedprints_lightning.core.signing.load_signing_key(path)) or "
+                         f"None, got {type(signer).__name__}")
+
+
+def record_save(ledger: CustodyLedger, step: int, weights_sha256: str, *,
+                checkpoint: str | None = None) -> dict[str, Any]:
+    """``ledger.record_save(step, weights_sha256, checkpoint=...)``: record a checkpoint save (see there).
+
+    The record takes the ledger's next index: a face that also keeps a
+    :class:`~seedprints_lightning.core.chain.CustodyChain` must advance the chain's numbering with it
+    on every process (:meth:`~seedprints_lightning.core.chain.CustodyChain.record_save` does both).
+    """
+    if not isinstance(ledger, CustodyLedger):
+        raise InputError(f"record_save needs a CustodyLedger, got {type(ledger).__name__}")
+    return ledger.record_save(step, weights_sha256, checkpoint=checkpoint)
 
 
 @dataclass(frozen=True)
@@ -434,18 +520,22 @@ class RunDirectory:
 
     def open_ledger(self, next_index: int, last_sha256: str | None, *, reference_sha256: str,
                     controls_sha256: str | None = None, initial_anchor_sha256: str | None = None,
-                    lock: RunLock | None = None) -> tuple[CustodyLedger, str | None]:
+                    lock: RunLock | None = None, signer: Any = None) -> tuple[CustodyLedger, str | None]:
         """The ledger, positioned to continue after record ``next_index - 1`` (a new chain when none).
+
+        ``signer`` (a :class:`~seedprints_lightning.core.signing.RecordSigner`) signs every record
+        the ledger writes from now on (records already there are left as they are).
 
         Returns ``(ledger, a warning or None)``: records past that position (an earlier run's, or
         an abandoned branch of this one) are moved to ``custody.abandoned-N.jsonl`` with the
         records the branch shares with the ledger, never deleted. The ledger holds ``lock``
         (this directory's :class:`RunLock`; taken here when not given) until it is closed.
         """
+        _check_signer(signer)
         own_lock = lock is None
         lock = self.lock() if lock is None else lock
         ledger = CustodyLedger(self.path, reference_sha256=reference_sha256, controls_sha256=controls_sha256,
-                               initial_anchor_sha256=initial_anchor_sha256, lock=lock)
+                               initial_anchor_sha256=initial_anchor_sha256, lock=lock, signer=signer)
         new_chain = last_sha256 is None or next_index == 0
         if new_chain:  # rooted in the reference file
             next_index, last_sha256 = 0, reference_sha256

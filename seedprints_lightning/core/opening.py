@@ -48,7 +48,7 @@ class ControlsSource:
 
 def open_chain(chain: CustodyChain, *, step: int, run: RunDirectory | None, processes: Processes,
                take_reference: Callable[[], Fingerprint], controls: ControlsSource, origin: str,
-               warn: Callable[[str], None], missing_state: str = "seedprints state") -> bool:
+               warn: Callable[[str], None], missing_state: str = "seedprints state", signer: Any = None) -> bool:
     """Make ``chain`` ready to observe at ``step``; True when a new chain starts here (nothing to link yet).
 
     The reference is the chain's own (explicit or restored) or, at step 0 only, ``take_reference()``;
@@ -69,7 +69,16 @@ def open_chain(chain: CustodyChain, *, step: int, run: RunDirectory | None, proc
       from 0, so it verifies on its own and the audit names the loss. A ledger that is there but
       does not hold the checkpoint's head (fewer records, another record) is an error: move the
       directory away to continue as above, or resume into the one that holds the ledger.
+
+    ``signer`` (a :class:`~seedprints_lightning.core.signing.RecordSigner`: ``load_signing_key(path)``)
+    makes the writer's ledger sign every record it writes (other processes write none and ignore
+    it). The signer lives only in the ledger object: never in the chain's ``state_dict``, so a
+    resume passes it again.
     """
+    if signer is not None:
+        from .ledger import _check_signer
+
+        _check_signer(signer)
     fresh = chain.reference is None
     if fresh and step != 0:
         where = run.reference_path if run is not None else f"<run>/seedprints/{REFERENCE_FILE}"
@@ -83,17 +92,17 @@ def open_chain(chain: CustodyChain, *, step: int, run: RunDirectory | None, proc
     try:
         if fresh:
             chain.begin(take_reference(), step)
-        chain.keeps_records = run is not None
+        chain.keep_records(run is not None)
         reference_sha = _sync_reference(chain, run, fresh, processes, origin, warn) if run is not None else None
         _ensure_controls(chain, run, processes, controls)
         if run is not None:
-            _open_ledger(chain, run, processes, lock, reference_sha, step, warn)
+            _open_ledger(chain, run, processes, lock, reference_sha, step, warn, signer)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
     # The writer holds the ledger; every process numbers the records alike (the anchor's index).
-    chain.next_index = int(processes.broadcast(chain.next_index))
+    chain.number_records_from(int(processes.broadcast(chain.next_index)))
     return fresh
 
 
@@ -145,22 +154,8 @@ def _sync_reference(chain: CustodyChain, run: RunDirectory, fresh: bool, process
     return sha
 
 
-def _continue_lost_chain(chain: CustodyChain) -> None:
-    """The chain goes on in a new ledger: numbered from 0, first anchor the current one (no record of its own).
-
-    With no held probe yet the current anchor is the reference; it becomes the first anchor too
-    (as stored: fp16), so the new ledger's first-anchor file records the loss either way.
-    """
-    from .ledger import storage_features
-
-    current = chain.anchor if chain.anchor is not None else Anchor(chain.reference.features,
-                                                                   int(chain.reference.step or 0))
-    chain.initial_anchor = chain.anchor = Anchor(storage_features(current.features), current.step)
-    chain.next_index, chain.last_sha256 = 0, None
-
-
 def _open_ledger(chain: CustodyChain, run: RunDirectory, processes: Processes, lock: RunLock | None,
-                 reference_sha: str | None, step: int, warn: Callable[[str], None]) -> None:
+                 reference_sha: str | None, step: int, warn: Callable[[str], None], signer: Any = None) -> None:
     error, lost = None, False
     if processes.is_writer:
         try:
@@ -168,7 +163,7 @@ def _open_ledger(chain: CustodyChain, run: RunDirectory, processes: Processes, l
             if chain.next_index > 0 and chain.last_sha256 is not None and run.record_count() == 0:
                 lost, records, head = True, chain.next_index, chain.last_sha256
                 continues = {"records": records, "head_sha256": head, "resumed_at_step": int(step)}
-                _continue_lost_chain(chain)
+                chain.continue_in_new_ledger()
                 warn(f"SeedPrints: resuming at step {step}, but {run.path} holds no custody ledger (custody.jsonl is "
                      f"missing or empty) while the checkpoint's chain had {records} records (head record "
                      f"{records - 1}, sha256 {head}): that evidence is lost from this directory. The chain continues "
@@ -181,8 +176,7 @@ def _open_ledger(chain: CustodyChain, run: RunDirectory, processes: Processes, l
             controls_sha = file_sha256(run.controls_path) if len(chain.controls) else None
             ledger, moved = run.open_ledger(chain.next_index, chain.last_sha256, reference_sha256=reference_sha,
                                             controls_sha256=controls_sha, initial_anchor_sha256=initial_sha,
-                                            lock=lock)
-            chain.next_index = ledger.next_index
+                                            lock=lock, signer=signer)
             chain.attach_ledger(ledger)
             if moved:
                 warn(moved)
@@ -192,7 +186,7 @@ def _open_ledger(chain: CustodyChain, run: RunDirectory, processes: Processes, l
     if error is not None:
         raise InputError(error)
     if lost and not processes.is_writer:
-        _continue_lost_chain(chain)
+        chain.continue_in_new_ledger()
 
 
 def _first_anchor_sha(chain: CustodyChain, run: RunDirectory, continues: dict[str, Any] | None) -> str | None:
@@ -223,7 +217,14 @@ def _same_anchor(path: Any, anchor: Anchor) -> bool:
 
 def _ensure_controls(chain: CustodyChain, run: RunDirectory | None, processes: Processes,
                      source: ControlsSource) -> None:
-    """The chain's controls: restored with its state, loaded from the file, or built (then shared by the writer's)."""
+    """The chain's controls: restored with its state, loaded from the file, or built (split over the processes).
+
+    A build in a multi-process run (:func:`_control_world`) is split: rank ``r`` of ``w`` builds
+    and probes the controls ``i`` with ``i % w == r`` (each a rank-local fresh init: no collective
+    inside ``source.build``), then one all-gather hands every rank every control, in seed order.
+    Every rank runs that one gather whatever happened (its own build's error rides in it), so a
+    failing rank raises on all of them instead of leaving the others waiting.
+    """
     seeds, spec = control_seeds(source.num_controls), chain.reference.spec
     if not seeds:
         chain.controls = ControlSet.none()
@@ -233,7 +234,69 @@ def _ensure_controls(chain: CustodyChain, run: RunDirectory | None, processes: P
         source.file.check_fits(spec, source.identity.get("config_digest"), source.file_path)
         chain.controls, restored = source.file, True
     if not restored:
-        built = source.build(seeds, spec)
-        chain.controls = dataclasses.replace(built, features=processes.broadcast(built.features))
+        world = _control_world(processes)
+        if world is None:
+            built = source.build(seeds, spec)
+            chain.controls = dataclasses.replace(built, features=processes.broadcast(built.features))
+        else:
+            chain.controls = _build_split(source, seeds, spec, *world)
     if run is not None and processes.is_writer and (not restored or not run.controls_path.exists()):
         chain.controls.save(run.controls_path, **source.identity)
+
+
+def _control_world(processes: Processes) -> tuple[int, int, Callable[[Any], list[Any]]] | None:
+    """``(rank, world, all_gather_object)`` when the controls can be split over the processes, else ``None``.
+
+    Only for processes that are really several (a :class:`Processes` with its own broadcast: the
+    default one is a single process, whatever ``torch.distributed`` says) in an initialised
+    ``torch.distributed`` world of more than one rank.
+    """
+    from .processes import _distributed_world, _same
+
+    if processes.broadcast is _same:
+        return None
+    rank, world = _distributed_world()
+    if world <= 1:
+        return None
+    import torch.distributed as dist
+
+    def gather(obj: Any) -> list[Any]:
+        out: list[Any] = [None] * world
+        dist.all_gather_object(out, obj)
+        return out
+
+    return rank, world, gather
+
+
+def _build_split(source: ControlsSource, seeds: tuple[int, ...], spec: ProbeSpec, rank: int, world: int,
+                 gather: Callable[[Any], list[Any]]) -> ControlSet:
+    """Rank ``rank`` builds ``seeds[rank::world]``; the all-gather assembles every control on every rank."""
+    mine = seeds[rank::world]
+    payload: dict[str, Any] = {"error": None, "set": None}
+    if mine:
+        try:
+            built = source.build(mine, spec)
+            payload["set"] = dataclasses.replace(built, features=built.features.to("cpu").contiguous())
+        except Exception as exc:  # every rank still joins the gather below, then raises
+            payload["error"] = f"rank {rank}: {type(exc).__name__}: {exc}"
+    parts = gather(payload)
+    errors = [part["error"] for part in parts if part["error"] is not None]
+    if errors:
+        raise InputError("building the controls failed on " + "; ".join(errors))
+    features: list[torch.Tensor | None] = [None] * len(seeds)
+    first: ControlSet | None = None
+    for r, part in enumerate(parts):
+        built = part["set"]
+        if built is None:
+            continue
+        first = first or built
+        for j, feature in enumerate(built.features):
+            features[r + j * world] = feature
+    assert first is not None and all(f is not None for f in features)
+    schemes = [part["set"].init_scheme for part in parts if part["set"] is not None]
+    from .controls import init_scheme_of
+
+    return dataclasses.replace(
+        first, features=torch.stack(features), seeds=seeds,
+        description=f"{len(seeds)} fresh inits (seeds {seeds[0]}..{seeds[-1]}), built across {world} processes",
+        init_scheme=init_scheme_of([s for s in schemes if s is not None]) if all(schemes) else None)

@@ -1,7 +1,7 @@
 """When to probe: dense at the start, ``every_n_steps`` later, closer when a link weakens.
 
 Early training moves a model fastest: at lr 3e-3 the demo model's link from step 0 to step 50
-is only z = 4.3 while its 25-step links later in the run stay at z = 230-360 (``method.md``).
+is only z = 4.3 while its 25-step links later in the run stay at z = 230-360 (``docs/method.md``).
 So a chain of custody needs probes close together at the start and can space them out
 later. :class:`ProbeSchedule` is a pure function of the last probe's step, the interval that
 led to it and the link's headroom (``z / threshold``); the callback keeps its two numbers

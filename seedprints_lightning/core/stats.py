@@ -6,7 +6,7 @@ Kendall tau -> ``z`` against a null -> :class:`LineageResult`.
 
 Everything here is torch tensor arithmetic, so CUDA inputs stay on the GPU, and nothing here
 knows about Lightning. The formulas are those of the SeedPrints paper (Tong et al., ICLR
-2026), written from ``method.md``:
+2026), written from ``docs/method.md``:
 
 * identity dimensions: the ``k`` coordinates with the smallest mean over the samples
   ("disliked" dimensions); ``coset`` intersects both models' sets, ``base`` uses the base's;
@@ -46,14 +46,13 @@ __all__ = [
     "kendall_tau_b",
     "kendall_null_sigma",
     "log10_normal_sf",
-    "select_identity_dims",
     "softmax_normalise",
     "lineage_test",
     "z_threshold",
 ]
 
 # Fraction of the hidden size used as identity dimensions. 1.0 (every dimension) had the
-# most power in every measurement (method.md tables; docs/benchmarks.md), and with the
+# most power in every measurement (docs/method.md tables; docs/benchmarks.md), and with the
 # negative controls the callback does not rely on the smaller, paper-default 10 %.
 DEFAULT_IDENTITY_RATIO = 1.0
 DEFAULT_TEMPERATURE = 10.0
@@ -360,16 +359,8 @@ def _resolve_k(dim: int, identity_k: int | None, identity_ratio: float | None) -
     return k
 
 
-def select_identity_dims(
-    base: torch.Tensor, target: torch.Tensor, k: int, mode: Literal["coset", "base"] = "coset"
-) -> torch.Tensor:
-    """Indices (sorted, int64) of the identity dimensions: the ``k`` smallest column means."""
-    check_choice("identity_mode", mode, ("coset", "base"))
-    return _identity_dims(base, target, k, mode)
-
-
 def _identity_dims(base: torch.Tensor, target: torch.Tensor, k: int, mode: str) -> torch.Tensor:
-    """:func:`select_identity_dims` without the argument check (lineage_test checks up front)."""
+    """Indices (sorted, int64) of the identity dimensions: the ``k`` smallest column means (``coset``: of both)."""
     base_dims = torch.topk(base.mean(dim=0, dtype=torch.float64), k, largest=False).indices
     if mode == "base":
         return torch.sort(base_dims).values

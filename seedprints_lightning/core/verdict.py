@@ -4,7 +4,7 @@ Two tests are made at every probe of a run, and both are judged by :class:`Verdi
 
 * the **birth test**: the live model against the run's step-0 reference (its birth
   certificate). It fades as training moves the weights away from the init: at lr 3e-3 the
-  demo model's birth z falls from 32 to 2-5 within 50 steps (``method.md``). Fading is not
+  demo model's birth z falls from 32 to 2-5 within 50 steps (``docs/method.md``). Fading is not
   identity loss, so by default it is only reported (``seedprints/birth_detectable``).
 * the **custody link**: the live model against the features of the last probe whose own link
   held (the *anchor*). Consecutive probes of one run stay tied at z of about 70-560 at n = 1000,

@@ -24,9 +24,10 @@ import torch
 from ..core.probes import ProbeSpec
 from ..core.processes import Processes, measure_over_ranks
 from ..core.verdict import METRIC_TAGS
+from .base import sharding_of
 
-__all__ = ["CALLBACK_BASES", "add_custom_scalars_once", "is_tensorboard_logger", "log_metrics", "measure_features",
-           "processes_of", "run_model_code", "shards_parameters", "trainer_fn_value"]
+__all__ = ["CALLBACK_BASES", "is_tensorboard_logger", "log_metrics", "measure_features", "processes_of",
+           "run_model_code", "shards_parameters", "trainer_fn_value"]
 
 try:  # the unified package is optional
     import lightning.pytorch as _lpl
@@ -36,25 +37,10 @@ except Exception:  # pragma: no cover - depends on the environment
 CALLBACK_BASES: tuple[type, ...] = (_pl.Callback,) + ((_lpl.Callback,) if _lpl is not None else ())
 
 
-def _strategy_classes(*names: str) -> tuple[type, ...]:
-    found = []
-    for package in (_pl, _lpl):
-        strategies = getattr(package, "strategies", None) if package is not None else None
-        for name in names:
-            cls = getattr(strategies, name, None) if strategies is not None else None
-            if isinstance(cls, type):
-                found.append(cls)
-    return tuple(found)
-
-
-#: Strategies whose parameters are sharded over ranks, from both package names: a probe must go
-#: through the root module so that every rank's shard is gathered (a collective).
-SHARDED_STRATEGIES: tuple[type, ...] = _strategy_classes("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-
-
 def shards_parameters(strategy: Any) -> bool:
-    """True when ``strategy`` shards the parameters (FSDP, DeepSpeed, ModelParallel/FSDP2), by type."""
-    return isinstance(strategy, SHARDED_STRATEGIES)
+    """True when ``strategy`` shards the parameters (FSDP, DeepSpeed, ModelParallel/FSDP2): a probe must go
+    through the root module so that every rank's shard is gathered (a collective)."""
+    return sharding_of(strategy=strategy) is not None
 
 
 def trainer_fn_value(trainer: Any) -> str | None:
@@ -146,17 +132,3 @@ def log_metrics(trainer: Any, metrics: dict[str, float], step: int) -> None:
     for tag in METRIC_TAGS:
         if tag not in metrics:
             trainer.callback_metrics.pop(tag, None)
-
-
-def add_custom_scalars_once(trainer: Any, layout: dict[str, Any], written: set[int]) -> None:
-    """Give every TensorBoard writer of the trainer ``layout`` once (rank 0); ``written`` remembers which."""
-    if not trainer.is_global_zero:
-        return
-    for logger in trainer.loggers:
-        if not is_tensorboard_logger(logger):
-            continue
-        writer = logger.experiment
-        if id(writer) in written or not hasattr(writer, "add_custom_scalars"):
-            continue
-        writer.add_custom_scalars(layout)
-        written.add(id(writer))

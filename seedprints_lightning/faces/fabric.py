@@ -15,7 +15,8 @@ a :class:`~seedprints_lightning.faces.monitor.SeedPrintsMonitor` driven by them:
   so it survives ``fabric.save`` / ``fabric.load``) and probes when one is due.
 
 Metrics go to ``fabric.log_dict`` (every Fabric logger; the Custom Scalars layout is added to
-TensorBoard loggers). ``"stop"`` sets :attr:`should_stop`: end the loop when it is True. The
+TensorBoard loggers), or to ``log_dir`` when Fabric has no logger: never both, so no metric is
+written twice. ``"stop"`` sets :attr:`should_stop`: end the loop when it is True. The
 ledger and verdicts are every face's, so ``seedprints audit --chain RUN_DIR/seedprints CKPT``
 reads a ``fabric.save`` checkpoint file too.
 
@@ -32,8 +33,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..core.probes import find_causal_lm_or_none
-from ..core.verdict import CUSTOM_SCALARS_LAYOUT
-from .monitor import SeedPrintsMonitor, refuse_wrapped_sharding
+from .base import refuse_unprobeable_sharding, sharding_of, write_layout
+from .monitor import SeedPrintsMonitor
 
 __all__ = ["SeedPrintsFabricCallback"]
 
@@ -64,7 +65,6 @@ class SeedPrintsFabricCallback(SeedPrintsMonitor):
         self._module: nn.Module | None = None
         self._optimizer: Any = None
         self._hook: Any = None
-        self._logged_layout = False
 
     # ------------------------------------------------------------------ Fabric's hooks
     def on_after_setup(self, fabric: Any, module: nn.Module) -> None:
@@ -72,8 +72,7 @@ class SeedPrintsFabricCallback(SeedPrintsMonitor):
         if self._module is not None or (self.settings.feature_fn is None and find_causal_lm_or_none(original) is None):
             return
         # Under FSDP1 the original module may hold no wrapper to tell it by: the strategy tells.
-        if type(getattr(fabric, "strategy", None)).__name__ == "FSDPStrategy":
-            refuse_wrapped_sharding("FSDP1 (Fabric's FSDPStrategy)")
+        refuse_unprobeable_sharding(sharding_of(strategy=getattr(fabric, "strategy", None)))
         self._fabric, self._module = fabric, original
         if self.save_dir is None:
             log_dir = next((getattr(logger, "log_dir", None) for logger in fabric.loggers), None)
@@ -89,6 +88,10 @@ class SeedPrintsFabricCallback(SeedPrintsMonitor):
     def end(self, model: nn.Module | None = None, step: int | None = None) -> Any:
         """Probe the final weights (the set-up module unless ``model`` is given)."""
         return super().end(self._module if model is None else getattr(model, "_original_module", model), step)
+
+    def state_dict(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """The state ``fabric.save`` stores; it binds the set-up module's weights as saved (a ledger save record)."""
+        return super().state_dict(self._module if model is None else getattr(model, "_original_module", model))
 
     # ------------------------------------------------------------------ the chain opens before the first step
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -108,14 +111,15 @@ class SeedPrintsFabricCallback(SeedPrintsMonitor):
 
     # ------------------------------------------------------------------ logging through Fabric's loggers
     def _log(self, metrics: dict[str, float], step: int) -> None:
-        super()._log(metrics, step)
-        fabric = self._fabric
-        if fabric is None or not fabric.loggers:
+        if self._fabric is None or not self._fabric.loggers:
+            super()._log(metrics, step)  # log_dir, when given
             return
-        if not self._logged_layout and fabric.is_global_zero:
-            self._logged_layout = True
-            for logger in fabric.loggers:
-                writer = getattr(logger, "experiment", None)
-                if hasattr(writer, "add_custom_scalars"):
-                    writer.add_custom_scalars(CUSTOM_SCALARS_LAYOUT)
-        fabric.log_dict(metrics, step=step)
+        self._log_layout()
+        self._fabric.log_dict(metrics, step=step)
+
+    def _log_layout(self) -> None:
+        if self._fabric is None or not self._fabric.loggers:
+            super()._log_layout()
+        elif self._fabric.is_global_zero:
+            for logger in self._fabric.loggers:
+                write_layout(getattr(logger, "experiment", None), self._layouts)

@@ -11,16 +11,19 @@ A :class:`~seedprints_lightning.faces.monitor.SeedPrintsMonitor` whose hooks the
 - ``on_train_end``: a last probe of the final weights.
 
 Files go to ``<output_dir>/seedprints`` (the same run directory as every face: ``seedprints
-audit --chain OUTPUT_DIR/seedprints OUTPUT_DIR/checkpoint-N`` verifies it) and the metrics to
-TensorBoard (:meth:`SeedPrintsTrainerCallback.tensorboard_dir`: where the ``Trainer`` writes its
-own events when it names the folder). ``"stop"`` sets
+audit --chain OUTPUT_DIR/seedprints OUTPUT_DIR/checkpoint-N`` verifies it). The metrics go
+through ``trainer.log``, so they reach every integration in ``report_to`` (TensorBoard, W&B,
+MLflow, ...) and ``trainer.state.log_history`` at the probe's step, like the Trainer's own loss
+(the ``Trainer`` is the one whose hooks call this face; it is found in the calling frames). The
+Custom Scalars layout is added to the Trainer's TensorBoard writer. ``log_dir`` (default none)
+also writes them to a TensorBoard directory of this face's own. ``"stop"`` sets
 ``control.should_training_stop``. Several processes (``torchrun`` / ``accelerate launch``):
 every rank probes its slice through the unwrapped model the ``Trainer`` passes its callbacks.
 """
 
 from __future__ import annotations
 
-import os
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,8 @@ import torch
 from transformers import TrainerCallback
 
 from ..core.errors import InputError
-from ..offline.sources import HF_TRAINER_STATE_FILE
+from ..core.state import HF_TRAINER_STATE_FILE
+from .base import write_layout
 from .monitor import SeedPrintsMonitor
 
 __all__ = ["SeedPrintsTrainerCallback"]
@@ -37,13 +41,16 @@ __all__ = ["SeedPrintsTrainerCallback"]
 class SeedPrintsTrainerCallback(SeedPrintsMonitor, TrainerCallback):
     """Probe the model's SeedPrints lineage during ``transformers.Trainer.train()``.
 
-    Takes the arguments of :class:`~seedprints_lightning.SeedPrintsCallback`; ``save_dir``
-    defaults to ``<output_dir>/seedprints`` and ``log_dir`` to :meth:`tensorboard_dir`::
+    Takes the arguments of :class:`~seedprints_lightning.faces.base.SeedPrintsFace`; ``save_dir``
+    defaults to ``<output_dir>/seedprints``; the metrics go through the Trainer's ``report_to``
+    integrations (module docstring)::
 
         trainer = Trainer(model=model, args=args, train_dataset=data,
                           callbacks=[SeedPrintsTrainerCallback(every_n_steps=1000, on_identity_lost="stop")])
     """
 
+    #: The Trainer whose hooks call this face (found in ``on_train_begin``), through which it logs.
+    _trainer: Any = None
     missing_state = f"{HF_TRAINER_STATE_FILE} (written by SeedPrintsTrainerCallback.on_save beside the checkpoint)"
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
@@ -52,8 +59,7 @@ class SeedPrintsTrainerCallback(SeedPrintsMonitor, TrainerCallback):
         step = int(state.global_step)
         if self.save_dir is None:
             self.save_dir = Path(args.output_dir) / "seedprints"
-        if self.log_dir is None:
-            self.log_dir = self.tensorboard_dir(args)
+        self._trainer = _calling_trainer()
         if step > 0 and not self.chain.restored:
             saved = self.checkpoint_dir(args, step) / HF_TRAINER_STATE_FILE
             if saved.is_file():  # otherwise start() names what is missing
@@ -65,23 +71,18 @@ class SeedPrintsTrainerCallback(SeedPrintsMonitor, TrainerCallback):
         self.step(model, int(state.global_step))
         return self._control(control)
 
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if self.started and self._processes().is_writer:
-            folder = self.checkpoint_dir(args, int(state.global_step))
-            if folder.is_dir():
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
+        if self.started:
+            step = int(state.global_step)
+            folder = self.checkpoint_dir(args, step)
+            self._bind_save(model, step, checkpoint=folder.name)  # every rank numbers the record
+            if self._processes().is_writer and folder.is_dir():
                 torch.save(self.state_dict(), folder / HF_TRAINER_STATE_FILE)
         return control
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
         self.end(model, int(state.global_step))
         return self._control(control)
-
-    @staticmethod
-    def tensorboard_dir(args: Any) -> Path:
-        """Where the ``Trainer``'s TensorBoard events go: ``args.logging_dir`` (transformers 4), else
-        ``$TENSORBOARD_LOGGING_DIR`` (transformers 5), else ``<output_dir>/runs/seedprints``."""
-        named = getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
-        return Path(named).expanduser() if named else Path(args.output_dir) / "runs" / "seedprints"
 
     @staticmethod
     def checkpoint_dir(args: Any, step: int) -> Path:
@@ -94,3 +95,39 @@ class SeedPrintsTrainerCallback(SeedPrintsMonitor, TrainerCallback):
         if self.should_stop:
             control.should_training_stop = True
         return control
+
+    # ------------------------------------------------------------------ logging through the Trainer
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        super()._log(metrics, step)  # log_dir, when given
+        if self._trainer is not None:
+            self._log_layout()
+            self._trainer.log(dict(metrics))  # every report_to integration's on_log, at state.global_step
+
+    def _log_layout(self) -> None:
+        super()._log_layout()
+        handler = getattr(self._trainer, "callback_handler", None)
+        if handler is not None and self._processes().is_writer:
+            for callback in handler.callbacks:  # the Trainer's TensorBoardCallback opens its writer in on_train_begin
+                write_layout(getattr(callback, "tb_writer", None), self._layouts)
+
+
+def _calling_trainer() -> Any:
+    """The ``transformers.Trainer`` whose callback handler is calling this face's hook, or ``None``.
+
+    The hooks get ``args, state, control`` and the model, not the Trainer; its methods are the
+    callers a few frames up (``Trainer._inner_training_loop`` -> ``CallbackHandler.call_event``).
+    """
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        for _ in range(12):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+        return None
+    finally:
+        del frame

@@ -24,7 +24,7 @@ import torch
 
 from ..core.controls import ControlSet
 from ..core.errors import FingerprintFileError, IncompatibleFingerprintsError, InputError
-from ..core.fingerprint import Fingerprint, fingerprint_model
+from ..core.fingerprint import Fingerprint
 from ..core.probes import ProbeSpec
 from ..core.stats import LineageResult, check_test_options
 from ..core.verdict import BIRTH_RULE, CUSTODY_RULE, IdentityVerdict, VerdictRule, judge
@@ -42,6 +42,7 @@ from .sources import (
 )
 
 __all__ = [
+    "checkpoint_weights_digest",
     "AuditRow",
     "Comparison",
     "audit_checkpoints",
@@ -158,6 +159,10 @@ class Comparison:
     verdict: IdentityVerdict
     evidence: ControlSet
     rule_name: str
+    #: How each side was read: ``{"path": "whole" | "streamed", "reason": ..., ...}`` (:mod:`.streaming`),
+    #: or ``None`` for a fingerprint file.
+    load_a: dict[str, Any] | None = None
+    load_b: dict[str, Any] | None = None
 
     @property
     def result(self) -> LineageResult:
@@ -177,6 +182,7 @@ class Comparison:
         out["a"] = self.a.to_dict()
         out["b"] = self.b.to_dict()
         out["spec"] = self.spec.to_dict()
+        out["load"] = {"a": self.load_a, "b": self.load_b}
         return out
 
 
@@ -200,24 +206,45 @@ def _resolve_pair(sa: Source, sb: Source, probe_options: dict[str, Any], runtime
         evidence = find_controls(fa.spec, fingerprints, [], num_controls=num_controls, runtime=runtime)
         model_source = next((s for s in (sa, sb) if s.kind != "fingerprint"), None)
         if evidence.features is None and num_controls and model_source is not None:
-            model = load_model(model_source, dtype=runtime.dtype, trust_pickle=runtime.trust_pickle)
-            evidence = find_controls(fa.spec, [], [(model_source, model)], num_controls=num_controls,
-                                     runtime=runtime)
+            evidence = _config_controls(model_source, fa.spec, num_controls, runtime)
         return fa, fb, evidence
-    model_a = load_model(sa, dtype=runtime.dtype, trust_pickle=runtime.trust_pickle)
-    model_b = load_model(sb, dtype=runtime.dtype, trust_pickle=runtime.trust_pickle)
-    spec = spec_for_models(model_a, model_b, kind=probe_options["kind"] or "token", names=names,
+    # Two models: never both in memory. Their configs (meta-device models, no weights) fix the probe; A is
+    # probed (with its controls) and freed, then B; each whole or one block at a time (runtime.load).
+    from .streaming import open_model
+
+    handle_a, handle_b = open_model(sa, runtime), open_model(sb, runtime)
+    kind = probe_options["kind"] or "token"
+    stats = handle_a.embedding_stats() if kind == "embedding" else None
+    spec = spec_for_models(handle_a.meta, handle_b.meta, kind=kind, names=names, embed_stats=stats,
                            **{k: probe_options[k] for k in ("num_samples", "length", "seed", "vocab_size")})
-    check_fits(model_b, spec, names[1])
-    features = []
-    for source, model in ((sa, model_a), (sb, model_b)):
-        if runtime.device is not None:
-            model.to(runtime.device)
-        features.append(fingerprint_model(model, spec, step=source_step(source, trust_pickle=runtime.trust_pickle),
-                                          batch_size=runtime.batch_size, progress=runtime.progress))
-        model.to("cpu")
-    evidence = find_controls(spec, [], [(sa, model_a)], num_controls=num_controls, runtime=runtime)
-    return features[0], features[1], evidence
+    check_fits(handle_b.meta, spec, names[1])
+    fa = handle_a.fingerprint(spec, step=source_step(sa, trust_pickle=runtime.trust_pickle), num_controls=num_controls)
+    fb = handle_b.fingerprint(spec, step=source_step(sb, trust_pickle=runtime.trust_pickle))
+    if num_controls and fa.controls is not None:
+        seeds = fa.control_seeds
+        evidence = ControlSet(fa.controls, seeds, spec, description=f"{len(seeds)} fresh inits of {sa.path}'s config "
+                                                                    f"(seeds {seeds[0]}..{seeds[-1]})")
+    else:
+        evidence = find_controls(spec, [], [], num_controls=num_controls, runtime=runtime)
+    return fa, fb, evidence
+
+
+def _config_controls(source: Source, spec: ProbeSpec, num_controls: int, runtime: ProbeRuntime) -> ControlSet:
+    """Fresh inits of a model source's config on ``spec`` (streamed where the class splits, else from its model)."""
+    from ..core.controls import control_seeds, streams_controls
+    from ..core.layerwise import probe_streamed_control
+    from .streaming import open_model
+
+    handle = open_model(source, runtime)
+    seeds = control_seeds(num_controls)
+    if not streams_controls(handle.meta):
+        model = load_model(source, dtype=runtime.dtype, trust_pickle=runtime.trust_pickle)
+        return find_controls(spec, [], [(source, model)], num_controls=num_controls, runtime=runtime)
+    device = runtime.device if runtime.device is not None else "cpu"
+    features = torch.stack([probe_streamed_control(handle.config, seed, spec, batch_size=runtime.batch_size,
+                                                   device=device, dtype=runtime.dtype) for seed in seeds])
+    return ControlSet(features, seeds, spec, description=f"{len(seeds)} fresh inits of {source.path}'s config "
+                                                         f"(seeds {seeds[0]}..{seeds[-1]})")
 
 
 def compare_sources(
@@ -245,8 +272,9 @@ def compare_sources(
       :class:`IncompatibleFingerprintsError`);
     * a fingerprint and a model: the model is probed with the fingerprint's spec;
     * two models: both are probed with :func:`~seedprints_lightning.offline.sources.spec_for_models`
-      (``kind`` etc. choose it; both are held in CPU memory at once, and each is on ``device``
-      only while probed).
+      (``kind`` etc. choose it, from the configs), never both in memory: A is probed (with its
+      controls) and freed, then B; each whole or one block at a time as ``runtime.load`` says
+      (:mod:`.streaming`). Each fingerprint's ``extra["load"]`` says which path it took.
 
     The probe options apply only when both are models; passing one while a fingerprint fixes
     the probe is an :class:`InputError`. ``test_kwargs`` go to :func:`lineage_test`; features a
@@ -262,7 +290,13 @@ def compare_sources(
     rule_name = rule_name_for_base(fa.step, rule)
     check_test_options(alpha=alpha, dim=fa.hidden_size, **test_kwargs)
     verdict = judge(fa.features, fb.features, evidence.as_list(), rule_for_base(fa.step, rule, alpha), **test_kwargs)
-    return Comparison(a=sa, b=sb, spec=fa.spec, verdict=verdict, evidence=evidence, rule_name=rule_name)
+    return Comparison(a=sa, b=sb, spec=fa.spec, verdict=verdict, evidence=evidence, rule_name=rule_name,
+                      load_a=_load_of(sa, fa), load_b=_load_of(sb, fb))
+
+
+def _load_of(source: Source, fp: Fingerprint) -> dict[str, Any] | None:
+    """How a source was read (``extra["load"]`` of a fingerprint just probed); ``None`` for a fingerprint file."""
+    return None if source.kind == "fingerprint" else fp.extra.get("load")
 
 
 # --------------------------------------------------------------------------------------
@@ -285,6 +319,7 @@ class AuditRow:
     threshold: float
     result: LineageResult = field(repr=False, compare=False)
     verdict: IdentityVerdict | None = field(default=None, repr=False, compare=False)
+    load: dict[str, Any] | None = field(default=None, compare=False)  # how the checkpoint was read (None: a file)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -293,6 +328,7 @@ class AuditRow:
             "threshold": self.threshold, "control_z": list(self.verdict.control_z) if self.verdict else [],
             "n": self.result.n, "alpha": self.result.alpha,
             "reason": self.verdict.reason if self.verdict else self.result.reason,
+            "load": self.load,
         }
 
 
@@ -340,6 +376,50 @@ def audit_checkpoints(
         rows.append(AuditRow(
             name=source.name, kind=source.kind, step=step if step is not None else fp.step, z=result.z,
             log10_p=result.log10_p, tau_mean=result.tau_mean, k=result.k, related=verdict.related,
-            threshold=verdict.threshold, result=result, verdict=verdict,
+            threshold=verdict.threshold, result=result, verdict=verdict, load=_load_of(source, fp),
         ))
     return rows
+
+
+def checkpoint_weights_digest(source: str | Path | Source, *, trust_pickle: bool = False) -> tuple[str | None, str]:
+    """``(weights_digest of the model weights a source holds, or None; how they were read / why not)``.
+
+    What a face's save record digests (:func:`~seedprints_lightning.core.weights.weights_digest`):
+    the causal LM's state dict, names relative to the LM, dtypes as saved. A training checkpoint's
+    weights are read as saved (memory-mapped, one tensor at a time), its model prefix (``model.``,
+    or the one its SeedPrints state records) removed; a model directory is loaded in its config's
+    dtype. A fingerprint file, or a checkpoint whose weights cannot be read, gives ``None``.
+    """
+    import json
+
+    from ..core.weights import weights_digest
+    from .sources import HF_CONFIG_KEY, MODEL_STATE_KEY, _weights_of, read_checkpoint, seedprints_state
+
+    source = classify_source(source)
+    if source.kind == "fingerprint":
+        return None, f"{source.path} is a fingerprint file: it holds no weights to match against a recorded save"
+    if source.kind == "checkpoint":
+        checkpoint = read_checkpoint(source, trust_pickle=trust_pickle)
+        if not checkpoint:
+            return None, f"the weights of {source.path} could not be read as one checkpoint file"
+        rebuild = (seedprints_state(checkpoint) or {}).get(MODEL_STATE_KEY) or {}
+        prefix = "model."
+        if not isinstance(checkpoint.get(HF_CONFIG_KEY), dict) and isinstance(rebuild, dict):
+            prefix = rebuild.get("state_dict_prefix") or prefix
+        weights = _weights_of(checkpoint, prefix)
+        if not weights:
+            return None, f"{source.path} holds no '{prefix}*' weights"
+        return weights_digest(weights), f"the '{prefix}*' weights of {source.path}, as saved"
+    config = {}
+    try:
+        config = json.loads((source.path / "config.json").read_text())
+    except (OSError, ValueError):
+        pass
+    name = config.get("torch_dtype") or config.get("dtype") if isinstance(config, dict) else None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+    model = load_model(source, dtype=dtype, trust_pickle=trust_pickle)
+    try:
+        return weights_digest(model.state_dict()), f"the weights of {source.path} ({str(dtype).removeprefix('torch.')})"
+    finally:
+        del model

@@ -8,6 +8,8 @@ Commands::
     seedprints plot LOGDIR [LOGDIR ...] [-o drift.png]  drift curves from TensorBoard logs
     seedprints audit REFERENCE CHECKPOINTS... [-o PNG]  every checkpoint against a reference
     seedprints audit --chain RUN_DIR [CKPT]             re-verify a run's custody ledger offline
+                     [--public-key PUB.pem]             ... and every record's signature by the owner's key
+    seedprints identify CKPT RUN_DIR [RUN_DIR ...]      which recorded run did CKPT come from?
 
 SOURCE, A, B and REFERENCE may be a ``save_pretrained`` model directory, a Lightning
 ``.ckpt`` of ``CausalLMModule``, or (except for ``fingerprint``) a fingerprint file.
@@ -23,8 +25,12 @@ Exit codes (also in ``--help``):
     4  incompatible inputs: fingerprints made with different probes, models whose
        vocabularies or widths the probe does not fit
     5  audit --chain: the ledger was tampered with (a record edited, malformed, missing or
-       reordered, a features file altered or missing); 1 there means a broken custody link,
-       or a checkpoint that belongs to another run or to an abandoned branch of this one
+       reordered, a features file altered or missing; with --public-key, a record not signed
+       by that key); 1 there means a broken custody link, or a checkpoint that belongs to
+       another run or to an abandoned branch of this one
+    6  audit --chain: intact but undetermined at its end; identify: no run matched but some
+       test could not be made (a match may have been missed)
+    identify: 0 a run matches, 1 none matches
     70 internal error: an unexpected exception, a bug (one line; ``SEEDPRINTS_DEBUG=1``
        re-raises it with its traceback)
     130 interrupted (Ctrl-C, at any moment: the ``seedprints`` script is :mod:`._entry`)
@@ -80,11 +86,14 @@ exit codes:
        truncated or corrupt fingerprint; unreadable or unwritable file)
   4    incompatible inputs (different probe specs, vocabulary or width misfit)
   5    audit --chain: ledger tampered (record edited, malformed, missing or
-       reordered; features altered); 1 there means a broken custody link, or a
-       checkpoint of another run or of an abandoned branch of this one
+       reordered; features altered; with --public-key: a record not signed by
+       that key); 1 there means a broken custody link, or a checkpoint of
+       another run or of an abandoned branch of this one
   6    audit --chain: intact, but the chain's end (or the checkpoint's link) is
        undetermined: the model's lineage could not be measured (NaN or
-       degenerate hidden states), so the chain vouches only up to its last held link
+       degenerate hidden states), so the chain vouches only up to its last held link;
+       identify: no run matched, but some test could not be made
+  identify: 0 a run matches, 1 no run matches
   70   internal error (a bug; SEEDPRINTS_DEBUG=1 shows the traceback)
   130  interrupted
 """
@@ -183,6 +192,19 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trust-pickle", action="store_true",
                        help="allow .ckpt files holding arbitrary Python objects (only for files you made yourself)")
     group.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    group.add_argument("--load", choices=("auto", "whole", "streamed"), default="auto",
+                       help="how models are read: whole (loaded, then probed), streamed (one block at a time from "
+                            "safetensors / .ckpt / distributed checkpoints: peak memory one block plus activations; "
+                            "LLaMA, Qwen2, Mistral, GPT-2), or auto (default: whole when 3x the weights fit the "
+                            "available memory, else streamed)")
+
+
+def _load_line(load: Any) -> str:
+    """How a model was read, for the text output (``load`` is a fingerprint's ``extra["load"]``)."""
+    if not isinstance(load, dict):
+        return "fingerprint file (no model read)"
+    line = f"{load.get('path')} ({load.get('reason')})"
+    return line + (f"; note: {load['note']}" if load.get("note") else "")
 
 
 def _runtime(args: argparse.Namespace) -> Any:
@@ -198,7 +220,7 @@ def _runtime(args: argparse.Namespace) -> Any:
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
     return ProbeRuntime(batch_size=args.batch_size, device=device, dtype=getattr(torch, args.dtype),
-                        trust_pickle=args.trust_pickle, progress=not args.quiet)
+                        trust_pickle=args.trust_pickle, progress=not args.quiet, load=getattr(args, "load", "auto"))
 
 
 def _flags(keys: Sequence[str]) -> str:
@@ -320,6 +342,11 @@ def format_chain_table(audit: Any) -> str:
     header = f"{'record':>6}  {'step':>8}  {'anchor':>8}  {'link z':>9}  {'link thr':>9}  {'birth z':>8}  verdict"
     lines = [header, "-" * len(header)]
     for record, verdict in zip(audit.records, audit.recomputed):
+        if verdict is None and record.get("kind") == "save":
+            lines.append(f"{record.get('index', '?')!s:>6}  {record.get('step', '?')!s:>8}  {'-':>8}  {'-':>9}  "
+                         f"{'-':>9}  {'-':>8}  checkpoint saved (weights sha256 "
+                         f"{str(record.get('weights_sha256'))[:16]}...)")
+            continue
         if verdict is None:  # its features file is missing, or the record cannot be re-tested
             lines.append(f"{record.get('index', '?')!s:>6}  {record.get('step', '?')!s:>8}  "
                          f"{record.get('anchor_step', '?')!s:>8}  {'-':>9}  {'-':>9}  {'-':>8}  not re-tested")
@@ -373,6 +400,7 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
     print(f"  probe     {fp.spec.describe()}")
     print(f"  features  [{fp.num_samples}, {fp.hidden_size}] float32 ({fp.model_class})")
     print(f"  controls  {len(fp.control_seeds)} fresh inits of its config stored with it (offline verdicts)")
+    print(f"  load      {_load_line(fp.extra.get('load'))}")
     return EXIT_OK
 
 
@@ -395,19 +423,26 @@ def _cmd_controls(args: argparse.Namespace) -> int:
     config = load_config(args.source)
     runtime = _runtime(args)
     log = None if args.quiet else (lambda message: print(f"  {message}", file=sys.stderr, flush=True))
+    info: dict[str, Any] = {}
     features, seeds = controls_from_config(config, spec, args.num, batch_size=runtime.batch_size,
-                                           device=runtime.device, dtype=runtime.dtype, log=log)
+                                           device=runtime.device, dtype=runtime.dtype, log=log, whole=args.whole,
+                                           info=info)
     if spec.kind == "token" and spec.vocab_size is None:
         spec = ProbeSpec(**{**spec.to_dict(), "vocab_size": int(config.vocab_size)})
     architectures = getattr(config, "architectures", None) or [type(config).__name__]
     written = save_controls(out, features, seeds, spec,
                             extra={"model_class": architectures[0], "config_digest": config_digest(config),
-                                   "source": str(args.source)})
+                                   "source": str(args.source)}, init_scheme=info["init_scheme"])
     print(f"wrote {written}")
     print(f"  config    {args.source} ({architectures[0]})")
     print(f"  probe     {spec.describe()}")
     print(f"  controls  {len(seeds)} fresh inits, seeds {seeds[0]}..{seeds[-1]}, features [{features.shape[1]}, "
           f"{features.shape[2]}] each")
+    how = ("streamed: each drawn and probed one block at a time" if info["init_scheme"] == "streamed-v1"
+           else "whole: each built as one model")
+    print(f"  init      {info['init_scheme']} ({how})")
+    if info.get("note"):
+        print(f"  note      {info['note']}")
     print(f"  use it    SeedPrintsCallback(controls={str(written)!r})")
     return EXIT_OK
 
@@ -438,6 +473,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"A (base)    {comparison.a.describe()}")
         print(f"B (target)  {comparison.b.describe()}")
         print(f"probe       {comparison.spec.describe()}")
+        print(f"load        A: {_load_line(comparison.load_a)}")
+        print(f"            B: {_load_line(comparison.load_b)}")
         print("\n".join(_verdict_lines(comparison.verdict, comparison.evidence.description, comparison.rule_name)))
         if args.expect:
             print(f"expected {args.expect}: " + ("yes" if met else "NO"))
@@ -467,6 +504,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         return _cmd_audit_chain(args)
     if args.ledger is not None:
         raise UsageError("--ledger names a ledger file of a run directory: use it with --chain RUN_DIR")
+    if args.public_key is not None:
+        raise UsageError("--public-key verifies a run's signed ledger: use it with --chain RUN_DIR")
     from ..core.probes import ProbeSpec
     from .audit import audit_checkpoints, find_controls, rule_for_base, rule_name_for_base
     from .sources import classify_source, fingerprint_source
@@ -496,6 +535,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "reference": reference_source.to_dict(), "spec": reference.spec.to_dict(), "alpha": args.alpha,
+            "reference_load": reference.extra.get("load") if reference_source.kind != "fingerprint" else None,
             "rule": rule.to_dict(), "rule_name": rule_name, "evidence": evidence.description,
             "rows": [row.to_dict() for row in rows], "expect": args.expect,
             "expect_met": (not differing) if args.expect else None, "plot": str(written) if written else None,
@@ -507,6 +547,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         print(f"rule       {rule_name}: {rule.describe()} (one-sided){agg_note}")
         print(f"evidence   {evidence.description}")
         print(format_audit_table(rows))
+        for row in rows:
+            if row.load is not None:
+                print(f"load       {row.name}: {_load_line(row.load)}")
         if written:
             print(f"wrote {written}")
         if args.expect:
@@ -515,15 +558,28 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK if not differing else EXIT_EXPECT
 
 
+def _public_key(path: str) -> Any:
+    """The Ed25519 public key of ``--public-key``: a missing file exits 3, anything but a PEM Ed25519 public key 2."""
+    from ..core.signing import load_public_key
+
+    if not Path(path).expanduser().is_file():
+        raise FingerprintFileError(f"--public-key {path}: " + ("no such file" if not Path(path).expanduser().exists()
+                                                               else "not a file"))
+    return load_public_key(Path(path).expanduser())
+
+
 def _cmd_audit_chain(args: argparse.Namespace) -> int:
     from ..core.chain import verify_chain
     from ..core.ledger import RunDirectory
+    from .audit import checkpoint_weights_digest
     from .sources import checkpoint_state, classify_source, fingerprint_source, source_step
 
     positional = [p for p in [args.reference, *args.checkpoints] if p is not None]
     if len(positional) > 1:
         raise UsageError("audit --chain takes at most one checkpoint: seedprints audit --chain RUN_DIR [CKPT]")
-    checkpoint_features = checkpoint_step = checkpoint_name = state = None
+    public_key = _public_key(args.public_key) if args.public_key is not None else None
+    checkpoint_features = checkpoint_step = checkpoint_name = state = weights_sha = None
+    weights_how = checkpoint_load = None
     if positional:
         from ..core.fingerprint import Fingerprint
 
@@ -532,9 +588,13 @@ def _cmd_audit_chain(args: argparse.Namespace) -> int:
         fp = fingerprint_source(source, spec, runtime=_runtime(args))
         fp_step = fp.step if fp.step is not None else source_step(source, trust_pickle=args.trust_pickle)
         checkpoint_features, checkpoint_step, checkpoint_name = fp.features, fp_step, str(source.path)
+        checkpoint_load = fp.extra.get("load") if source.kind != "fingerprint" else None
         state = checkpoint_state(source, trust_pickle=args.trust_pickle)  # its ledger head, its run's reference
+        weights_sha, weights_how = checkpoint_weights_digest(source, trust_pickle=args.trust_pickle)
     audit = verify_chain(args.chain, checkpoint_features, checkpoint_step=checkpoint_step,
-                         checkpoint_name=checkpoint_name, checkpoint_state=state, ledger=args.ledger)
+                         checkpoint_name=checkpoint_name, checkpoint_state=state, ledger=args.ledger,
+                         public_key=public_key, checkpoint_weights_sha256=weights_sha)
+    weights_line = _weights_line(audit, checkpoint_name, weights_how) if positional else None
     if args.json:
         print(json.dumps({
             "run_dir": str(audit.run_dir), "ok": audit.ok, "evidence": audit.evidence, "records": len(audit.records),
@@ -544,12 +604,24 @@ def _cmd_audit_chain(args: argparse.Namespace) -> int:
                       for v in audit.recomputed],
             "checkpoint": None if audit.checkpoint is None else {"name": audit.checkpoint_name,
                                                                  "step": audit.checkpoint.step,
+                                                                 "load": checkpoint_load,
                                                                  **audit.checkpoint.link.to_dict()},
+            "signed_by": list(audit.signed_by), "verified_key": audit.verified_key,
+            "saves": [{"record": r["index"], "step": r["step"], "weights_sha256": r["weights_sha256"]}
+                      for r in audit.saves],
+            "checkpoint_weights": None if not positional else {
+                "weights_sha256": audit.checkpoint_weights_sha256, "read": weights_how,
+                "saved_at": [{"record": r["index"], "step": r["step"]} for r in audit.checkpoint_saves],
+                "message": weights_line},
         }, indent=2))
     else:
         print(f"run        {audit.run_dir}")
         print(f"evidence   {audit.evidence}")
         print(format_chain_table(audit))
+        if weights_line is not None:
+            print(f"weights    {weights_line}")
+        if positional:
+            print(f"load       {_load_line(checkpoint_load)}")
         for note in audit.notes:
             print(f"NOTE       {note}")
         for problem in audit.problems:
@@ -573,6 +645,104 @@ def _cmd_audit_chain(args: argparse.Namespace) -> int:
     if audit.undetermined:
         return EXIT_UNDETERMINED
     return EXIT_OK if audit.ok else EXIT_EXPECT
+
+
+def _weights_line(audit: Any, name: str | None, how: str | None) -> str:
+    """What the ledger's save records say about the checkpoint's exact weights."""
+    if audit.checkpoint_weights_sha256 is None:
+        return f"not matched against the recorded saves: {how}"
+    if audit.checkpoint_saves:
+        where = ", ".join(f"step {r['step']} (record {r['index']})" for r in audit.checkpoint_saves)
+        return f"{name} holds exactly the weights saved at {where}"
+    if not audit.saves:
+        return f"the ledger records no checkpoint save, so {name}'s exact weights cannot be matched to one"
+    return (f"no recorded save has these weights ({len(audit.saves)} saves recorded; weights sha256 "
+            f"{audit.checkpoint_weights_sha256[:16]}...)")
+
+
+def _fmt_steps(steps: Any) -> str:
+    return "-" if not steps else (f"{steps[0]}" if steps[0] == steps[1] else f"{steps[0]}-{steps[1]}")
+
+
+def format_identification(result: Any) -> list[str]:
+    """The readable lines of an :class:`~seedprints_lightning.offline.identify.Identification`."""
+    tested, m = result.tested, result.tested.get("tests", 0)
+    lines = [f"tested     {tested.get('runs', 0)} runs ({tested.get('lineages', 0)} lineages), {m} tests: each run's "
+             f"reference and every recorded probe; Bonferroni over {m}: alpha {result.alpha:g} -> "
+             f"{result.alpha / max(m, 1):.3g} per test, each run's custody rule against its controls "
+             f"({tested.get('control_tests', 0)} control tests)"]
+    if not result.matches:
+        closest = max((r for r in result.runs if r.undetermined < r.tested), key=lambda r: r.z - r.threshold,
+                      default=None)
+        word = "UNDETERMINED" if result.status == "undetermined" else "none"
+        lines.append(f"match      {word}: no run's fingerprints link to the checkpoint"
+                     + (f" (closest: {closest.run}, z={closest.z:.2f} vs threshold {closest.threshold:.2f})"
+                        if closest is not None else ""))
+        if tested.get("undetermined"):
+            reasons = sorted({r.reason for r in result.runs if r.undetermined and r.reason})
+            lines.append(f"           {tested['undetermined']} tests undetermined, so a match may have been missed"
+                         + (f" ({'; '.join(reasons)[:300]})" if reasons else ""))
+    for match in result.matches:
+        best = match.best
+        head = match.runs[0] if len(match.runs) == 1 else f"{len(match.runs)} runs of one lineage (shared init)"
+        lines.append(f"match      {head}")
+        if len(match.runs) > 1:
+            for run in match.runs:
+                lines.append(f"  run      {run}")
+        lines.append(f"  steps    links to steps {_fmt_steps(best.steps)} of {best.run}, best step {best.best_step}")
+        lines.append(f"  z        {best.z:.2f} (threshold {best.threshold:.2f}), log10 p {best.log10_p:.1f}, "
+                     f"corrected log10 p {best.log10_p_corrected:.1f}")
+        for other in match.links[1:]:
+            lines.append(f"  also     {other.run}: steps {_fmt_steps(other.steps)}, best step {other.best_step}, "
+                         f"z={other.z:.2f}")
+    for run, reason in result.skipped:
+        lines.append(f"skipped    {run}: {reason}")
+    return lines
+
+
+@_quiet_transformers()
+def _cmd_identify(args: argparse.Namespace) -> int:
+    from ..core.errors import IncompatibleFingerprintsError as Incompatible
+    from .identify import identify, load_runs
+    from .sources import classify_source, fingerprint_source
+
+    runs = load_runs(args.runs)
+    source = classify_source(args.checkpoint)
+    runtime = _runtime(args)
+    features, refused, step = {}, {}, None
+    if source.kind == "fingerprint":
+        fp = fingerprint_source(source)
+        features[fp.spec], step = fp.features, fp.step
+    else:
+        for spec in dict.fromkeys(run.spec for run in runs):  # one probe per distinct spec
+            try:
+                fp = fingerprint_source(source, spec, runtime=runtime)
+            except Incompatible as exc:
+                refused[spec] = str(exc)
+                continue
+            features[spec], step = fp.features, fp.step
+    if not features:
+        raise Incompatible("; ".join(dict.fromkeys(refused.values())) or f"{source.path} could not be probed")
+    result = identify(features, runs, alpha=args.alpha)
+    if args.json:
+        payload = result.to_json()
+        payload["checkpoint"] = {**source.to_dict(), "step": step}
+        payload["probed"] = [spec.to_dict() for spec in features]
+        payload["refused"] = [{"spec": spec.to_dict(), "reason": reason} for spec, reason in refused.items()]
+        print(json.dumps(payload, indent=2))
+    else:
+        print(f"checkpoint {source.describe()}" + (f", step {step}" if step is not None else ""))
+        for spec in features:
+            print(f"probe      {spec.describe()}")
+        for spec, reason in refused.items():
+            print(f"refused    {spec.describe()}: {reason}")
+        for run in runs:
+            for note in run.notes:
+                print(f"NOTE       {run.path}: {note}")
+        print("\n".join(format_identification(result)))
+    if result.status == "match":
+        return EXIT_OK
+    return EXIT_UNDETERMINED if result.status == "undetermined" else EXIT_EXPECT
 
 
 # --------------------------------------------------------------------------------------
@@ -608,6 +778,11 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("source", metavar="SOURCE", help="model directory or config.json")
     ctl.add_argument("-o", "--output", required=True, metavar="FILE.safetensors", help="controls file to write")
     ctl.add_argument("--num", type=_int_at_least(1), default=4, metavar="N", help="number of controls (default 4)")
+    ctl.add_argument("--whole", action="store_true",
+                     help="build each control as one whole model (init scheme 'whole': one RNG stream, one copy of "
+                          "the model in memory) instead of drawing and probing it one block at a time (the default "
+                          "for LLaMA, Qwen2, Mistral and GPT-2: peak memory one block plus activations, and the same "
+                          "weights as the run's in-run control of that seed)")
     _add_spec_options(ctl, "use the probe spec of this fingerprint file (the run's reference.safetensors)",
                       applies="ignored with --spec-from; must match the run's probe")
     ctl.set_defaults(handler=_cmd_controls)
@@ -654,6 +829,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--ledger", metavar="FILE", default=None,
                        help="with --chain: verify this ledger file of RUN_DIR instead of custody.jsonl, e.g. an "
                             "abandoned branch custody.abandoned-0.jsonl (it holds the whole branch)")
+    audit.add_argument("--public-key", metavar="PUB.pem", default=None,
+                       help="with --chain: also verify every record's Ed25519 signature against this public key (the "
+                            "run owner's, from `openssl pkey -in key.pem -pubout`); a record not signed by it is "
+                            "tampering (exit 5). Never read from the run directory")
     audit.add_argument("-o", "--output", default=None, metavar="PNG", help="also draw z against step into this PNG")
     audit.add_argument("--title", default=None, help="figure title (with -o)")
     audit.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -661,6 +840,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="exit 1 if any checkpoint's verdict differs from this")
     _add_judge_options(audit, applies="only when REFERENCE is a model")
     audit.set_defaults(handler=_cmd_audit)
+
+    ident = sub.add_parser(
+        "identify", help="which recorded run did a checkpoint come from?", epilog=EXIT_CODES_EPILOG,
+        formatter_class=formatter,
+        description="Probe CKPT once per probe spec of the runs and test it against every run's reference and every "
+                    "probe its ledger recorded (each run's custody rule against its controls, Bonferroni over every "
+                    "test). Names the matching run and the steps it links to, or none. RUN_DIR is a run's seedprints "
+                    "directory (or the log directory holding it), or a directory holding many runs (searched "
+                    "recursively). Exit 0: a run matches; 1: none; 6: none, but some test could not be made.")
+    ident.add_argument("checkpoint", metavar="CKPT", help=".ckpt, save_pretrained directory or fingerprint file")
+    ident.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories holding them")
+    ident.add_argument("--alpha", type=_alpha, default=0.01,
+                       help="family-wise significance level over all the tests made (default 0.01)")
+    ident.add_argument("--json", action="store_true",
+                       help="print the result as JSON ('run': the run as given, or null)")
+    _add_runtime_options(ident)
+    ident.set_defaults(handler=_cmd_identify)
     return parser
 
 

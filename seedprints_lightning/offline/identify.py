@@ -61,7 +61,7 @@ from ..core.chain import _read_record
 from ..core.controls import ControlSet
 from ..core.errors import FingerprintFileError, IncompatibleFingerprintsError, InputError
 from ..core.fingerprint import Fingerprint
-from ..core.ledger import CONTROLS_FILE, CUSTODY_FILE, REFERENCE_FILE, load_probe_features
+from ..core.ledger import CONTROLS_FILE, CUSTODY_FILE, REFERENCE_FILE, SAVE_KIND, load_probe_features
 from ..core.probes import ProbeSpec
 from ..core.stats import (
     DEFAULT_TEMPERATURE,
@@ -215,6 +215,8 @@ def _load_run(run_dir: Path, shown: str) -> RunEvidence:
         record, problem = _read_record(line)
         if problem is not None:
             notes.append(f"record {line_no} {problem}: left out")
+            continue
+        if record.get("kind") == SAVE_KIND:  # a checkpoint save: no fingerprint of its own
             continue
         features_path = run_dir / record["features_file"]
         if not features_path.is_file():

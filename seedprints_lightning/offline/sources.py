@@ -29,8 +29,16 @@ import torch
 from ..core.checks import check_int
 from ..core.errors import IncompatibleFingerprintsError, InputError, ModelNotFoundError, SeedPrintsError, SourceError
 from ..core.files import is_distributed_checkpoint, is_seedprints_state, load_lightning_checkpoint
-from ..core.fingerprint import Fingerprint, fingerprint_model
+from ..core.fingerprint import Fingerprint
 from ..core.probes import ProbeSpec, find_causal_lm, hidden_size_of
+from ..core.state import (
+    HF_CONFIG_KEY,
+    HF_TRAINER_STATE_FILE,
+    LEGACY_STATE_KEY,
+    MODEL_STATE_KEY,
+    STEP_STATE_KEY,
+    model_rebuild_info,
+)
 
 __all__ = [
     "CHECKPOINT_SUFFIX",
@@ -40,6 +48,7 @@ __all__ = [
     "Source",
     "SourceKind",
     "check_fits",
+    "checkpoint_config",
     "checkpoint_ledger_head",
     "checkpoint_state",
     "classify_source",
@@ -52,41 +61,6 @@ __all__ = [
     "source_step",
     "spec_for_models",
 ]
-
-#: Checkpoint key under which a LightningModule stores its model's transformers config
-#: (``CausalLMModule.on_save_checkpoint`` does; any module can).
-HF_CONFIG_KEY = "hf_config"
-#: Key, in ``SeedPrintsCallback``'s checkpoint state, of what rebuilds the model from any module's
-#: checkpoint: ``{"hf_config": ..., "state_dict_prefix": ...}`` or ``{"why_not": ...}``.
-MODEL_STATE_KEY = "model_rebuild"
-#: Key, in the state of the faces without a trainer step of their own (Fabric, hand-written
-#: loops), of the optimizer step the state was saved at.
-STEP_STATE_KEY = "step"
-#: The file in a Hugging Face ``Trainer`` checkpoint directory (``checkpoint-N/``) that holds the
-#: ``SeedPrintsTrainerCallback`` state.
-HF_TRAINER_STATE_FILE = "seedprints_state.pt"
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def model_rebuild_info(module: torch.nn.Module, lm: torch.nn.Module | None, *, feature_fn: bool) -> dict[str, Any]:
-    """What a checkpoint of ``module`` needs to rebuild its transformers model ``lm`` offline.
-
-    The config as plain JSON types and the prefix of ``lm``'s weights in the module's state dict
-    (``"net."`` for ``self.net = LlamaForCausalLM(...)``; wrapper segments that sharded strategies
-    add to module names are not in a saved state dict, so they are dropped). Without a
-    transformers model (a ``feature_fn`` model) it says why the checkpoint cannot be rebuilt.
-    """
-    if lm is None:
-        what = "a feature_fn model" if feature_fn else "a module without a transformers model"
-        return {"why_not": f"the run probed {what}, which this package cannot rebuild from a checkpoint: fingerprint "
-                           "its features yourself (Fingerprint(features=extract_features(model, spec, forward_fn=...), "
-                           "spec=spec).save(...)) and pass that fingerprint file instead of the checkpoint"}
-    name = next((n for n, m in module.named_modules() if m is lm), None)
-    if name is None:
-        return {"why_not": "the transformers model is not a submodule of the LightningModule"}
-    for segment in _WRAPPER_SEGMENTS:
-        name = name.replace(segment, "")
-    return {"hf_config": json.loads(lm.config.to_json_string()), "state_dict_prefix": f"{name}." if name else ""}
 
 SourceKind = Literal["fingerprint", "model_dir", "checkpoint"]
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -162,11 +136,18 @@ def read_checkpoint(source: Source, *, trust_pickle: bool = False) -> dict[str, 
 def seedprints_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     """The SeedPrints state a training checkpoint holds, whichever loop wrote it, or ``None``.
 
-    Lightning: ``checkpoint["callbacks"]["SeedPrintsCallback"]``. Fabric and hand-written loops:
-    the value saved under any key (``fabric.save(path, {"model": model, "seedprints": callback})``).
+    Lightning: ``checkpoint["callbacks"][<a SeedPrintsCallback's state_key>]`` (the first one).
+    Fabric and hand-written loops: the value saved under any key
+    (``fabric.save(path, {"model": model, "seedprints": callback})``).
     """
-    state = (checkpoint.get("callbacks") or {}).get("SeedPrintsCallback")
+    callbacks = checkpoint.get("callbacks") or {}
+    # The former constant key, or a key derived from the callback's arguments ("SeedPrintsCallback{...}").
+    state = callbacks.get(LEGACY_STATE_KEY)
     if isinstance(state, dict):
+        return state
+    state = next((value for key, value in callbacks.items() if isinstance(key, str)
+                  and key.startswith(LEGACY_STATE_KEY + "{") and isinstance(value, dict)), None)
+    if state is not None:
         return state
     return next((value for value in checkpoint.values() if is_seedprints_state(value)), None)
 
@@ -270,6 +251,36 @@ def _weights_of(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.Tens
     return {}
 
 
+def checkpoint_config(checkpoint: dict[str, Any], path: Path) -> tuple[Any, str]:
+    """``(transformers config, weights prefix)`` of the model a training checkpoint holds, or :class:`SourceError`.
+
+    The config under :data:`HF_CONFIG_KEY` (weights under ``model.``), else the one the SeedPrints
+    state records with its prefix (:data:`MODEL_STATE_KEY`). Reads no weights.
+    """
+    from transformers import AutoConfig
+
+    config_dict, prefix = checkpoint.get(HF_CONFIG_KEY), "model."
+    rebuild = (seedprints_state(checkpoint) or {}).get(MODEL_STATE_KEY) or {}
+    if not isinstance(config_dict, dict) and isinstance(rebuild, dict):
+        if rebuild.get("why_not"):
+            raise SourceError(f"{path} cannot be rebuilt into a model: {rebuild['why_not']}")
+        config_dict, prefix = rebuild.get("hf_config"), rebuild.get("state_dict_prefix", "model.")
+    if not isinstance(config_dict, dict):
+        raise SourceError(
+            f"{path} has no '{HF_CONFIG_KEY}' entry, so the model cannot be rebuilt from it: "
+            "train with SeedPrintsCallback (its checkpoint state records the model's config), save the checkpoint "
+            f"with seedprints_lightning.train.CausalLMModule (or store the config under checkpoint['{HF_CONFIG_KEY}'] "
+            "in on_save_checkpoint), or export the model with save_pretrained"
+        )
+    config_dict = dict(config_dict)
+    try:
+        config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    except Exception as exc:
+        raise SourceError(f"{path}: its '{HF_CONFIG_KEY}' is not a readable transformers config "
+                          f"({type(exc).__name__}: {exc})") from exc
+    return config, prefix
+
+
 def _model_from_checkpoint(path: Path, trust_pickle: bool) -> torch.nn.Module:
     """Rebuild the transformers model of a training checkpoint from its config and weights.
 
@@ -278,26 +289,27 @@ def _model_from_checkpoint(path: Path, trust_pickle: bool) -> torch.nn.Module:
     LightningModule can too, with ``checkpoint["hf_config"] = json.loads(model.config.to_json_string())``
     in ``on_save_checkpoint``).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     checkpoint = load_lightning_checkpoint(path, trust_pickle=trust_pickle, error=SourceError)
-    config_dict, prefix = checkpoint.get(HF_CONFIG_KEY), "model."
+    has_config = isinstance(checkpoint.get(HF_CONFIG_KEY), dict) or isinstance(
+        ((seedprints_state(checkpoint) or {}).get(MODEL_STATE_KEY) or {}).get("hf_config"), dict)
     rebuild = (seedprints_state(checkpoint) or {}).get(MODEL_STATE_KEY) or {}
-    if not isinstance(config_dict, dict) and isinstance(rebuild, dict):
-        if rebuild.get("why_not"):
-            raise SourceError(f"{path} cannot be rebuilt into a model: {rebuild['why_not']}")
-        config_dict, prefix = rebuild.get("hf_config"), rebuild.get("state_dict_prefix", "model.")
+    if isinstance(rebuild, dict) and rebuild.get("why_not") and not isinstance(checkpoint.get(HF_CONFIG_KEY), dict):
+        raise SourceError(f"{path} cannot be rebuilt into a model: {rebuild['why_not']}")
+    prefix = "model."
+    if not isinstance(checkpoint.get(HF_CONFIG_KEY), dict) and isinstance(rebuild, dict):
+        prefix = rebuild.get("state_dict_prefix", "model.")
     state_dict = _weights_of(checkpoint, prefix)
-    if not isinstance(config_dict, dict) or not state_dict:
+    if not has_config or not state_dict:
         raise SourceError(
             f"{path} has no '{HF_CONFIG_KEY}' entry or no '{prefix}*' weights, so the model cannot be rebuilt from it: "
             "train with SeedPrintsCallback (its checkpoint state records the model's config), save the checkpoint "
             f"with seedprints_lightning.train.CausalLMModule (or store the config under checkpoint['{HF_CONFIG_KEY}'] "
             "in on_save_checkpoint), or export the model with save_pretrained"
         )
-    config_dict = dict(config_dict)
+    config, prefix = checkpoint_config(checkpoint, path)
     try:
-        config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
         model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(state_dict, strict=True)
     except Exception as exc:
@@ -342,7 +354,9 @@ class ProbeRuntime:
 
     ``dtype`` is what models are cast to (float32 by default, so fingerprints made on
     different machines agree); ``device`` where each is moved while probed (None: stays on
-    CPU); ``trust_pickle`` allows full-pickle ``.ckpt`` files; ``progress`` shows bars.
+    CPU); ``trust_pickle`` allows full-pickle ``.ckpt`` files; ``progress`` shows bars. ``load``
+    chooses how a model is read (:mod:`.streaming`): ``"whole"`` (loaded, then probed),
+    ``"streamed"`` (one block at a time from disk), or ``"auto"`` (whole when it fits the memory).
     """
 
     batch_size: int = 64
@@ -350,9 +364,12 @@ class ProbeRuntime:
     dtype: torch.dtype = torch.float32
     trust_pickle: bool = False
     progress: bool = False
+    load: Literal["auto", "whole", "streamed"] = "auto"
 
     def __post_init__(self) -> None:
         check_int("batch_size", self.batch_size, low=1)
+        if self.load not in ("auto", "whole", "streamed"):
+            raise InputError(f"load must be 'auto', 'whole' or 'streamed', got {self.load!r}")
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise InputError(f"dtype must be a floating torch.dtype such as torch.float32, got {self.dtype!r}")
 
@@ -367,7 +384,9 @@ def fingerprint_source(
 ) -> Fingerprint:
     """Fingerprint a model directory or checkpoint (a fingerprint file is just loaded).
 
-    ``num_controls`` fresh inits of the model's config are probed and stored with it.
+    ``num_controls`` fresh inits of the model's config are probed and stored with it. The model is
+    read whole or one block at a time as ``runtime.load`` says (:meth:`.streaming.ModelHandle.decide`);
+    the fingerprint's ``extra["load"]`` records which path was taken and why.
 
     With a resolved ``spec`` the model must accept its inputs (vocabulary, width), else
     :class:`IncompatibleFingerprintsError`; an unresolved or missing spec is resolved from
@@ -377,15 +396,12 @@ def fingerprint_source(
     source = classify_source(source)
     if source.kind == "fingerprint":
         return Fingerprint.load(source.path)
-    model = load_model(source, dtype=runtime.dtype, trust_pickle=runtime.trust_pickle)
-    if spec is not None and spec.is_resolved:
-        check_fits(model, spec, str(source.path))
+    from .streaming import open_model
+
+    handle = open_model(source, runtime)
     if step is None:
         step = source_step(source, trust_pickle=runtime.trust_pickle)
-    if runtime.device is not None:
-        model.to(runtime.device)
-    return fingerprint_model(model, spec, step=step, batch_size=runtime.batch_size, progress=runtime.progress,
-                             extra={"source": str(source.path)}, num_controls=num_controls)
+    return handle.fingerprint(spec, step=step, num_controls=num_controls, extra={"source": str(source.path)})
 
 
 def load_source_fingerprint(path: str | Path | Source) -> Fingerprint:
@@ -414,12 +430,14 @@ def spec_for_models(
     seed: int | None = None,
     vocab_size: int | None = None,
     names: tuple[str, str] = ("A", "B"),
+    embed_stats: tuple[float, float] | None = None,
 ) -> ProbeSpec:
-    """The probe both models see (method.md step 1).
+    """The probe both models see (docs/method.md step 1).
 
     Token probes draw ids from ``[0, V)``, ``V`` the smaller vocabulary of the two (or
     ``vocab_size``, which must fit both). Embedding probes take the mean and std of the
-    BASE model's input-embedding matrix and need equal hidden sizes.
+    BASE model's input-embedding matrix (or ``embed_stats``, when ``base`` is a meta-device model)
+    and need equal hidden sizes.
     """
     fields: dict[str, Any] = {"kind": kind}
     for key, value in (("num_samples", num_samples), ("length", length), ("seed", seed)):
@@ -441,6 +459,8 @@ def spec_for_models(
             f"embedding probes need one hidden size, but {names[0]} has {hidden_a} and {names[1]} has {hidden_b}; "
             "use token probes (--kind token) across widths"
         )
+    if kind == "embedding" and embed_stats is not None:
+        fields["embed_mean"], fields["embed_std"] = embed_stats
     return ProbeSpec(**fields).resolve(base)
 
 

@@ -72,13 +72,13 @@ DEMO_MODEL: dict[str, Any] = dict(
 #: TextDataModule arguments of the demo. No validation split: the demo is about the callback.
 DEMO_DATA: dict[str, Any] = dict(corpus="prose", seq_len=64, batch_size=16, val_fraction=0.0, seed=0)
 #: An ordinary learning rate for this model (the birth test's z falls to ~3 by step 75 at it:
-#: method.md); the custody chain is what must hold.
+#: docs/method.md); the custody chain is what must hold.
 DEMO_LR = 3e-3
 DEMO_WARMUP_STEPS = 20
 DEMO_STEPS = 300
 #: Probes per run (``every_n_steps = steps // DEMO_PROBES``).
 DEMO_PROBES = 12
-OWN_SEED = 42  # the seeds of method.md's measurements
+OWN_SEED = 42  # the seeds of docs/method.md's measurements
 OTHER_SEED = 123
 
 #: ``--quick`` (tests, smoke runs): a smaller model and run, same code path.

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from ..core.checks import check_choice, check_int, check_number
 from ..core.errors import InputError
 from ..core.files import load_lightning_checkpoint
-from ..offline.sources import HF_CONFIG_KEY
+from ..core.state import HF_CONFIG_KEY
 from .models import MODEL_SIZE_ARGS, make_causal_lm
 
 __all__ = ["CausalLMModule", "load_causal_lm_from_checkpoint"]
