@@ -297,12 +297,10 @@ class CalibrationReport:
 
     def _table_bare(self, add) -> None:
         cfg = self.config
-        add("### Bare lineage test (analytic null) per checkpoint")
-        add("")
-        add("Rates are the fraction called related (p < alpha). own: detection rate, z mean / min. "
-            "cross and peers: false-positive rate, z mean / max. Step 0 rows are the fresh-init pairs "
-            f"(`init`: every pair of {len(cfg.seeds) + len(cfg.extra_init_seeds)} init seeds).")
-        add("")
+        self._section(add, "### Bare lineage test (analytic null) per checkpoint",
+                      "Rates are the fraction called related (p < alpha). own: detection rate, z mean / min. "
+                      "cross and peers: false-positive rate, z mean / max. Step 0 rows are the fresh-init pairs "
+                      f"(`init`: every pair of {len(cfg.seeds) + len(cfg.extra_init_seeds)} init seeds).")
         add("| model | probe | k/D | step | own det | own z mean / min | cross FP | cross z mean / max "
             "| peers FP | peers z mean / max |")
         add("|---|---|---|---|---|---|---|---|---|---|")
@@ -322,10 +320,8 @@ class CalibrationReport:
 
     def _table_worst(self, add, alpha_z: float) -> None:
         cfg = self.config
-        add("### Worst cases over all models and checkpoints (bare test)")
-        add("")
-        add(f"own z min (must exceed {alpha_z:.2f}); unrelated z max per relation (must stay below it).")
-        add("")
+        self._section(add, "### Worst cases over all models and checkpoints (bare test)",
+                      f"own z min (must exceed {alpha_z:.2f}); unrelated z max per relation (must stay below it).")
         add("| probe | k/D | own z min | own det | cross z max | cross FP | peers z max | peers FP | init z max | "
             "init FP |")
         add("|---|---|---|---|---|---|---|---|---|---|")
@@ -340,17 +336,26 @@ class CalibrationReport:
                 add(f"| {kind} | {ratio:g} | " + " | ".join(cells) + " |")
         add("")
 
+    @staticmethod
+    def _section(add, title: str, text: str) -> None:
+        for line in (title, "", text, ""):
+            add(line)
+
+    def _control_section(self, add, title: str, text: str) -> bool:
+        """A section's heading and text, for sections that need controls (False, nothing added, without them)."""
+        if not self.config.max_controls:
+            return False
+        self._section(add, title, text)
+        return True
+
     def _table_slack(self, add) -> None:
         cfg = self.config
-        if not cfg.max_controls:
+        text = ("A pair is called related iff z > z_alpha and z - max(control z) > margin. So a margin m "
+                "separates own from unrelated iff own min < m is false and unrelated max >= m is false: "
+                "every m in [unrelated max, own min) works (unrelated pairs below z_alpha are excluded from "
+                "the unrelated max, since the analytic threshold already rejects them).")
+        if not self._control_section(add, "### Room for the control margin: z minus the largest control z", text):
             return
-        add("### Room for the control margin: z minus the largest control z")
-        add("")
-        add("A pair is called related iff z > z_alpha and z - max(control z) > margin. So a margin m "
-            "separates own from unrelated iff own min < m is false and unrelated max >= m is false: "
-            "every m in [unrelated max, own min) works (unrelated pairs below z_alpha are excluded from "
-            "the unrelated max, since the analytic threshold already rejects them).")
-        add("")
         add("| probe | k/D | controls | own min(z - ctl max) | cross max | peers max | init max | feasible margins |")
         add("|---|---|---|---|---|---|---|---|")
         alpha_z = z_threshold(cfg.alpha)
@@ -371,13 +376,10 @@ class CalibrationReport:
 
     def _table_verdict(self, add) -> None:
         cfg = self.config
-        if not cfg.max_controls:
+        title = "### The callback's full verdict (decide_identity), all models and checkpoints"
+        if not self._control_section(add, title, "Counts are related verdicts / pairs. own should be all; cross, "
+                                                 "peers, init none. `controls 0` is the bare analytic test."):
             return
-        add("### The callback's full verdict (decide_identity), all models and checkpoints")
-        add("")
-        add("Counts are related verdicts / pairs. own should be all; cross, peers, init none. "
-            "`controls 0` is the bare analytic test.")
-        add("")
         add("| probe | k/D | controls | margin | own | cross | peers | init | own: longest miss streak |")
         add("|---|---|---|---|---|---|---|---|---|")
         for kind in cfg.probe_kinds:

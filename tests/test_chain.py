@@ -25,6 +25,7 @@ from seedprints_lightning.core.opening import ControlsSource, open_chain
 from seedprints_lightning.core.processes import Processes
 from seedprints_lightning.core.schedule import ProbeSchedule
 from seedprints_lightning.core.verdict import BIRTH_RULE, CUSTODY_RULE, ProbeVerdict, decide_identity
+from seedprints_lightning.faces.messages import note_message
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -92,7 +93,7 @@ def test_a_swap_is_lost_at_the_next_probe_with_the_figures(tmp_path):
     loop.train(9, 12)
     after = [h for h in loop.chain.history if h["step"] > 8]
     assert after and all(h["related"] is False and h["anchor_step"] == 8 for h in after)  # never the anchor
-    assert len(loop.lost) == len(after) and "lost its lineage identity at step 10" in loop.lost[0]
+    assert len(loop.lost) == len(after) and "the lineage identity is lost at step 10" in loop.lost[0]
     assert "custody link from step 8" in loop.lost[0] and "patience 1" in loop.lost[0]
     audit = verify_chain(loop.run.path)
     assert [p.index for p in audit.broken_links] == [h["record_index"] for h in after] and not audit.tampered
@@ -152,18 +153,21 @@ def test_decide_counts_failures_and_undetermined_probes_and_resets_on_a_hold():
     decisions = _decisions()
     assert [lost for lost, _, _ in decisions] == [False, True, True, False, False, True]
     assert [reason is None for _, reason, _ in decisions] == [True, False, False, True, True, False]
-    assert "could not be measured" in decisions[1][1] and "count_undetermined=False" in decisions[1][1]
-    assert "3 consecutive failed probes, patience 2" in decisions[2][1]
+    assert "could not be measured at step 2: 2 consecutive failed or undetermined probes" in decisions[1][1]
+    assert "is lost at step 3: 3 consecutive" in decisions[2][1]
     notes = [note for _, _, found in decisions for note in found]
-    assert len(notes) == 1 and "counts as a failed probe towards patience" in notes[0]  # reported once
+    assert [(n.kind, n.verdict.step, n.counted) for n in notes] == [("undetermined", 2, True)]  # reported once
+    # The faces word it, with the fix.
+    assert "counts as a failed probe towards patience (2 of 2" in note_message(notes[0])
 
 
 def test_decide_with_count_undetermined_false_ignores_undetermined():
     decisions = _decisions(count_undetermined=False)
     assert [lost for lost, _, _ in decisions] == [False, False, True, False, False, True]
-    assert "2 consecutive failed probes, patience 2" in decisions[2][1]
+    assert "2 consecutive failed or undetermined probes (patience 2)" in decisions[2][1]
     notes = [note for _, _, found in decisions for note in found]
-    assert len(notes) == 1 and "counts neither as a failure nor as a success" in notes[0]
+    assert [(n.kind, n.counted) for n in notes] == [("undetermined", False)]
+    assert "counts neither as a failure nor as a success" in note_message(notes[0])
 
 
 def test_observe_refuses_features_of_another_shape_and_a_chain_without_reference():

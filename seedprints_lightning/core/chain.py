@@ -64,8 +64,8 @@ from .verdict import (
     judge_probe,
 )
 
-__all__ = ["Anchor", "ChainAudit", "ChainProblem", "ChainRules", "ChainStep", "CustodyChain", "PROBLEM_KINDS",
-           "STATE_FORMAT_VERSION", "resolve_reference", "verify_chain"]
+__all__ = ["Anchor", "ChainAudit", "ChainNote", "ChainProblem", "ChainRules", "ChainStep", "CustodyChain",
+           "PROBLEM_KINDS", "STATE_FORMAT_VERSION", "resolve_reference", "verify_chain"]
 
 #: Version of :meth:`CustodyChain.state_dict`'s layout (2: custody chain; 1 had no anchor and no schedule).
 STATE_FORMAT_VERSION = 2
@@ -125,12 +125,29 @@ class Anchor:
 
 
 @dataclass(frozen=True)
+class ChainNote:
+    """A one-time report about a probe that is not identity loss; the faces word it for the user.
+
+    ``kind`` is ``"undetermined"`` (the first probe whose lineage could not be measured; ``counted``:
+    whether it counted towards ``patience``) or ``"birth_faded"`` (the birth test stopped being
+    detectable while the custody chain holds).
+    """
+
+    kind: str
+    verdict: ProbeVerdict
+    consecutive_failures: int
+    patience: int
+    counted: bool = False
+
+
+@dataclass(frozen=True)
 class ChainStep:
     """What one :meth:`CustodyChain.observe` found and decided.
 
     ``identity_lost`` is the chain's decision (``patience`` consecutive failed probes) with its
-    ``reason``; ``notes`` are one-time reports for the user (a probe undetermined, the birth test
-    faded) that are not identity loss. ``metrics`` are the logged tags, all finite.
+    ``reason`` (the figures, in one line); ``notes`` are one-time :class:`ChainNote` reports (a
+    probe undetermined, the birth test faded) that are not identity loss. ``metrics`` are the
+    logged tags, all finite.
     """
 
     verdict: ProbeVerdict
@@ -141,7 +158,7 @@ class ChainStep:
     next_step: int
     identity_lost: bool
     reason: str | None
-    notes: tuple[str, ...] = ()
+    notes: tuple[ChainNote, ...] = ()
 
 
 class CustodyChain:
@@ -328,7 +345,7 @@ class CustodyChain:
                          consecutive_failures=self.consecutive_failures, next_step=int(self.next_probe_step),
                          identity_lost=identity_lost, reason=reason, notes=notes)
 
-    def decide(self, verdict: ProbeVerdict) -> tuple[bool, str | None, tuple[str, ...]]:
+    def decide(self, verdict: ProbeVerdict) -> tuple[bool, str | None, tuple[ChainNote, ...]]:
         """Count ``verdict`` and decide: ``(identity lost, why, one-time notes)``.
 
         A failed probe counts, a held one resets the count. An undetermined one (the lineage could
@@ -337,7 +354,6 @@ class CustodyChain:
         or a run that diverged to NaN, is then acted on after ``patience`` probes like a broken link.
         Otherwise it neither counts nor resets the count.
         """
-        step = verdict.step
         if verdict.related is False or (verdict.related is None and self.count_undetermined):
             self.consecutive_failures += 1
         elif verdict.related is True:
@@ -345,47 +361,19 @@ class CustodyChain:
         notes = []
         if verdict.related is None and not self.warned_undetermined:
             self.warned_undetermined = True
-            counted = (f"it counts as a failed probe towards patience ({self.consecutive_failures} of "
-                       f"{self.patience}; count_undetermined=False would only report it)" if self.count_undetermined
-                       else "it counts neither as a failure nor as a success (count_undetermined=False)")
-            notes.append(f"SeedPrints: the lineage probe at step {step} is undetermined ({verdict.reason}): the "
-                         f"model's lineage could not be measured, so nothing vouches for it; {counted}. Further "
-                         "undetermined probes are not reported")
+            notes.append(ChainNote("undetermined", verdict, self.consecutive_failures, self.patience,
+                                   counted=self.count_undetermined))
         if (self.rules.fail_on == "custody" and verdict.birth.related is False and verdict.link.related
                 and not self.warned_birth):
             self.warned_birth = True
-            notes.append(
-                f"SeedPrints: the birth test is no longer detectable at step {step} (z={verdict.birth.z:.2f}, "
-                f"threshold {verdict.birth.threshold:.2f}): training has moved the weights far from their init, as "
-                "it does at ordinary learning rates. This is NOT identity loss: the custody chain holds (link z="
-                f"{verdict.link.z:.2f} from step {verdict.anchor_step}). To keep the birth test itself detectable, "
-                "probe with more samples (ProbeSpec(num_samples=4000 or more): z grows like sqrt(n)) or the other "
-                "probe kind; pass fail_on='birth' or 'either' if your audit needs it to hold.")
+            notes.append(ChainNote("birth_faded", verdict, self.consecutive_failures, self.patience))
         lost = verdict.related is not True and self.consecutive_failures >= self.patience
-        return lost, (self.lost_message(verdict) if lost else None), tuple(notes)
-
-    def lost_message(self, verdict: ProbeVerdict) -> str:
-        """Why the run's identity is lost at ``verdict``: its figures and what to check."""
-        link, birth = verdict.link, verdict.birth
-        controls = ", ".join(f"{z:.2f}" for z in birth.control_z) or "none"
-        reason = f" {verdict.reason.rstrip('.')}." if verdict.reason else ""
-        ref = self._require_reference()
-        if verdict.related is None:
-            return (
-                f"SeedPrints: the run's lineage could not be measured at step {verdict.step} "
-                f"({self.consecutive_failures} consecutive failed or undetermined probes, patience {self.patience}):"
-                f"{reason} Nothing vouches for these weights (reference: {self.reference_source}, step {ref.step}): "
-                "check for a diverged run (NaN or constant hidden states) or a swapped-in model. Pass "
-                "count_undetermined=False to only report undetermined probes."
-            )
-        return (
-            f"SeedPrints: the run lost its lineage identity at step {verdict.step} ({self.consecutive_failures} "
-            f"consecutive failed probes, patience {self.patience}, fail_on={self.rules.fail_on!r}): custody link "
-            f"from step {verdict.anchor_step} z={link.z:.2f} (threshold {link.threshold:.2f}), birth z={birth.z:.2f} "
-            f"(threshold {birth.threshold:.2f}), controls z [{controls}].{reason} The weights do not descend from "
-            f"the run's last good probe (reference: {self.reference_source}, step {ref.step}): check for a swapped "
-            "or wrongly loaded checkpoint."
-        )
+        if not lost:
+            return False, None, tuple(notes)
+        what = "could not be measured" if verdict.related is None else "is lost"
+        reason = (f"the lineage identity {what} at step {verdict.step}: {self.consecutive_failures} consecutive "
+                  f"failed or undetermined probes (patience {self.patience})")
+        return True, reason + (f"; {verdict.reason}" if verdict.reason else ""), tuple(notes)
 
     def _record(self, verdict: ProbeVerdict, stored: torch.Tensor, event: str) -> int | None:
         if not self.keeps_records:

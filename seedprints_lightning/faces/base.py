@@ -51,6 +51,7 @@ from ..core.verdict import (
     ProbeVerdict,
 )
 from ..core.weights import weights_digest
+from .messages import identity_lost_message, note_message
 from .settings import FaceSettings
 
 __all__ = ["SeedPrintsFace", "act_on_identity_lost", "refuse_unprobeable_sharding", "sharding_of", "write_layout"]
@@ -283,11 +284,10 @@ class SeedPrintsFace:
         self.current_step = step
         self._log(observed.metrics, step)
         for note in observed.notes:
-            self._warn(note)
+            self._warn(note_message(note))
         # Every rank judged the same features; the reduction makes sure no rank acts alone.
         if self._processes().any_rank(observed.identity_lost):
-            act_on_identity_lost(self.settings.on_identity_lost,
-                                 observed.reason or self.chain.lost_message(observed.verdict),
+            act_on_identity_lost(self.settings.on_identity_lost, identity_lost_message(self.chain, observed.verdict),
                                  stop=self._stop, warn=self._warn)
         return observed.verdict
 

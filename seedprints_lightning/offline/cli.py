@@ -170,6 +170,11 @@ def _add_spec_options(parser: argparse.ArgumentParser, spec_from_help: str, *, a
     _add_runtime_options(parser)
 
 
+def _add_verdict_output(parser: argparse.ArgumentParser, *, json_help: str, expect_help: str) -> None:
+    parser.add_argument("--json", action="store_true", help=json_help)
+    parser.add_argument("--expect", choices=("related", "unrelated"), default=None, help=expect_help)
+
+
 def _add_judge_options(parser: argparse.ArgumentParser, *, applies: str) -> None:
     """Probe, test and runtime options: the commands that judge one source against another."""
     _add_probe_options(parser, applies=applies)
@@ -757,9 +762,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    fp = sub.add_parser("fingerprint", help="probe a model and save its fingerprint", epilog=EXIT_CODES_EPILOG,
-                        formatter_class=formatter,
-                        description="Probe a model directory or Lightning .ckpt and save a fingerprint file.")
+    def command(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=description, epilog=EXIT_CODES_EPILOG,
+                              formatter_class=formatter)
+
+    fp = command(
+        "fingerprint", "probe a model and save its fingerprint",
+        "Probe a model directory or Lightning .ckpt and save a fingerprint file.")
     fp.add_argument("source", metavar="SOURCE", help="save_pretrained model directory or Lightning .ckpt")
     fp.add_argument("-o", "--output", required=True, metavar="FILE.safetensors", help="fingerprint file to write")
     fp.add_argument("--controls", type=_int_at_least(0), default=4, metavar="N",
@@ -769,12 +778,11 @@ def build_parser() -> argparse.ArgumentParser:
                       applies="ignored with --spec-from")
     fp.set_defaults(handler=_cmd_fingerprint)
 
-    ctl = sub.add_parser(
-        "controls", help="precompute a run's fresh-init controls from a model config", epilog=EXIT_CODES_EPILOG,
-        formatter_class=formatter,
-        description="Probe N fresh inits of a model's config (the callback's control seeds) and save their features, "
-                    "for SeedPrintsCallback(controls=FILE): the training ranks then never build an unsharded copy of "
-                    "the model. SOURCE is a model directory or its config.json (only the config is read).")
+    ctl = command(
+        "controls", "precompute a run's fresh-init controls from a model config",
+        "Probe N fresh inits of a model's config (the callback's control seeds) and save their features, "
+        "for SeedPrintsCallback(controls=FILE): the training ranks then never build an unsharded copy of "
+        "the model. SOURCE is a model directory or its config.json (only the config is read).")
     ctl.add_argument("source", metavar="SOURCE", help="model directory or config.json")
     ctl.add_argument("-o", "--output", required=True, metavar="FILE.safetensors", help="controls file to write")
     ctl.add_argument("--num", type=_int_at_least(1), default=4, metavar="N", help="number of controls (default 4)")
@@ -787,38 +795,36 @@ def build_parser() -> argparse.ArgumentParser:
                       applies="ignored with --spec-from; must match the run's probe")
     ctl.set_defaults(handler=_cmd_controls)
 
-    cmp_ = sub.add_parser(
-        "compare", help="test whether B is descended from A", epilog=EXIT_CODES_EPILOG, formatter_class=formatter,
-        description="Test whether B descends from A (A is the base). Each is a model directory, a Lightning .ckpt or a "
-                    "fingerprint file. Models are probed with a fingerprint's spec when one is given; two models share "
-                    "a probe built from the options below (token probes: the smaller vocabulary; embedding probes: "
-                    "mean/std of A's embedding matrix). p is one-sided: p = 1 - Phi(z).")
+    cmp_ = command(
+        "compare", "test whether B is descended from A",
+        "Test whether B descends from A (A is the base). Each is a model directory, a Lightning .ckpt or a "
+        "fingerprint file. Models are probed with a fingerprint's spec when one is given; two models share "
+        "a probe built from the options below (token probes: the smaller vocabulary; embedding probes: "
+        "mean/std of A's embedding matrix). p is one-sided: p = 1 - Phi(z).")
     cmp_.add_argument("a", metavar="A", help="base: model directory, .ckpt or fingerprint file")
     cmp_.add_argument("b", metavar="B", help="target: model directory, .ckpt or fingerprint file")
-    cmp_.add_argument("--json", action="store_true", help="print the result as JSON")
-    cmp_.add_argument("--expect", choices=("related", "unrelated"), default=None,
-                      help="exit 1 unless the verdict is this (for CI)")
+    _add_verdict_output(cmp_, json_help="print the result as JSON",
+                        expect_help="exit 1 unless the verdict is this (for CI)")
     _add_judge_options(cmp_, applies="only when A and B are both models")
     cmp_.set_defaults(handler=_cmd_compare)
 
-    plot = sub.add_parser(
-        "plot", help="draw drift curves from TensorBoard logs", epilog=EXIT_CODES_EPILOG, formatter_class=formatter,
-        description="Draw the seedprints/* scalars SeedPrintsCallback logged: z per step (symlog axis), the "
-                    "negative-control band, the decision threshold and the steps judged not related, one curve per "
-                    "run (every directory with events.out.tfevents.* files).")
+    plot = command(
+        "plot", "draw drift curves from TensorBoard logs",
+        "Draw the seedprints/* scalars SeedPrintsCallback logged: z per step (symlog axis), the "
+        "negative-control band, the decision threshold and the steps judged not related, one curve per "
+        "run (every directory with events.out.tfevents.* files).")
     plot.add_argument("logdirs", nargs="+", metavar="LOGDIR", help="TensorBoard log directory (searched recursively)")
     plot.add_argument("-o", "--output", default=None, metavar="PNG", help="output image (default: LOGDIR/drift.png)")
     plot.add_argument("--title", default=None, help="figure title")
     plot.set_defaults(handler=_cmd_plot)
 
-    audit = sub.add_parser(
-        "audit", help="test checkpoints against a reference, or re-verify a run's custody chain",
-        epilog=EXIT_CODES_EPILOG, formatter_class=formatter,
-        description="Probe each checkpoint with the reference's spec and test it against the reference (a fingerprint "
-                    "file, or a model directory / .ckpt fingerprinted with the probe options). A directory argument "
-                    "expands to the .ckpt files and model directories in it, sorted by their global_step. "
-                    "With --chain RUN_DIR [CKPT]: re-verify the custody ledger SeedPrintsCallback wrote (hash chain, "
-                    "features files, every link recomputed) and, given a checkpoint, that it descends from the chain.")
+    audit = command(
+        "audit", "test checkpoints against a reference, or re-verify a run's custody chain",
+        "Probe each checkpoint with the reference's spec and test it against the reference (a fingerprint "
+        "file, or a model directory / .ckpt fingerprinted with the probe options). A directory argument "
+        "expands to the .ckpt files and model directories in it, sorted by their global_step. "
+        "With --chain RUN_DIR [CKPT]: re-verify the custody ledger SeedPrintsCallback wrote (hash chain, "
+        "features files, every link recomputed) and, given a checkpoint, that it descends from the chain.")
     audit.add_argument("reference", metavar="REFERENCE", nargs="?", default=None,
                        help="fingerprint file, model directory or .ckpt (with --chain: the optional checkpoint)")
     audit.add_argument("checkpoints", nargs="*", metavar="CHECKPOINTS",
@@ -835,20 +841,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "tampering (exit 5). Never read from the run directory")
     audit.add_argument("-o", "--output", default=None, metavar="PNG", help="also draw z against step into this PNG")
     audit.add_argument("--title", default=None, help="figure title (with -o)")
-    audit.add_argument("--json", action="store_true", help="print the rows as JSON")
-    audit.add_argument("--expect", choices=("related", "unrelated"), default=None,
-                       help="exit 1 if any checkpoint's verdict differs from this")
+    _add_verdict_output(audit, json_help="print the rows as JSON",
+                        expect_help="exit 1 if any checkpoint's verdict differs from this")
     _add_judge_options(audit, applies="only when REFERENCE is a model")
     audit.set_defaults(handler=_cmd_audit)
 
-    ident = sub.add_parser(
-        "identify", help="which recorded run did a checkpoint come from?", epilog=EXIT_CODES_EPILOG,
-        formatter_class=formatter,
-        description="Probe CKPT once per probe spec of the runs and test it against every run's reference and every "
-                    "probe its ledger recorded (each run's custody rule against its controls, Bonferroni over every "
-                    "test). Names the matching run and the steps it links to, or none. RUN_DIR is a run's seedprints "
-                    "directory (or the log directory holding it), or a directory holding many runs (searched "
-                    "recursively). Exit 0: a run matches; 1: none; 6: none, but some test could not be made.")
+    ident = command(
+        "identify", "which recorded run did a checkpoint come from?",
+        "Probe CKPT once per probe spec of the runs and test it against every run's reference and every "
+        "probe its ledger recorded (each run's custody rule against its controls, Bonferroni over every "
+        "test). Names the matching run and the steps it links to, or none. RUN_DIR is a run's seedprints "
+        "directory (or the log directory holding it), or a directory holding many runs (searched "
+        "recursively). Exit 0: a run matches; 1: none; 6: none, but some test could not be made.")
     ident.add_argument("checkpoint", metavar="CKPT", help=".ckpt, save_pretrained directory or fingerprint file")
     ident.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories holding them")
     ident.add_argument("--alpha", type=_alpha, default=0.01,
