@@ -217,3 +217,15 @@ if __name__ == "__main__":
     import sys
 
     exit_after_report(lambda: _worker(sys.argv[1], Path(sys.argv[2])))
+
+
+def test_hooks_called_without_a_trainer_say_where_the_metrics_go(tmp_path):
+    from types import SimpleNamespace
+
+    callback = _callback(num_controls=0, save_dir=tmp_path / "seedprints")
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    with pytest.warns(IdentityWarning, match="could not find the transformers Trainer.*log_dir"):
+        callback.on_train_begin(args, SimpleNamespace(global_step=0), SimpleNamespace(should_training_stop=False),
+                                model=make_tiny_lm(0))
+    callback.on_train_end(args, SimpleNamespace(global_step=0), SimpleNamespace(should_training_stop=False),
+                          model=make_tiny_lm(0))

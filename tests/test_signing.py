@@ -412,3 +412,23 @@ def test_save_records_are_signed_too(tmp_path, key_file):
     record = ledger.record_save(3, "b" * 64)
     assert record["signature"]["key_id"] == signer.key_id and "signer" not in repr(ledger).replace("signed", "")
     assert check_signed_ledger((tmp_path / "custody.jsonl").read_bytes().splitlines(), signer.public_key) == []
+
+
+@pytest.mark.parametrize("face", ["SeedPrintsMonitor", "SeedPrintsCallback", "SeedPrintsTrainerCallback",
+                                  "SeedPrintsFabricCallback"])
+def test_every_face_refuses_a_bad_signing_key_at_construction(tmp_path, monkeypatch, face):
+    import seedprints_lightning
+
+    cls = getattr(seedprints_lightning, face)
+    (tmp_path / "junk.pem").write_text("not a key")
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "rsa.pem").write_bytes(rsa_key.private_bytes(serialization.Encoding.PEM,
+                                                             serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+    for path, match in ((tmp_path / "missing.pem", "missing.pem"), (tmp_path / "junk.pem", "junk.pem"),
+                        (tmp_path / "rsa.pem", "rsa.pem")):
+        with pytest.raises(InputError, match=match):  # before any model or training step exists
+            cls(save_dir=tmp_path / "run", signing_key=path)
+    monkeypatch.setenv(ENV_SIGNING_KEY, str(tmp_path / "junk.pem"))  # the environment variable is checked alike
+    with pytest.raises(InputError, match="junk.pem"):
+        cls(save_dir=tmp_path / "run")

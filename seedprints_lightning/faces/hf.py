@@ -60,6 +60,10 @@ class SeedPrintsTrainerCallback(SeedPrintsMonitor, TrainerCallback):
         if self.save_dir is None:
             self.save_dir = Path(args.output_dir) / "seedprints"
         self._trainer = _calling_trainer()
+        if self._trainer is None and self.log_dir is None:
+            self._warn("SeedPrints: SeedPrintsTrainerCallback could not find the transformers Trainer calling it, so "
+                       "its metrics reach no report_to integration (only .history and the ledger); pass "
+                       "log_dir=... to write them to TensorBoard")
         if step > 0 and not self.chain.restored:
             saved = self.checkpoint_dir(args, step) / HF_TRAINER_STATE_FILE
             if saved.is_file():  # otherwise start() names what is missing
