@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -231,13 +230,19 @@ def test_a_rank_that_fails_to_build_raises_on_every_rank_without_deadlock():
         assert isinstance(result, InputError) and "rank 1: RuntimeError: out of memory" in str(result)
 
 
+def _chain():
+    """A chain whose reference fixes the probe spec and width (what _ensure_controls reads)."""
+    from seedprints_lightning import CustodyChain, Fingerprint
+
+    return CustodyChain(Fingerprint(features=torch.zeros(SPEC.num_samples, 4), spec=SPEC, step=0))
+
+
 def test_single_process_runs_build_every_control_as_before():
     from seedprints_lightning.core.processes import Processes
 
     built_by: dict = {}
     source = _source(built_by, rank_of=lambda: 0)
-    chain = SimpleNamespace(reference=SimpleNamespace(spec=SPEC, features=torch.zeros(SPEC.num_samples, 4)),
-                            controls=ControlSet.none())
+    chain = _chain()
     _ensure_controls(chain, None, Processes(), source)
     assert built_by == {0: list(control_seeds(5))} and len(chain.controls) == 5
 
@@ -251,8 +256,7 @@ def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         built_by: dict = {}
         source = _source(built_by, rank_of=lambda: rank)
-        chain = SimpleNamespace(reference=SimpleNamespace(spec=SPEC, features=torch.zeros(SPEC.num_samples, 4)),
-                                controls=ControlSet.none())
+        chain = _chain()
         _ensure_controls(chain, None, torch_processes(), source)
         torch.save({"built": built_by.get(rank, []), "features": chain.controls.features,
                     "seeds": chain.controls.seeds}, f"{out_dir}/rank{rank}.pt")

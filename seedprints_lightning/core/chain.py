@@ -234,6 +234,12 @@ class CustodyChain:
         self.ledger = ledger
         self.next_index, self.last_sha256 = ledger.next_index, ledger.last_sha256
 
+    def use_controls(self, controls: ControlSet) -> None:
+        """Judge the next probes against ``controls`` (restored, loaded from a file, or built at train start)."""
+        if not isinstance(controls, ControlSet):
+            raise InputError(f"controls must be a ControlSet, got {type(controls).__name__}")
+        self.controls = controls
+
     def keep_records(self, keep: bool) -> None:
         """Whether this chain numbers its probes as ledger records (False: a run that writes no file)."""
         self.keeps_records = bool(keep)

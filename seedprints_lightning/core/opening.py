@@ -227,19 +227,20 @@ def _ensure_controls(chain: CustodyChain, run: RunDirectory | None, processes: P
     """
     seeds, spec = control_seeds(source.num_controls), chain.reference.spec
     if not seeds:
-        chain.controls = ControlSet.none()
+        chain.use_controls(ControlSet.none())
         return
     restored = chain.controls.matches(spec, chain.reference.features.shape) and chain.controls.seeds == seeds
     if not restored and source.file is not None:
         source.file.check_fits(spec, source.identity.get("config_digest"), source.file_path)
-        chain.controls, restored = source.file, True
+        chain.use_controls(source.file)
+        restored = True
     if not restored:
         world = _control_world(processes)
         if world is None:
             built = source.build(seeds, spec)
-            chain.controls = dataclasses.replace(built, features=processes.broadcast(built.features))
+            chain.use_controls(dataclasses.replace(built, features=processes.broadcast(built.features)))
         else:
-            chain.controls = _build_split(source, seeds, spec, *world)
+            chain.use_controls(_build_split(source, seeds, spec, *world))
     if run is not None and processes.is_writer and (not restored or not run.controls_path.exists()):
         chain.controls.save(run.controls_path, **source.identity)
 

@@ -118,7 +118,7 @@ class SeedPrintsCallback(SeedPrintsFace, *CALLBACK_BASES):  # type: ignore[misc]
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._skips(trainer):
             return
-        self._trainer, self._process_group, self.started = trainer, processes_of(trainer), False
+        self._trainer, self._process_group = trainer, processes_of(trainer)
         if self.settings.save_dir is None:
             base = trainer.log_dir  # a collective under DDP: every rank gets here
             self.save_dir = Path(base if base else trainer.default_root_dir) / "seedprints"
