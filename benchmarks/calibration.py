@@ -47,7 +47,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,6 +150,10 @@ class CalibrationConfig:
     @property
     def max_controls(self) -> int:
         return max(self.num_controls, default=0)
+
+    def probe_settings(self) -> Iterator[tuple[str, float]]:
+        """Every ``(probe kind, identity ratio k/D)`` tested, kind-major: the order of the records and table rows."""
+        return itertools.product(self.probe_kinds, self.ratios)
 
 
 def full_config() -> CalibrationConfig:
@@ -305,17 +309,16 @@ class CalibrationReport:
             "| peers FP | peers z mean / max |")
         add("|---|---|---|---|---|---|---|---|---|---|")
         for m in cfg.models:
-            for kind in cfg.probe_kinds:
-                for ratio in cfg.ratios:
-                    init = self.select(model=m.name, kind=kind, ratio=ratio, relation="init")
-                    add(f"| {m.name} | {kind} | {ratio:g} | 0 (init pairs) | | | {_rate(init)} | {_mean_max(init)} "
-                        "| | |")
-                    for step in cfg.steps[1:]:
-                        own = self.select(model=m.name, kind=kind, ratio=ratio, relation="own", step=step)
-                        cross = self.select(model=m.name, kind=kind, ratio=ratio, relation="cross", step=step)
-                        peers = self.select(model=m.name, kind=kind, ratio=ratio, relation="peers", step=step)
-                        add(f"| {m.name} | {kind} | {ratio:g} | {step} | {_rate(own)} | {_mean_min(own)} | "
-                            f"{_rate(cross)} | {_mean_max(cross)} | {_rate(peers)} | {_mean_max(peers)} |")
+            for kind, ratio in cfg.probe_settings():
+                init = self.select(model=m.name, kind=kind, ratio=ratio, relation="init")
+                add(f"| {m.name} | {kind} | {ratio:g} | 0 (init pairs) | | | {_rate(init)} | {_mean_max(init)} "
+                    "| | |")
+                for step in cfg.steps[1:]:
+                    own = self.select(model=m.name, kind=kind, ratio=ratio, relation="own", step=step)
+                    cross = self.select(model=m.name, kind=kind, ratio=ratio, relation="cross", step=step)
+                    peers = self.select(model=m.name, kind=kind, ratio=ratio, relation="peers", step=step)
+                    add(f"| {m.name} | {kind} | {ratio:g} | {step} | {_rate(own)} | {_mean_min(own)} | "
+                        f"{_rate(cross)} | {_mean_max(cross)} | {_rate(peers)} | {_mean_max(peers)} |")
         add("")
 
     def _table_worst(self, add, alpha_z: float) -> None:
@@ -325,15 +328,14 @@ class CalibrationReport:
         add("| probe | k/D | own z min | own det | cross z max | cross FP | peers z max | peers FP | init z max | "
             "init FP |")
         add("|---|---|---|---|---|---|---|---|---|---|")
-        for kind in cfg.probe_kinds:
-            for ratio in cfg.ratios:
-                cells = []
-                for rel in ("own", "cross", "peers", "init"):
-                    recs = self.select(kind=kind, ratio=ratio, relation=rel)
-                    zs = [r.z for r in recs]
-                    worst = (min(zs) if rel == "own" else max(zs)) if zs else float("nan")
-                    cells += [f"{worst:.1f}", _rate(recs)]
-                add(f"| {kind} | {ratio:g} | " + " | ".join(cells) + " |")
+        for kind, ratio in cfg.probe_settings():
+            cells = []
+            for rel in ("own", "cross", "peers", "init"):
+                recs = self.select(kind=kind, ratio=ratio, relation=rel)
+                zs = [r.z for r in recs]
+                worst = (min(zs) if rel == "own" else max(zs)) if zs else float("nan")
+                cells += [f"{worst:.1f}", _rate(recs)]
+            add(f"| {kind} | {ratio:g} | " + " | ".join(cells) + " |")
         add("")
 
     @staticmethod
@@ -359,19 +361,18 @@ class CalibrationReport:
         add("| probe | k/D | controls | own min(z - ctl max) | cross max | peers max | init max | feasible margins |")
         add("|---|---|---|---|---|---|---|---|")
         alpha_z = z_threshold(cfg.alpha)
-        for kind in cfg.probe_kinds:
-            for ratio in cfg.ratios:
-                for c in cfg.num_controls:
-                    own = [r.slack(c) for r in self.select(kind=kind, ratio=ratio, relation="own")]
-                    cells, worst_unrel = [], -math.inf
-                    for rel in UNRELATED:
-                        s = [r.slack(c) for r in self.select(kind=kind, ratio=ratio, relation=rel) if r.z > alpha_z]
-                        v = max(s) if s else -math.inf
-                        worst_unrel = max(worst_unrel, v)
-                        cells.append("(none > z_alpha)" if not s else f"{v:.1f}")
-                    lo, hi = max(0.0, worst_unrel), (min(own) if own else math.nan)
-                    feas = f"[{lo:.1f}, {hi:.1f})" if hi > lo else "none"
-                    add(f"| {kind} | {ratio:g} | {c} | {hi:.1f} | " + " | ".join(cells) + f" | {feas} |")
+        for kind, ratio in cfg.probe_settings():
+            for c in cfg.num_controls:
+                own = [r.slack(c) for r in self.select(kind=kind, ratio=ratio, relation="own")]
+                cells, worst_unrel = [], -math.inf
+                for rel in UNRELATED:
+                    s = [r.slack(c) for r in self.select(kind=kind, ratio=ratio, relation=rel) if r.z > alpha_z]
+                    v = max(s) if s else -math.inf
+                    worst_unrel = max(worst_unrel, v)
+                    cells.append("(none > z_alpha)" if not s else f"{v:.1f}")
+                lo, hi = max(0.0, worst_unrel), (min(own) if own else math.nan)
+                feas = f"[{lo:.1f}, {hi:.1f})" if hi > lo else "none"
+                add(f"| {kind} | {ratio:g} | {c} | {hi:.1f} | " + " | ".join(cells) + f" | {feas} |")
         add("")
 
     def _table_verdict(self, add) -> None:
@@ -382,15 +383,14 @@ class CalibrationReport:
             return
         add("| probe | k/D | controls | margin | own | cross | peers | init | own: longest miss streak |")
         add("|---|---|---|---|---|---|---|---|---|")
-        for kind in cfg.probe_kinds:
-            for ratio in cfg.ratios:
-                for c in (0,) + tuple(cfg.num_controls):
-                    for margin in (cfg.margins if c else (0.0,)):
-                        check = self.defaults_check(kind, ratio, c, margin)
-                        counts = (check.get(r, (0, 0)) for r in ("own", "cross", "peers", "init"))
-                        cells = [f"{h}/{t}" for h, t in counts]
-                        streak = self.own_miss_streak(kind, ratio, c, margin)
-                        add(f"| {kind} | {ratio:g} | {c} | {margin:g} | " + " | ".join(cells) + f" | {streak} |")
+        for kind, ratio in cfg.probe_settings():
+            for c in (0,) + tuple(cfg.num_controls):
+                for margin in (cfg.margins if c else (0.0,)):
+                    check = self.defaults_check(kind, ratio, c, margin)
+                    counts = (check.get(r, (0, 0)) for r in ("own", "cross", "peers", "init"))
+                    cells = [f"{h}/{t}" for h, t in counts]
+                    streak = self.own_miss_streak(kind, ratio, c, margin)
+                    add(f"| {kind} | {ratio:g} | {c} | {margin:g} | " + " | ".join(cells) + f" | {streak} |")
         add("")
 
     def _table_robustness(self, add) -> None:
@@ -414,22 +414,21 @@ class CalibrationReport:
         add(head)
         add("|" + "---|" * (8 + len(margins)))
         for m in cfg.models:
-            for kind in cfg.probe_kinds:
-                for ratio in cfg.ratios:
-                    for v in ("plain",) + tuple(variants):
-                        step = cfg.steps[-1] + (cfg.domain_steps if v == "code" else 0)
-                        own = self.select(model=m.name, kind=kind, ratio=ratio, relation="own", variant=v, step=step)
-                        cross = self.select(model=m.name, kind=kind, ratio=ratio, relation="cross", variant=v,
-                                            step=step)
-                        if not own:
-                            continue
-                        verdicts = []
-                        for mg in margins:
-                            ho, to = self.verdict_rates(own, c, mg)
-                            hc, tc = self.verdict_rates(cross, c, mg)
-                            verdicts.append(f"{ho}/{to} / {hc}/{tc}")
-                        add(f"| {m.name} | {kind} | {ratio:g} | {v} | {min(r.z for r in own):.1f} | {_rate(own)} | "
-                            f"{max(r.z for r in cross):.1f} | {_rate(cross)} | " + " | ".join(verdicts) + " |")
+            for kind, ratio in cfg.probe_settings():
+                for v in ("plain",) + tuple(variants):
+                    step = cfg.steps[-1] + (cfg.domain_steps if v == "code" else 0)
+                    own = self.select(model=m.name, kind=kind, ratio=ratio, relation="own", variant=v, step=step)
+                    cross = self.select(model=m.name, kind=kind, ratio=ratio, relation="cross", variant=v,
+                                        step=step)
+                    if not own:
+                        continue
+                    verdicts = []
+                    for mg in margins:
+                        ho, to = self.verdict_rates(own, c, mg)
+                        hc, tc = self.verdict_rates(cross, c, mg)
+                        verdicts.append(f"{ho}/{to} / {hc}/{tc}")
+                    add(f"| {m.name} | {kind} | {ratio:g} | {v} | {min(r.z for r in own):.1f} | {_rate(own)} | "
+                        f"{max(r.z for r in cross):.1f} | {_rate(cross)} | " + " | ".join(verdicts) + " |")
         add("")
 
     def _table_n_scaling(self, add) -> None:
@@ -667,29 +666,28 @@ def _test_pairs(cfg: CalibrationConfig, model_name: str, feats, controls) -> lis
                     pairs.append(("cross", variant, step, ("plain", s, 0), (variant, s2, step)))
 
     records: list[PairRecord] = []
-    for kind in cfg.probe_kinds:
-        for ratio in cfg.ratios:
-            def test(base, target, n=None, ratio=ratio):
-                if n is not None:
-                    base, target = base[:n], target[:n]
-                return lineage_test(base, target, identity_ratio=ratio, alpha=cfg.alpha)
+    for kind, ratio in cfg.probe_settings():
+        def test(base, target, n=None, ratio=ratio):
+            if n is not None:
+                base, target = base[:n], target[:n]
+            return lineage_test(base, target, identity_ratio=ratio, alpha=cfg.alpha)
 
-            control_cache: dict[tuple, tuple[LineageResult, ...]] = {}
-            for relation, variant, step, base_key, target_key in pairs:
-                target = feats[target_key][kind]
-                if target_key not in control_cache:
-                    control_cache[target_key] = tuple(test(c, target) for c in controls.get(kind, ()))
-                records.append(PairRecord(
-                    model=model_name, kind=kind, ratio=ratio, n=cfg.num_samples, relation=relation, variant=variant,
-                    step=step, base_seed=base_key[1], target_seed=target_key[1],
-                    reference=test(feats[base_key][kind], target), controls=control_cache[target_key]))
-                if math.isclose(ratio, cfg.n_scaling_ratio) and variant == "plain" and relation != "peers":
-                    for n in cfg.n_scaling:
-                        if n < cfg.num_samples:
-                            records.append(PairRecord(
-                                model=model_name, kind=kind, ratio=ratio, n=n, relation=relation, variant=variant,
-                                step=step, base_seed=base_key[1], target_seed=target_key[1],
-                                reference=test(feats[base_key][kind], target, n)))
+        control_cache: dict[tuple, tuple[LineageResult, ...]] = {}
+        for relation, variant, step, base_key, target_key in pairs:
+            target = feats[target_key][kind]
+            if target_key not in control_cache:
+                control_cache[target_key] = tuple(test(c, target) for c in controls.get(kind, ()))
+            records.append(PairRecord(
+                model=model_name, kind=kind, ratio=ratio, n=cfg.num_samples, relation=relation, variant=variant,
+                step=step, base_seed=base_key[1], target_seed=target_key[1],
+                reference=test(feats[base_key][kind], target), controls=control_cache[target_key]))
+            if math.isclose(ratio, cfg.n_scaling_ratio) and variant == "plain" and relation != "peers":
+                for n in cfg.n_scaling:
+                    if n < cfg.num_samples:
+                        records.append(PairRecord(
+                            model=model_name, kind=kind, ratio=ratio, n=n, relation=relation, variant=variant,
+                            step=step, base_seed=base_key[1], target_seed=target_key[1],
+                            reference=test(feats[base_key][kind], target, n)))
     return records
 
 

@@ -4,7 +4,8 @@
 
 A streamed control (``probe_streamed_control``: each block drawn from the model's init on its
 own, seeded by (seed, block name)) is not bit-identical to the whole-model control of the same
-seed (``build_control_model``: one RNG stream over the whole model). Both must be draws from the
+seed (``from_config`` under ``torch.manual_seed(seed)``: one RNG stream over the whole model, the
+``"whole"`` scheme). Both must be draws from the
 same init distribution, so the unrelated-model null they measure must agree. For each config,
 ``--controls`` controls of each kind are tested against one fixed fresh "live" model
 (``safe_lineage_test(control, live)``, as the verdict does), and the two samples of z and of the
@@ -61,7 +62,7 @@ def run(num_controls: int, num_samples: int) -> None:
     from scipy.stats import ks_2samp, mannwhitneyu
     from transformers import AutoModelForCausalLM
 
-    from seedprints_lightning.core.controls import build_control_model, control_seeds
+    from seedprints_lightning.core.controls import control_seeds
     from seedprints_lightning.core.layerwise import probe_streamed_control
     from seedprints_lightning.core.probes import ProbeSpec, extract_features
     from seedprints_lightning.core.verdict import safe_lineage_test
@@ -80,7 +81,10 @@ def run(num_controls: int, num_samples: int) -> None:
         live_features = extract_features(live, spec)
         results: dict[str, list[Any]] = {"whole": [], "streamed": []}
         for seed in seeds:
-            whole = extract_features(build_control_model(live, seed), spec)
+            # The whole-model recipe (INIT_WHOLE), not build_control_model: that builds the streamed
+            # twin for these architectures, which would compare the streamed controls with themselves.
+            torch.manual_seed(seed)
+            whole = extract_features(AutoModelForCausalLM.from_config(config).eval(), spec)
             streamed = probe_streamed_control(config, seed, spec)
             results["whole"].append(safe_lineage_test(whole, live_features, alpha=0.01))
             results["streamed"].append(safe_lineage_test(streamed, live_features, alpha=0.01))

@@ -220,7 +220,7 @@ def test_identity_kept_llama_logs_tags_and_files(tmp_path):
     assert [h["related"] for h in cb.history] == [True, True, True]
     assert all(h["link_z"] > h["link_threshold"] for h in cb.history)
     assert [h["anchor_step"] for h in cb.history] == [0, 10, 20]  # each held link becomes the next anchor
-    assert cb.last_verdict.related is True and cb.reference_source == "step0" and cb.chain.consecutive_failures == 0
+    assert cb.last_verdict.related is True and cb.reference_source == "step0" and cb.chain.failures.consecutive == 0
     for tag in METRIC_TAGS:
         value = trainer.callback_metrics[tag]
         assert isinstance(value, torch.Tensor) and math.isfinite(float(value))
@@ -274,7 +274,7 @@ def test_identity_kept_qwen2(tmp_path, capsys):
     # The step-0 work shows progress, one rank-zero line per control (minutes for a large model).
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[seedprints] control")]
     assert [line.split(" probed")[0] for line in progress] == [
-        f"[seedprints] control {i}/3 (init seed {1_000_003 + i - 1})" for i in (1, 2, 3)]
+        f"[seedprints] control {i}/3 (init seed {1_000_003 + i - 1}, streamed block by block)" for i in (1, 2, 3)]
     assert [h["step"] for h in cb.history] == [10, 20, 30]
     assert all(h["related"] is True for h in cb.history)
     assert cb.reference.model_class == "Qwen2ForCausalLM"
@@ -654,7 +654,7 @@ def test_count_undetermined_false_warns_once_and_does_not_count(tmp_path):
         trainer.fit(Bag(), loader())
     assert sum("undetermined" in str(w.message) for w in record) == 1
     assert [h["related"] for h in cb.history] == [None, None, None]
-    assert cb.chain.consecutive_failures == 0
+    assert cb.chain.failures.consecutive == 0
     # Nothing measured, nothing logged as a figure; the verdict is its own value.
     assert all(h["z"] is None and h["log10_p"] is None and h["undetermined"] == 1.0 for h in cb.history)
     assert float(trainer.callback_metrics["seedprints/related"]) == -1.0

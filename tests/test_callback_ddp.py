@@ -142,6 +142,10 @@ def _worker(mode: str, out: Path) -> int:
     report = {"rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step, "probed": probed,
               "history": cb.history, "error": type(error).__name__ if error else None,
               "message": str(error) if error else None, "barrier_after_fit": True}
+    if sharded:  # the end probe ran no backward: its forwards' gathered root must have been freed again
+        from torch.distributed.tensor import DTensor
+
+        report["root_sharded_after_fit"] = isinstance(module.model.get_input_embeddings().weight, DTensor)
     (out / f"{mode}-rank{rank}.json" if mode.endswith(("save", "resume")) else out / f"rank{rank}.json").write_text(
         json.dumps(report))
     if error is None:
@@ -190,9 +194,11 @@ def test_two_cpu_processes_match_single_process(tmp_path, mode):
     assert (rank0["rank"], rank1["rank"], rank0["world_size"]) == (0, 1, 2)
     assert [h["step"] for h in rank0["history"]] == [3, 6] == [h["step"] for h in rank1["history"]]
     # The probe is split over the ranks: each probed 60 of the 120 samples per measurement (the
-    # step-0 reference and two probes); the controls (120 each) are probed whole on every rank.
+    # step-0 reference and two probes); the controls are split over the ranks and drawn block by block.
     for report in (rank0, rank1):
         assert [p for p in report["probed"] if p != 120] == [60, 60, 60], report["probed"]
+        if mode.startswith("fsdp2"):  # the probe leaves FSDP2's root sharded, as it found it
+            assert report["root_sharded_after_fit"] is True
     assert all(h["related"] is True for h in rank0["history"] + rank1["history"])
     for h0, h1 in zip(rank0["history"], rank1["history"]):
         assert h0["z"] == pytest.approx(h1["z"], rel=1e-9) and h0["control_z"] == pytest.approx(

@@ -109,7 +109,7 @@ def test_state_round_trip_continues_the_same_ledger(tmp_path):
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)  # plain types and CPU tensors only
     assert saved["seedprints"]["format_version"] == STATE_FORMAT_VERSION
-    loop.chain.ledger.close()  # the first process ends: its run directory's lock goes with it
+    loop.chain.cursor.ledger.close()  # the first process ends: its run directory's lock goes with it
 
     resumed = HandLoop(tmp_path, chain=CustodyChain(schedule=ProbeSchedule(every_n_steps=4), patience=1))
     resumed.model.load_state_dict(saved["model"])
@@ -215,3 +215,44 @@ def test_load_state_dict_of_a_newer_seedprints_state_asks_to_upgrade(tmp_path):
     state["format_version"] = STATE_FORMAT_VERSION + 1
     with pytest.raises(InputError, match=f"format version {STATE_FORMAT_VERSION + 1}.*upgrade the package"):
         CustodyChain().load_state_dict(state)
+
+
+# ------------------------------------------------------------------ the chain's counters
+
+
+def test_the_chain_alone_changes_its_counters():
+    import dataclasses
+
+    from seedprints_lightning.core.counters import FailureCount, LedgerCursor
+
+    chain = CustodyChain(patience=3, count_undetermined=False)
+    for name, value in (("cursor", LedgerCursor()), ("failures", FailureCount())):
+        with pytest.raises(AttributeError):
+            setattr(chain, name, value)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        chain.cursor.next_index = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        chain.failures.consecutive = 3
+    assert chain.failures == FailureCount(patience=3, count_undetermined=False, consecutive=0)
+    chain.number_records_from(4)
+    state = chain.state_dict()
+    assert (state["ledger_next_index"], state["ledger_last_sha256"], state["consecutive_failures"]) == (4, None, 0)
+    restored = CustodyChain()
+    restored.load_state_dict({**state, "ledger_last_sha256": "ab" * 32, "consecutive_failures": 2})
+    assert restored.cursor == LedgerCursor(4, "ab" * 32) and restored.failures.consecutive == 2
+
+    failures, exhausted = FailureCount(patience=2), []
+    for related in (False, None, True, False, False):
+        failures = failures.counted(related)
+        exhausted.append(failures.exhausted)
+    assert exhausted == [False, True, False, False, True]
+    assert FailureCount(patience=2, count_undetermined=False).counted(None).consecutive == 0
+    with pytest.raises(InputError, match="patience"):
+        FailureCount(patience=0)
+
+    cursor, written = LedgerCursor(), []
+    index, cursor = cursor.advanced(written.append)
+    assert index == 0 and written == [] and cursor.state_dict() == {"ledger_next_index": 1, "ledger_last_sha256": None}
+    assert cursor.rewound() == LedgerCursor() and cursor.at(7).next_index == 7
+    silent = dataclasses.replace(cursor, numbered=False)
+    assert silent.advanced(written.append) == (None, silent)

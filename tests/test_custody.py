@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from seedprints_lightning import Fingerprint, InputError, ProbeSpec
+from seedprints_lightning import Fingerprint, FingerprintFileError, InputError, ProbeSpec
 from seedprints_lightning.core.chain import Anchor, CustodyChain, verify_chain
 from seedprints_lightning.core.controls import ControlSet, save_controls
 from seedprints_lightning.core.files import file_sha256
@@ -33,6 +33,9 @@ from seedprints_lightning.core.ledger import (
     REFERENCE_FILE,
     CustodyLedger,
     RunDirectory,
+    decode_probe_features,
+    encode_probe_features,
+    load_probe_features,
     storage_features,
 )
 from seedprints_lightning.offline.cli import format_chain_table
@@ -63,7 +66,7 @@ class FakeRun:
 
     @property
     def ledger(self) -> CustodyLedger:
-        return self.chain.ledger
+        return self.chain.cursor.ledger
 
     @property
     def ledger_path(self) -> Path:
@@ -84,7 +87,7 @@ class FakeRun:
 
     def probe(self, step: int, features: torch.Tensor, event: str = "interval"):
         observed = self.chain.observe(step, features, event)
-        record = dict(json.loads(self.lines()[observed.record_index]), sha256=self.chain.last_sha256)
+        record = dict(json.loads(self.lines()[observed.record_index]), sha256=self.chain.cursor.last_sha256)
         self.last = features
         self.raws.append(features)
         self.verdicts.append(observed.verdict)
@@ -173,13 +176,63 @@ def test_probe_files_hold_fp16_features_exactly_as_tested(run):
     record = json.loads(run.lines()[2])
     # index, step, then the writing branch's token (no branch of the run overwrites another's files)
     assert re.fullmatch(r"probes/000002-step00000007-[0-9a-f]{8}\.safetensors", record["features_file"])
-    with safe_open(str(run.dir / record["features_file"]), framework="pt") as handle:
-        features = handle.get_tensor("features")
+    path = run.dir / record["features_file"]
+    with safe_open(str(path), framework="pt") as handle:
         assert json.loads(handle.metadata()["seedprints"]) == {"index": 2, "step": 7}
+        # packed: the low bytes as they are, the high bytes deflated (smaller than the plain n * D * 2)
+        assert sorted(handle.keys()) == ["features_high_bytes_deflated", "features_low_bytes"]
+        assert handle.get_tensor("features_high_bytes_deflated").numel() < N * D
+    features = load_probe_features(path)
     assert features.dtype == torch.float16 and features.shape == (N, D)
     assert torch.equal(features, storage_features(run.raws[2]))
     assert torch.equal(features, run.raws[2].to(torch.float16))
 
+
+
+def test_a_run_directory_of_plain_probe_files_still_verifies(run):
+    """Probe files written before the packed encoding (one plain fp16 ``features`` tensor) verify as before."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    lines = run.lines()
+    for i, line in enumerate(lines):
+        record = json.loads(line)
+        path = run.dir / record["features_file"]
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata()
+        save_file({"features": load_probe_features(path)}, str(path), metadata=meta)
+        record["features_sha256"] = file_sha256(path)
+        record["prev_sha256"] = sha256_bytes(lines[i - 1].encode("utf-8")) if i else record["prev_sha256"]
+        record.pop("sha256", None)
+        lines[i] = json.dumps(record, sort_keys=True, separators=(",", ":"))
+    run.write_lines(lines)
+    audit = verify_chain(run.dir)
+    assert audit.ok, [p.message for p in audit.problems]
+    assert [r["link"]["z"] for r in audit.records] == [v.link.z for v in run.verdicts]
+
+
+def test_packed_probe_features_round_trip_every_bit_and_fp32_stays_plain(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    features = (torch.randn(50, 40, generator=g) * 30).half()
+    features[0, :4] = torch.tensor([0.0, -0.0, 65504.0, 6e-8]).half()  # zero signs, the largest, a subnormal
+    packed = encode_probe_features(features)
+    back = decode_probe_features(packed, tmp_path / "p.safetensors")
+    assert back.dtype == torch.float16 and torch.equal(back.view(torch.int16), features.view(torch.int16))
+    wide = torch.randn(5, 4, generator=g) * 1e6
+    assert set(encode_probe_features(wide)) == {"features"}
+    assert torch.equal(decode_probe_features(encode_probe_features(wide), tmp_path / "q"), wide)
+
+
+def test_a_damaged_packed_probe_file_is_named(tmp_path):
+    packed = encode_probe_features(torch.randn(20, 8).half())
+    cut = dict(packed, features_high_bytes_deflated=packed["features_high_bytes_deflated"][:-5])
+    with pytest.raises(FingerprintFileError, match=r"p\.safetensors is damaged.*do not inflate"):
+        decode_probe_features(cut, tmp_path / "p.safetensors")
+    short = dict(packed, features_low_bytes=packed["features_low_bytes"][:-1])
+    with pytest.raises(FingerprintFileError, match="160 high bytes for 152 low bytes"):
+        decode_probe_features(short, tmp_path / "p.safetensors")
+    with pytest.raises(FingerprintFileError, match="not a probe's features.*newer version"):
+        decode_probe_features({"weights": torch.zeros(2)}, tmp_path / "p.safetensors")
 
 def test_chain_without_controls_verifies(tmp_path):
     run = make_run(tmp_path, controls=False, steps=(2, 4, 8))
@@ -407,7 +460,7 @@ def test_rewind_moves_later_records_aside_and_continues_the_chain(run):
     # The resumed run continues: its next records chain to record k - 1 and the chain verifies.
     # The checkpoint's callback state: the anchor is record 2's stored features.
     run.chain.anchor = Anchor(run_features(run, 2), 7, 2)
-    run.chain.next_index = k
+    run.chain.number_records_from(k)
     run.chain.attach_ledger(ledger)
     run.last = run.raws[2]
     run.probe(7, run.drift(), event="resume")
@@ -425,11 +478,8 @@ def test_rewind_moves_later_records_aside_and_continues_the_chain(run):
 
 
 def run_features(run: FakeRun, index: int) -> torch.Tensor:
-    from safetensors import safe_open
-
     record = json.loads(run.lines()[index])
-    with safe_open(str(run.dir / record["features_file"]), framework="pt") as handle:
-        return handle.get_tensor("features")
+    return load_probe_features(run.dir / record["features_file"])
 
 
 def test_rewind_to_the_end_or_beyond_moves_nothing(run):

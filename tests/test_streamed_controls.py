@@ -27,6 +27,7 @@ from seedprints_lightning.core.files import save_safetensors
 from seedprints_lightning.core.layerwise import build_streamed_control_model
 from seedprints_lightning.core.opening import ControlsSource, _build_split, _ensure_controls
 from seedprints_lightning.core.probes import ProbeSpec, extract_features
+from seedprints_lightning.core.processes import Processes
 from seedprints_lightning.offline.cli import EXIT_OK, main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -97,6 +98,25 @@ def test_in_run_control_is_the_precomputed_streamed_control_bit_for_bit(arch):
     torch.testing.assert_close(precomputed, in_run, atol=1e-5, rtol=0)
 
 
+
+def test_fingerprint_files_record_how_their_controls_were_drawn(tmp_path):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from seedprints_lightning.core.fingerprint import Fingerprint, fingerprint_model
+
+    streamed = fingerprint_model(make_tiny_lm(0), SPEC, num_controls=2)
+    assert streamed.controls_init_scheme == INIT_STREAMED
+    assert Fingerprint.load(streamed.save(tmp_path / "a.safetensors")).controls_init_scheme == INIT_STREAMED
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                            intermediate_size=64))
+    assert fingerprint_model(neox, SPEC, num_controls=1).controls_init_scheme == INIT_WHOLE
+    assert fingerprint_model(make_tiny_lm(0), SPEC).controls_init_scheme is None  # no controls, no scheme
+    # A file from before the field: loads, and says it was not recorded.
+    meta = streamed.metadata()
+    del meta["controls_init_scheme"]
+    old = Fingerprint.from_metadata(streamed.features, meta, controls=streamed.controls)
+    assert old.controls_init_scheme is None and old.control_seeds == streamed.control_seeds
+
 def test_in_run_control_in_bfloat16_follows_the_streamed_recipe():
     live = make_tiny_lm(0).to(torch.bfloat16)
     control = build_control_model(live, 9)
@@ -125,6 +145,30 @@ def test_whole_flag_and_unsupported_architectures_use_the_whole_recipe():
     control = build_control_model(GPTNeoXForCausalLM(neox), 3)
     assert control.seedprints_init_scheme == INIT_WHOLE
 
+
+
+def test_a_face_draws_its_default_controls_block_by_block_and_never_whole(monkeypatch):
+    """The in-run default build never holds a whole control: one block at a time, as the precomputed file."""
+    from seedprints_lightning.core import controls as controls_module
+    from seedprints_lightning.core import layerwise
+    from seedprints_lightning.faces.settings import FaceSettings
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a whole control was built in the run")
+
+    monkeypatch.setattr(controls_module, "build_control_model", refuse)
+    monkeypatch.setattr(layerwise, "build_streamed_control_model", refuse)
+    live = make_tiny_lm(0)
+    settings = FaceSettings.from_arguments(num_controls=2, probe_batch_size=5)
+    source = settings.controls_source(live, device=torch.device("cpu"), is_writer=False)
+    precomputed, seeds = controls_from_config(live.config, SPEC, 2, batch_size=5)
+    built = source.build(seeds, SPEC)
+    assert built.init_scheme == INIT_STREAMED and built.seeds == seeds and "block by block" in built.description
+    assert built.model_class == type(live).__name__
+    assert torch.equal(built.features, precomputed)
+    # A control_factory (or a feature_fn) is the user's own recipe: built whole, as before.
+    custom = FaceSettings.from_arguments(num_controls=1, control_factory=lambda seed: make_tiny_lm(seed))
+    assert custom.controls_source(live, device=None, is_writer=False).build(seeds[:1], SPEC).init_scheme == INIT_CUSTOM
 
 def test_control_sets_record_how_their_inits_were_drawn():
     live = make_tiny_lm(0)
@@ -197,7 +241,8 @@ def _run_ranks(world: int, source_for):
     def run(rank):
         local.rank = rank
         try:
-            results[rank] = _build_split(source, seeds, SPEC, rank, world, gather_for(rank))
+            processes = Processes(is_writer=rank == 0, rank=rank, world=world, all_gather=gather_for(rank))
+            results[rank] = _build_split(source, seeds, SPEC, processes)
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             results[rank] = exc
 
@@ -238,13 +283,18 @@ def _chain():
 
 
 def test_single_process_runs_build_every_control_as_before():
-    from seedprints_lightning.core.processes import Processes
-
     built_by: dict = {}
     source = _source(built_by, rank_of=lambda: 0)
     chain = _chain()
     _ensure_controls(chain, None, Processes(), source)
     assert built_by == {0: list(control_seeds(5))} and len(chain.controls) == 5
+
+
+def test_one_process_gathers_only_its_own_object_and_a_rank_must_be_in_its_world():
+    alone = Processes()
+    assert (alone.rank, alone.world, alone.all_gather("x")) == (0, 1, ["x"])
+    with pytest.raises(InputError, match="rank 2 of world 2"):
+        Processes(rank=2, world=2)
 
 
 def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

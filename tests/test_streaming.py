@@ -105,6 +105,36 @@ def test_streamed_blocks_are_read_one_at_a_time_and_freed(tmp_path, monkeypatch)
     assert all(p.device.type == "meta" for _, m in seen for p in m.parameters())  # all freed after
 
 
+
+def test_a_training_checkpoint_is_mapped_per_block_and_no_mapping_outlives_its_block(tmp_path, monkeypatch):
+    """Read pages of a mapping count as resident until it closes: no block's mapping may stay open."""
+    source = _save(tmp_path, "llama", "ckpt")
+    mapped: list = []  # weakrefs to every tensor a per-block mapping handed out
+    original = streaming.StateDictStore.read
+
+    def spy(self, keys):
+        assert not self.holds_tensors  # between reads the store keeps shapes only
+        remap = self._remap
+
+        def tracked():
+            weights = remap()
+            mapped.append([weakref.ref(t) for t in weights.values()])
+            return weights
+
+        self._remap = tracked
+        try:
+            return original(self, keys)
+        finally:
+            self._remap = remap
+            gc.collect()
+            assert all(ref() is None for ref in mapped[-1]), "a block's mapping outlived its read"
+
+    monkeypatch.setattr(streaming.StateDictStore, "read", spy)
+    whole, streamed = _both(source)
+    assert streamed.extra["load"]["path"] == "streamed"
+    assert len(mapped) >= 4  # embedding, 2 layers, norm: each mapped on its own
+    torch.testing.assert_close(streamed.features, whole.features, atol=1e-5, rtol=0)
+
 def test_auto_chooses_by_memory_and_says_so(tmp_path, monkeypatch):
     source = _save(tmp_path, "llama", "single")
     monkeypatch.setattr(streaming, "available_memory", lambda device=None: (10**12, "host memory available"))

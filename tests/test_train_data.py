@@ -160,14 +160,15 @@ def test_tokenize_directory_sorted_separated_recursive(tmp_path: Path) -> None:
     assert ByteTokenizer().decode(tokens) == f"ay{sep}bee{sep}see{sep}"
 
 
-def test_tokenize_directory_errors(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="does not exist"):
-        tokenize_directory(tmp_path / "missing")
+@pytest.mark.parametrize(("name", "kwargs", "message"), [
+    ("missing", {}, "does not exist"),
+    ("file.txt", {}, "is a file, not a directory"),
+    (".", {"dtype": "float32"}, "unknown token dtype"),
+])
+def test_tokenize_directory_errors(tmp_path: Path, name: str, kwargs: dict, message: str) -> None:
     (tmp_path / "file.txt").write_text("x")
-    with pytest.raises(InputError, match="is a file, not a directory"):
-        tokenize_directory(tmp_path / "file.txt")
-    with pytest.raises(InputError, match="unknown token dtype"):
-        tokenize_directory(tmp_path, dtype="float32")
+    with pytest.raises(InputError, match=message):
+        tokenize_directory(tmp_path / name, **kwargs)
 
 
 @pytest.mark.parametrize(("dtype", "high"), [("uint16", 65_535), ("uint32", 2**32 - 1)])

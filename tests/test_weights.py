@@ -71,7 +71,7 @@ def test_save_records_are_chained_skipped_in_the_replay_and_numbered_by_line(sav
     assert [r["step"] for r in audit.saves] == [3, 8] and all(v is None for v, k in zip(audit.recomputed, kinds) if k)
     history = saved_run["chain"].history
     assert [h["record_index"] for h in history] == [i for i, k in enumerate(kinds) if k is None]
-    assert saved_run["chain"].next_index == len(audit.records)
+    assert saved_run["chain"].cursor.next_index == len(audit.records)
     # identify reads the probes only
     assert len(load_runs(saved_run["run"])[0].probes) == len(history)
     # A save record edited (another digest) breaks the chain after it.

@@ -13,14 +13,17 @@ ledger's records through the same class, without writing, to re-verify a run off
 
 The chain holds the reference (the run's birth fingerprint), one
 :class:`~seedprints_lightning.core.controls.ControlSet`, the judging settings (:class:`ChainRules`),
-the anchor (the last probe whose own link held), the schedule position, the failure count and,
-on the process that writes files, a :class:`~seedprints_lightning.core.ledger.CustodyLedger`. Its
+the anchor (the last probe whose own link held), the schedule position, its run of failed probes
+(:class:`~seedprints_lightning.core.counters.FailureCount`) and its place in the ledger
+(:class:`~seedprints_lightning.core.counters.LedgerCursor`: on the process that writes files, with
+the :class:`~seedprints_lightning.core.ledger.CustodyLedger`). Its
 :meth:`~CustodyChain.state_dict` is the callback's checkpoint state (CPU tensors and plain
 types: it loads with ``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -32,8 +35,9 @@ from typing import Any
 
 import torch
 
-from .checks import check_bool, check_choice, check_int
+from .checks import check_choice, check_int
 from .controls import ControlSet
+from .counters import FailureCount, LedgerCursor
 from .errors import InputError
 from .files import file_sha256, is_seedprints_state
 from .fingerprint import Fingerprint
@@ -162,7 +166,11 @@ class ChainStep:
 
 
 class CustodyChain:
-    """The run's reference, controls, anchor, schedule position, failure count and ledger.
+    """The run's reference, controls, anchor, schedule position, failure count and ledger position.
+
+    The failure count (:attr:`failures`, a :class:`~seedprints_lightning.core.counters.FailureCount`)
+    and the ledger position (:attr:`cursor`, a :class:`~seedprints_lightning.core.counters.LedgerCursor`)
+    are frozen and read-only: only the chain moves them on.
 
     Args:
         reference: the birth fingerprint (``None`` until :meth:`begin` or :meth:`load_state_dict`).
@@ -194,23 +202,16 @@ class CustodyChain:
         self.controls = controls if controls is not None else ControlSet.none()
         self.rules = rules if rules is not None else ChainRules()
         self.schedule = schedule if schedule is not None else ProbeSchedule()
-        self.patience = check_int("patience", patience, low=1, hint="consecutive failed probes before acting")
-        self.count_undetermined = check_bool("count_undetermined", count_undetermined)
+        self._failures = FailureCount(patience, count_undetermined)
         self.initial_anchor = anchor
         self.anchor = anchor
         self.next_probe_step, self.interval = self.schedule.first()
         self.last_probed_step = -1
-        self.consecutive_failures = 0
         self.warned_undetermined = False
         self.warned_birth = False
         self.history: list[dict[str, Any]] = []
         self.last_verdict: ProbeVerdict | None = None
-        # The ledger position: every process counts records (so all know the anchor's index); the
-        # process that writes files holds the ledger too.
-        self.keeps_records = True
-        self.next_index = 0
-        self.last_sha256: str | None = None
-        self.ledger: CustodyLedger | None = None
+        self._cursor = LedgerCursor()
         self.restored = False
 
     # ------------------------------------------------------------------ set-up
@@ -221,7 +222,7 @@ class CustodyChain:
         self.last_probed_step = int(step)
         self.next_probe_step, self.interval = self.schedule.first()
         self.next_probe_step += int(step)
-        self.next_index, self.last_sha256, self.ledger = 0, None, None
+        self._cursor = LedgerCursor(numbered=self._cursor.numbered)
 
     def attach_ledger(self, ledger: CustodyLedger) -> None:
         """Write every further record to ``ledger``.
@@ -229,10 +230,7 @@ class CustodyChain:
         A new chain (no record yet) takes the ledger's position; a chain with records must find
         the ledger positioned right after its last record (a resume's ledger is rewound there).
         """
-        if self.next_index and ledger.next_index != self.next_index:
-            raise InputError(f"the ledger is at record {ledger.next_index} but the chain at {self.next_index}")
-        self.ledger = ledger
-        self.next_index, self.last_sha256 = ledger.next_index, ledger.last_sha256
+        self._cursor = self._cursor.attached(ledger)
 
     def use_controls(self, controls: ControlSet) -> None:
         """Judge the next probes against ``controls`` (restored, loaded from a file, or built at train start)."""
@@ -242,11 +240,11 @@ class CustodyChain:
 
     def keep_records(self, keep: bool) -> None:
         """Whether this chain numbers its probes as ledger records (False: a run that writes no file)."""
-        self.keeps_records = bool(keep)
+        self._cursor = dataclasses.replace(self._cursor, numbered=bool(keep))
 
     def number_records_from(self, index: int) -> None:
         """The next record's index: the writing process's ledger's (shared with every rank), or a replay's line."""
-        self.next_index = check_int("index", index, low=0)
+        self._cursor = self._cursor.at(index)
 
     def judge_by(self, rules: ChainRules) -> None:
         """Judge the next probes by ``rules`` (a replay uses each ledger record's own)."""
@@ -264,7 +262,7 @@ class CustodyChain:
         ref = self._require_reference()
         current = self.anchor if self.anchor is not None else Anchor(ref.features, int(ref.step or 0))
         self.initial_anchor = self.anchor = Anchor(storage_features(current.features), current.step)
-        self.next_index, self.last_sha256 = 0, None
+        self._cursor = self._cursor.rewound()
 
     def record_save(self, step: int, weights_sha256: str, checkpoint: str | None = None) -> int | None:
         """Record a checkpoint save (the digest of the weights it holds) as the chain's next record.
@@ -273,13 +271,17 @@ class CustodyChain:
         holding the ledger appends the record; every process advances the numbering alike.
         Returns the record's index (``None`` when the chain keeps no records).
         """
-        if not self.keeps_records:
-            return None
-        index = self.next_index
-        if self.ledger is not None:
-            self.last_sha256 = self.ledger.record_save(step, weights_sha256, checkpoint=checkpoint)["sha256"]
-        self.next_index = index + 1
+        index, self._cursor = self._cursor.advanced(
+            lambda ledger: ledger.record_save(step, weights_sha256, checkpoint=checkpoint))
         return index
+
+    @property
+    def cursor(self) -> LedgerCursor:
+        """Where the chain stands in its ledger (next record index, last record sha256, the ledger written).
+
+        Read-only and frozen: the set-up methods above and each record move it on.
+        """
+        return self._cursor
 
     @property
     def anchor_step(self) -> int | None:
@@ -345,53 +347,51 @@ class CustodyChain:
                       "link_related": verdict.link.related, "anchor_step": verdict.anchor_step,
                       "control_z": [float(z) for z in verdict.birth.control_z], "reason": verdict.reason,
                       "record_index": index, "next_step": int(self.next_probe_step),
-                      "consecutive_failures": int(self.consecutive_failures)})
+                      "consecutive_failures": int(self._failures.consecutive)})
         self.history.append(entry)
         return ChainStep(verdict=verdict, event=event, metrics=metrics, record_index=index,
-                         consecutive_failures=self.consecutive_failures, next_step=int(self.next_probe_step),
+                         consecutive_failures=self._failures.consecutive, next_step=int(self.next_probe_step),
                          identity_lost=identity_lost, reason=reason, notes=notes)
 
     def decide(self, verdict: ProbeVerdict) -> tuple[bool, str | None, tuple[ChainNote, ...]]:
         """Count ``verdict`` and decide: ``(identity lost, why, one-time notes)``.
 
         A failed probe counts, a held one resets the count. An undetermined one (the lineage could
-        not be measured) counts too when :attr:`count_undetermined` (the default): a chain must not
+        not be measured) counts too when ``count_undetermined`` (the default): a chain must not
         vouch for a model it cannot measure, and a swap to a model with degenerate hidden states,
         or a run that diverged to NaN, is then acted on after ``patience`` probes like a broken link.
         Otherwise it neither counts nor resets the count.
         """
-        if verdict.related is False or (verdict.related is None and self.count_undetermined):
-            self.consecutive_failures += 1
-        elif verdict.related is True:
-            self.consecutive_failures = 0
+        failures = self._failures = self._failures.counted(verdict.related)
         notes = []
         if verdict.related is None and not self.warned_undetermined:
             self.warned_undetermined = True
-            notes.append(ChainNote("undetermined", verdict, self.consecutive_failures, self.patience,
-                                   counted=self.count_undetermined))
+            notes.append(ChainNote("undetermined", verdict, failures.consecutive, failures.patience,
+                                   counted=failures.count_undetermined))
         if (self.rules.fail_on == "custody" and verdict.birth.related is False and verdict.link.related
                 and not self.warned_birth):
             self.warned_birth = True
-            notes.append(ChainNote("birth_faded", verdict, self.consecutive_failures, self.patience))
-        lost = verdict.related is not True and self.consecutive_failures >= self.patience
-        if not lost:
+            notes.append(ChainNote("birth_faded", verdict, failures.consecutive, failures.patience))
+        if not failures.exhausted:
             return False, None, tuple(notes)
         what = "could not be measured" if verdict.related is None else "is lost"
-        reason = (f"the lineage identity {what} at step {verdict.step}: {self.consecutive_failures} consecutive "
-                  f"failed or undetermined probes (patience {self.patience})")
+        reason = (f"the lineage identity {what} at step {verdict.step}: {failures.consecutive} consecutive "
+                  f"failed or undetermined probes (patience {failures.patience})")
         return True, reason + (f"; {verdict.reason}" if verdict.reason else ""), tuple(notes)
 
+    @property
+    def failures(self) -> FailureCount:
+        """The run of consecutive failed (and counted undetermined) probes, and the patience it is held to.
+
+        Read-only and frozen: :meth:`decide` counts each probe.
+        """
+        return self._failures
+
     def _record(self, verdict: ProbeVerdict, stored: torch.Tensor, event: str) -> int | None:
-        if not self.keeps_records:
-            return None
-        index = self.next_index
-        if self.ledger is not None:
-            record = self.ledger.append(verdict, stored, event=event,
-                                        anchor_index=None if self.anchor is None else self.anchor.index,
-                                        identity_mode=self.rules.identity_mode,
-                                        identity_ratio=self.rules.identity_ratio)
-            self.last_sha256 = record["sha256"]
-        self.next_index = index + 1
+        anchor_index = None if self.anchor is None else self.anchor.index
+        index, self._cursor = self._cursor.advanced(lambda ledger: ledger.append(
+            verdict, stored, event=event, anchor_index=anchor_index, identity_mode=self.rules.identity_mode,
+            identity_ratio=self.rules.identity_ratio))
         return index
 
     def _require_reference(self) -> Fingerprint:
@@ -416,10 +416,9 @@ class CustodyChain:
             "anchor_index": None if anchor is None else anchor.index,
             "next_probe_step": int(self.next_probe_step),
             "interval": int(self.interval),
-            "ledger_next_index": int(self.next_index),
-            "ledger_last_sha256": self.last_sha256,
+            **self._cursor.state_dict(),
             "last_probed_step": int(self.last_probed_step),
-            "consecutive_failures": int(self.consecutive_failures),
+            "consecutive_failures": int(self._failures.consecutive),
             "warned_undetermined": bool(self.warned_undetermined),
             "warned_birth": bool(self.warned_birth),
             "history": [dict(entry) for entry in self.history],
@@ -450,7 +449,7 @@ class CustodyChain:
             spec=None if spec is None else ProbeSpec.from_dict(spec),
             description="fresh-init controls restored from the checkpoint")
         self.last_probed_step = int(state.get("last_probed_step", -1))
-        self.consecutive_failures = int(state.get("consecutive_failures", 0))
+        self._failures = dataclasses.replace(self._failures, consecutive=int(state.get("consecutive_failures", 0)))
         self.warned_undetermined = bool(state.get("warned_undetermined", False))
         self.warned_birth = bool(state.get("warned_birth", False))
         self.history = [dict(entry) for entry in state.get("history", [])]
@@ -462,8 +461,7 @@ class CustodyChain:
         else:
             self.next_probe_step = self.last_probed_step + self.schedule.every_n_steps
             self.interval = self.schedule.every_n_steps
-        self.next_index, self.last_sha256 = int(state.get("ledger_next_index", 0)), state.get("ledger_last_sha256")
-        self.ledger = None
+        self._cursor = LedgerCursor.from_state_dict(state, numbered=self._cursor.numbered)
         self.restored = True
 
 

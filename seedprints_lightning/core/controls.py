@@ -56,6 +56,7 @@ __all__ = [
     "INIT_WHOLE",
     "streams_controls",
     "build_control_model",
+    "control_dtype",
     "control_seeds",
     "ControlSet",
     "preserve_rng_state",
@@ -63,6 +64,8 @@ __all__ = [
     "load_config",
     "probe_control_models",
     "probe_controls",
+    "probe_streamed_controls",
+    "built_init_scheme",
     "init_scheme_of",
     "save_controls",
 ]
@@ -166,6 +169,13 @@ def streams_controls(model_or_config: Any) -> bool:
     return True
 
 
+def control_dtype(lm: nn.Module) -> torch.dtype:
+    """The dtype a control of the live causal LM ``lm`` runs in: its parameters' (float32 when not floating)."""
+    param = next(iter(lm.parameters()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    return dtype if dtype.is_floating_point else torch.float32
+
+
 def build_control_model(model: nn.Module, seed: int) -> nn.Module:
     """A fresh init of ``model``'s causal LM: same class and config, init seed ``seed``.
 
@@ -188,10 +198,9 @@ def build_control_model(model: nn.Module, seed: int) -> nn.Module:
     lm = find_causal_lm(model)
     reference_param = next(iter(lm.parameters()), None)
     device = reference_param.device if reference_param is not None else torch.device("cpu")
-    dtype = reference_param.dtype if reference_param is not None else torch.float32
     if device.type == "meta":
         raise InputError("the live model is on the meta device; controls need materialised weights")
-    dtype = dtype if dtype.is_floating_point else torch.float32
+    dtype = control_dtype(lm)
     if streams_controls(lm):
         from .layerwise import build_streamed_control_model
 
@@ -288,6 +297,45 @@ def probe_control_models(
                 del control
             if log is not None:
                 log(f"control {i + 1}/{len(seeds)} (init seed {seed}) probed in {time.perf_counter() - start:.1f} s")
+    return torch.stack(out)
+
+
+def built_init_scheme(model_or_config: Any) -> str:
+    """The scheme :func:`build_control_model` (and so :func:`probe_controls`) draws this model's controls with."""
+    return INIT_STREAMED if streams_controls(model_or_config) else INIT_WHOLE
+
+
+def probe_streamed_controls(
+    config: Any,
+    seeds: Sequence[int],
+    spec: ProbeSpec,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> torch.Tensor:
+    """Features ``[c, n, D]`` (CPU float32) of the streamed control of each seed, drawn and probed block by block.
+
+    Each is :func:`~seedprints_lightning.core.layerwise.probe_streamed_control` (peak memory: one
+    block plus the probe activations, on ``device`` in ``dtype``); ``context`` (a precision
+    plugin's ``forward_context``) wraps each. The same weights as :func:`build_control_model`'s
+    control of the seed, never whole. Global RNGs are left untouched.
+    """
+    from .layerwise import probe_streamed_control
+
+    out = []
+    with preserve_rng_state():
+        for i, seed in enumerate(seeds):
+            start = time.perf_counter()
+            with (context() if context is not None else contextlib.nullcontext()):
+                features = probe_streamed_control(config, seed, spec, batch_size=batch_size, device=device,
+                                                  dtype=dtype)
+            out.append(features.to(device="cpu", dtype=torch.float32))
+            if log is not None:
+                log(f"control {i + 1}/{len(seeds)} (init seed {seed}, streamed block by block) probed in "
+                    f"{time.perf_counter() - start:.1f} s")
     return torch.stack(out)
 
 
@@ -436,6 +484,18 @@ class ControlSet:
                    description=f"{len(seeds)} fresh inits (seeds {seeds[0]}..{seeds[-1]})",
                    init_scheme=init_scheme_of(schemes))
 
+    @classmethod
+    def build_streamed(cls, config: Any, seeds: Sequence[int], spec: ProbeSpec, *, config_digest: str | None = None,
+                       model_class: str | None = None, **probe_kwargs: Any) -> ControlSet:
+        """The streamed control of each seed, block by block (:func:`probe_streamed_controls`), never whole."""
+        seeds = tuple(seeds)
+        if not seeds:
+            return cls.none("no controls (num_controls=0): analytic threshold and effect-size margin only")
+        features = probe_streamed_controls(config, seeds, spec, **probe_kwargs)
+        return cls(features=features, seeds=seeds, spec=spec, config_digest=config_digest, model_class=model_class,
+                   description=f"{len(seeds)} fresh inits (seeds {seeds[0]}..{seeds[-1]}, drawn block by block)",
+                   init_scheme=INIT_STREAMED)
+
 
 # --------------------------------------------------------------------------------------
 # Precomputed controls: once per (config, probe spec, seeds), outside the training run
@@ -500,19 +560,9 @@ def controls_from_config(
     seeds = control_seeds(num_controls)
     info = info if info is not None else {}
     if not whole and streams_controls(config):
-        from .layerwise import probe_streamed_control
-
         info["init_scheme"] = INIT_STREAMED
-        out = []
-        with preserve_rng_state():
-            for i, seed in enumerate(seeds):
-                start = time.perf_counter()
-                out.append(probe_streamed_control(config, seed, spec, batch_size=batch_size, device=device,
-                                                  dtype=dtype))
-                if log is not None:
-                    log(f"control {i + 1}/{len(seeds)} (init seed {seed}, streamed block by block) probed in "
-                        f"{time.perf_counter() - start:.1f} s")
-        return torch.stack(out), seeds
+        return probe_streamed_controls(config, seeds, spec, batch_size=batch_size, device=device, dtype=dtype,
+                                       log=log), seeds
     if not whole:
         from .layerwise import SUPPORTED_MODEL_TYPES
 

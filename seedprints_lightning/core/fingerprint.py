@@ -64,6 +64,9 @@ class Fingerprint:
     format_version: int = FORMAT_VERSION
     controls: torch.Tensor | None = None
     control_seeds: tuple[int, ...] = ()
+    #: How the stored controls were drawn (:data:`~seedprints_lightning.core.controls.INIT_STREAMED`,
+    #: ``INIT_WHOLE``); ``None`` with no controls, and in files written before 0.6, which did not record it.
+    controls_init_scheme: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.features, torch.Tensor) or self.features.dim() != 2:
@@ -84,6 +87,8 @@ class Fingerprint:
                                  f"{self.features.shape[0]}, {self.features.shape[1]}]")
             self.controls = self.controls.detach().to(device="cpu", dtype=torch.float32).contiguous()
         self.control_seeds = tuple(int(s) for s in self.control_seeds)
+        if self.controls is None:
+            self.controls_init_scheme = None
 
     @property
     def num_samples(self) -> int:
@@ -140,6 +145,7 @@ class Fingerprint:
             "hidden_size": self.hidden_size,
             "extra": self.extra,
             "control_seeds": list(self.control_seeds),
+            "controls_init_scheme": self.controls_init_scheme,
         }
 
     @classmethod
@@ -152,6 +158,7 @@ class Fingerprint:
             package_version=meta.get("package_version", "?"), created=meta.get("created", ""),
             extra=dict(meta.get("extra") or {}), format_version=meta.get("format_version", FORMAT_VERSION),
             controls=controls, control_seeds=tuple(meta.get("control_seeds") or ()) if controls is not None else (),
+            controls_init_scheme=meta.get("controls_init_scheme"),
         )
 
     def check_finite(self, name: str | None = None) -> None:
@@ -237,7 +244,7 @@ def fingerprint_model(
     callback's control seeds) and stores their features in the fingerprint, so the file can be
     judged offline against the measured null (:mod:`.verdict`).
     """
-    from .controls import control_seeds, probe_controls
+    from .controls import built_init_scheme, control_seeds, probe_controls
 
     lm = find_causal_lm(model)
     spec = (spec or ProbeSpec()).resolve(lm)
@@ -247,4 +254,5 @@ def fingerprint_model(
     return Fingerprint(
         features=features, spec=spec, model_class=type(lm).__name__, config_digest=config_digest(lm.config),
         step=step, extra=dict(extra or {}), controls=controls, control_seeds=seeds,
+        controls_init_scheme=built_init_scheme(lm) if seeds else None,
     )

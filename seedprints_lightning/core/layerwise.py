@@ -457,9 +457,10 @@ def probe_streamed_control(
     probe activations. The LM head is never drawn (the probe reads the last hidden state), so a
     tied embedding is initialised once, as the embedding.
 
-    NOT bit-identical to ``build_control_model``'s control of the same seed (that one consumes
-    one RNG stream over the whole model); :func:`build_streamed_control_model` is the whole-model
-    twin of this control. Global RNGs are left untouched.
+    :func:`build_streamed_control_model` is the whole-model twin of this control (what
+    ``build_control_model`` builds for these architectures); the ``"whole"`` scheme,
+    ``from_config`` under one seed, draws other weights from the same distribution
+    (``docs/benchmarks.md``). Global RNGs are left untouched.
 
     Args:
         config: a transformers config of a supported architecture (see :data:`SUPPORTED_MODEL_TYPES`).

@@ -102,14 +102,14 @@ def open_chain(chain: CustodyChain, *, step: int, run: RunDirectory | None, proc
             lock.release()
         raise
     # The writer holds the ledger; every process numbers the records alike (the anchor's index).
-    chain.number_records_from(int(processes.broadcast(chain.next_index)))
+    chain.number_records_from(int(processes.broadcast(chain.cursor.next_index)))
     return fresh
 
 
 def close_chain(chain: CustodyChain) -> None:
     """The run ended: release its directory's lock (a later probe of this chain takes it again)."""
-    if chain.ledger is not None:
-        chain.ledger.close()
+    if chain.cursor.ledger is not None:
+        chain.cursor.ledger.close()
 
 
 def _raise_shared(error: str | None, processes: Processes) -> None:
@@ -160,8 +160,9 @@ def _open_ledger(chain: CustodyChain, run: RunDirectory, processes: Processes, l
     if processes.is_writer:
         try:
             continues = None
-            if chain.next_index > 0 and chain.last_sha256 is not None and run.record_count() == 0:
-                lost, records, head = True, chain.next_index, chain.last_sha256
+            cursor = chain.cursor
+            if cursor.next_index > 0 and cursor.last_sha256 is not None and run.record_count() == 0:
+                lost, records, head = True, cursor.next_index, cursor.last_sha256
                 continues = {"records": records, "head_sha256": head, "resumed_at_step": int(step)}
                 chain.continue_in_new_ledger()
                 warn(f"SeedPrints: resuming at step {step}, but {run.path} holds no custody ledger (custody.jsonl is "
@@ -174,7 +175,8 @@ def _open_ledger(chain: CustodyChain, run: RunDirectory, processes: Processes, l
                      "resume again")
             initial_sha = _first_anchor_sha(chain, run, continues)
             controls_sha = file_sha256(run.controls_path) if len(chain.controls) else None
-            ledger, moved = run.open_ledger(chain.next_index, chain.last_sha256, reference_sha256=reference_sha,
+            ledger, moved = run.open_ledger(chain.cursor.next_index, chain.cursor.last_sha256,
+                                            reference_sha256=reference_sha,
                                             controls_sha256=controls_sha, initial_anchor_sha256=initial_sha,
                                             lock=lock, signer=signer)
             chain.attach_ledger(ledger)
@@ -192,8 +194,8 @@ def _open_ledger(chain: CustodyChain, run: RunDirectory, processes: Processes, l
 def _first_anchor_sha(chain: CustodyChain, run: RunDirectory, continues: dict[str, Any] | None) -> str | None:
     """The sha256 of the ledger's first-anchor file: written when a new ledger starts, the file's own on a resume."""
     path = run.parent_anchor_path
-    initial = chain.initial_anchor
-    if chain.next_index > 0 and chain.last_sha256 is not None:  # the ledger goes on: its first anchor is the file's
+    initial, cursor = chain.initial_anchor, chain.cursor
+    if cursor.next_index > 0 and cursor.last_sha256 is not None:  # the ledger goes on: its first anchor is the file's
         if initial is not None and not path.exists():  # a child run's file, deleted: written again as it was
             save_parent_anchor(run.path, initial.features, initial.step)
         return file_sha256(path) if path.exists() else None
@@ -219,9 +221,10 @@ def _ensure_controls(chain: CustodyChain, run: RunDirectory | None, processes: P
                      source: ControlsSource) -> None:
     """The chain's controls: restored with its state, loaded from the file, or built (split over the processes).
 
-    A build in a multi-process run (:func:`_control_world`) is split: rank ``r`` of ``w`` builds
-    and probes the controls ``i`` with ``i % w == r`` (each a rank-local fresh init: no collective
-    inside ``source.build``), then one all-gather hands every rank every control, in seed order.
+    A build over several processes (``processes.world`` > 1: :func:`_build_split`) is split: rank
+    ``r`` of ``w`` builds and probes the controls ``i`` with ``i % w == r`` (each a rank-local fresh
+    init: no collective inside ``source.build``), then one ``processes.all_gather`` hands every rank
+    every control, in seed order.
     Every rank runs that one gather whatever happened (its own build's error rides in it), so a
     failing rank raises on all of them instead of leaving the others waiting.
     """
@@ -235,43 +238,18 @@ def _ensure_controls(chain: CustodyChain, run: RunDirectory | None, processes: P
         chain.use_controls(source.file)
         restored = True
     if not restored:
-        world = _control_world(processes)
-        if world is None:
+        if processes.world <= 1:
             built = source.build(seeds, spec)
             chain.use_controls(dataclasses.replace(built, features=processes.broadcast(built.features)))
         else:
-            chain.use_controls(_build_split(source, seeds, spec, *world))
+            chain.use_controls(_build_split(source, seeds, spec, processes))
     if run is not None and processes.is_writer and (not restored or not run.controls_path.exists()):
         chain.controls.save(run.controls_path, **source.identity)
 
 
-def _control_world(processes: Processes) -> tuple[int, int, Callable[[Any], list[Any]]] | None:
-    """``(rank, world, all_gather_object)`` when the controls can be split over the processes, else ``None``.
-
-    Only for processes that are really several (a :class:`Processes` with its own broadcast: the
-    default one is a single process, whatever ``torch.distributed`` says) in an initialised
-    ``torch.distributed`` world of more than one rank.
-    """
-    from .processes import _distributed_world, _same
-
-    if processes.broadcast is _same:
-        return None
-    rank, world = _distributed_world()
-    if world <= 1:
-        return None
-    import torch.distributed as dist
-
-    def gather(obj: Any) -> list[Any]:
-        out: list[Any] = [None] * world
-        dist.all_gather_object(out, obj)
-        return out
-
-    return rank, world, gather
-
-
-def _build_split(source: ControlsSource, seeds: tuple[int, ...], spec: ProbeSpec, rank: int, world: int,
-                 gather: Callable[[Any], list[Any]]) -> ControlSet:
-    """Rank ``rank`` builds ``seeds[rank::world]``; the all-gather assembles every control on every rank."""
+def _build_split(source: ControlsSource, seeds: tuple[int, ...], spec: ProbeSpec, processes: Processes) -> ControlSet:
+    """Rank ``rank`` builds ``seeds[rank::world]``; ``processes.all_gather`` assembles every control on every rank."""
+    rank, world = processes.rank, processes.world
     mine = seeds[rank::world]
     payload: dict[str, Any] = {"error": None, "set": None}
     if mine:
@@ -280,7 +258,7 @@ def _build_split(source: ControlsSource, seeds: tuple[int, ...], spec: ProbeSpec
             payload["set"] = dataclasses.replace(built, features=built.features.to("cpu").contiguous())
         except Exception as exc:  # every rank still joins the gather below, then raises
             payload["error"] = f"rank {rank}: {type(exc).__name__}: {exc}"
-    parts = gather(payload)
+    parts = processes.all_gather(payload)
     errors = [part["error"] for part in parts if part["error"] is not None]
     if errors:
         raise InputError("building the controls failed on " + "; ".join(errors))

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .errors import InputError
 from .probes import ProbeSpec
 
 __all__ = ["Processes", "measure_over_ranks", "torch_processes"]
@@ -24,17 +25,31 @@ def _same(obj: Any) -> Any:
     return obj
 
 
+def _alone(obj: Any) -> list[Any]:
+    return [obj]
+
+
 @dataclass(frozen=True)
 class Processes:
     """How a loop's processes agree: one process writes the files, and every decision is shared.
 
     ``broadcast(obj)`` returns the writer's ``obj`` on every process; ``any_rank(flag)`` is True on
-    every process when it is True on one. The defaults are one process.
+    every process when it is True on one. ``all_gather(obj)`` returns every rank's ``obj`` on every
+    rank, in rank order (``world`` of them; this process's is item ``rank``): what splits work over
+    the ranks (each builds its share of the controls). Each is a collective: every rank calls it,
+    the same number of times. The defaults are one process.
     """
 
     is_writer: bool = True
     broadcast: Callable[[Any], Any] = _same
     any_rank: Callable[[bool], bool] = bool
+    rank: int = 0
+    world: int = 1
+    all_gather: Callable[[Any], list[Any]] = _alone
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.world, int) and isinstance(self.rank, int) and 0 <= self.rank < self.world):
+            raise InputError(f"Processes needs 0 <= rank < world, got rank {self.rank!r} of world {self.world!r}")
 
 
 def _collective_device() -> torch.device:
@@ -71,7 +86,13 @@ def torch_processes() -> Processes:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
-    return Processes(is_writer=rank == 0, broadcast=broadcast, any_rank=any_rank)
+    def all_gather(obj: Any) -> list[Any]:
+        out: list[Any] = [None] * world
+        dist.all_gather_object(out, obj)
+        return out
+
+    return Processes(is_writer=rank == 0, broadcast=broadcast, any_rank=any_rank, rank=rank, world=world,
+                     all_gather=all_gather)
 
 
 def _all_gather(tensor: torch.Tensor) -> torch.Tensor:

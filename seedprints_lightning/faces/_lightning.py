@@ -15,6 +15,7 @@ Nothing else is imported from either package by the callback: enums are compared
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ import pytorch_lightning as _pl
 import torch
 
 from ..core.probes import ProbeSpec
-from ..core.processes import Processes, measure_over_ranks
+from ..core.processes import Processes, measure_over_ranks, torch_processes
 from ..core.verdict import METRIC_TAGS
 from .base import sharding_of
 
@@ -112,10 +113,16 @@ def measure_features(trainer: Any, pl_module: Any, spec: ProbeSpec,
 
 
 def processes_of(trainer: Any) -> Processes:
-    """The trainer's ranks as :class:`~seedprints_lightning.core.processes.Processes` (rank 0 writes)."""
+    """The trainer's ranks as :class:`~seedprints_lightning.core.processes.Processes` (rank 0 writes).
+
+    Decisions go through the strategy's broadcast and reduce; the object all-gather that splits the
+    controls' build is ``torch.distributed``'s (a strategy has none for objects), so with
+    ``torch.distributed`` not initialised the controls are built whole and broadcast.
+    """
     strategy = trainer.strategy
-    return Processes(is_writer=bool(trainer.is_global_zero), broadcast=lambda obj: strategy.broadcast(obj, src=0),
-                     any_rank=lambda flag: bool(strategy.reduce_boolean_decision(flag, all=False)))
+    return dataclasses.replace(
+        torch_processes(), is_writer=bool(trainer.is_global_zero), broadcast=lambda obj: strategy.broadcast(obj, src=0),
+        any_rank=lambda flag: bool(strategy.reduce_boolean_decision(flag, all=False)))
 
 
 def log_metrics(trainer: Any, metrics: dict[str, float], step: int) -> None:

@@ -120,6 +120,24 @@ def _device_of(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def release_gathered_parameters(model: nn.Module) -> None:
+    """Reshard every FSDP2 (``fully_shard``) module of ``model``: the probe leaves memory as it found it.
+
+    FSDP2 reshards a module after its forward, except the root (``reshard_after_forward`` is
+    off for it: the backward would gather it again). A probe runs forwards with no backward, so the
+    root's unsharded parameters (the embedding, final norm and LM head) would stay allocated until
+    the next training backward: at step 0 that held 250 MB per rank on a 200M-parameter LLaMA
+    (``benchmarks/step0_memory.py --strategy fsdp2``). Resharding an already sharded module does
+    nothing; the next training forward gathers the root again, as it does after every backward.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
 class SeedPrintsFace:
     """Probe a model's SeedPrints lineage during training; act when its custody breaks.
 
@@ -279,7 +297,7 @@ class SeedPrintsFace:
 
     def _probe(self, model: nn.Module, step: int, event: str) -> ProbeVerdict:
         start = time.perf_counter()
-        features = self._measure(model, self.chain.reference.spec)
+        features = self._measure_and_release(model, self.chain.reference.spec)
         observed = self.chain.observe(step, features, event, measure_seconds=time.perf_counter() - start)
         self.current_step = step
         self._log(observed.metrics, step)
@@ -315,7 +333,7 @@ class SeedPrintsFace:
             unresolved = spec
             spec = self._run_model_code(model, lambda: unresolved.resolve(find_causal_lm(model)))
         spec = self._processes().broadcast(spec)
-        return Fingerprint(features=self._measure(model, spec), spec=spec, step=step,
+        return Fingerprint(features=self._measure_and_release(model, spec), spec=spec, step=step,
                            extra={"source": f"{type(self).__name__} step-0 reference"},
                            **self.settings.model_identity(model))
 
@@ -328,7 +346,7 @@ class SeedPrintsFace:
         the record alike. Sharded weights are not bound (a digest would gather every shard on one
         rank at each save): the lineage test still audits those checkpoints.
         """
-        if not self.started or model is None or not self.chain.keeps_records or self._shards_weights(model):
+        if not self.started or model is None or not self.chain.cursor.numbered or self._shards_weights(model):
             return None
         lm = find_causal_lm_or_none(model)
         if lm is None:  # a feature_fn model: the audit cannot rebuild it, so there is nothing to compare
@@ -364,6 +382,13 @@ class SeedPrintsFace:
         if self._process_group is None:
             self._process_group = torch_processes()
         return self._process_group
+
+    def _measure_and_release(self, model: nn.Module, spec: ProbeSpec) -> torch.Tensor:
+        """:meth:`_measure`, then free what FSDP2 gathered for the probe (:func:`release_gathered_parameters`)."""
+        try:
+            return self._measure(model, spec)
+        finally:
+            release_gathered_parameters(model)
 
     def _measure(self, model: nn.Module, spec: ProbeSpec) -> torch.Tensor:
         with preserve_rng_state():

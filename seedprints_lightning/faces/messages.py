@@ -36,18 +36,18 @@ def identity_lost_message(chain: CustodyChain, verdict: ProbeVerdict) -> str:
     link, birth = verdict.link, verdict.birth
     controls = ", ".join(f"{z:.2f}" for z in birth.control_z) or "none"
     reason = f" {verdict.reason.rstrip('.')}." if verdict.reason else ""
-    ref = chain.reference
+    ref, failures = chain.reference, chain.failures
     origin = f"reference: {chain.reference_source}, step {None if ref is None else ref.step}"
     if verdict.related is None:
         return (
             f"SeedPrints: the run's lineage could not be measured at step {verdict.step} "
-            f"({chain.consecutive_failures} consecutive failed or undetermined probes, patience {chain.patience}):"
+            f"({failures.consecutive} consecutive failed or undetermined probes, patience {failures.patience}):"
             f"{reason} Nothing vouches for these weights ({origin}): check for a diverged run (NaN or constant "
             "hidden states) or a swapped-in model. Pass count_undetermined=False to only report undetermined probes."
         )
     return (
-        f"SeedPrints: the run lost its lineage identity at step {verdict.step} ({chain.consecutive_failures} "
-        f"consecutive failed probes, patience {chain.patience}, fail_on={chain.rules.fail_on!r}): custody link "
+        f"SeedPrints: the run lost its lineage identity at step {verdict.step} ({failures.consecutive} "
+        f"consecutive failed probes, patience {failures.patience}, fail_on={chain.rules.fail_on!r}): custody link "
         f"from step {verdict.anchor_step} z={link.z:.2f} (threshold {link.threshold:.2f}), birth z={birth.z:.2f} "
         f"(threshold {birth.threshold:.2f}), controls z [{controls}].{reason} The weights do not descend from the "
         f"run's last good probe ({origin}): check for a swapped or wrongly loaded checkpoint."

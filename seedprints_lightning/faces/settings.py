@@ -19,7 +19,7 @@ from torch import nn
 
 from ..core.chain import Anchor, ChainRules, CustodyChain, resolve_reference
 from ..core.checks import check_bool, check_choice, check_int, check_number
-from ..core.controls import DEFAULT_NUM_CONTROLS, ControlSet, build_control_model
+from ..core.controls import DEFAULT_NUM_CONTROLS, ControlSet, build_control_model, control_dtype, streams_controls
 from ..core.errors import InputError
 from ..core.fingerprint import Fingerprint, config_digest
 from ..core.ledger import check_save_dir
@@ -199,9 +199,18 @@ class FaceSettings:
         """
         factory = self.control_factory or (lambda seed: build_control_model(module, seed))
         identity = self.model_identity(module)
+        lm = find_causal_lm_or_none(module)
+        # The default controls of a model the layer-major probe splits are drawn and probed one block at a
+        # time: a rank never holds a whole control (docs/benchmarks.md, step-0 memory under FSDP2).
+        streamed = (self.control_factory is None and self.feature_fn is None and lm is not None
+                    and streams_controls(lm))
 
         def build(seeds: tuple[int, ...], spec: ProbeSpec) -> ControlSet:
             log = (lambda message: print(f"[seedprints] {message}", flush=True)) if is_writer else None
+            if streamed:
+                return ControlSet.build_streamed(lm.config, seeds, spec, batch_size=self.probe_batch_size,
+                                                 device=device, dtype=control_dtype(lm), context=context, log=log,
+                                                 **identity)
             return ControlSet.build(factory, seeds, spec, lambda control: self.features_of(control, spec),
                                     device=device, context=context, log=log, **identity)
 

@@ -88,7 +88,7 @@ def find_controls(
     beside a fingerprint file. ``num_controls=0`` asks for none. Without controls the verdict
     rests on the analytic threshold and the effect-size margin alone, and says so.
     """
-    from ..core.controls import control_seeds, probe_controls
+    from ..core.controls import built_init_scheme, control_seeds, probe_controls
 
     if num_controls == 0:
         return ControlSet.none("no controls (--controls 0): analytic threshold and effect-size margin only")
@@ -96,12 +96,14 @@ def find_controls(
         if fp.controls is not None and fp.controls.shape[0] > 0:
             count = min(num_controls, fp.controls.shape[0])
             return ControlSet(fp.controls[:count], fp.control_seeds[:count], fp.spec, fp.config_digest,
-                              fp.model_class, f"{count} fresh-init controls stored in {source.path}")
+                              fp.model_class, f"{count} fresh-init controls stored in {source.path}",
+                              init_scheme=fp.controls_init_scheme)
     for source, model in models:
         seeds = control_seeds(num_controls)
         features = probe_controls(model, spec, seeds, batch_size=runtime.batch_size, device=runtime.device)
         return ControlSet(features, seeds, spec, description=f"{len(seeds)} fresh inits of {source.path}'s config "
-                                                             f"(seeds {seeds[0]}..{seeds[-1]})")
+                                                             f"(seeds {seeds[0]}..{seeds[-1]})",
+                          init_scheme=built_init_scheme(model))
     for source, _ in fingerprints:
         found = _sibling_controls(source.path, spec)
         if found is not None:
@@ -223,7 +225,8 @@ def _resolve_pair(sa: Source, sb: Source, probe_options: dict[str, Any], runtime
     if num_controls and fa.controls is not None:
         seeds = fa.control_seeds
         evidence = ControlSet(fa.controls, seeds, spec, description=f"{len(seeds)} fresh inits of {sa.path}'s config "
-                                                                    f"(seeds {seeds[0]}..{seeds[-1]})")
+                                                                    f"(seeds {seeds[0]}..{seeds[-1]})",
+                              init_scheme=fa.controls_init_scheme)
     else:
         evidence = find_controls(spec, [], [], num_controls=num_controls, runtime=runtime)
     return fa, fb, evidence
@@ -231,7 +234,7 @@ def _resolve_pair(sa: Source, sb: Source, probe_options: dict[str, Any], runtime
 
 def _config_controls(source: Source, spec: ProbeSpec, num_controls: int, runtime: ProbeRuntime) -> ControlSet:
     """Fresh inits of a model source's config on ``spec`` (streamed where the class splits, else from its model)."""
-    from ..core.controls import control_seeds, streams_controls
+    from ..core.controls import INIT_STREAMED, control_seeds, streams_controls
     from ..core.layerwise import probe_streamed_control
     from .streaming import open_model
 
@@ -244,7 +247,7 @@ def _config_controls(source: Source, spec: ProbeSpec, num_controls: int, runtime
     features = torch.stack([probe_streamed_control(handle.config, seed, spec, batch_size=runtime.batch_size,
                                                    device=device, dtype=runtime.dtype) for seed in seeds])
     return ControlSet(features, seeds, spec, description=f"{len(seeds)} fresh inits of {source.path}'s config "
-                                                         f"(seeds {seeds[0]}..{seeds[-1]})")
+                                                         f"(seeds {seeds[0]}..{seeds[-1]})", init_scheme=INIT_STREAMED)
 
 
 def compare_sources(
@@ -354,7 +357,7 @@ def audit_checkpoints(
     if evidence is None:
         evidence = (ControlSet(reference.controls, reference.control_seeds, reference.spec,
                                description=f"{reference.controls.shape[0]} fresh-init controls stored with the "
-                                           "reference")
+                                           "reference", init_scheme=reference.controls_init_scheme)
                     if reference.controls is not None else ControlSet.none())
     rule = rule or rule_for_base(reference.step, "auto", test_kwargs.pop("alpha", 0.01))
     check_test_options(alpha=rule.alpha, dim=reference.hidden_size, **test_kwargs)

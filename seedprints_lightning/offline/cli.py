@@ -170,13 +170,12 @@ def _add_spec_options(parser: argparse.ArgumentParser, spec_from_help: str, *, a
     _add_runtime_options(parser)
 
 
-def _add_verdict_output(parser: argparse.ArgumentParser, *, json_help: str, expect_help: str) -> None:
-    parser.add_argument("--json", action="store_true", help=json_help)
-    parser.add_argument("--expect", choices=("related", "unrelated"), default=None, help=expect_help)
-
-
 def _add_judge_options(parser: argparse.ArgumentParser, *, applies: str) -> None:
-    """Probe, test and runtime options: the commands that judge one source against another."""
+    """The options of the commands that judge sources against a base: verdict output (``--json``, ``--expect``),
+    then the probe (used ``applies``), test and runtime options."""
+    parser.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+    parser.add_argument("--expect", choices=("related", "unrelated"), default=None,
+                        help="exit 1 unless every verdict is this (for CI)")
     _add_probe_options(parser, applies=applies)
     _add_test_options(parser)
     _add_runtime_options(parser)
@@ -404,7 +403,8 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
     print(f"  source    {source.describe()}" + (f", step {fp.step}" if fp.step is not None else ""))
     print(f"  probe     {fp.spec.describe()}")
     print(f"  features  [{fp.num_samples}, {fp.hidden_size}] float32 ({fp.model_class})")
-    print(f"  controls  {len(fp.control_seeds)} fresh inits of its config stored with it (offline verdicts)")
+    drawn = f", drawn {fp.controls_init_scheme}" if fp.controls_init_scheme else ""
+    print(f"  controls  {len(fp.control_seeds)} fresh inits of its config stored with it (offline verdicts{drawn})")
     print(f"  load      {_load_line(fp.extra.get('load'))}")
     return EXIT_OK
 
@@ -762,12 +762,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=description, epilog=EXIT_CODES_EPILOG,
-                              formatter_class=formatter)
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str,
+                description: str) -> argparse.ArgumentParser:
+        """The subcommand ``name``, which ``handler(args)`` runs (its exit status)."""
+        parser = sub.add_parser(name, help=help_text, description=description, epilog=EXIT_CODES_EPILOG,
+                                formatter_class=formatter)
+        parser.set_defaults(handler=handler)
+        return parser
 
     fp = command(
-        "fingerprint", "probe a model and save its fingerprint",
+        "fingerprint", _cmd_fingerprint, "probe a model and save its fingerprint",
         "Probe a model directory or Lightning .ckpt and save a fingerprint file.")
     fp.add_argument("source", metavar="SOURCE", help="save_pretrained model directory or Lightning .ckpt")
     fp.add_argument("-o", "--output", required=True, metavar="FILE.safetensors", help="fingerprint file to write")
@@ -776,10 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "judge this file like the callback does; 0 = none")
     _add_spec_options(fp, "use the probe spec of this fingerprint file (so both models see the same inputs)",
                       applies="ignored with --spec-from")
-    fp.set_defaults(handler=_cmd_fingerprint)
 
     ctl = command(
-        "controls", "precompute a run's fresh-init controls from a model config",
+        "controls", _cmd_controls, "precompute a run's fresh-init controls from a model config",
         "Probe N fresh inits of a model's config (the callback's control seeds) and save their features, "
         "for SeedPrintsCallback(controls=FILE): the training ranks then never build an unsharded copy of "
         "the model. SOURCE is a model directory or its config.json (only the config is read).")
@@ -793,33 +796,28 @@ def build_parser() -> argparse.ArgumentParser:
                           "weights as the run's in-run control of that seed)")
     _add_spec_options(ctl, "use the probe spec of this fingerprint file (the run's reference.safetensors)",
                       applies="ignored with --spec-from; must match the run's probe")
-    ctl.set_defaults(handler=_cmd_controls)
 
     cmp_ = command(
-        "compare", "test whether B is descended from A",
+        "compare", _cmd_compare, "test whether B is descended from A",
         "Test whether B descends from A (A is the base). Each is a model directory, a Lightning .ckpt or a "
         "fingerprint file. Models are probed with a fingerprint's spec when one is given; two models share "
         "a probe built from the options below (token probes: the smaller vocabulary; embedding probes: "
         "mean/std of A's embedding matrix). p is one-sided: p = 1 - Phi(z).")
     cmp_.add_argument("a", metavar="A", help="base: model directory, .ckpt or fingerprint file")
     cmp_.add_argument("b", metavar="B", help="target: model directory, .ckpt or fingerprint file")
-    _add_verdict_output(cmp_, json_help="print the result as JSON",
-                        expect_help="exit 1 unless the verdict is this (for CI)")
     _add_judge_options(cmp_, applies="only when A and B are both models")
-    cmp_.set_defaults(handler=_cmd_compare)
 
     plot = command(
-        "plot", "draw drift curves from TensorBoard logs",
+        "plot", _cmd_plot, "draw drift curves from TensorBoard logs",
         "Draw the seedprints/* scalars SeedPrintsCallback logged: z per step (symlog axis), the "
         "negative-control band, the decision threshold and the steps judged not related, one curve per "
         "run (every directory with events.out.tfevents.* files).")
     plot.add_argument("logdirs", nargs="+", metavar="LOGDIR", help="TensorBoard log directory (searched recursively)")
     plot.add_argument("-o", "--output", default=None, metavar="PNG", help="output image (default: LOGDIR/drift.png)")
     plot.add_argument("--title", default=None, help="figure title")
-    plot.set_defaults(handler=_cmd_plot)
 
     audit = command(
-        "audit", "test checkpoints against a reference, or re-verify a run's custody chain",
+        "audit", _cmd_audit, "test checkpoints against a reference, or re-verify a run's custody chain",
         "Probe each checkpoint with the reference's spec and test it against the reference (a fingerprint "
         "file, or a model directory / .ckpt fingerprinted with the probe options). A directory argument "
         "expands to the .ckpt files and model directories in it, sorted by their global_step. "
@@ -841,13 +839,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "tampering (exit 5). Never read from the run directory")
     audit.add_argument("-o", "--output", default=None, metavar="PNG", help="also draw z against step into this PNG")
     audit.add_argument("--title", default=None, help="figure title (with -o)")
-    _add_verdict_output(audit, json_help="print the rows as JSON",
-                        expect_help="exit 1 if any checkpoint's verdict differs from this")
     _add_judge_options(audit, applies="only when REFERENCE is a model")
-    audit.set_defaults(handler=_cmd_audit)
 
     ident = command(
-        "identify", "which recorded run did a checkpoint come from?",
+        "identify", _cmd_identify, "which recorded run did a checkpoint come from?",
         "Probe CKPT once per probe spec of the runs and test it against every run's reference and every "
         "probe its ledger recorded (each run's custody rule against its controls, Bonferroni over every "
         "test). Names the matching run and the steps it links to, or none. RUN_DIR is a run's seedprints "
@@ -860,7 +855,6 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--json", action="store_true",
                        help="print the result as JSON ('run': the run as given, or null)")
     _add_runtime_options(ident)
-    ident.set_defaults(handler=_cmd_identify)
     return parser
 
 

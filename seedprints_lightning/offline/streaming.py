@@ -22,10 +22,9 @@ one), the streamed path otherwise. Features of both paths are equal (tests/test_
 Weight stores: safetensors (one ``model.safetensors`` or a sharded directory with
 ``model.safetensors.index.json``; headers are parsed without mapping the files, so a truncated shard
 is named with its first cut tensor before anything runs), training checkpoints (``torch.load(mmap=True,
-weights_only=True)``: tensors stay on disk until their block reads them; the mapping of the file
-stays open for the probe, so the pages read count as resident until it ends: clean, reclaimable
-file pages) and Lightning distributed checkpoint directories (a partial ``torch.distributed.checkpoint``
-load of one block's keys at a time).
+weights_only=True)``, mapped again for each block and closed after it, so the pages read never
+add up to the whole file: :class:`StateDictStore`) and Lightning distributed checkpoint
+directories (a partial ``torch.distributed.checkpoint`` load of one block's keys at a time).
 """
 
 from __future__ import annotations
@@ -244,39 +243,57 @@ def _read_header(file: Path) -> dict[str, _TensorInfo]:
 
 
 class StateDictStore(WeightStore):
-    """A training checkpoint's tensors via ``torch.load(mmap=True)``: on disk until their block reads them."""
+    """A training checkpoint's tensors, mapped again for each block's read (``torch.load(mmap=True)``).
 
-    def __init__(self, weights: dict[str, torch.Tensor], describe: str, prefixes: tuple[str, ...] = ()) -> None:
-        self.weights, self.describe, self.prefixes = weights, describe, prefixes
+    Pages of a mapped file that were read count as resident until the mapping is closed, so one
+    mapping kept open for the whole probe would end holding the whole checkpoint. Each
+    :meth:`read` therefore maps the file, copies its block's tensors out and drops the mapping
+    (re-reading the pickle is cheap next to a block's weights); between reads only the shapes are kept.
+    """
+
+    def __init__(self, weights: dict[str, torch.Tensor], describe: str, prefixes: tuple[str, ...] = (),
+                 remap: Callable[[], dict[str, torch.Tensor]] | None = None) -> None:
+        self.describe, self.prefixes = describe, prefixes
+        self.infos = {key: _TensorInfo(tuple(t.shape), t.numel(), t.numel() * t.element_size(), t.is_floating_point())
+                      for key, t in weights.items()}
+        # Without a way to map the file again (weights given in memory), the tensors are kept.
+        self._remap = remap
+        self._weights = None if remap is not None else weights
 
     def _stored(self, key: str) -> str | None:
-        return next((c for c in _candidates(key, self.prefixes) if c in self.weights), None)
+        return next((c for c in _candidates(key, self.prefixes) if c in self.infos), None)
 
     def info(self, key: str) -> _TensorInfo | None:
         stored = self._stored(key)
-        if stored is None:
-            return None
-        tensor = self.weights[stored]
-        return _TensorInfo(tuple(tensor.shape), tensor.numel(), tensor.numel() * tensor.element_size(),
-                           tensor.is_floating_point())
+        return None if stored is None else self.infos[stored]
+
+    @property
+    def holds_tensors(self) -> bool:
+        """Whether the store keeps tensors (or a mapping of the file) between reads."""
+        return self._weights is not None
 
     def total_bytes(self) -> tuple[int, int]:
-        floating = sum(t.numel() for t in self.weights.values() if t.is_floating_point())
-        other = sum(t.numel() * t.element_size() for t in self.weights.values() if not t.is_floating_point())
+        floating = sum(i.numel for i in self.infos.values() if i.floating)
+        other = sum(i.nbytes for i in self.infos.values() if not i.floating)
         return floating, other
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        weights = self._weights if self._weights is not None else self._remap()
         out = {}
-        for key in keys:
-            try:
-                out[key] = self.weights[self._stored(key)].clone()
-            except Exception as exc:  # a mapped file cut short fails here
-                raise SourceError(f"{self.describe}: tensor {self._stored(key)!r} could not be read "
-                                  f"({type(exc).__name__}: {exc})") from exc
+        try:
+            for key in keys:
+                stored = self._stored(key)
+                try:
+                    out[key] = weights[stored].clone()
+                except Exception as exc:  # a mapped file cut short fails here
+                    raise SourceError(f"{self.describe}: tensor {stored!r} could not be read "
+                                      f"({type(exc).__name__}: {exc})") from exc
+        finally:
+            del weights  # the last reference to this read's mapping: its pages are released
         return out
 
     def close(self) -> None:
-        self.weights = {}
+        self._weights, self._remap = None, None
 
 
 class DistributedCheckpointStore(WeightStore):
@@ -490,7 +507,7 @@ class ModelHandle:
     def fingerprint(self, spec: Any, *, step: int | None, num_controls: int = 0,
                     extra: dict[str, Any] | None = None) -> Any:
         """Probe the model (by :meth:`decide`'s path) into a fingerprint; ``extra["load"]`` records the path."""
-        from ..core.controls import control_seeds
+        from ..core.controls import INIT_STREAMED, control_seeds
         from ..core.fingerprint import Fingerprint, config_digest, fingerprint_model
         from ..core.layerwise import extract_features_layerwise, probe_streamed_control
         from .sources import check_fits
@@ -526,7 +543,7 @@ class ModelHandle:
                                                            device=device, dtype=runtime.dtype) for seed in seeds])
         return Fingerprint(features=features, spec=spec, model_class=self.lm_class,
                            config_digest=config_digest(self.config), step=step, extra=extra, controls=controls,
-                           control_seeds=seeds)
+                           control_seeds=seeds, controls_init_scheme=INIT_STREAMED if seeds else None)
 
 
 def _streamable(meta: nn.Module) -> str | None:
@@ -576,7 +593,11 @@ def open_model(source: Any, runtime: Any) -> ModelHandle:
         else:
             from .sources import _weights_of
 
-            store = StateDictStore(_weights_of(checkpoint, prefix), f"{source.path}", ())
+            def remap(path=source.path, trust=runtime.trust_pickle, prefix=prefix) -> dict[str, torch.Tensor]:
+                return _weights_of(load_lightning_checkpoint(path, trust_pickle=trust, error=SourceError, mmap=True),
+                                   prefix)
+
+            store = StateDictStore(_weights_of(checkpoint, prefix), f"{source.path}", (), remap=remap)
         del checkpoint
     if why_not is None:
         why_not = _streamable(meta)

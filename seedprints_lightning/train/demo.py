@@ -49,6 +49,7 @@ __all__ = [
     "DEMO_DATA",
     "DEMO_MODEL",
     "DEMO_STEPS",
+    "DemoRun",
     "ScenarioResult",
     "check_own",
     "check_wrong_resume",
@@ -245,38 +246,56 @@ class ScenarioResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _scenario(
-    name: str,
-    out: Path,
-    *,
-    model: dict[str, Any],
-    steps: int,
-    every: int,
-    on_identity_lost: str,
-    swap: SwapWeights | None,
-    verbose: bool,
-    callback_kwargs: dict[str, Any] | None,
-    data: dict[str, Any] | None,
-) -> ScenarioResult:
+@dataclass(frozen=True)
+class DemoRun:
+    """What both scenarios take: how long they train, how often they probe, and the model, data and callback.
+
+    Args:
+        steps: optimizer steps of the scenario.
+        every: the callback's ``every_n_steps``; ``None`` means ``steps // DEMO_PROBES`` (at least 1).
+        model: ``make_causal_lm`` keyword arguments (everything but ``seed``); ``None`` means :data:`DEMO_MODEL`.
+        verbose: print each probe as it is made.
+        callback_kwargs: further ``SeedPrintsCallback`` arguments.
+        data: ``TextDataModule`` arguments; ``None`` means :data:`DEMO_DATA`.
+    """
+
+    steps: int = DEMO_STEPS
+    every: int | None = None
+    model: dict[str, Any] | None = None
+    verbose: bool = True
+    callback_kwargs: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+
+    @property
+    def every_n_steps(self) -> int:
+        return self.every or max(1, self.steps // DEMO_PROBES)
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        return self.model or DEMO_MODEL
+
+
+def _scenario(name: str, out: Path, run: DemoRun, *, on_identity_lost: str, swap: SwapWeights | None) -> ScenarioResult:
     from pytorch_lightning.loggers import TensorBoardLogger
 
     start = time.perf_counter()
     pl.seed_everything(0, workers=True, verbose=False)
-    seedprints = _seedprints(every_n_steps=every, on_identity_lost=on_identity_lost, **(callback_kwargs or {}))
+    seedprints = _seedprints(every_n_steps=run.every_n_steps, on_identity_lost=on_identity_lost,
+                             **(run.callback_kwargs or {}))
     callbacks: list[Any] = [seedprints] + ([swap] if swap is not None else [])
-    if verbose:
+    if run.verbose:
         callbacks.append(ProbePrinter(seedprints))
     logger = TensorBoardLogger(save_dir=str(out), name=name)
-    trainer = _trainer(steps, callbacks, logger=logger, root=out)
+    trainer = _trainer(run.steps, callbacks, logger=logger, root=out)
     error: IdentityLostError | None = None
     try:
-        trainer.fit(_module(model, OWN_SEED), datamodule=_data(data))
+        trainer.fit(_module(run.model_kwargs, OWN_SEED), datamodule=_data(run.data))
     except IdentityLostError as exc:
         error = exc
     logger.experiment.flush()
     result = ScenarioResult(
         name=name, history=list(seedprints.history), log_dir=Path(logger.log_dir), final_step=int(trainer.global_step),
-        max_steps=steps, seconds=time.perf_counter() - start, error=error,
+        max_steps=run.steps, seconds=time.perf_counter() - start, error=error,
         swap_step=swap.swapped_at if swap is not None else None,
     )
     if seedprints.save_dir is not None and (seedprints.save_dir / "custody.jsonl").exists():
@@ -290,53 +309,32 @@ def _scenario(
     return result
 
 
-def run_own(
-    out: str | Path,
-    *,
-    steps: int = DEMO_STEPS,
-    every: int | None = None,
-    model: dict[str, Any] | None = None,
-    verbose: bool = True,
-    callback_kwargs: dict[str, Any] | None = None,
-    data: dict[str, Any] | None = None,
-) -> ScenarioResult:
+def run_own(out: str | Path, run: DemoRun | None = None) -> ScenarioResult:
     """Scenario A: pretrain from scratch (seed 42) with the callback warning on identity loss."""
-    every = every or max(1, steps // DEMO_PROBES)
-    return _scenario("demo-own", Path(out), model=model or DEMO_MODEL, steps=steps, every=every,
-                     on_identity_lost="warn", swap=None, verbose=verbose, callback_kwargs=callback_kwargs, data=data)
+    return _scenario("demo-own", Path(out), run or DemoRun(), on_identity_lost="warn", swap=None)
 
 
-def run_wrong_resume(
-    out: str | Path,
-    *,
-    steps: int = DEMO_STEPS,
-    every: int | None = None,
-    swap_step: int | None = None,
-    model: dict[str, Any] | None = None,
-    verbose: bool = True,
-    callback_kwargs: dict[str, Any] | None = None,
-    data: dict[str, Any] | None = None,
-) -> ScenarioResult:
+def run_wrong_resume(out: str | Path, run: DemoRun | None = None, *, swap_step: int | None = None) -> ScenarioResult:
     """Scenario B: the same run, with another run's weights swapped in after ``swap_step``.
 
     The foreign weights come from a run with init seed 123 trained for ``swap_step`` steps on
     the same data (no callback): a checkpoint of the same age, as a wrong resume would load.
-    The callback raises; the result's ``error`` holds the :class:`IdentityLostError`.
+    ``None`` swaps at the probe nearest a third of the run. The callback raises; the result's
+    ``error`` holds the :class:`IdentityLostError`.
     """
-    every = every or max(1, steps // DEMO_PROBES)
+    run = run or DemoRun()
+    every = run.every_n_steps
     if swap_step is None:
-        swap_step = max(every, every * round(steps / 3 / every))
-    model = model or DEMO_MODEL
-    if verbose:
+        swap_step = max(every, every * round(run.steps / 3 / every))
+    if run.verbose:
         print(f"  training the other run (init seed {OTHER_SEED}) for {swap_step} steps: the foreign checkpoint ...",
               flush=True)
     pl.seed_everything(0, workers=True, verbose=False)
-    other = _module(model, OTHER_SEED)
-    _trainer(swap_step, [], root=Path(out)).fit(other, datamodule=_data(data))
+    other = _module(run.model_kwargs, OTHER_SEED)
+    _trainer(swap_step, [], root=Path(out)).fit(other, datamodule=_data(run.data))
     foreign = {k: v.detach().clone() for k, v in other.model.state_dict().items()}
-    swap = SwapWeights(swap_step, foreign, verbose=verbose)
-    return _scenario("demo-wrong-resume", Path(out), model=model, steps=steps, every=every, on_identity_lost="raise",
-                     swap=swap, verbose=verbose, callback_kwargs=callback_kwargs, data=data)
+    swap = SwapWeights(swap_step, foreign, verbose=run.verbose)
+    return _scenario("demo-wrong-resume", Path(out), run, on_identity_lost="raise", swap=swap)
 
 
 def check_own(result: ScenarioResult) -> tuple[bool, str]:
@@ -454,33 +452,33 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run both scenarios; print the tables and PASS/FAIL; return 0 only if both passed."""
     args = _parse(argv)
-    model = QUICK_MODEL if args.quick else DEMO_MODEL
     steps = args.steps or (QUICK_STEPS if args.quick else DEMO_STEPS)
-    every = max(1, steps // (QUICK_PROBES if args.quick else DEMO_PROBES))
+    run = DemoRun(steps=steps, every=max(1, steps // (QUICK_PROBES if args.quick else DEMO_PROBES)),
+                  model=QUICK_MODEL if args.quick else DEMO_MODEL)
     out = Path(args.out)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     try:
         with _quiet_lightning():
-            return _run(args, model=model, steps=steps, every=every, out=out, started=started)
+            return _run(args, run, out=out, started=started)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(args: argparse.Namespace, *, model: dict[str, Any], steps: int, every: int, out: Path,
-         started: float) -> int:
+def _run(args: argparse.Namespace, run: DemoRun, *, out: Path, started: float) -> int:
+    steps = run.steps
     corpus = build_corpus("prose")
     defaults = _callback_defaults()
-    print(_INTRO.format(corpus=corpus, steps=steps, lr=DEMO_LR, every=every, threads=args.threads,
+    print(_INTRO.format(corpus=corpus, steps=steps, lr=DEMO_LR, every=run.every_n_steps, threads=args.threads,
                         seq_len=DEMO_DATA["seq_len"], batch_size=DEMO_DATA["batch_size"],
                         probe_desc=defaults["probe_desc"], num_controls=defaults["num_controls"],
                         alpha=defaults["alpha"], fail_on=defaults["fail_on"],
-                        patience=defaults["patience"], **model), flush=True)
+                        patience=defaults["patience"], **run.model_kwargs), flush=True)
 
     print(f"Scenario A (own): pretraining init seed {OWN_SEED} for {steps} steps; the callback warns if the "
           "custody chain breaks.", flush=True)
-    own = run_own(out, steps=steps, every=every, model=model)
+    own = run_own(out, run)
     print(f"  done in {own.seconds:.0f} s; logs in {own.log_dir}", flush=True)
     chain = own.extra.get("chain")
     if chain is not None:
@@ -490,7 +488,7 @@ def _run(args: argparse.Namespace, *, model: dict[str, Any], steps: int, every: 
 
     print(f"Scenario B (wrong resume): the same run, but after step ~{steps // 3} the weights are replaced by "
           f"another run's; the callback raises (on_identity_lost='raise').", flush=True)
-    wrong = run_wrong_resume(out, steps=steps, every=every, model=model)
+    wrong = run_wrong_resume(out, run)
     if wrong.error is not None:
         print(f"  caught IdentityLostError:\n    {wrong.error}", flush=True)
     print(f"  done in {wrong.seconds:.0f} s; logs in {wrong.log_dir}\n", flush=True)
