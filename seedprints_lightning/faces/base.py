@@ -138,6 +138,7 @@ def release_gathered_parameters(model: nn.Module) -> None:
         if isinstance(module, FSDPModule):
             module.reshard()
 
+
 class SeedPrintsFace:
     """Probe a model's SeedPrints lineage during training; act when its custody breaks.
 

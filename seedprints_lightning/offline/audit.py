@@ -234,8 +234,7 @@ def _resolve_pair(sa: Source, sb: Source, probe_options: dict[str, Any], runtime
 
 def _config_controls(source: Source, spec: ProbeSpec, num_controls: int, runtime: ProbeRuntime) -> ControlSet:
     """Fresh inits of a model source's config on ``spec`` (streamed where the class splits, else from its model)."""
-    from ..core.controls import INIT_STREAMED, control_seeds, streams_controls
-    from ..core.layerwise import probe_streamed_control
+    from ..core.controls import INIT_STREAMED, control_seeds, probe_streamed_controls, streams_controls
     from .streaming import open_model
 
     handle = open_model(source, runtime)
@@ -244,8 +243,8 @@ def _config_controls(source: Source, spec: ProbeSpec, num_controls: int, runtime
         model = load_model(source, dtype=runtime.dtype, trust_pickle=runtime.trust_pickle)
         return find_controls(spec, [], [(source, model)], num_controls=num_controls, runtime=runtime)
     device = runtime.device if runtime.device is not None else "cpu"
-    features = torch.stack([probe_streamed_control(handle.config, seed, spec, batch_size=runtime.batch_size,
-                                                   device=device, dtype=runtime.dtype) for seed in seeds])
+    features = probe_streamed_controls(handle.config, seeds, spec, batch_size=runtime.batch_size, device=device,
+                                       dtype=runtime.dtype)
     return ControlSet(features, seeds, spec, description=f"{len(seeds)} fresh inits of {source.path}'s config "
                                                          f"(seeds {seeds[0]}..{seeds[-1]})", init_scheme=INIT_STREAMED)
 

@@ -507,9 +507,9 @@ class ModelHandle:
     def fingerprint(self, spec: Any, *, step: int | None, num_controls: int = 0,
                     extra: dict[str, Any] | None = None) -> Any:
         """Probe the model (by :meth:`decide`'s path) into a fingerprint; ``extra["load"]`` records the path."""
-        from ..core.controls import INIT_STREAMED, control_seeds
+        from ..core.controls import INIT_STREAMED, control_seeds, probe_streamed_controls
         from ..core.fingerprint import Fingerprint, config_digest, fingerprint_model
-        from ..core.layerwise import extract_features_layerwise, probe_streamed_control
+        from ..core.layerwise import extract_features_layerwise
         from .sources import check_fits
 
         decision = self.decide()
@@ -539,8 +539,8 @@ class ModelHandle:
         seeds = control_seeds(num_controls)
         controls = None
         if seeds:
-            controls = torch.stack([probe_streamed_control(self.config, seed, spec, batch_size=runtime.batch_size,
-                                                           device=device, dtype=runtime.dtype) for seed in seeds])
+            controls = probe_streamed_controls(self.config, seeds, spec, batch_size=runtime.batch_size, device=device,
+                                               dtype=runtime.dtype)
         return Fingerprint(features=features, spec=spec, model_class=self.lm_class,
                            config_digest=config_digest(self.config), step=step, extra=extra, controls=controls,
                            control_seeds=seeds, controls_init_scheme=INIT_STREAMED if seeds else None)
