@@ -25,15 +25,40 @@ def _interrupted() -> int:
     return EXIT_INTERRUPTED
 
 
+class _Interrupts:
+    """SIGINT as Python's default handler (raise KeyboardInterrupt), remembering that it came.
+
+    A library that catches ``BaseException`` while it is imported (seen once in CI: a Ctrl-C during
+    start-up ended in the command's own exit code) swallows the KeyboardInterrupt; the flag still
+    says the user interrupted, so the exit code does too.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run :func:`seedprints_lightning.offline.cli.main`; a Ctrl-C anywhere (imports included) returns 130."""
+    interrupts = _Interrupts()
     try:
-        from .offline.cli import main as cli_main
+        previous = signal.signal(signal.SIGINT, interrupts)
+    except ValueError:  # not the main thread (an embedding caller): Python's own handling stays
+        previous = None
+    try:
+        try:
+            from .offline.cli import main as cli_main
 
-        code = cli_main(argv)
-    except KeyboardInterrupt:
-        return _interrupted()
-    return code
+            code = cli_main(argv)
+        except KeyboardInterrupt:
+            return _interrupted()
+        return _interrupted() if interrupts.seen and code != EXIT_INTERRUPTED else code
+    finally:  # the message is out: an in-process caller gets its own handler back
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -449,3 +449,26 @@ def test_commands_restore_transformers_logging(tmp_path) -> None:
         assert hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.set_verbosity_warning()
+
+
+def test_an_interrupt_a_library_swallows_still_exits_130(monkeypatch, capsys) -> None:
+    """A Ctrl-C caught by some library's ``except BaseException`` during start-up is still exit 130."""
+    import signal
+
+    from seedprints_lightning import _entry
+    from seedprints_lightning.offline import cli
+
+    def swallowing(argv):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except BaseException:  # what a careless import-time guard does
+            pass
+        return 3
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(cli, "main", swallowing)
+    assert _entry.main([]) == 130
+    assert capsys.readouterr().err.strip() == "seedprints: error: interrupted"
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
+    monkeypatch.setattr(cli, "main", lambda argv: 3)
+    assert _entry.main([]) == 3  # no interrupt: the command's own code
