@@ -2,6 +2,12 @@
 
     python benchmarks/step0_memory.py [--hidden 1024] [--layers 8]
     python benchmarks/step0_memory.py --strategy fsdp2 [--hidden 1024] [--layers 8] [--vocab 32000]
+    python benchmarks/step0_memory.py --strategy fsdp2 --mmap-threshold 131072
+
+``--mmap-threshold`` runs the fits with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed, so every block
+over it is mapped and handed back when freed: RSS then follows the live tensors. By default glibc
+raises the threshold to 32 MB after the first large free, and the heap keeps what later blocks
+under that size freed, so RSS reads tens to hundreds of MB over what is alive.
 
 Three fresh processes fit the same model for 2 CPU steps and report their peak resident set
 size (``ru_maxrss``): without the callback, with the callback building its 4 controls in the
@@ -269,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", choices=("single", "fsdp2"), default="single",
                         help="single: one process (default); fsdp2: 2 CPU processes, FSDP2 (gloo)")
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 256; 32000 under fsdp2)")
+    parser.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="run the fits with glibc's MALLOC_MMAP_THRESHOLD_=BYTES: every larger block is mapped "
+                             "and returned to the OS when freed, so RSS follows the live tensors instead of what "
+                             "the heap keeps after freeing (glibc raises the threshold to 32 MB after a large free)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.vocab = args.vocab if args.vocab is not None else _default_vocab(args.strategy)
@@ -279,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
             _worker(args.worker[0], args.hidden, args.layers, Path(args.worker[1]), args.vocab)
         return 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if args.mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+        print(f"[memory] glibc MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}: RSS follows the live tensors")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         # The controls file is made on the side, from the model's config alone.

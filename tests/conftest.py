@@ -121,18 +121,24 @@ def torchrun_reports(script: str, mode: str, out, timeout_s: int = 420) -> list[
     return reports
 
 
-def count_probed_samples(probed: list[int]) -> None:
-    """Record in ``probed`` how many samples each probe forward of any face asks for (its slice under several ranks)."""
+def count_probed_samples(probed: list[int], paths: list[str] | None = None) -> None:
+    """Record in ``probed`` how many samples each probe forward of any face asks for (its slice under several ranks),
+    and in ``paths`` how it was probed: ``"called"`` (the model's forward) or ``"gathered"`` (one sharded block at a
+    time, :mod:`seedprints_lightning.core.sharded`)."""
     import seedprints_lightning.faces.settings as settings_module  # where every face calls extract_features
 
-    original = settings_module.extract_features
+    def counting(original, path):
+        def count(model, spec, **kwargs):
+            start, stop = kwargs.get("sample_range") or (0, spec.num_samples)
+            probed.append(stop - start)
+            if paths is not None:
+                paths.append(path)
+            return original(model, spec, **kwargs)
 
-    def counting(model, spec, **kwargs):
-        start, stop = kwargs.get("sample_range") or (0, spec.num_samples)
-        probed.append(stop - start)
-        return original(model, spec, **kwargs)
+        return count
 
-    settings_module.extract_features = counting
+    settings_module.extract_features = counting(settings_module.extract_features, "called")
+    settings_module.extract_features_gathered = counting(settings_module.extract_features_gathered, "gathered")
 
 
 def exit_after_report(worker: Callable[[], int]) -> None:

@@ -98,7 +98,8 @@ def _worker(mode: str, out: Path) -> int:
     from conftest import count_probed_samples
 
     probed: list[int] = []
-    count_probed_samples(probed)
+    paths: list[str] = []
+    count_probed_samples(probed, paths)
     sharded = mode.startswith("fsdp2")
     common = dict(probe=ProbeSpec(num_samples=120, length=8), num_controls=2, adaptive_schedule=False,
                   save_dir=out / "seedprints")
@@ -140,7 +141,7 @@ def _worker(mode: str, out: Path) -> int:
         trainer.save_checkpoint(out / "ckpt")
     rank = trainer.global_rank
     report = {"rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step, "probed": probed,
-              "history": cb.history, "error": type(error).__name__ if error else None,
+              "history": cb.history, "paths": sorted(set(paths)), "error": type(error).__name__ if error else None,
               "message": str(error) if error else None, "barrier_after_fit": True}
     if sharded:  # the end probe ran no backward: its forwards' gathered root must have been freed again
         from torch.distributed.tensor import DTensor
@@ -199,6 +200,8 @@ def test_two_cpu_processes_match_single_process(tmp_path, mode):
         assert [p for p in report["probed"] if p != 120] == [60, 60, 60], report["probed"]
         if mode.startswith("fsdp2"):  # the probe leaves FSDP2's root sharded, as it found it
             assert report["root_sharded_after_fit"] is True
+        # FSDP2 is probed one gathered block at a time, never through its root's forward; DDP calls the model.
+        assert report["paths"] == (["gathered"] if mode.startswith("fsdp2") else ["called"])
     assert all(h["related"] is True for h in rank0["history"] + rank1["history"])
     for h0, h1 in zip(rank0["history"], rank1["history"]):
         assert h0["z"] == pytest.approx(h1["z"], rel=1e-9) and h0["control_z"] == pytest.approx(

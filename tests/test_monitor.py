@@ -141,6 +141,23 @@ def test_a_resume_links_the_loaded_weights_and_continues_the_chain(tmp_path, cap
     assert "DOES NOT DESCEND" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("bind_saves", [True, False])
+def test_bind_saves_false_records_no_save_and_the_checkpoint_is_still_audited(tmp_path, capsys, bind_saves):
+    model = make_tiny_lm(0).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    monitor = _monitor(tmp_path, bind_saves=bind_saves)
+    monitor.start(model)
+    _loop(monitor, model, optimizer, 1, 4)
+    torch.save({"model": model.state_dict(), "seedprints": monitor.state_dict(model)}, tmp_path / "last.pt")
+    audit = verify_chain(tmp_path / "seedprints")
+    assert audit.ok
+    assert [r["step"] for r in audit.records if r.get("kind") == "save"] == ([4] if bind_saves else [])
+    # Bound or not, the checkpoint descends from the run (its lineage is tested either way).
+    assert seedprints_main(["audit", "--chain", str(tmp_path / "seedprints"), str(tmp_path / "last.pt")]) == EXIT_OK
+    with pytest.raises(InputError, match=r"bind_saves must be True or False.*got 'no'"):
+        _monitor(tmp_path / "other", bind_saves="no")
+
+
 def test_resuming_another_runs_weights_fails_at_start(tmp_path):
     _checkpoint(tmp_path, "step6.pt", 6)
     state = torch.load(tmp_path / "step6.pt", weights_only=True)

@@ -165,7 +165,9 @@ def streams_controls(model_or_config: Any) -> bool:
             expected = AutoModelForCausalLM._model_mapping[type(config)]
         except (KeyError, ImportError, AttributeError):
             return False
-        return type(model_or_config) is expected
+        from .sharded import unsharded_class
+
+        return unsharded_class(model_or_config) is expected  # FSDP2 swaps in an FSDP<Class> subclass
     return True
 
 

@@ -35,9 +35,11 @@ from .probes import ProbeSpec, find_causal_lm, preserve_module_modes
 __all__ = [
     "BlockLoader",
     "SUPPORTED_MODEL_TYPES",
+    "block_storage",
     "build_streamed_control_model",
     "extract_features_layerwise",
     "probe_streamed_control",
+    "splits_into_blocks",
     "streamed_block_seed",
 ]
 
@@ -122,6 +124,15 @@ def _split(model: nn.Module) -> _Split:
         )
     prefix = "" if base is lm else f"{lm.base_model_prefix}."
     return _Split(lm=lm, base=base, prefix=prefix, layout=layout)
+
+
+def splits_into_blocks(model: nn.Module) -> bool:
+    """Whether the layer-major probe can split this model (or the causal LM it contains) into blocks."""
+    try:
+        _split(model)
+    except InputError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------
@@ -346,6 +357,27 @@ def streamed_block_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def block_storage(like: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Uninitialised tensors shaped like ``like`` on ``device``, all views of ONE allocation.
+
+    A block's weights are freed together, so they are allocated together: glibc serves blocks over
+    its mmap threshold (at most 32 MB) from a fresh mapping and unmaps it when freed, whereas
+    tensor-by-tensor allocations of a few MB each come from the heap, which keeps them after they
+    are freed (on a 200M LLaMA under FSDP2 that read as 100-250 MB of RSS left after step 0).
+    """
+    align = 64
+    offsets, total = [], 0
+    for tensor in like:
+        offsets.append(total)
+        total += -(-tensor.numel() * tensor.element_size() // align) * align
+    flat = torch.empty(total, dtype=torch.uint8, device=device)
+    views = []
+    for tensor, offset in zip(like, offsets):
+        nbytes = tensor.numel() * tensor.element_size()
+        views.append(flat[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape))
+    return views
+
+
 def _iter_tensor_slots(module: nn.Module) -> Iterator[tuple[nn.Module, str, str, torch.Tensor]]:
     """``(owner, "_parameters" | "_buffers", name, tensor)`` of every tensor in ``module`` and below."""
     for owner in module.modules():
@@ -392,8 +424,8 @@ class _FreshInitLoader:
         meta = [slot for slot in slots if slot[3].device.type == "meta"]
         if not meta and all(self._in_place(tensor) for *_, tensor in slots):
             return None
-        for owner, kind, key, tensor in meta:
-            empty = torch.empty_like(tensor, device="cpu")
+        storage = block_storage([tensor for *_, tensor in meta], torch.device("cpu"))
+        for (owner, kind, key, _), empty in zip(meta, storage):
             getattr(owner, kind)[key] = nn.Parameter(empty, requires_grad=False) if kind == "_parameters" else empty
         if meta:
             self.drawn.append(name)

@@ -42,6 +42,7 @@ from ..core.ledger import RunDirectory
 from ..core.opening import close_chain, open_chain
 from ..core.probes import ProbeBatch, ProbeSpec, find_causal_lm, find_causal_lm_or_none
 from ..core.processes import Processes, measure_over_ranks, torch_processes
+from ..core.sharded import holds_dtensors
 from ..core.state import MODEL_STATE_KEY, STEP_STATE_KEY, model_rebuild_info
 from ..core.verdict import (
     CUSTOM_SCALARS_LAYOUT,
@@ -192,6 +193,10 @@ class SeedPrintsFace:
             again when the ledger opens and is never logged, kept in a checkpoint or copied.
         log_dir: a TensorBoard directory for the metrics (rank 0), for faces whose loop has no
             logger of its own; the Lightning face logs through the Trainer's loggers instead.
+        bind_saves: record a save in the ledger at each checkpoint save, with the digest of the
+            weights it holds (``seedprints audit --chain RUN CKPT`` then names the save). The
+            writing process hashes the whole unsharded model each time; ``False`` records no save
+            (checkpoints are still audited by lineage). Sharded weights are never bound.
 
     Attributes:
         chain: the :class:`~seedprints_lightning.core.chain.CustodyChain` (reference, controls,
@@ -231,6 +236,7 @@ class SeedPrintsFace:
         count_undetermined: bool = True,
         signing_key: str | os.PathLike | None = None,
         log_dir: str | os.PathLike | None = None,
+        bind_saves: bool = True,
     ) -> None:
         self.settings = FaceSettings.from_arguments(
             every_n_steps=every_n_steps, probe=probe, alpha=alpha, patience=patience,
@@ -239,7 +245,7 @@ class SeedPrintsFace:
             adaptive_schedule=adaptive_schedule, reference=reference, feature_fn=feature_fn,
             control_factory=control_factory, controls=controls, save_dir=save_dir,
             probe_batch_size=probe_batch_size, identity_ratio=identity_ratio, identity_mode=identity_mode,
-            count_undetermined=count_undetermined, signing_key=signing_key, log_dir=log_dir)
+            count_undetermined=count_undetermined, signing_key=signing_key, log_dir=log_dir, bind_saves=bind_saves)
         self.chain = self.settings.new_chain()
         self.save_dir: Path | None = self.settings.save_dir
         self.log_dir: Path | None = self.settings.log_dir
@@ -347,7 +353,8 @@ class SeedPrintsFace:
         the record alike. Sharded weights are not bound (a digest would gather every shard on one
         rank at each save): the lineage test still audits those checkpoints.
         """
-        if not self.started or model is None or not self.chain.cursor.numbered or self._shards_weights(model):
+        if not self.settings.bind_saves or not self.started or model is None or not self.chain.cursor.numbered \
+                or self._shards_weights(model):
             return None
         lm = find_causal_lm_or_none(model)
         if lm is None:  # a feature_fn model: the audit cannot rebuild it, so there is nothing to compare
@@ -357,9 +364,7 @@ class SeedPrintsFace:
 
     def _shards_weights(self, model: nn.Module) -> bool:
         """True when the weights are sharded over ranks (FSDP1, or FSDP2's DTensor parameters)."""
-        if sharding_of(model=model) is not None:
-            return True
-        return any(type(p).__name__ == "DTensor" for p in model.parameters())
+        return sharding_of(model=model) is not None or holds_dtensors(model)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -29,7 +29,8 @@ The directory belongs to this run: rank 0 holds its lock (``custody.lock``) from
 another run's ledger (:func:`~seedprints_lightning.core.opening.open_chain`).
 
 Distributed: each rank probes its slice of the samples through the strategy's root wrapper
-(:func:`~seedprints_lightning.faces._lightning.measure_features`), so every rank tests the same
+(:func:`~seedprints_lightning.faces._lightning.measure_features`), or, for DTensor (FSDP2) weights,
+one gathered block at a time (:mod:`~seedprints_lightning.core.sharded`), so every rank tests the same
 numbers, follows the same schedule and takes the same decision, reduced over ranks before it
 acts. Checkpoint state: under :attr:`SeedPrintsCallback.state_key`, derived from ``probe`` as
 ``EarlyStopping`` derives its own, so two callbacks in one ``Trainer`` keep their

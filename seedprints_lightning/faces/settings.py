@@ -26,6 +26,7 @@ from ..core.ledger import check_save_dir
 from ..core.opening import ControlsSource
 from ..core.probes import ProbeBatch, ProbeSpec, extract_features, find_causal_lm, find_causal_lm_or_none
 from ..core.schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
+from ..core.sharded import extract_features_gathered, probes_gathered
 from ..core.signing import ENV_SIGNING_KEY, load_signing_key
 from ..core.verdict import DEFAULT_BIRTH_Z_MARGIN, DEFAULT_LINK_TAU_MARGIN, DEFAULT_LINK_Z_MARGIN, FAIL_ON
 
@@ -73,6 +74,7 @@ class FaceSettings:
     count_undetermined: bool = True
     signing_key: Path | None = None
     log_dir: Path | None = None
+    bind_saves: bool = True
 
     @classmethod
     def from_arguments(
@@ -86,6 +88,7 @@ class FaceSettings:
         save_dir: str | os.PathLike | None = None, probe_batch_size: int = 64, identity_ratio: float | None = None,
         identity_mode: str = "coset", count_undetermined: bool = True,
         signing_key: str | os.PathLike | None = None, log_dir: str | os.PathLike | None = None,
+        bind_saves: bool = True,
     ) -> FaceSettings:
         check_int("every_n_steps", every_n_steps, low=1, hint="optimizer steps between probes")
         check_bool("count_undetermined", count_undetermined,
@@ -98,6 +101,7 @@ class FaceSettings:
         check_choice("fail_on", fail_on, FAIL_ON)
         check_int("num_controls", num_controls, low=0, high=64, hint="0 turns controls off")
         check_bool("adaptive_schedule", adaptive_schedule)
+        check_bool("bind_saves", bind_saves, hint="False records no digest of the weights at each checkpoint save")
         if feature_fn is not None and not callable(feature_fn):
             raise InputError(f"feature_fn must be callable as feature_fn(module, batch) -> [b, D], got "
                              f"{type(feature_fn).__name__}")
@@ -140,7 +144,7 @@ class FaceSettings:
                    controls_file=controls_file, controls_path=controls_path,
                    save_dir=None if save_dir is None else Path(save_dir), probe_batch_size=int(probe_batch_size),
                    count_undetermined=count_undetermined, signing_key=signing_key,
-                   log_dir=None if log_dir is None else Path(log_dir))
+                   log_dir=None if log_dir is None else Path(log_dir), bind_saves=bool(bind_saves))
 
     def new_chain(self) -> CustodyChain:
         schedule = ProbeSchedule(every_n_steps=self.every_n_steps, adaptive=self.adaptive_schedule,
@@ -161,13 +165,20 @@ class FaceSettings:
 
     def features_of(self, module: nn.Module, spec: ProbeSpec,
                     sample_range: tuple[int, int] | None = None) -> torch.Tensor:
-        """``module``'s ``[n, D]`` features (or the ``sample_range`` slice), through ``feature_fn`` if given."""
+        """``module``'s ``[n, D]`` features (or the ``sample_range`` slice), through ``feature_fn`` if given.
+
+        A sharded (DTensor) model of an architecture the layer-major probe splits is probed one gathered
+        block at a time (:mod:`~seedprints_lightning.core.sharded`): a forward through FSDP2's root would
+        gather the embedding, final norm and LM head together. Anything else is called.
+        """
         if self.feature_fn is not None:
             feature_fn = self.feature_fn
             return extract_features(module, spec, batch_size=self.probe_batch_size, sample_range=sample_range,
                                     forward_fn=lambda batch: feature_fn(module, batch))
-        return extract_features(find_causal_lm(module), spec, batch_size=self.probe_batch_size,
-                                sample_range=sample_range)
+        lm = find_causal_lm(module)
+        if probes_gathered(lm):
+            return extract_features_gathered(lm, spec, batch_size=self.probe_batch_size, sample_range=sample_range)
+        return extract_features(lm, spec, batch_size=self.probe_batch_size, sample_range=sample_range)
 
     def check_model(self, module: nn.Module, spec: ProbeSpec | None) -> nn.Module | None:
         """The transformers model in ``module`` (``None`` for a ``feature_fn`` model); raise if it cannot be probed."""
