@@ -358,7 +358,7 @@ def streamed_block_seed(seed: int, name: str) -> int:
 
 
 def block_storage(like: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Uninitialised tensors shaped like ``like`` on ``device``, all views of ONE allocation.
+    """Uninitialised tensors of the (global) shapes and dtypes of ``like`` on ``device``, views of ONE allocation.
 
     A block's weights are freed together, so they are allocated together: glibc serves blocks over
     its mmap threshold (at most 32 MB) from a fresh mapping and unmaps it when freed, whereas

@@ -135,8 +135,7 @@ class GatheredBlockLoader:
                         slots.append((getattr(twin_sub, kind), key, meta, live, kind, qualified))
         # One allocation for the block's gathered tensors (block_storage says why), on the shards' device.
         sharded = [slot[3] for slot in slots if _is_dtensor(slot[3])]
-        storage = iter(block_storage([_meta_like(live) for live in sharded], _local_device(sharded[0]))
-                       if sharded else [])
+        storage = iter(block_storage(sharded, _local_device(sharded[0])) if sharded else [])
         originals: list[tuple[dict[str, Any], str, torch.Tensor]] = []
         try:
             for owner_slots, key, meta, live, kind, qualified in slots:
@@ -222,10 +221,6 @@ def gather_full_tensor(tensor: torch.Tensor, *, out: torch.Tensor | None = None,
 def _local_device(tensor: torch.Tensor) -> torch.device:
     return tensor.to_local().device if _is_dtensor(tensor) else tensor.device
 
-
-def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
-    """A meta tensor of ``tensor``'s global shape and dtype (what :func:`block_storage` allocates for)."""
-    return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
 
 
 def extract_features_gathered(
