@@ -13,8 +13,8 @@ probe never calls the sharded model:
   and forward code and no weights;
 * :func:`~seedprints_lightning.core.layerwise.extract_features_layerwise` runs every probe
   sample through one twin block at a time, and :class:`GatheredBlockLoader` fills that block
-  just before it runs with the live block's full tensors (``DTensor.full_tensor()``, an
-  all-gather over the tensor's mesh), then drops them.
+  just before it runs with the live block's full tensors (:func:`gather_full_tensor`, an
+  all-gather over the tensor's mesh, into one allocation for the block), then drops them.
 
 Peak memory per rank: one block's full tensors plus the probe activations of the rank's slice
 of samples. The LM head is never gathered (the features are the last hidden state). Nothing of
@@ -109,8 +109,8 @@ class GatheredBlockLoader:
     Each tensor of the twin block ``name`` is read from the live module of the same dotted name:
     a DTensor is gathered (:func:`gather_full_tensor`, a collective, into one allocation for the
     block), a plain tensor (a buffer, or a module FSDP2 holds unsharded) is used as it is, without
-    a copy. Read-only: nothing of the live
-    model is assigned. ``gathered`` lists the state-dict keys gathered, in order (what tests check).
+    a copy. Read-only: nothing of the live model is assigned. ``gathered`` lists the state-dict
+    keys gathered, in order (what tests check).
 
     Raises:
         InputError: the live model has no tensor (or one of another shape) where the twin has one, named
@@ -220,7 +220,6 @@ def gather_full_tensor(tensor: torch.Tensor, *, out: torch.Tensor | None = None,
 
 def _local_device(tensor: torch.Tensor) -> torch.device:
     return tensor.to_local().device if _is_dtensor(tensor) else tensor.device
-
 
 
 def extract_features_gathered(
