@@ -1,4 +1,5 @@
 # Two entry points: `make demo` and `make test`. Both create .venv on first use.
+# `make package` builds the wheel and the sdist and runs the README's quickstart against the wheel (.ci/run).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,12 +7,20 @@ PY := $(VENV)/bin/python
 # install your own torch into .venv first and this pin is skipped (see README).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test package clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_PIN)"
 	$(PY) -m pip install -e ".[test]"
+	# LitGPT without its pins (huggingface-hub < 1.4, jsonargparse <= 4.41), which would pull transformers
+	# down and cannot be resolved beside ai2-olmo-core: its CLI runs on the versions above (tests/test_litgpt.py).
+	$(PY) -m pip install --no-deps "litgpt==0.5.13"
+	# torchtitan without `datasets` (its newest caps huggingface-hub < 2, below what transformers needs): the
+	# model side imports only torchtitan, tyro and spmd_types, and triton (left alone where a GPU torch brought one).
+	$(PY) -m pip install --no-deps "torchtitan==0.3.0"
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton
+	$(PY) -m pip install tyro spmd_types
 	touch $@
 
 setup: $(VENV)/.installed
@@ -23,5 +32,8 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
+package: setup
+	bash .ci/run package
+
 clean:
-	rm -rf runs .pytest_cache build *.egg-info
+	rm -rf runs .pytest_cache build dist *.egg-info

@@ -1,24 +1,31 @@
-"""Cost of ``identify``: one checkpoint against N recorded runs of 30 probes (n = 1000, D = 128).
+"""Cost of ``identify`` at real width: one checkpoint against N run directories, screened against ``--exhaustive``.
 
-    python benchmarks/identify.py [--runs 10,100,1000] [--probes 30] [--extrapolate-above 100]
+    python benchmarks/identify.py [--runs 1,10,100] [--exhaustive-runs 1] [--extrapolate 100,1000] [--dim 4096]
 
-Synthetic runs, in memory (:meth:`RunEvidence.from_features`): each run has a reference, 30
-probes and 4 controls, fp16-rounded random ``[1000, 128]`` matrices drawn from a pool of 64 (so
-memory stays small; every candidate is still normalised, sorted and tested in full). Run 0's
-last probe is the checkpoint plus noise, so there is one true match to find. Printed per N: the
-wall time of one identification, the tests made (``m`` = N x 31 candidate tests + N x 4 control
-tests) and the cost per test. N above ``--extrapolate-above`` is extrapolated linearly from the
-largest measured N's cost per test, and marked so (pass a larger value to measure it: N = 1000
-takes about 3 minutes on 2 cores).
+Synthetic run directories in the real format (``reference.safetensors``, ``controls.safetensors``,
+``custody.jsonl``, packed fp16 probe files), n = 1000, D = 4096, a reference and 135 probes per run
+(136 fingerprints: a 100k-step run at the default interval) and 4 controls. Probe files are hard links
+into a pool of 16 distinct random matrices (so 100 runs need 0.5 GB of disk, not 95 GB); every reference
+is its own file (each run is its own lineage). Run 0's last probe is the checkpoint plus noise, so there
+is one true match to find. Printed per N, on the same directories:
 
-The loading cost is measured separately: ``--disk-runs`` run directories written in the real
-format (reference, controls, ledger records, fp16 probe files) are read by ``load_runs`` and
-identified, and the difference from the same runs in memory is reported per candidate.
+* ``index``: the first screened identify, which builds each run's screen index
+  (``identify-screen.safetensors``). Hard-linked probes share one index entry computation, so this
+  figure is NOT a real first build; the per-fingerprint build cost measured on distinct files is
+  printed separately, with what it means for N real runs.
+* ``screened``: identify with the index in place (every later identify of those runs).
+* ``exhaustive``: ``identify(..., exhaustive=True)`` measured for N <= ``--exhaustive-runs``, else
+  extrapolated linearly from the largest measured N's cost per test (and marked so).
+* whether both found the same match, best step, z and corrected p (where exhaustive was measured).
+
+N = 1000 is extrapolated from the largest measured N (screened: per run; exhaustive: per test).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -31,102 +38,170 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from seedprints_lightning.core.controls import ControlSet  # noqa: E402
+from seedprints_lightning.core.files import file_sha256, save_safetensors  # noqa: E402
 from seedprints_lightning.core.fingerprint import Fingerprint  # noqa: E402
-from seedprints_lightning.core.ledger import RunDirectory, storage_features  # noqa: E402
+from seedprints_lightning.core.ledger import (  # noqa: E402
+    CONTROLS_FILE,
+    CUSTODY_FILE,
+    REFERENCE_FILE,
+    RunDirectory,
+    encode_probe_features,
+    load_probe_features,
+    storage_features,
+)
 from seedprints_lightning.core.probes import ProbeSpec  # noqa: E402
+from seedprints_lightning.core.stats import normalised_column_ranks  # noqa: E402
 from seedprints_lightning.core.verdict import judge_probe  # noqa: E402
-from seedprints_lightning.offline.identify import RunEvidence, identify, load_runs  # noqa: E402
+from seedprints_lightning.offline.identify import ScreenOptions, identify, load_runs  # noqa: E402
 
-N_SAMPLES, DIM, POOL, CONTROLS = 1000, 128, 64, 4
-SPEC = ProbeSpec(num_samples=N_SAMPLES, length=32, vocab_size=32000)
-
-
-def _pool(seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [storage_features(torch.randn(N_SAMPLES, DIM, generator=g)).float() for _ in range(POOL)]
+N_SAMPLES, POOL, CONTROLS = 1000, 16, 4
 
 
-def _synthetic_runs(count: int, probes: int, pool: list[torch.Tensor], planted: torch.Tensor) -> list[RunEvidence]:
-    runs = []
-    for r in range(count):
-        pick = [pool[(r * 7 + i) % POOL] for i in range(probes + 1 + CONTROLS)]
-        reference = pick[0] + 1e-3 * r  # a distinct lineage digest per run
-        features = [(10 * (i + 1), pick[1 + i]) for i in range(probes)]
-        if r == 0:
-            features[-1] = (10 * probes, planted)
-        controls = torch.stack(pick[1 + probes:])
-        runs.append(RunEvidence.from_features(f"run{r:04d}", SPEC, reference, features, controls=controls))
-    return runs
+def _template_record(tmp: Path, spec: ProbeSpec) -> dict:
+    """One genuine ledger record (from the real writer, at a small width): the fields every record carries."""
+    g = torch.Generator().manual_seed(1)
+    small = [storage_features(torch.randn(N_SAMPLES, 16, generator=g)).float() for _ in range(4)]
+    verdict = judge_probe(1, small[1], reference=small[0], anchor=small[0], anchor_step=0, controls=small[2:4])
+    run = RunDirectory(tmp / "template")
+    run.path.mkdir(parents=True)
+    ref_sha, _ = run.sync_reference(Fingerprint(features=small[0], spec=spec, step=0), fresh=True, origin="benchmark")
+    ledger, _ = run.open_ledger(0, None, reference_sha256=ref_sha)
+    record = ledger.append(verdict, storage_features(small[1]), event="interval", anchor_index=None,
+                           identity_mode="coset", identity_ratio=None)
+    ledger.close()
+    return {k: v for k, v in record.items() if k != "sha256"}
 
 
-def _write_runs(root: Path, count: int, probes: int, pool: list[torch.Tensor], planted: torch.Tensor) -> None:
-    verdict = judge_probe(1, pool[1], reference=pool[0], anchor=pool[0], anchor_step=0, controls=pool[2:4])
-    for r in range(count):
-        run = RunDirectory(root / f"run{r:04d}" / "seedprints")
-        run.path.mkdir(parents=True)
-        pick = [pool[(r * 7 + i) % POOL] for i in range(probes + 1 + CONTROLS)]
-        reference = Fingerprint(features=pick[0] + 1e-3 * r, spec=SPEC, step=0)
-        ref_sha, _ = run.sync_reference(reference, fresh=True, origin="benchmark")
-        ControlSet(features=torch.stack(pick[1 + probes:]), seeds=tuple(range(CONTROLS)), spec=SPEC).save(
-            run.controls_path)
-        ledger, _ = run.open_ledger(0, None, reference_sha256=ref_sha)
+def _write_pool(folder: Path, dim: int, checkpoint: torch.Tensor, g: torch.Generator) -> tuple[list, Path]:
+    """POOL distinct probe files and the planted one (the checkpoint plus noise): ``[(path, sha256)]``."""
+    folder.mkdir(parents=True)
+    pool = []
+    for i in range(POOL + 1):
+        if i < POOL:
+            features = storage_features(torch.randn(N_SAMPLES, dim, generator=g))
+        else:
+            features = storage_features(checkpoint + 0.5 * torch.randn(N_SAMPLES, dim, generator=g))
+        path = folder / f"pool{i:03d}.safetensors"
+        save_safetensors(path, encode_probe_features(features), {"seedprints": json.dumps({"pool": i})})
+        pool.append((path, file_sha256(path)))
+    controls = folder / "controls.safetensors"
+    ControlSet(features=torch.randn(CONTROLS, N_SAMPLES, dim, generator=g).half().float(),
+               seeds=tuple(range(CONTROLS)), spec=SPEC).save(controls)
+    return pool, controls
+
+
+def _write_runs(root: Path, first: int, count: int, probes: int, dim: int, pool: list, controls: Path,
+                template: dict, g: torch.Generator) -> None:
+    controls_sha = file_sha256(controls)
+    for r in range(first, first + count):
+        run = root / f"run{r:04d}" / "seedprints"
+        (run / "probes").mkdir(parents=True)
+        Fingerprint(features=storage_features(torch.randn(N_SAMPLES, dim, generator=g)).float(), spec=SPEC,
+                    step=0).save(run / REFERENCE_FILE)
+        os.link(controls, run / CONTROLS_FILE)
+        ref_sha = prev = file_sha256(run / REFERENCE_FILE)
+        lines = []
         for i in range(probes):
-            features = planted if (r == 0 and i == probes - 1) else pick[1 + i]
-            step_verdict = type(verdict)(step=10 * (i + 1), birth=verdict.birth, link=verdict.link, anchor_step=0)
-            ledger.append(step_verdict, storage_features(features), event="interval", anchor_index=None,
-                          identity_mode="coset", identity_ratio=None)
+            step = 740 * (i + 1)
+            source, sha = pool[POOL] if (r == 0 and i == probes - 1) else pool[(r * 7 + i) % POOL]
+            name = f"probes/{i:06d}-step{step:08d}-bench000.safetensors"
+            os.link(source, run / name)
+            record = {**template, "index": i, "step": step, "features_file": name, "features_sha256": sha,
+                      "reference_sha256": ref_sha, "controls_sha256": controls_sha, "prev_sha256": prev}
+            line = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
+            prev = hashlib.sha256(line.encode()).hexdigest()
+            lines.append(line + "\n")
+        (run / CUSTODY_FILE).write_text("".join(lines), encoding="utf-8")
+
+
+def _timed(fn):
+    """``(result, wall seconds, CPU seconds of this process over all its threads)``."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - start, time.process_time() - cpu
+
+
+def _answer(result) -> tuple:
+    match = result.matches[0] if result.matches else None
+    return (result.status, result.run, match and match.best_step, match and match.z,
+            match and match.log10_p_corrected)
+
+
+SPEC = ProbeSpec(num_samples=N_SAMPLES, length=32, vocab_size=32000)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="10,100,1000")
-    parser.add_argument("--probes", type=int, default=30)
-    parser.add_argument("--extrapolate-above", type=int, default=100)
-    parser.add_argument("--disk-runs", type=int, default=10)
+    parser.add_argument("--runs", default="10,100")
+    parser.add_argument("--exhaustive-runs", type=int, default=10, help="measure exhaustive up to this N")
+    parser.add_argument("--probes", type=int, default=135)
+    parser.add_argument("--dim", type=int, default=4096)
+    parser.add_argument("--extrapolate", type=lambda v: [int(x) for x in v.split(",")], default=[100, 1000],
+                        help="N to extrapolate to, beyond the largest measured")
+    parser.add_argument("--dir", default=None, help="where to write the runs (default: a temporary directory)")
     args = parser.parse_args()
-    pool = _pool()
-    g = torch.Generator().manual_seed(9)  # the checkpoint: unlike every pool matrix, but for run 0's last probe
-    checkpoint = storage_features(torch.randn(N_SAMPLES, DIM, generator=g))
-    planted = storage_features(checkpoint + 0.5 * torch.randn(N_SAMPLES, DIM, generator=g)).float()
-    print(f"identify: n={N_SAMPLES}, D={DIM}, {args.probes} probes + reference per run, {CONTROLS} controls per run, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"{'N runs':>7} {'tests':>8} {'control tests':>14} {'seconds':>9} {'ms/test':>8}  note")
-    identify({SPEC: checkpoint}, _synthetic_runs(1, args.probes, pool, planted))  # warm up (numba compile)
-    per_test = None
-    for count in (int(x) for x in args.runs.split(",")):
-        candidates, controls = count * (args.probes + 1), count * CONTROLS
-        if count > args.extrapolate_above and per_test is not None:
-            print(f"{count:>7} {candidates:>8} {controls:>14} {per_test * (candidates + controls):>9.1f} "
-                  f"{per_test * 1e3:>8.2f}  EXTRAPOLATED from the largest measured N")
-            continue
-        runs = _synthetic_runs(count, args.probes, pool, planted)
+    counts = sorted(int(x) for x in args.runs.split(","))
+    g = torch.Generator().manual_seed(9)
+    checkpoint = storage_features(torch.randn(N_SAMPLES, args.dim, generator=g)).float()
+    screen = ScreenOptions()
+    print(f"identify: n={N_SAMPLES}, D={args.dim}, {args.probes} probes + reference per run, {CONTROLS} controls, "
+          f"screen {screen.columns} columns / margin {screen.margin:g} SE, torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        tmp = Path(tmp)
+        template = _template_record(tmp, SPEC)
+        pool, controls = _write_pool(tmp / "pool", args.dim, checkpoint, g)
+        # The index's per-fingerprint build cost on distinct files (read, sha256, inflate, normalise, rank).
+        columns = screen.subset(args.dim)
         start = time.perf_counter()
-        result = identify({SPEC: checkpoint}, runs)
-        seconds = time.perf_counter() - start
-        per_test = seconds / (candidates + controls)
-        assert result.run == "run0000" and result.matches[0].best_step == 10 * args.probes, result.summary()
-        print(f"{count:>7} {result.tested['tests']:>8} {result.tested['control_tests']:>14} {seconds:>9.2f} "
-              f"{per_test * 1e3:>8.2f}  measured; match {result.run} z={result.matches[0].z:.1f}")
-
-    if args.disk_runs:
-        with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp)
-            _write_runs(root, args.disk_runs, args.probes, pool, planted)
-            start = time.perf_counter()
-            loaded = load_runs([root])
-            scan = time.perf_counter() - start
-            start = time.perf_counter()
-            on_disk = identify({SPEC: checkpoint}, loaded)
-            from_disk = time.perf_counter() - start
-            start = time.perf_counter()
-            identify({SPEC: checkpoint}, _synthetic_runs(args.disk_runs, args.probes, pool, planted))
-            in_memory = time.perf_counter() - start
-            assert on_disk.run == os.fspath(root / "run0000" / "seedprints"), on_disk.summary()
-            files = args.disk_runs * (args.probes + 2)
-            print(f"loading, {args.disk_runs} run directories on disk: load_runs (scan, ledgers, references) "
-                  f"{scan:.2f} s ({scan / args.disk_runs * 1e3:.1f} ms/run); identify from disk {from_disk:.2f} s vs "
-                  f"in memory {in_memory:.2f} s: reading features {(from_disk - in_memory) / files * 1e3:.2f} ms per "
-                  "file (probe, reference, controls)")
+        for path, sha in pool[:4]:  # what identify does per fingerprint: check the sha256, inflate, rank
+            assert file_sha256(path) == sha
+            normalised_column_ranks(load_probe_features(path).float(), columns)
+        per_fp = (time.perf_counter() - start) / 4
+        print(f"index build, per distinct fingerprint: {per_fp * 1e3:.0f} ms (a real first identify of N runs of "
+              f"{args.probes + 1} fingerprints builds N x {args.probes + 1} of these once: "
+              f"{per_fp * 100 * (args.probes + 1) / 60:.1f} min for N=100)")
+        print(f"{'N runs':>7} {'tests':>7} {'index s':>8} {'screened s (cpu)':>17} {'exact':>6} "
+              f"{'exhaustive s (cpu)':>19} {'ratio':>6}  answer")
+        root, written, per_test, cpu_per_test, measured = tmp / "runs", 0, None, None, []
+        for count in counts:
+            _write_runs(root, written, count - written, args.probes, args.dim, pool, controls, template, g)
+            written = count
+            _, build, _ = _timed(lambda: identify({SPEC: checkpoint}, load_runs([root])))
+            screened, seconds, cpu = _timed(lambda: identify({SPEC: checkpoint}, load_runs([root])))
+            expected = os.fspath(root / "run0000" / "seedprints")
+            assert screened.run == expected and screened.matches[0].best_step == 740 * args.probes, screened.summary()
+            measured.append((count, seconds, cpu))
+            candidates = count * (args.probes + 1 + CONTROLS)
+            if count <= args.exhaustive_runs:
+                exhaustive, ex_seconds, ex_cpu = _timed(lambda: identify({SPEC: checkpoint}, load_runs([root]),
+                                                                         exhaustive=True))
+                tests = exhaustive.tested["tests"] + exhaustive.tested["control_tests"]
+                per_test, cpu_per_test = ex_seconds / tests, ex_cpu / tests
+                same = "same" if _answer(exhaustive) == _answer(screened) else f"DIFFERENT {_answer(exhaustive)}"
+                note = "measured"
+            else:
+                ex_seconds, ex_cpu = per_test * candidates, cpu_per_test * candidates
+                same, note = "exhaustive extrapolated per test", "EXTRAPOLATED"
+            print(f"{count:>7} {screened.tested['tests']:>7} {build:>8.1f} {seconds:>8.1f} ({cpu:>6.1f}) "
+                  f"{screened.tested['exact_tests']:>6} {ex_seconds:>9.1f} ({ex_cpu:>7.1f}) "
+                  f"{ex_seconds / seconds:>6.0f}  "
+                  f"{same}: {Path(screened.run).parent.name} step {screened.matches[0].best_step} "
+                  f"z={screened.matches[0].z:.1f} (exhaustive {note})")
+        # Beyond the measured N: screened = fixed part (its exact tests) + a per-run part, fitted on the two
+        # largest measured N; exhaustive per test.
+        (n1, w1, c1), (n2, w2, c2) = measured[-2:] if len(measured) > 1 else (measured[-1], measured[-1])
+        slope_w = (w2 - w1) / (n2 - n1) if n2 != n1 else w2 / n2
+        slope_c = (c2 - c1) / (n2 - n1) if n2 != n1 else c2 / n2
+        for big in args.extrapolate:
+            if big <= counts[-1]:
+                continue
+            candidates = big * (args.probes + 1 + CONTROLS)
+            wall, cpu = w2 + slope_w * (big - n2), c2 + slope_c * (big - n2)
+            print(f"{big:>7} {big * (args.probes + 1):>7} {'':>8} {wall:>8.1f} ({cpu:>6.1f}) {'':>6} "
+                  f"{per_test * candidates:>9.1f} ({cpu_per_test * candidates:>7.1f}) "
+                  f"{per_test * candidates / wall:>6.0f}  EXTRAPOLATED: screened {slope_w:.3f} s ({slope_c:.3f} cpu s) "
+                  f"per run over {w2 - slope_w * n2:.1f} s "
+                  f"fixed, fitted on N={n1},{n2}; exhaustive {per_test:.3f} s ({cpu_per_test:.3f} cpu s) per test")
     return 0
 
 

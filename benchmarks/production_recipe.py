@@ -30,7 +30,7 @@ import pytorch_lightning as pl
 import torch
 
 from seedprints_lightning import IdentityLostError, SeedPrintsCallback
-from seedprints_lightning.core.chain import verify_chain
+from seedprints_lightning.core.verify import verify_chain
 from seedprints_lightning.train import CausalLMModule, TextDataModule
 from seedprints_lightning.train.demo import DEMO_DATA, DEMO_MODEL, SwapWeights
 

@@ -40,13 +40,16 @@ __all__ = [
     "IdentityVerdict",
     "IncompatibleFingerprintsError",
     "InputError",
+    "LedgerRepairWarning",
     "LineageResult",
     "ModelNotFoundError",
     "ProbeSpec",
     "SeedPrintsCallback",
     "SeedPrintsError",
     "SeedPrintsFabricCallback",
+    "SeedPrintsLitGPTCallback",
     "SeedPrintsMonitor",
+    "SeedPrintsOLMoCallback",
     "SeedPrintsTrainerCallback",
     "decide_identity",
     "extract_features",
@@ -61,7 +64,8 @@ __all__ = [
 #: ``import seedprints_lightning`` (and the ``seedprints`` script, :mod:`._entry`) costs no torch
 #: import, and each face pulls in its loop's package (seconds of import time) only when used.
 _LAZY = {
-    "CustodyChain": "core.chain", "verify_chain": "core.chain",
+    "CustodyChain": "core.chain", "verify_chain": "core.verify",
+    "LedgerRepairWarning": "core.ledger",
     "Fingerprint": "core.fingerprint", "fingerprint_model": "core.fingerprint",
     "ProbeSpec": "core.probes", "extract_features": "core.probes",
     "EmpiricalNull": "core.stats", "LineageResult": "core.stats", "kendall_tau_b": "core.stats",
@@ -70,6 +74,8 @@ _LAZY = {
     "ProbeVerdict": "core.verdict", "VerdictRule": "core.verdict", "decide_identity": "core.verdict",
     "SeedPrintsCallback": "faces.lightning", "SeedPrintsTrainerCallback": "faces.hf",
     "SeedPrintsFabricCallback": "faces.fabric", "SeedPrintsMonitor": "faces.monitor",
+    "SeedPrintsLitGPTCallback": "faces.litgpt",
+    "SeedPrintsOLMoCallback": "faces.olmo",
 }
 
 

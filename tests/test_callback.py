@@ -255,7 +255,7 @@ def test_identity_kept_llama_logs_tags_and_files(tmp_path):
     assert {r"^seedprints/link_z$", r"^seedprints/link_threshold$"} in charts.values()
 
     # The custody ledger: one record per probe, and it re-verifies offline.
-    from seedprints_lightning.core.chain import verify_chain
+    from seedprints_lightning.core.verify import verify_chain
 
     audit = verify_chain(seedprints_dir)
     assert audit.ok, audit.problems
@@ -422,7 +422,7 @@ def test_resume_restores_reference_and_controls_and_continues_the_chain(tmp_path
     assert cb.history[2]["anchor_step"] == 20 and cb.history[2]["link_span"] == 0.0
     assert all(h["related"] is True for h in cb.history)
     assert (dir_a / "reference.safetensors").stat().st_mtime_ns == file_mtime
-    from seedprints_lightning.core.chain import verify_chain
+    from seedprints_lightning.core.verify import verify_chain
 
     audit = verify_chain(dir_a)
     assert audit.ok, audit.problems
@@ -701,7 +701,7 @@ def test_wrong_weights_at_resume_break_the_chain_at_train_start(tmp_path, run_a,
         make_trainer(tmp_path, max_steps=40, callbacks=[cb]).fit(TinyLM(seed=0), loader(), ckpt_path=wrong)
     assert cb.history[-1]["event"] == "resume" and cb.history[-1]["related"] is False
     assert cb.history[-1]["link_span"] == 0.0
-    from seedprints_lightning.core.chain import verify_chain
+    from seedprints_lightning.core.verify import verify_chain
 
     audit = verify_chain(save_dir)
     assert not audit.ok and [p.index for p in audit.broken_links] == [2] and not audit.tampered
@@ -762,7 +762,7 @@ def test_parent_run_directory_continues_its_chain_and_refuses_a_broken_one(tmp_p
     make_trainer(tmp_path, max_steps=10, callbacks=[cb]).fit(child, loader())
     assert [(h["step"], h["anchor_step"]) for h in cb.history] == [(0, 20), (10, 0)]
     assert all(h["related"] is True for h in cb.history)
-    from seedprints_lightning.core.chain import verify_chain
+    from seedprints_lightning.core.verify import verify_chain
 
     assert verify_chain(child_dir).ok
     # A parent whose ledger was edited cannot be continued.

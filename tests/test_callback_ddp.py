@@ -185,9 +185,9 @@ def _reports(out: Path, result: subprocess.CompletedProcess) -> list[dict]:
 @pytest.mark.parametrize("mode", ["kept", "fsdp2-kept"])
 def test_two_cpu_processes_match_single_process(tmp_path, mode):
     from seedprints_lightning import Fingerprint, extract_features, lineage_test
-    from seedprints_lightning.core.chain import verify_chain
     from seedprints_lightning.core.controls import ControlSet
     from seedprints_lightning.core.ledger import storage_features
+    from seedprints_lightning.core.verify import verify_chain
 
     result = _run(mode, tmp_path)
     assert result.returncode == 0, result.stdout[-4000:]
@@ -250,7 +250,7 @@ if __name__ == "__main__":
 
 
 def test_fsdp2_resume_links_to_the_last_probe_before_the_save(tmp_path):
-    from seedprints_lightning.core.chain import verify_chain
+    from seedprints_lightning.core.verify import verify_chain
 
     saved = _run("fsdp2-save", tmp_path)
     assert saved.returncode == 0, saved.stdout[-4000:]

@@ -18,13 +18,14 @@ import torch
 from conftest import make_tiny_lm
 
 from seedprints_lightning import Fingerprint, InputError, LineageResult, ProbeSpec, extract_features
-from seedprints_lightning.core.chain import STATE_FORMAT_VERSION, ChainRules, CustodyChain, verify_chain
+from seedprints_lightning.core.chain import STATE_FORMAT_VERSION, ChainRules, CustodyChain
 from seedprints_lightning.core.controls import ControlSet, build_control_model
 from seedprints_lightning.core.ledger import RunDirectory
 from seedprints_lightning.core.opening import ControlsSource, open_chain
 from seedprints_lightning.core.processes import Processes
 from seedprints_lightning.core.schedule import ProbeSchedule
 from seedprints_lightning.core.verdict import BIRTH_RULE, CUSTODY_RULE, ProbeVerdict, decide_identity
+from seedprints_lightning.core.verify import verify_chain
 from seedprints_lightning.faces.messages import note_message
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

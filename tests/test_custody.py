@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from seedprints_lightning import Fingerprint, FingerprintFileError, InputError, ProbeSpec
-from seedprints_lightning.core.chain import Anchor, CustodyChain, verify_chain
+from seedprints_lightning.core.chain import Anchor, CustodyChain
 from seedprints_lightning.core.controls import ControlSet, save_controls
 from seedprints_lightning.core.files import file_sha256
 from seedprints_lightning.core.ledger import (
@@ -38,6 +38,7 @@ from seedprints_lightning.core.ledger import (
     load_probe_features,
     storage_features,
 )
+from seedprints_lightning.core.verify import verify_chain
 from seedprints_lightning.offline.cli import format_chain_table
 
 N, D = 120, 24

@@ -22,8 +22,8 @@ def test_demo_model_is_the_documented_size():
     from seedprints_lightning.train.models import MODEL_SIZE_ARGS, make_config
 
     model = make_causal_lm(seed=0, **demo.DEMO_MODEL)  # what benchmarks/speed.py does
-    # README: "the CPU demo model (LLaMA-style, hidden 128, 4 layers, byte vocabulary)".
-    row = next(line for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    # docs/loops.md: "the CPU demo model (LLaMA-style, hidden 128, 4 layers, byte vocabulary)".
+    row = next(line for line in (REPO / "docs" / "loops.md").read_text(encoding="utf-8").splitlines()
                if line.startswith("|") and "`configs/demo.yaml`" in line)
     documented_sizes = re.search(r"LLaMA-style, hidden (\d+), (\d+) layers, byte vocabulary", row)
     hidden, layers = (int(x) for x in documented_sizes.groups())
@@ -100,7 +100,7 @@ def test_check_own_fails_on_any_unrelated_probe_or_early_end():
 
 
 def test_check_own_fails_when_the_ledger_does_not_verify():
-    from seedprints_lightning.core.chain import ChainAudit, ChainProblem
+    from seedprints_lightning.core.verify import ChainAudit, ChainProblem
 
     result = _result([_entry(s, True) for s in (3, 6)])
     result.extra["chain"] = ChainAudit(run_dir=Path("."), records=[{}],

@@ -91,8 +91,8 @@ def strategy(request) -> str:
 
 def test_sharded_fit_keeps_custody_and_probes_like_a_plain_forward(tmp_path, strategy):
     from seedprints_lightning import ProbeSpec, SeedPrintsCallback, extract_features, lineage_test
-    from seedprints_lightning.core.chain import verify_chain
     from seedprints_lightning.core.ledger import storage_features
+    from seedprints_lightning.core.verify import verify_chain
 
     cb = SeedPrintsCallback(every_n_steps=EVERY, probe=ProbeSpec(num_samples=500, length=16))
     trainer = _fit(tmp_path, strategy, [cb])

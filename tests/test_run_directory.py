@@ -81,7 +81,9 @@ def _finished_run(run_dir: Path, steps: int, seed: int = 0) -> Run:
 
 
 def _ledger(run_dir: Path, name: str = "custody.jsonl") -> list[dict]:
-    return [json.loads(line) for line in (run_dir / name).read_text(encoding="utf-8").splitlines()]
+    """The probe records of a ledger file (``Run.save`` also binds each save: those records are left out)."""
+    records = [json.loads(line) for line in (run_dir / name).read_text(encoding="utf-8").splitlines()]
+    return [record for record in records if record.get("kind") is None]
 
 
 # ---------------------------------------------------------------------- 1. one run per directory
@@ -192,9 +194,10 @@ def test_an_abandoned_branch_keeps_every_file_and_verifies_on_its_own(tmp_path, 
     assert all(file_sha256(run_dir / name) == sha for name, sha in branch_files.items())
     assert verify_chain(run_dir).ok
     abandoned = verify_chain(run_dir, ledger="custody.abandoned-0.jsonl")
-    assert abandoned.ok and len(abandoned.records) == 8, abandoned.problems
+    # 9 records: the branch's 8 probes and the save record of step4.pt.
+    assert abandoned.ok and len(abandoned.records) == 9, abandoned.problems
     assert seedprints_main(["audit", "--chain", str(run_dir), "--ledger", "custody.abandoned-0.jsonl", "-q"]) == EXIT_OK
-    assert "8 records, every link held" in capsys.readouterr().out
+    assert "9 records, every link held" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------- 4. a resume that lost its evidence
@@ -203,14 +206,14 @@ def test_a_resume_whose_ledger_was_deleted_warns_and_continues_in_a_ledger_that_
     first, state = _saved_at(run_dir, 6, tmp_path / "step6.pt")
     first.monitor.end(first.model)
     lost_head = state["seedprints"]["ledger_last_sha256"]
-    assert state["seedprints"]["ledger_next_index"] == 6
+    assert state["seedprints"]["ledger_next_index"] == 7  # 6 probes and the save record of step6.pt
     shutil.rmtree(run_dir)  # the seedprints directory is deleted before the resume
 
     resumed = Run(run_dir, state=state)
     with pytest.warns(IdentityWarning) as caught:
         verdict = resumed.start()
     lost = [str(w.message) for w in caught if "holds no custody ledger" in str(w.message)]
-    assert len(lost) == 1 and str(run_dir) in lost[0] and "had 6 records" in lost[0] and lost_head in lost[0]
+    assert len(lost) == 1 and str(run_dir) in lost[0] and "had 7 records" in lost[0] and lost_head in lost[0]
     assert verdict is not None and verdict.related is True  # the loaded weights still link to the chain's anchor
     resumed.train(10)
     after = resumed.save(tmp_path / "step10.pt")
@@ -220,13 +223,13 @@ def test_a_resume_whose_ledger_was_deleted_warns_and_continues_in_a_ledger_that_
     assert records[0]["event"] == "resume" and records[0]["anchor_step"] == 6
     audit = verify_chain(run_dir)
     assert audit.ok, audit.problems
-    assert "CONTINUES A LOST CHAIN" in audit.evidence and "6 records" in audit.evidence and lost_head in audit.evidence
-    assert audit.continues_lost_chain == {"records": 6, "head_sha256": lost_head, "resumed_at_step": 6}
+    assert "CONTINUES A LOST CHAIN" in audit.evidence and "7 records" in audit.evidence and lost_head in audit.evidence
+    assert audit.continues_lost_chain == {"records": 7, "head_sha256": lost_head, "resumed_at_step": 6}
     # A checkpoint from before the loss: the audit says what happened, not "removed from the end".
     code = seedprints_main(["audit", "--chain", str(run_dir), str(tmp_path / "step6.pt"), "-q"])
     out = capsys.readouterr().out
     assert code == EXIT_TAMPERED
-    assert ("the checkpoint chained to record 5 of a ledger this directory no longer holds (lost before the resume "
+    assert ("the checkpoint chained to record 6 of a ledger this directory no longer holds (lost before the resume "
             "at step 6") in out
     assert "removed from the end" not in out
     # A checkpoint from after the resume belongs to the new ledger.
@@ -247,7 +250,7 @@ def test_a_resume_whose_ledger_lacks_the_checkpoints_head_is_refused(tmp_path):
     first.monitor.end(first.model)
     lines = (run_dir / "custody.jsonl").read_text(encoding="utf-8").splitlines()
     (run_dir / "custody.jsonl").write_text("".join(line + "\n" for line in lines[:3]), encoding="utf-8")
-    with pytest.raises(InputError, match=r"holds 3 records but this run's checkpoint chained to record 5.*move "
+    with pytest.raises(InputError, match=r"holds 3 records but this run's checkpoint chained to record 6.*move "
                                          rf"{run_dir} away"):
         Run(run_dir, state=state).start()
     assert (run_dir / "custody.jsonl").read_text(encoding="utf-8").splitlines() == lines[:3]  # left as it was

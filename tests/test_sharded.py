@@ -222,7 +222,7 @@ def _monitor_worker(rank: int, world: int, init_file: str, out_dir: str, swap_at
 def test_an_own_fsdp2_loop_keeps_its_chain_and_a_swap_raises_on_every_rank(tmp_path, swap_at):
     import torch.multiprocessing as mp
 
-    from seedprints_lightning.core.chain import verify_chain
+    from seedprints_lightning.core.verify import verify_chain
 
     mp.spawn(_monitor_worker, args=(2, str(tmp_path / "init"), str(tmp_path), swap_at), nprocs=2, join=True)
     rank0, rank1 = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -229,3 +229,34 @@ def test_cli_fingerprint_and_audit_report_the_path(tmp_path, capsys):
     assert main(["audit", str(out), str(ckpt), "-q", "--load", "streamed", "--json"]) == EXIT_OK
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert rows[0]["load"]["path"] == "streamed" and rows[0]["related"]
+
+
+def test_cli_compare_load_streamed_of_a_class_that_cannot_stream_says_so_and_refuses_when_it_cannot_fit(
+        tmp_path, capsys, monkeypatch):
+    """``--load streamed`` is an explicit request (issue 27): GPT-NeoX cannot be split, so it is loaded whole only
+    when the memory check says that fits, and the JSON says the request was not honoured and why; when it does not
+    fit, the request is a refusal (exit 2), never a whole load that would exhaust the machine."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from seedprints_lightning.offline.cli import EXIT_USAGE
+
+    path = tmp_path / "neox"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         intermediate_size=64)).save_pretrained(path)
+    args = ["compare", str(path), str(path), "--num-samples", "10", "--length", "5", "--controls", "1", "-q",
+            "--load", "streamed"]
+    monkeypatch.setattr(streaming, "available_memory", lambda device=None: (10**12, "host memory available"))
+    assert main([*args, "--json"]) == EXIT_OK
+    load = json.loads(capsys.readouterr().out)["load"]
+    for side in ("a", "b"):
+        assert load[side]["requested"] == "streamed" and load[side]["path"] == "whole"
+        assert load[side]["honoured"] is False and "NOT honoured" in load[side]["reason"]
+        assert "fits" in load[side]["reason"] and "GPTNeoXForCausalLM" in load[side]["note"]
+    monkeypatch.setattr(streaming, "available_memory", lambda device=None: (1000, "host memory available"))
+    assert main(args) == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert "--load streamed was asked" in error and "does not fit in memory" in error and "--load whole" in error
+    assert main([*args[:-2], "--load", "auto"]) != EXIT_OK  # auto: the same limit, as before (a file error)
+    assert main([*args[:-2], "--load", "whole"]) == EXIT_OK  # --load whole tries anyway

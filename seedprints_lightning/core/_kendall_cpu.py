@@ -150,3 +150,133 @@ def tau_b_rows(x: np.ndarray, y: np.ndarray, threads: int) -> np.ndarray:
     with _KERNEL_LOCK:
         numba.set_num_threads(threads)
         return _tau_b_from_orders(x, y, order_x, order_y)
+
+
+def argsort_rows(x: np.ndarray) -> np.ndarray:
+    """``np.argsort(x, axis=1)``, the rows split over the threads torch may use (numpy's sort releases the GIL)."""
+    import torch
+
+    threads = max(1, min(torch.get_num_threads(), x.shape[0] // 64))
+    if threads == 1:
+        return np.argsort(x, axis=1)
+    out = np.empty(x.shape, dtype=np.intp)
+    bounds = np.linspace(0, x.shape[0], threads + 1).astype(int)
+
+    def sort(i: int) -> None:
+        out[bounds[i]:bounds[i + 1]] = np.argsort(x[bounds[i]:bounds[i + 1]], axis=1)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(sort, range(threads)))
+    return out
+
+
+@numba.njit(cache=True, parallel=True)
+def _tau_b_from_orders_cyclic(x, y, order_x, order_y):
+    rows = x.shape[0]
+    period = y.shape[0]
+    out = np.empty(rows)
+    for r in numba.prange(rows):
+        out[r] = _tau_b_column(x[r], y[r % period], order_x[r], order_y[r % period])
+    return out
+
+
+def tau_b_sorted_rows(x: np.ndarray, y: np.ndarray, order_x: np.ndarray, order_y: np.ndarray,
+                      threads: int) -> np.ndarray:
+    """tau-b of the rows of ``x`` (``[m, n]``) against those of ``y`` (``[p, n]``, ``p`` divides ``m``), cyclically.
+
+    Row ``r`` of ``x`` is paired with row ``r % p`` of ``y``: a caller that prepares one target
+    (``y``, sorted once: ``order_y``) tests many bases stacked in ``x`` without copying the target.
+    The same per-column kernel as :func:`tau_b_rows`, the ``m`` rows spread over ``threads`` cores.
+    """
+    if x.shape[0] % max(y.shape[0], 1) or x.shape[1] != y.shape[1]:
+        raise ValueError(f"x {x.shape} must stack whole copies of y's rows {y.shape}")
+    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    with _KERNEL_LOCK:
+        numba.set_num_threads(threads)
+        return _tau_b_from_orders_cyclic(x, y, order_x, order_y)
+
+
+@numba.njit(cache=True, nogil=True)
+def _tau_b_ranked_column(r: np.ndarray, order_y: np.ndarray, tree: np.ndarray, counts: np.ndarray) -> float:
+    """tau-b of dense ranks ``r`` (ties equal) against a target column with NO ties, read in its order ``order_y``.
+
+    With the target strictly ordered, a pair is discordant when the ranks, read in target
+    order, fall (an inversion), tied when they are equal; so ``tau_b = (n0 - t_x - 2 d) /
+    sqrt((n0 - t_x) n0)``. The inversions are counted with a Fenwick tree over the rank values:
+    O(n log n), no sort, no allocation (``tree`` and ``counts`` are the caller's scratch).
+    """
+    n = r.shape[0]
+    for v in range(n + 1):
+        tree[v] = 0
+        counts[v] = 0
+    discordant = 0
+    for p in range(n):
+        value = r[order_y[p]] + 1  # 1-based for the tree
+        counts[value] += 1
+        seen = 0  # earlier values <= value
+        i = value
+        while i > 0:
+            seen += tree[i]
+            i -= i & (-i)
+        discordant += p - seen
+        i = value
+        while i <= n:
+            tree[i] += 1
+            i += i & (-i)
+    ties_x = 0
+    for v in range(n + 1):
+        ties_x += counts[v] * (counts[v] - 1) // 2
+    total = n * (n - 1) // 2
+    if total - ties_x == 0:
+        return np.nan  # a constant column has no tau
+    return float(total - ties_x - 2 * discordant) / np.sqrt(float(total - ties_x) * float(total))
+
+
+@numba.njit(cache=True, parallel=True)
+def _tau_b_from_ranks(ranks, y, order_y):
+    m, s, n = ranks.shape
+    out = np.empty((m, s))
+    # Which target columns have ties (then the general kernel is used for them).
+    y_tied = np.zeros(s, dtype=np.bool_)
+    for j in range(s):
+        for p in range(1, n):
+            if y[j, order_y[j, p]] == y[j, order_y[j, p - 1]]:
+                y_tied[j] = True
+                break
+    for job in numba.prange(m * s):
+        c = job // s
+        j = job % s
+        r = ranks[c, j]
+        if not y_tied[j]:
+            out[c, j] = _tau_b_ranked_column(r, order_y[j], np.empty(n + 1, dtype=np.int64),
+                                             np.empty(n + 1, dtype=np.int64))
+            continue
+        # A stable counting sort of the dense ranks: the order the kernel needs, in O(n).
+        counts = np.zeros(n + 1, dtype=np.int64)
+        for p in range(n):
+            counts[r[p] + 1] += 1
+        for v in range(n):
+            counts[v + 1] += counts[v]
+        order = np.empty(n, dtype=np.int64)
+        for p in range(n):
+            order[counts[r[p]]] = p
+            counts[r[p]] += 1
+        out[c, j] = _tau_b_column(r, y[j], order, order_y[j])
+    return out
+
+
+def tau_b_ranked_rows(ranks: np.ndarray, y: np.ndarray, order_y: np.ndarray, threads: int) -> np.ndarray:
+    """tau-b of ``m`` bases' ranked columns against a target's, ``[m, s]``.
+
+    ``ranks`` is ``[m, s, n]`` dense integer ranks (ties equal) of the bases' ``s`` columns,
+    ``y`` the target's matching ``[s, n]`` float64 values and ``order_y`` their sort order. The
+    ``m * s`` columns are spread over ``threads`` cores.
+    """
+    ranks = np.ascontiguousarray(ranks)
+    if ranks.dtype not in (np.int16, np.int32, np.int64):
+        ranks = ranks.astype(np.int64)
+    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    with _KERNEL_LOCK:
+        numba.set_num_threads(threads)
+        return _tau_b_from_ranks(ranks, np.ascontiguousarray(y, dtype=np.float64),
+                                 np.ascontiguousarray(order_y, dtype=np.int64))

@@ -2,7 +2,7 @@
 
 :class:`~seedprints_lightning.core.chain.CustodyChain` holds one of each (``chain.cursor``,
 ``chain.failures``). Both are frozen: the chain alone moves them on, by replacing them, and writes
-their numbers into its checkpoint state under the keys it always had.
+their numbers into its checkpoint state (:class:`~seedprints_lightning.core.state.ChainState`).
 """
 
 from __future__ import annotations
@@ -60,11 +60,16 @@ class LedgerCursor:
         return self.next_index, dataclasses.replace(self, next_index=self.next_index + 1, last_sha256=sha256)
 
     def state_dict(self) -> dict[str, Any]:
+        """Its two keys of the chain's checkpoint state (kept for 0.7 callers; the chain writes a ``ChainState``)."""
         return {"ledger_next_index": int(self.next_index), "ledger_last_sha256": self.last_sha256}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], *, numbered: bool = True) -> LedgerCursor:
-        """The position a checkpoint recorded (0 and no hash in states without one); no ledger until attached."""
+        """The position a checkpoint recorded (0 and no hash in states without one); no ledger until attached.
+
+        Kept for 0.7 callers: the chain restores its position from a checked
+        :class:`~seedprints_lightning.core.state.ChainState`.
+        """
         return cls(int(state.get("ledger_next_index", 0)), state.get("ledger_last_sha256"), numbered=numbered)
 
 

@@ -447,12 +447,31 @@ class _FreshInitLoader:
         return release
 
 
+def _no_zero3_init() -> Any:
+    """A context in which ``from_config`` builds a plain model even while DeepSpeed ZeRO-3 is on.
+
+    While a ZeRO-3 ``HfDeepSpeedConfig`` is alive (``TrainingArguments(deepspeed=...)`` makes one),
+    transformers builds every ``from_config`` model under ``deepspeed.zero.Init``, which partitions
+    it over the ranks (and cannot partition meta tensors). A control or a meta skeleton belongs to
+    this process alone. transformers' own guard against a nested ``zero.Init``
+    (``modeling_utils.set_zero3_state``) turns that off; a no-op context where it does not exist.
+    """
+    import contextlib
+
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+        from transformers.modeling_utils import set_zero3_state
+    except ImportError:  # a transformers without either: it has no such hook to turn off
+        return contextlib.nullcontext()
+    return set_zero3_state() if is_deepspeed_zero3_enabled() else contextlib.nullcontext()
+
+
 def _empty_model(config: Any) -> nn.Module:
     """The causal LM of ``config`` on the meta device (no weights), every global RNG untouched."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with preserve_rng_state(), init_empty_weights():
+    with preserve_rng_state(), init_empty_weights(), _no_zero3_init():
         model = AutoModelForCausalLM.from_config(config)
     model.eval()
     model.requires_grad_(False)

@@ -11,6 +11,19 @@ Layout, beside ``reference.safetensors`` (the run's birth fingerprint) in the ru
                                         branch (the records it shares with the ledger, then its own), which
                                         verifies on its own (``verify_chain(run, ledger=...)``)
     custody.lock                        the writer's exclusive OS lock (:class:`RunLock`)
+    custody.torn-<i>.txt                the bytes of a record whose write a crash cut short (a last line
+                                        with no line end), moved out of the ledger by the writer before
+                                        it appended again (:func:`cut_torn_tail`); never overwritten
+
+A record is appended whole or not at all: the writer remembers the ledger's size, and when the
+write (or its flush to disk) fails (a full disk, a file-size limit, an I/O error) it cuts the
+file back to that size before raising, so the chain does not advance and the next record starts
+on a line of its own. A crash (SIGKILL, power loss) in the middle of a write can still leave a
+torn last line; the writer never appends after one: when it next opens or appends to the ledger
+it moves the fragment to ``custody.torn-<i>.txt`` (with a warning) and cuts the ledger back to
+its last whole record. The audit tells such a torn last line from an edited one
+(:func:`~seedprints_lightning.core.verify.verify_chain`). Blank lines (which the writer never
+writes) are skipped by both: the hash chain covers each record's line, not the line breaks.
 
 Each record holds the probe's step, time, event, both verdicts (birth test and custody link,
 with z, tau, threshold, the controls' z and the rule), the index and step of the anchor the
@@ -18,7 +31,7 @@ link was tested against, the sha256 of the probe's features file, and ``prev_sha
 sha256 of the previous record's line (for the first record, of ``reference.safetensors``).
 Editing, removing or reordering a record breaks the hash chain; altering a features file
 breaks its hash; and since every verdict is recomputed from the stored features, a record
-that claims a link held when it did not is caught too (:func:`seedprints_lightning.core.chain.verify_chain`).
+that claims a link held when it did not is caught too (:func:`seedprints_lightning.core.verify.verify_chain`).
 
 Two further, optional things a ledger can hold. A **save record** (``"kind": "save"``:
 :meth:`CustodyLedger.record_save`, written when a face saves a checkpoint) holds the step and the
@@ -49,6 +62,7 @@ import hashlib
 import json
 import os
 import secrets
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +74,7 @@ import torch
 from .errors import FingerprintFileError, InputError
 from .files import atomic_write, file_sha256, read_safetensors, save_safetensors
 from .fingerprint import Fingerprint
+from .records import LEDGER_FORMAT, LEDGER_VERSION, SAVE_KIND, ProbeRecord, SaveRecord  # the format is defined there
 from .verdict import ProbeVerdict
 
 __all__ = [
@@ -67,13 +82,17 @@ __all__ = [
     "CONTROLS_FILE",
     "CustodyLedger",
     "LOCK_FILE",
+    "LedgerRepairWarning",
     "PARENT_ANCHOR_FILE",
     "PROBES_DIR",
     "REFERENCE_FILE",
     "RunDirectory",
     "RunLock",
     "SAVE_KIND",
+    "TORN_PREFIX",
     "check_save_dir",
+    "cut_torn_tail",
+    "ledger_record_lines",
     "line_sha256",
     "record_save",
     "storage_features",
@@ -87,11 +106,8 @@ CUSTODY_FILE = "custody.jsonl"
 #: The writer's exclusive lock on the run directory (:class:`RunLock`).
 LOCK_FILE = "custody.lock"
 PROBES_DIR = "probes"
-LEDGER_FORMAT = "seedprints-custody"
-LEDGER_VERSION = 1
-#: The ``kind`` of a record that a checkpoint save wrote (:meth:`CustodyLedger.record_save`); a probe's
-#: record has no ``kind`` field.
-SAVE_KIND = "save"
+#: ``custody.torn-<i>.txt``: a torn last line (a write a crash cut short) that the writer moved out of the ledger.
+TORN_PREFIX = "custody.torn-"
 _FP16_MAX = 65504.0
 # The packed probe file's tensors (encode_probe_features) and zlib's level: on the demo's trained
 # features 6 and 9 gave the same size (x 0.855 of plain), 1 a 1.2 % larger file in half the time.
@@ -113,6 +129,105 @@ def storage_features(features: torch.Tensor) -> torch.Tensor:
 
 def line_sha256(line: str) -> str:
     return hashlib.sha256(line.encode("utf-8")).hexdigest()
+
+
+class LedgerRepairWarning(UserWarning):
+    """The writer moved a torn last line (a write a crash cut short) out of the ledger before appending."""
+
+
+def ledger_record_lines(text: str) -> list[str]:
+    """The record lines of a ledger's text: every line but blank ones (the writer never writes a blank line)."""
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _whole_record(fragment: bytes) -> bool:
+    """Whether an unterminated last line is a whole record (a JSON object) that only lacks its line end."""
+    try:
+        return isinstance(json.loads(fragment.decode("utf-8")), dict)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not every filesystem lets a directory be opened; the data itself is synced
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def cut_torn_tail(path: str | os.PathLike) -> Path | None:
+    """Make ``path`` (a ledger) end with a whole line, so a record appended next starts on a line of its own.
+
+    The writer appends every record with its line end in one write and cuts a failed write back
+    (:meth:`CustodyLedger._write`), so a last line with no line end is a write that a crash cut
+    short. It is moved, never deleted, to the first free ``custody.torn-<i>.txt`` beside the
+    ledger (its bytes as they were), and the ledger is cut back to its last whole line; the path
+    of that file is returned (``None`` when nothing was cut). A last line that is a whole JSON
+    object and lacks only its line end gets the line end (the hash chain covers the line's text,
+    not its end), and a last line of blanks is cut (no evidence is in it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with open(path, "r+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return None
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return None
+        # The start of the last line: read back block by block to the last line end (a line is ~1.5 kB).
+        start, block = size, 1 << 16
+        while start > 0:
+            begin = max(0, start - block)
+            handle.seek(begin)
+            chunk = handle.read(start - begin)
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                start = begin + cut + 1
+                break
+            start = begin
+        handle.seek(start)
+        fragment = handle.read()
+        if _whole_record(fragment):
+            handle.seek(0, os.SEEK_END)
+            handle.write(b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+            return None
+        moved = None
+        if fragment.strip():
+            i = 0
+            while True:  # "x": an existing side file (an earlier fragment) is never overwritten
+                moved = path.with_name(f"{TORN_PREFIX}{i}.txt")
+                try:
+                    with open(moved, "xb") as side:
+                        side.write(fragment)
+                        side.flush()
+                        os.fsync(side.fileno())
+                    break
+                except FileExistsError:
+                    i += 1
+            _fsync_directory(path.parent)
+        handle.truncate(start)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return moved
+
+
+def _torn_warning(path: Path, moved: Path | None, when: str) -> str | None:
+    if moved is None:
+        return None
+    return (f"SeedPrints: {path} ended in a torn line ({moved.stat().st_size} bytes with no line end: a write that a "
+            f"crash cut short), found {when}; it was moved to {moved} (kept as evidence, not a record) and the ledger "
+            "was cut back to its last whole record, so the next record starts on a line of its own. seedprints "
+            "audit --chain reports it as a note, not as tampering")
 
 
 def _canonical(record: dict[str, Any]) -> str:
@@ -277,6 +392,40 @@ def load_probe_features(path: Path) -> torch.Tensor:
     return decode_probe_features(read_safetensors(path, "probe features file")[0], Path(path))
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a write may take part of them, then fail on the next)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _append_whole(path: Path, data: bytes) -> None:
+    """Append ``data`` (one record's line) to ``path`` and sync it, or leave the file as it was and raise.
+
+    Unbuffered (``os.write``), so nothing is left in a buffer to be written after the file is cut
+    back. On any failure (ENOSPC, EFBIG from a file-size limit, EIO, an interrupt) the file is
+    truncated back to its size before the write, then the error propagates; should that cut fail
+    too, the torn line is left for :func:`cut_torn_tail`, which the next append runs first.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except BaseException as exc:
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            except OSError as cut:
+                if isinstance(exc, OSError):
+                    exc.add_note(f"{path} could not be cut back to its last whole record ({cut}); the next append "
+                                 f"moves the torn line to {TORN_PREFIX}<i>.txt first")
+            raise
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class CustodyLedger:
     """Append-only writer of ``custody.jsonl`` and the probe feature files (rank 0 only).
@@ -302,6 +451,8 @@ class CustodyLedger:
     lock: RunLock | None = None
     branch: str = field(default_factory=lambda: secrets.token_hex(4))
     signer: Any = field(default=None, repr=False, compare=False)
+    #: What :meth:`rewind_to` repaired (a torn last line moved aside), for the face to warn; else ``None``.
+    repair_warning: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_signer(self.signer)
@@ -322,10 +473,12 @@ class CustodyLedger:
             record = sign_ledger_line(self.signer, record)
         line = _canonical(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        # Never start a record on a torn line (a crash cut the last write short): move it aside first.
+        warning = _torn_warning(self.path, cut_torn_tail(self.path), "before appending record "
+                                f"{self.next_index}")
+        if warning is not None:
+            warnings.warn(warning, LedgerRepairWarning, stacklevel=3)
+        _append_whole(self.path, (line + "\n").encode("utf-8"))
         self.next_index, self.last_sha256 = self.next_index + 1, line_sha256(line)
         return dict(record, sha256=self.last_sha256)
 
@@ -354,14 +507,14 @@ class CustodyLedger:
         if checkpoint is not None and not isinstance(checkpoint, str):
             raise InputError(f"checkpoint must be a str (the file's name) or None, got {type(checkpoint).__name__}")
         self._hold_lock()
-        record = {
-            "format": LEDGER_FORMAT, "version": LEDGER_VERSION, "kind": SAVE_KIND, "index": self.next_index,
-            "step": step, "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "event": "save",
-            "weights_sha256": weights_sha256, "checkpoint": checkpoint,
-            "reference_sha256": self.reference_sha256, "controls_sha256": self.controls_sha256,
-            "initial_anchor_sha256": self.initial_anchor_sha256, "prev_sha256": self.last_sha256,
-        }
-        return self._write(record)
+        record = SaveRecord(
+            format=LEDGER_FORMAT, version=LEDGER_VERSION, index=self.next_index,
+            step=step, time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), event="save",
+            weights_sha256=weights_sha256, checkpoint=checkpoint,
+            reference_sha256=self.reference_sha256, controls_sha256=self.controls_sha256,
+            initial_anchor_sha256=self.initial_anchor_sha256, prev_sha256=self.last_sha256,
+        )
+        return self._write(record.to_json())
 
     def close(self) -> None:
         """Release the run directory's lock (the run ended); a later :meth:`append` takes it again."""
@@ -373,7 +526,14 @@ class CustodyLedger:
         if self.lock is None or self.lock.held:
             return
         self.lock.acquire()
-        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+        try:  # a run that crashed here while this one had closed it may have left a torn last line
+            warning = _torn_warning(self.path, cut_torn_tail(self.path), "when this run took the ledger again")
+        except BaseException:
+            self.lock.release()
+            raise
+        if warning is not None:
+            warnings.warn(warning, LedgerRepairWarning, stacklevel=3)
+        lines = ledger_record_lines(self.path.read_text(encoding="utf-8")) if self.path.exists() else []
         tail = line_sha256(lines[-1]) if lines else self.reference_sha256
         if len(lines) != self.next_index or tail != self.last_sha256:
             self.lock.release()
@@ -399,18 +559,28 @@ class CustodyLedger:
         feature_path = Path(self.directory) / name
         meta = {"seedprints": json.dumps({"index": index, "step": verdict.step})}
         save_safetensors(feature_path, encode_probe_features(features), meta)
-        record = {
-            "format": LEDGER_FORMAT, "version": LEDGER_VERSION, "index": index, "step": int(verdict.step),
-            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "event": event,
-            "features_file": name, "features_sha256": file_sha256(feature_path),
-            "anchor_index": anchor_index, "anchor_step": int(verdict.anchor_step),
-            "birth": verdict.birth.to_dict(), "link": verdict.link.to_dict(),
-            "related": verdict.related, "birth_detectable": verdict.birth_detectable, "fail_on": verdict.fail_on,
-            "identity_mode": identity_mode, "identity_ratio": identity_ratio,
-            "reference_sha256": self.reference_sha256, "controls_sha256": self.controls_sha256,
-            "initial_anchor_sha256": self.initial_anchor_sha256, "prev_sha256": self.last_sha256,
-        }
-        return self._write(record)
+        try:
+            return self._write(self._probe_record(verdict, index, name, feature_path, event=event,
+                                                  anchor_index=anchor_index, identity_mode=identity_mode,
+                                                  identity_ratio=identity_ratio))
+        except BaseException:
+            # The record was not written: no record names this file, and a full disk needs its space back.
+            feature_path.unlink(missing_ok=True)
+            raise
+
+    def _probe_record(self, verdict: ProbeVerdict, index: int, name: str, feature_path: Path, *, event: str,
+                      anchor_index: int | None, identity_mode: str, identity_ratio: float | None) -> dict[str, Any]:
+        return ProbeRecord(
+            format=LEDGER_FORMAT, version=LEDGER_VERSION, index=index, step=int(verdict.step),
+            time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), event=event,
+            features_file=name, features_sha256=file_sha256(feature_path),
+            anchor_index=anchor_index, anchor_step=int(verdict.anchor_step),
+            birth=verdict.birth.to_dict(), link=verdict.link.to_dict(),
+            related=verdict.related, birth_detectable=verdict.birth_detectable, fail_on=verdict.fail_on,
+            identity_mode=identity_mode, identity_ratio=identity_ratio,
+            reference_sha256=self.reference_sha256, controls_sha256=self.controls_sha256,
+            initial_anchor_sha256=self.initial_anchor_sha256, prev_sha256=self.last_sha256,
+        ).to_json()
 
     def rewind_to(self, last_sha256: str, next_index: int) -> Path | None:
         """Resume the chain after the record with hash ``last_sha256`` (the checkpoint's).
@@ -421,11 +591,17 @@ class CustodyLedger:
         it shares with the ledger, then its own), so it verifies on its own; the path is
         returned (None when nothing was moved). A ledger that does not hold the checkpoint's
         record ``next_index - 1`` (fewer records, or another one there) is an :class:`InputError`.
+
+        First, a torn last line (a write a crash cut short) is moved to ``custody.torn-<i>.txt``
+        (:func:`cut_torn_tail`; :attr:`repair_warning` says so) and blank lines are not counted as
+        records; a kept ledger that is rewritten is written without them.
         """
         self.next_index, self.last_sha256 = next_index, last_sha256
+        self.repair_warning = None
         if not self.path.exists():
             return None
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        self.repair_warning = _torn_warning(self.path, cut_torn_tail(self.path), "when the run opened the ledger")
+        lines = ledger_record_lines(self.path.read_text(encoding="utf-8"))
         keep = next_index
         if len(lines) < keep:
             raise InputError(
@@ -501,20 +677,49 @@ class RunDirectory:
 
     def require(self, ledger: str | os.PathLike | None = None) -> None:
         """Raise :class:`FingerprintFileError` unless this is a run directory with a ledger (``ledger``: that one)."""
-        for path in (self.ledger_file(ledger), self.reference_path):
+        chosen = self.ledger_file(ledger)
+        if ledger is not None and not chosen.is_file() and self.reference_path.exists():
+            raise FingerprintFileError(f"the ledger to verify (--ledger) {chosen} does not exist (or is no file) "
+                                       f"in the run directory {self.path}{self._ledger_names()}")
+        for path in (chosen, self.reference_path):
             if not path.exists():
                 raise FingerprintFileError(f"{path} does not exist: {self.path} is not a run directory written by "
                                            "SeedPrintsCallback (it needs reference.safetensors and custody.jsonl)")
 
     def ledger_file(self, ledger: str | os.PathLike | None = None) -> Path:
-        """``custody.jsonl``, or ``ledger`` (e.g. ``custody.abandoned-0.jsonl``; relative to this directory)."""
-        return self.ledger_path if ledger is None else self.path / ledger
+        """``custody.jsonl``, or ``ledger`` (e.g. ``custody.abandoned-0.jsonl``; relative to this directory).
+
+        ``ledger`` must name a file of this directory (an absolute path, ``..`` or a link that
+        leads out of it is an :class:`InputError`): an audit verifies this run's ledgers only.
+        """
+        if ledger is None:
+            return self.ledger_path
+        if not isinstance(ledger, (str, os.PathLike)):
+            raise InputError(f"ledger must be a file name in the run directory (str or os.PathLike), got "
+                             f"{type(ledger).__name__}")
+        path = self.path / Path(ledger).expanduser()
+        if path.resolve().parent != self.path.resolve():
+            raise InputError(
+                f"the ledger to verify (--ledger) {os.fspath(ledger)!r} is not a file of the run directory "
+                f"{self.path}: the audit verifies a ledger of that run, which lies beside its {REFERENCE_FILE} "
+                f"({CUSTODY_FILE}, or an abandoned branch "
+                f"custody.abandoned-<i>.jsonl). Leave --ledger out to verify {CUSTODY_FILE}, or pass the name of a "
+                f"ledger file in {self.path}" + self._ledger_names())
+        return path
+
+    def _ledger_names(self) -> str:
+        names = sorted(p.name for p in self.path.glob("custody*.jsonl")) if self.path.is_dir() else []
+        return f" (it holds {', '.join(names)})" if names else ""
 
     def record_count(self) -> int:
-        """How many records ``custody.jsonl`` holds (0 when it is absent)."""
+        """How many records ``custody.jsonl`` holds (0 when it is absent; blank lines and a torn last line are none)."""
         if not self.ledger_path.is_file():
             return 0
-        return sum(1 for line in self.ledger_path.read_text(encoding="utf-8").splitlines() if line.strip())
+        data = self.ledger_path.read_bytes()
+        lines = [line for line in data.split(b"\n") if line.strip()]
+        if lines and not data.endswith(b"\n") and not _whole_record(lines[-1]):
+            lines.pop()  # a write a crash cut short: no record (cut_torn_tail moves it aside)
+        return len(lines)
 
     def lock(self) -> RunLock:
         """This directory's writer lock, taken (:class:`RunLock`; :class:`InputError` when another writer holds it)."""
@@ -596,12 +801,15 @@ class RunDirectory:
             if own_lock:
                 lock.release()
             raise
+        repaired = ledger.repair_warning
         if moved is None:
-            return ledger, None
+            return ledger, repaired
         check = f"seedprints audit --chain {self.path} --ledger {moved.name} verifies it"
         if new_chain:
-            return ledger, (f"SeedPrints: a new chain starts in {ledger.path}; the previous records were moved to "
-                            f"{moved} ({check})")
-        return ledger, (f"SeedPrints: resumed from a checkpoint older than the last probe; the ledger's records "
-                        f"after it (an abandoned branch of the run) were moved to {moved} with the records the branch "
-                        f"shares with the ledger ({check})")
+            message = (f"SeedPrints: a new chain starts in {ledger.path}; the previous records were moved to "
+                       f"{moved} ({check})")
+        else:
+            message = (f"SeedPrints: resumed from a checkpoint older than the last probe; the ledger's records "
+                       f"after it (an abandoned branch of the run) were moved to {moved} with the records the branch "
+                       f"shares with the ledger ({check})")
+        return ledger, message if repaired is None else f"{repaired}. {message}"

@@ -27,7 +27,7 @@ from .ledger import REFERENCE_FILE, RunDirectory, RunLock, save_parent_anchor
 from .probes import ProbeSpec
 from .processes import Processes
 
-__all__ = ["ControlsSource", "close_chain", "open_chain"]
+__all__ = ["ControlsSource", "close_chain", "open_chain", "probe_spec_differs"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,22 @@ def open_chain(chain: CustodyChain, *, step: int, run: RunDirectory | None, proc
     # The writer holds the ledger; every process numbers the records alike (the anchor's index).
     chain.number_records_from(int(processes.broadcast(chain.cursor.next_index)))
     return fresh
+
+
+def probe_spec_differs(asked: ProbeSpec | None, used: ProbeSpec) -> bool:
+    """Whether a face constructed with ``probe=asked`` asks for other inputs than the chain's ``used`` spec.
+
+    ``asked=None`` is ``ProbeSpec()``, as the faces document. A field ``asked`` leaves ``None`` (the
+    vocabulary, the embedding statistics) is filled from the model when a new chain starts, so it
+    asks for nothing: only the fields it sets are compared. A restored chain's spec always wins
+    (the run's reference and every recorded probe were taken with it); the faces warn on a difference.
+    """
+    asked = asked if asked is not None else ProbeSpec()
+    for spec_field in dataclasses.fields(asked):
+        wanted = getattr(asked, spec_field.name)
+        if wanted is not None and wanted != getattr(used, spec_field.name):
+            return True
+    return False
 
 
 def close_chain(chain: CustodyChain) -> None:

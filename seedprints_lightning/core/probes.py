@@ -117,27 +117,39 @@ class ProbeSpec:
     def resolve(self, model: nn.Module) -> ProbeSpec:
         """A copy with every ``None`` field filled from ``model`` (a transformers LM)."""
         lm = find_causal_lm(model)
-        config = lm.config
+        return self.resolved_with(vocab_size=int(lm.config.vocab_size), hidden_size=int(hidden_size_of(lm.config)),
+                                  init_embedding=lambda: lm.get_input_embeddings().weight)
+
+    def resolved_with(self, *, vocab_size: int, hidden_size: int, init_embedding: Callable[[], torch.Tensor],
+                      owner: str = "the model's", width_name: str = "hidden size") -> ProbeSpec:
+        """A copy with every ``None`` field filled from a model of any family (the one rule every family shares).
+
+        Args:
+            vocab_size: the model's vocabulary; a token probe's ``vocab_size`` may not exceed it.
+            hidden_size: the model's width; an embedding probe's ``hidden_size`` must equal it.
+            init_embedding: returns the model's input embedding matrix, whose mean and std an embedding
+                probe takes (called only when they are missing; a meta-device matrix is refused).
+            owner, width_name: how messages name the model and its width ("the GPT's", "n_embd").
+        """
         if self.kind == "token":
-            vocab = self.vocab_size if self.vocab_size is not None else int(config.vocab_size)
-            if vocab > int(config.vocab_size):
-                raise InputError(
-                    f"ProbeSpec.vocab_size={vocab} exceeds the model's vocabulary ({config.vocab_size}); "
-                    "use the smallest vocabulary of the models you compare"
-                )
+            vocab = self.vocab_size if self.vocab_size is not None else int(vocab_size)
+            if vocab > int(vocab_size):
+                raise InputError(f"ProbeSpec.vocab_size={vocab} exceeds {owner} vocabulary ({vocab_size}); use the "
+                                 "smallest vocabulary of the models you compare")
             return dataclasses.replace(self, vocab_size=vocab)
-        hidden = int(hidden_size_of(config))
-        if self.hidden_size is not None and self.hidden_size != hidden:
-            raise InputError(
-                f"ProbeSpec.hidden_size={self.hidden_size} but the model's hidden size is {hidden}: embedding probes "
-                "only compare models of one width; use kind='token' across widths"
-            )
+        if self.hidden_size is not None and self.hidden_size != int(hidden_size):
+            raise InputError(f"ProbeSpec.hidden_size={self.hidden_size} but {owner} {width_name} is {hidden_size}: "
+                             "embedding probes only compare models of one width; use kind='token' across widths")
         mean, std = self.embed_mean, self.embed_std
         if mean is None or std is None:
-            weight = lm.get_input_embeddings().weight.detach().float()
+            weight = init_embedding().detach()
+            if weight.device.type == "meta":
+                raise InputError("embedding probes take their mean/std from the INIT embedding, which a meta-device "
+                                 "model does not hold: pass the reference's resolved spec")
+            weight = weight.float()
             mean = float(weight.mean()) if mean is None else mean
             std = float(weight.std()) if std is None else std
-        return dataclasses.replace(self, hidden_size=hidden, embed_mean=mean, embed_std=std)
+        return dataclasses.replace(self, hidden_size=int(hidden_size), embed_mean=mean, embed_std=std)
 
     def _require_resolved(self) -> None:
         if not self.is_resolved:

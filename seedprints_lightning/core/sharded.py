@@ -28,6 +28,14 @@ and every later probe of the run are taken the same way.
 Every gather is a collective: every rank of the mesh must probe, and probe the same blocks in
 the same order. :func:`~seedprints_lightning.core.processes.measure_over_ranks` gives every rank
 the same number of samples, and the blocks are the model's, so they do.
+
+DeepSpeed ZeRO-3 is probed the same way. Its parameters are plain tensors emptied to ``[0]``
+(each rank keeps a flat slice, ``ds_tensor``), and a forward of the live model would gather
+them through DeepSpeed's module hooks, LM head included. The loader instead gathers one block's
+parameters with ``deepspeed.zero.GatheredParameters(params, modifier_rank=None)`` (every rank
+receives the full tensors; nothing is written back) just before the twin block runs, and lets
+DeepSpeed partition them again once it has run. :func:`weights_digest_gathered` hashes the
+weights one gathered tensor at a time, for the save records of a ZeRO-3 run.
 """
 
 from __future__ import annotations
@@ -46,7 +54,8 @@ from .layerwise import block_storage, extract_features_layerwise, splits_into_bl
 from .probes import ProbeSpec, find_causal_lm
 
 __all__ = ["GATHER_STEP_BYTES", "GatheredBlockLoader", "extract_features_gathered", "gather_full_tensor",
-           "holds_dtensors", "probes_gathered", "unsharded_class"]
+           "gathered_input_embedding", "holds_dtensors", "holds_zero3_params", "probes_gathered", "unsharded_class",
+           "weights_digest_gathered"]
 
 
 def _is_dtensor(tensor: Any) -> bool:
@@ -62,11 +71,29 @@ def holds_dtensors(module: nn.Module) -> bool:
     return any(_is_dtensor(param) for param in module.parameters())
 
 
+def _is_zero3_param(tensor: Any) -> bool:
+    """A parameter DeepSpeed ZeRO-3 partitioned (``zero.Init`` or the engine): it has ``ds_id`` and ``ds_status``."""
+    return hasattr(tensor, "ds_id") and hasattr(tensor, "ds_status")
+
+
+def holds_zero3_params(module: nn.Module) -> bool:
+    """True when any parameter of ``module`` is partitioned by DeepSpeed ZeRO-3 (its local ``.data`` is empty)."""
+    return any(_is_zero3_param(param) for param in module.parameters())
+
+
+def _gathered_zero3(params: list[torch.Tensor]) -> Any:
+    """``deepspeed.zero.GatheredParameters(params, modifier_rank=None)``: every rank sees the full tensors inside,
+    and nothing is broadcast back on exit (the probe only reads). A collective over the parameters' group."""
+    import deepspeed  # ``deepspeed.zero`` is an attribute of the package, not a module
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 def probes_gathered(model: nn.Module) -> bool:
-    """Whether :func:`extract_features_gathered` probes this model: DTensor weights, and an architecture
-    the layer-major probe splits into blocks. Otherwise a probe calls the model (its own hooks gather)."""
+    """Whether :func:`extract_features_gathered` probes this model: DTensor or DeepSpeed ZeRO-3 weights, and an
+    architecture the layer-major probe splits into blocks. Otherwise a probe calls the model (its own hooks gather)."""
     lm = find_causal_lm(model)
-    return holds_dtensors(lm) and splits_into_blocks(lm)
+    return (holds_dtensors(lm) or holds_zero3_params(lm)) and splits_into_blocks(lm)
 
 
 def unsharded_class(module: nn.Module) -> type:
@@ -108,9 +135,11 @@ class GatheredBlockLoader:
 
     Each tensor of the twin block ``name`` is read from the live module of the same dotted name:
     a DTensor is gathered (:func:`gather_full_tensor`, a collective, into one allocation for the
-    block), a plain tensor (a buffer, or a module FSDP2 holds unsharded) is used as it is, without
-    a copy. Read-only: nothing of the live model is assigned. ``gathered`` lists the state-dict
-    keys gathered, in order (what tests check).
+    block); the block's ZeRO-3 parameters are gathered together by DeepSpeed
+    (``GatheredParameters``, a collective) and used in place until the block has run, when
+    DeepSpeed partitions them again; a plain tensor (a buffer, or a module FSDP2 holds
+    unsharded) is used as it is, without a copy. Read-only: nothing of the live model is
+    assigned. ``gathered`` lists the state-dict keys gathered, in order (what tests check).
 
     Raises:
         InputError: the live model has no tensor (or one of another shape) where the twin has one, named
@@ -124,32 +153,49 @@ class GatheredBlockLoader:
 
     def __call__(self, name: str, module: nn.Module) -> Callable[[], None]:
         live_block = self.live.get_submodule(name)
-        slots: list[tuple[dict[str, Any], str, torch.Tensor, torch.Tensor, str, str]] = []
-        for sub_name, twin_sub in module.named_modules():
-            live_sub = live_block.get_submodule(sub_name) if sub_name else live_block
-            for kind in ("_parameters", "_buffers"):
-                for key, meta in getattr(twin_sub, kind).items():
-                    if meta is not None:
-                        qualified = ".".join(part for part in (name, sub_name, key) if part)
-                        live = self._live_tensor(getattr(live_sub, kind).get(key), meta, qualified)
-                        slots.append((getattr(twin_sub, kind), key, meta, live, kind, qualified))
-        # One allocation for the block's gathered tensors (block_storage says why), on the shards' device.
-        sharded = [slot[3] for slot in slots if _is_dtensor(slot[3])]
-        storage = iter(block_storage(sharded, _local_device(sharded[0])) if sharded else [])
+        # ZeRO-3: the block's parameters are gathered (every rank, the same block) before their shapes are read,
+        # since a partitioned parameter's local tensor is empty; DeepSpeed partitions them again in release().
+        zero3 = [param for param in live_block.parameters() if _is_zero3_param(param)]
+        zero3_ids = {id(param) for param in zero3}
+        gathering = _gathered_zero3(zero3) if zero3 else None
+        if gathering is not None:
+            gathering.__enter__()
         originals: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+
+        def release() -> None:
+            self._restore(originals)  # the twin lets go of the full tensors before DeepSpeed frees them
+            if gathering is not None:
+                gathering.__exit__(None, None, None)
+
         try:
-            for owner_slots, key, meta, live, kind, qualified in slots:
+            slots: list[tuple[dict[str, Any], str, torch.Tensor, torch.Tensor, str, str, bool]] = []
+            for sub_name, twin_sub in module.named_modules():
+                live_sub = live_block.get_submodule(sub_name) if sub_name else live_block
+                for kind in ("_parameters", "_buffers"):
+                    for key, meta in getattr(twin_sub, kind).items():
+                        if meta is not None:
+                            qualified = ".".join(part for part in (name, sub_name, key) if part)
+                            raw = getattr(live_sub, kind).get(key)
+                            live = self._live_tensor(raw, meta, qualified)
+                            slots.append((getattr(twin_sub, kind), key, meta, live, kind, qualified,
+                                          id(raw) in zero3_ids))
+            # One allocation for the block's gathered tensors (block_storage says why), on the shards' device.
+            sharded = [slot[3] for slot in slots if _is_dtensor(slot[3])]
+            storage = iter(block_storage(sharded, _local_device(sharded[0])) if sharded else [])
+            for owner_slots, key, meta, live, kind, qualified, gathered in slots:
                 if _is_dtensor(live):
                     self.gathered.append(qualified)
                     full = gather_full_tensor(live, out=next(storage))
                 else:
+                    if gathered:
+                        self.gathered.append(qualified)
                     full = live
                 originals.append((owner_slots, key, meta))
                 owner_slots[key] = nn.Parameter(full, requires_grad=False) if kind == "_parameters" else full
         except BaseException:
-            self._restore(originals)
+            release()
             raise
-        return lambda: self._restore(originals)
+        return release
 
     @staticmethod
     def _live_tensor(tensor: torch.Tensor | None, meta: torch.Tensor, qualified: str) -> torch.Tensor:
@@ -256,3 +302,48 @@ def extract_features_gathered(
         raise InputError("the GatheredBlockLoader reads another model than the one probed: build it on the causal LM")
     return extract_features_layerwise(twin, spec, batch_size=batch_size, sample_range=sample_range,
                                       block_loader=loader, device=_local_device(embedding), dtype=embedding.dtype)
+
+
+def weights_digest_gathered(lm: nn.Module, *, writer: bool) -> str:
+    """:func:`~seedprints_lightning.core.weights.weights_digest` of ``lm.state_dict()`` for a ZeRO-3 model, whose
+    local tensors are empty: each partitioned tensor is gathered alone (``GatheredParameters``, in name order),
+    hashed by the ``writer``, and partitioned again, so a rank never holds more than one full tensor.
+
+    A collective: every rank of the model's group must call it, at the same save. The other
+    processes return ``""`` (only the writer's digest is recorded, as for an unsharded model). The
+    names, dtypes and bytes are those of the unsharded model's ``state_dict()``, so the digest
+    equals the one of the consolidated weights (``zero_to_fp32``, or a ``save_pretrained`` of the
+    gathered model) when they are saved in the parameters' dtype.
+    """
+    import hashlib
+
+    from .weights import _tensor_digest
+
+    tensors = {str(key): value for key, value in lm.state_dict(keep_vars=True).items()
+               if isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise InputError("weights_digest_gathered: the model's state dict holds no tensor")
+    combined = hashlib.sha256()
+    for key in sorted(tensors):  # every rank walks the same names: the gathers pair up
+        tensor = tensors[key]
+        if _is_zero3_param(tensor):
+            with _gathered_zero3([tensor]):
+                part = _tensor_digest(key, tensor.data) if writer else ""
+        else:
+            part = _tensor_digest(key, tensor) if writer else ""
+        if writer:
+            combined.update(key.encode("utf-8") + b"\0" + part.encode("ascii"))
+    return combined.hexdigest() if writer else ""
+
+
+def gathered_input_embedding(model: nn.Module) -> Any:
+    """A context in which a ZeRO-3 causal LM's input embedding holds its full weight (``GatheredParameters``, a
+    collective: every rank enters it), for code that reads it, as resolving an embedding probe's mean and std
+    does. A no-op context for any other model."""
+    import contextlib
+
+    from .probes import find_causal_lm_or_none
+
+    lm = find_causal_lm_or_none(model)
+    weight = getattr(lm.get_input_embeddings(), "weight", None) if lm is not None else None
+    return _gathered_zero3([weight]) if _is_zero3_param(weight) else contextlib.nullcontext()

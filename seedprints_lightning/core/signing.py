@@ -116,15 +116,29 @@ def load_signing_key(path_or_pem: str | os.PathLike | bytes | None = None) -> Re
     ``path_or_pem`` is the key file's path or its PEM text; ``None`` reads the path from the
     ``SEEDPRINTS_SIGNING_KEY`` environment variable. Raises :class:`InputError` naming the file
     (never showing its content) for a missing file, a file that is no PEM private key, an
-    encrypted key, or a key of another type (RSA, EC, ...).
+    encrypted key, or a key of another type (RSA, EC, ...); a path read from the environment
+    variable is named as coming from it, so the user knows which setting to fix.
     """
+    _crypto()
+    if path_or_pem is not None:
+        return _load_signing_key(path_or_pem)
+    env = os.environ.get(ENV_SIGNING_KEY)
+    if not env:
+        raise InputError(f"no signing key: pass one, or set {ENV_SIGNING_KEY} to the path of a PEM Ed25519 "
+                         "private key file")
+    try:
+        return _load_signing_key(env)
+    except SigningUnavailableError:
+        raise
+    except InputError as exc:
+        shown = "PEM text, not a path" if "-----BEGIN" in env else repr(env)  # never echo key material
+        raise InputError(f"${ENV_SIGNING_KEY} (the environment variable naming the run's signing key) is "
+                         f"{shown}: {exc}. Set {ENV_SIGNING_KEY} to the path of a PEM Ed25519 private key file, or "
+                         "unset it to write an unsigned ledger") from None
+
+
+def _load_signing_key(path_or_pem: str | os.PathLike | bytes) -> RecordSigner:
     serialization, ed25519, _ = _crypto()
-    if path_or_pem is None:
-        env = os.environ.get(ENV_SIGNING_KEY)
-        if not env:
-            raise InputError(f"no signing key: pass one, or set {ENV_SIGNING_KEY} to the path of a PEM Ed25519 "
-                             "private key file")
-        path_or_pem = env
     data, name = _read_pem(path_or_pem, "signing key")
     if b"PUBLIC KEY-----" in data and b"PRIVATE KEY-----" not in data:
         raise InputError(f"{name} is a public key; signing needs the PEM Ed25519 PRIVATE key")

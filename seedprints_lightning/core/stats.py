@@ -33,7 +33,7 @@ import torch
 from scipy import special
 from scipy import stats as sps
 
-from ._kendall_cpu import tau_b_rows
+from ._kendall_cpu import argsort_rows, tau_b_ranked_rows, tau_b_rows, tau_b_sorted_rows
 from .checks import check_bool, check_choice, check_int, check_number
 from .errors import InputError
 
@@ -41,12 +41,18 @@ __all__ = [
     "DEFAULT_IDENTITY_RATIO",
     "DEFAULT_TEMPERATURE",
     "EmpiricalNull",
+    "feature_matrix",
     "LineageResult",
+    "PreparedTarget",
+    "SubsetBounds",
     "check_test_options",
     "kendall_tau_b",
     "kendall_null_sigma",
     "log10_normal_sf",
+    "normalised_column_ranks",
+    "prepared_pair_taus",
     "softmax_normalise",
+    "subset_tau_bounds",
     "lineage_test",
     "z_threshold",
 ]
@@ -377,7 +383,11 @@ def softmax_normalise(features: torch.Tensor, dims: torch.Tensor, temperature: f
     kernel reads one column at a time, and this saves it a transposing copy. The columns
     are gathered before they are widened to float64, which halves the bytes moved.
     """
-    columns = features.t().index_select(0, dims).to(torch.float64)
+    transposed = features.t()
+    if dims.numel() == transposed.shape[0] and bool((dims == torch.arange(dims.numel(), device=dims.device)).all()):
+        columns = transposed.to(torch.float64, memory_format=torch.contiguous_format, copy=True)  # no gather
+    else:
+        columns = transposed.index_select(0, dims).to(torch.float64)
     return torch.softmax(columns.div_(temperature), dim=0).t()
 
 
@@ -649,3 +659,287 @@ def _empirical_null_taus(target: torch.Tensor, dims: torch.Tensor, k: int, mode:
         raise InputError("the empirical null produced fewer than 2 usable dimensions; use method='analytic' or "
                          "raise identity_k")
     return null_taus
+
+
+# --------------------------------------------------------------------------------------
+# One target, many bases: the public seam for batched tests (identify, the batched audit)
+# --------------------------------------------------------------------------------------
+
+
+class PreparedTarget:
+    """A target's features normalised and sorted per column once, to test many bases against it.
+
+    :func:`lineage_test` normalises and sorts both sides on every call. A caller that tests many
+    bases against one target (``identify``: every recorded fingerprint against one checkpoint; an
+    audit: several records against one probe) prepares the target once and batches the bases'
+    Kendall columns into one kernel call per chunk. Every dimension is an identity dimension
+    (``identity_mode="coset"`` with ``identity_ratio`` 1, the default of every face), so
+    :meth:`lineage_tests` equals ``lineage_test(base, target, alpha=alpha, temperature=...)``
+    exactly (same taus, same z; tests/test_identify.py checks it). Tests with fewer identity
+    dimensions choose them per pair and must call :func:`lineage_test`.
+
+    Args:
+        target: ``[n, D]`` features (a torch tensor on any device, or a numpy array).
+        temperature: the softmax temperature ``T`` (:func:`lineage_test`'s default).
+
+    Raises:
+        InputError: features :func:`lineage_test` refuses (not 2-D, NaN/Inf rows, n < 3, D < 2).
+    """
+
+    def __init__(self, target: FeatureLike, *, temperature: float = DEFAULT_TEMPERATURE) -> None:
+        check_number("temperature", temperature, low=0.0, low_open=True)
+        self.matrix = _as_float_matrix(target, "target")
+        self.n, self.dim = (int(s) for s in self.matrix.shape)
+        if self.n < 3:
+            raise InputError(f"the lineage test needs at least 3 probe samples, got n={self.n}")
+        _resolve_k(self.dim, None, None)
+        self.temperature = float(temperature)
+        self.dims = torch.arange(self.dim, device=self.matrix.device)
+        self.columns = softmax_normalise(self.matrix, self.dims, self.temperature).t()  # [D, n] contiguous
+        self.on_cpu = self.matrix.device.type == "cpu"
+        self._rows: np.ndarray | None = None
+        self._order: np.ndarray | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
+
+    def _cpu_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The target's normalised columns as float64 rows ``[D, n]`` and their per-row sort order (made once)."""
+        if self._rows is None:
+            self._rows = np.ascontiguousarray(self.columns.cpu().numpy())
+            self._order = argsort_rows(self._rows)
+        return self._rows, self._order  # type: ignore[return-value]
+
+    def column_taus(self, bases: list[FeatureLike]) -> list[torch.Tensor]:
+        """Per base, the ``[D]`` float64 Kendall taus of its normalised columns against the target's.
+
+        Args:
+            bases: ``[n, D]`` feature matrices of the target's shape (checked: :class:`InputError`).
+
+        One kernel call for all of ``bases``: the caller chooses how many to pass at once (memory
+        holds their float64 columns, ``8 n D`` bytes each). A column constant in either model has
+        no tau (NaN), as in :func:`kendall_tau_b`.
+        """
+        matrices = []
+        for base in bases:
+            matrix = _as_float_matrix(base, "base")
+            _check_pair(matrix, self.matrix)
+            matrices.append(matrix)
+        return self._column_taus(matrices)
+
+    def _column_taus(self, matrices: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`column_taus` of matrices already validated."""
+        if not matrices:
+            return []
+        columns = [softmax_normalise(m.to(self.device), self.dims, self.temperature).t() for m in matrices]
+        if self.on_cpu:
+            x = np.ascontiguousarray(torch.cat(columns).numpy())
+            y, order_y = self._cpu_rows()  # paired cyclically with the bases' rows: the target is never copied
+            taus = torch.from_numpy(tau_b_sorted_rows(x, y, argsort_rows(x), order_y, threads=torch.get_num_threads()))
+        else:  # the torch kernel (CUDA): the columns of every base side by side, on the device
+            taus = kendall_tau_b(torch.cat(columns).t(), self.columns.t().repeat(1, len(matrices)))
+        return list(taus.split(self.dim))
+
+    def result_of_taus(self, all_taus: torch.Tensor, *, alpha: float = 0.01) -> LineageResult:
+        """The :class:`LineageResult` :func:`lineage_test` makes of these ``[D]`` taus (NaN columns dropped).
+
+        Args:
+            all_taus: one base's taus from :meth:`column_taus`.
+            alpha: significance level of the one-sided test.
+        """
+        _check_alpha(alpha)
+        defined = torch.isfinite(all_taus)
+        taus, dims = all_taus[defined], self.dims.cpu()[defined.cpu()]
+        dropped, k, n = int((~defined).sum()), int(dims.numel()), self.n
+        if k == 0:
+            return _undetermined(n, 0, alpha, "analytic", "coset", "every identity column is constant in one of the "
+                                 "models: the features carry no signal", dropped=dropped)
+        signal = _analytic_signal(taus, n)
+        return LineageResult(
+            z=float(signal.z), log10_p=float(signal.log10_p), p_value=float(10.0 ** signal.log10_p),
+            tau_mean=float(taus.mean()), k=k, n=n, related=bool(signal.log10_p < math.log10(alpha)),
+            alpha=float(alpha), method="analytic", identity_mode="coset", dropped_constant=dropped,
+            identity_dims=tuple(int(d) for d in dims.tolist()),
+        )
+
+    def lineage_tests(self, bases: list[FeatureLike], *, alpha: float = 0.01, chunk: int = 16) -> list[LineageResult]:
+        """``[lineage_test(b, target, alpha=alpha, temperature=T) for b in bases]``, batched ``chunk`` at a time.
+
+        Args:
+            bases: ``[n, D]`` feature matrices.
+            alpha: significance level of each one-sided test.
+            chunk: bases whose columns go to one kernel call.
+
+        A base that cannot be tested (NaN rows, another shape) gives an undetermined result that
+        names the reason, never an exception.
+        """
+        _check_alpha(alpha)
+        check_int("chunk", chunk, low=1)
+        results: list[LineageResult | None] = [None] * len(bases)
+        usable: list[tuple[int, torch.Tensor]] = []
+        for i, base in enumerate(bases):
+            try:
+                matrix = _as_float_matrix(base, "base")
+                _check_pair(matrix, self.matrix)
+                usable.append((i, matrix))
+            except InputError as exc:
+                results[i] = _undetermined(self.n, 0, alpha, "analytic", "coset", str(exc))
+        for start in range(0, len(usable), chunk):
+            block = usable[start:start + chunk]
+            for (i, _), taus in zip(block, self._column_taus([m for _, m in block])):
+                results[i] = self.result_of_taus(taus, alpha=alpha)
+        return results  # type: ignore[return-value]
+
+    def screen_taus(self, ranks: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """Kendall taus of many bases on a subset of columns, from their stored ranks (a screen).
+
+        Args:
+            ranks: ``[m, s, n]`` integer ranks of ``m`` bases' normalised columns ``columns``
+                (:func:`normalised_column_ranks`), ties kept as equal ranks.
+            columns: the ``s`` column indices the ranks are of.
+
+        Returns ``[m, s]`` float64 taus, :meth:`column_taus`' on those columns (Kendall's tau depends
+        only on the ranks; see :func:`normalised_column_ranks` for rounding). The bases' sorts were
+        paid when the ranks were made.
+        """
+        columns = np.asarray(columns, dtype=np.int64)
+        ranks = np.asarray(ranks)
+        if ranks.ndim != 3 or ranks.shape[1] != columns.shape[0] or ranks.shape[2] != self.n:
+            raise InputError(f"ranks must be [m, {columns.shape[0]}, {self.n}] (bases, columns, samples), got "
+                             f"{list(ranks.shape)}")
+        if columns.size and (columns.min() < 0 or columns.max() >= self.dim):
+            raise InputError(f"screen columns must lie in [0, {self.dim}), got {columns.min()}..{columns.max()}")
+        rows, order = self._cpu_rows()
+        return tau_b_ranked_rows(ranks, np.ascontiguousarray(rows[columns]), np.ascontiguousarray(order[columns]),
+                                 threads=torch.get_num_threads())
+
+
+def feature_matrix(features: FeatureLike, name: str = "features") -> torch.Tensor:
+    """``features`` as a validated ``[n, D]`` floating-point tensor (its own dtype and device), as the tests take it.
+
+    Args:
+        features: a torch tensor or numpy array.
+        name: what the error messages call it.
+
+    Raises:
+        InputError: not floating point, not 2-D, empty, or rows with NaN/Inf (named).
+    """
+    return _as_float_matrix(features, name)
+
+
+def normalised_column_ranks(features: FeatureLike, columns: np.ndarray, *,
+                            temperature: float = DEFAULT_TEMPERATURE) -> np.ndarray:
+    """Dense ranks ``[s, n]`` of ``features``' softmax-normalised columns ``columns``: what a screen keeps of a base.
+
+    Args:
+        features: ``[n, D]`` features.
+        columns: the ``s`` column indices kept.
+        temperature: the softmax temperature (the rows are normalised over all ``D`` dims, exactly
+            as :func:`lineage_test` does, so the ranks are those its Kendall taus see).
+
+    Returns int16 ranks (int32 when ``n > 32767``); tied values share a rank. They are the ranks
+    the exact test's columns have, but where two of its float64 softmax values differ only by
+    rounding (a screen's statistics do not notice; tests/test_identify_screen.py compares them).
+    """
+    matrix = _as_float_matrix(features, "features")
+    dim = int(matrix.shape[1])
+    columns = np.asarray(columns, dtype=np.int64)
+    if columns.size and (columns.min() < 0 or columns.max() >= dim):
+        raise InputError(f"columns must lie in [0, {dim}), got {columns.min()}..{columns.max()}")
+    # Ranks of softmax(x / T)[:, j] = ranks of x_ij / T - logsumexp_i(x / T): only the row's log-normaliser
+    # is needed over all D dims (one pass over the contiguous rows), then just the s columns. In float64
+    # the order equals that of lineage_test's softmax values but where two differ by rounding (~1e-16).
+    # numpy, single-threaded: on a busy 2-core host it was 3x faster than torch's threaded logsumexp.
+    scaled = matrix.detach().cpu().numpy().astype(np.float64) / float(temperature)
+    peak = scaled.max(axis=1, keepdims=True)
+    log_norm = peak + np.log(np.exp(scaled - peak).sum(axis=1, keepdims=True))
+    values = np.ascontiguousarray((scaled[:, columns] - log_norm).T)  # [s, n]
+    order = np.argsort(values, axis=1, kind="stable")
+    ordered = np.take_along_axis(values, order, axis=1)
+    new = np.ones(ordered.shape, dtype=np.int64)
+    new[:, 0] = 0
+    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    dense = np.cumsum(new, axis=1)
+    ranks = np.empty(values.shape, dtype=np.int16 if values.shape[1] <= 32767 else np.int32)
+    np.put_along_axis(ranks, order, dense.astype(ranks.dtype), axis=1)
+    return ranks
+
+
+@dataclass(frozen=True)
+class SubsetBounds:
+    """What a subset of ``s`` of ``D`` columns says about the mean tau over all ``D``.
+
+    ``mean`` is the subset's mean tau, ``low``/``high`` the bounds ``mean -/+ margin * se``, where
+    ``se`` is the standard error of a mean of ``s`` columns drawn without replacement from ``D``
+    (finite-population corrected), its spread ``max(sample sd, sigma_n)``. ``z`` is the subset's
+    own lineage z (``mean * sqrt(s) / sigma_n``). Bounds are infinite when a subset column has
+    no tau (a constant column), so nothing is decided from them.
+    """
+
+    mean: float
+    low: float
+    high: float
+    z: float
+
+
+def subset_tau_bounds(taus: np.ndarray, dim: int, n: int, margin: float) -> list[SubsetBounds]:
+    """Per row of ``taus`` (``[m, s]``: a random subset of ``s`` of ``dim`` columns), :class:`SubsetBounds`.
+
+    Args:
+        taus: subset taus of ``m`` bases (:meth:`PreparedTarget.screen_taus`).
+        dim: ``D``, the number of columns the full test averages.
+        n: samples per column (the Kendall null's ``sigma_n``).
+        margin: bound half-width in standard errors.
+
+    Why this bounds the full test: the subset is a uniform random draw of columns (seeded, made
+    before any data is seen), so over that draw the subset mean is an unbiased estimate of the
+    mean over all ``D`` columns with standard error ``sd * sqrt((D - s) / (D - 1) / s)``, whatever
+    the dependence between columns (the data are fixed; only the draw is random). The spread is
+    floored at the null's ``sigma_n``, so a few columns that happen to agree cannot shrink it.
+    """
+    taus = np.asarray(taus, dtype=np.float64)
+    m, s = taus.shape
+    sigma = kendall_null_sigma(int(n))
+    fpc = math.sqrt(max(0.0, (dim - s) / max(dim - 1, 1)))
+    out = []
+    for row in taus:
+        if s == 0 or not np.isfinite(row).all():
+            out.append(SubsetBounds(mean=0.0, low=-math.inf, high=math.inf, z=0.0))
+            continue
+        mean = float(row.mean())
+        sd = max(float(row.std(ddof=1)) if s > 1 else sigma, sigma)
+        half = float(margin) * sd * fpc / math.sqrt(s)
+        out.append(SubsetBounds(mean=mean, low=mean - half, high=mean + half, z=mean * math.sqrt(s) / sigma))
+    return out
+
+
+def prepared_pair_taus(base: PreparedTarget, target: PreparedTarget) -> torch.Tensor:
+    """The ``[D]`` float64 Kendall taus of ``lineage_test(base.matrix, target.matrix)``, from two prepared sides.
+
+    For a caller that tests the same matrices in many pairs: the custody audit tests every probe
+    against the reference and each control, and then as the anchor of the next probe. Each
+    :class:`PreparedTarget` normalises and sorts its matrix's columns once, so each pair costs
+    only the counting pass. The taus are those :func:`lineage_test` computes with every column an
+    identity dimension (the same normalisation and the same compiled kernel on the CPU; the torch
+    kernel otherwise); :meth:`PreparedTarget.result_of_taus` of ``target`` makes its result.
+
+    Args:
+        base: the prepared base (``lineage_test``'s first argument).
+        target: the prepared target, of the same shape and temperature.
+
+    Raises:
+        InputError: the two sides differ in shape or temperature.
+    """
+    if not isinstance(base, PreparedTarget) or not isinstance(target, PreparedTarget):
+        raise InputError(f"prepared_pair_taus needs two PreparedTarget, got {type(base).__name__} and "
+                         f"{type(target).__name__}")
+    _check_pair(base.matrix, target.matrix)
+    if base.temperature != target.temperature:
+        raise InputError(f"the two sides were prepared at temperatures {base.temperature} and {target.temperature}: "
+                         "prepare both with the temperature of the test")
+    if base.on_cpu and target.on_cpu:
+        x, order_x = base._cpu_rows()
+        y, order_y = target._cpu_rows()
+        return torch.from_numpy(tau_b_sorted_rows(x, y, order_x, order_y, threads=torch.get_num_threads()))
+    return kendall_tau_b(base.columns.t(), target.columns.t().to(base.device))

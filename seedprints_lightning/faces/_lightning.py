@@ -27,8 +27,8 @@ from ..core.processes import Processes, measure_over_ranks, torch_processes
 from ..core.verdict import METRIC_TAGS
 from .base import sharding_of
 
-__all__ = ["CALLBACK_BASES", "is_tensorboard_logger", "log_metrics", "measure_features", "processes_of",
-           "run_model_code", "shards_parameters", "trainer_fn_value"]
+__all__ = ["CALLBACK_BASES", "call_inside_wrapper", "is_tensorboard_logger", "log_metrics", "measure_features",
+           "processes_of", "run_model_code", "shards_parameters", "trainer_fn_value"]
 
 try:  # the unified package is optional
     import lightning.pytorch as _lpl
@@ -60,10 +60,11 @@ def is_tensorboard_logger(logger: Any) -> bool:
 def run_model_code(trainer: Any, pl_module: Any, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` (probe forwards) so that parameters are usable on every strategy, leaving RNGs untouched.
 
-    Sharded strategies: route the LightningModule's ``forward`` to ``fn`` and call the root
-    wrapper, which gathers the sharded parameters around it. Everything else (DDP included: its
-    wrapper's forward is a collective that routes to ``training_step``): call ``fn`` directly.
-    Callback hooks run outside the training step's autocast, hence the precision plugin's context.
+    Sharded strategies whose root wrapper is not the LightningModule (FSDP1, DeepSpeed): inside the
+    wrapper's forward (:func:`call_inside_wrapper`). Everything else (DDP included: its wrapper's
+    forward is a collective that routes to ``training_step``; FSDP2, whose ``fully_shard``-ed
+    modules gather their own shards): call ``fn`` directly. Callback hooks run outside the training
+    step's autocast, hence the precision plugin's context.
     """
     from ..core.controls import preserve_rng_state
 
@@ -71,24 +72,49 @@ def run_model_code(trainer: Any, pl_module: Any, fn: Callable[[], Any]) -> Any:
     with preserve_rng_state(), trainer.precision_plugin.forward_context():
         if not shards_parameters(trainer.strategy) or wrapper is None or wrapper is pl_module:
             return fn()
-        result: dict[str, Any] = {}
-        had_own = "forward" in pl_module.__dict__
-        previous = pl_module.__dict__.get("forward")
+        return call_inside_wrapper(wrapper, pl_module, fn)
 
-        def routed(*args: Any, **kwargs: Any) -> torch.Tensor:
-            result["value"] = fn()
-            return torch.zeros((), device=pl_module.device)
 
-        pl_module.forward = routed
-        try:
-            with torch.no_grad():
-                wrapper()
-        finally:
-            if had_own:
-                pl_module.forward = previous
-            else:
-                del pl_module.forward
-        return result["value"]
+def call_inside_wrapper(wrapper: torch.nn.Module, pl_module: Any, fn: Callable[[], Any]) -> Any:
+    """``fn()``, run inside the forward of the strategy's root ``wrapper`` (one call; no gradient kept).
+
+    Why the LightningModule's ``forward`` is replaced for one call: FSDP1's
+    ``FullyShardedDataParallel`` gathers a unit's shards only inside its wrapper's forward, so
+    code that needs the parameters must run there, and Lightning has no public API to run other
+    code there (as of 2.6). Lightning's own strategies reach ``training_step`` the same way
+    (``Strategy.training_step`` -> ``_ForwardRedirection``): an instance ``forward`` set on the
+    LightningModule, then the wrapper called. ``fn`` could not be the user's ``forward``, whose
+    arguments the probe does not know.
+
+    The assumption: calling the wrapper calls ``pl_module.forward`` as looked up on the instance.
+    If it did not, the probe would silently run nothing: this raises instead, naming the Lightning
+    version, and ``tests/test_face_hooks.py`` fails when Lightning stops routing its own steps so.
+    The instance's own ``forward`` attribute, if it had one, is put back.
+    """
+    result: dict[str, Any] = {}
+    had_own = "forward" in pl_module.__dict__
+    previous = pl_module.__dict__.get("forward")
+
+    def routed(*args: Any, **kwargs: Any) -> torch.Tensor:
+        result["value"] = fn()
+        return torch.zeros((), device=pl_module.device)
+
+    pl_module.forward = routed
+    try:
+        with torch.no_grad():
+            wrapper()
+    finally:
+        if had_own:
+            pl_module.forward = previous
+        else:
+            del pl_module.forward
+    if "value" not in result:
+        raise RuntimeError(
+            f"SeedPrints: calling the strategy's root wrapper ({type(wrapper).__name__}) did not call the "
+            f"LightningModule's forward (pytorch_lightning {_pl.__version__}), so the probe could not run inside "
+            "it. The Lightning face assumes, as Lightning's own strategies do, that the wrapper calls the "
+            "LightningModule's forward; train with ModelParallelStrategy (FSDP2) meanwhile, and report this")
+    return result["value"]
 
 
 def measure_features(trainer: Any, pl_module: Any, spec: ProbeSpec,

@@ -39,11 +39,11 @@ from ..core.controls import DEFAULT_NUM_CONTROLS, preserve_rng_state
 from ..core.errors import IdentityLostError, IdentityWarning, InputError
 from ..core.fingerprint import Fingerprint
 from ..core.ledger import RunDirectory
-from ..core.opening import close_chain, open_chain
+from ..core.opening import close_chain, open_chain, probe_spec_differs
 from ..core.probes import ProbeBatch, ProbeSpec, find_causal_lm, find_causal_lm_or_none
 from ..core.processes import Processes, measure_over_ranks, torch_processes
-from ..core.sharded import holds_dtensors
-from ..core.state import MODEL_STATE_KEY, STEP_STATE_KEY, model_rebuild_info
+from ..core.sharded import gathered_input_embedding, holds_dtensors, holds_zero3_params, weights_digest_gathered
+from ..core.state import FaceState, model_rebuild_info
 from ..core.verdict import (
     CUSTOM_SCALARS_LAYOUT,
     DEFAULT_BIRTH_Z_MARGIN,
@@ -52,8 +52,8 @@ from ..core.verdict import (
     ProbeVerdict,
 )
 from ..core.weights import weights_digest
-from .messages import identity_lost_message, note_message
-from .settings import FaceSettings
+from .messages import identity_lost_message, note_message, probe_spec_message, unrecorded_save_message
+from .settings import FaceArguments, FaceSettings
 
 __all__ = ["SeedPrintsFace", "act_on_identity_lost", "refuse_unprobeable_sharding", "sharding_of", "write_layout"]
 
@@ -143,14 +143,22 @@ def release_gathered_parameters(model: nn.Module) -> None:
 class SeedPrintsFace:
     """Probe a model's SeedPrints lineage during training; act when its custody breaks.
 
-    The base of every face; its arguments are every face's (declared here only). A face adds its
-    loop's hooks and adapters (module docstring).
+    The base of every face; its arguments are every face's. They are declared, with their types,
+    defaults and checks, once: :class:`~seedprints_lightning.faces.settings.FaceArguments`; this
+    signature repeats them for LightningCLI and IDEs, and ``tests/test_face_arguments.py`` holds the
+    two, these ``Args:`` and docs/configuration.md to one another. A face adds its loop's hooks and
+    adapters (module docstring).
 
     Args:
         every_n_steps: the longest interval between probes, in optimizer steps (gradient
             accumulation does not multiply probes).
         probe: the :class:`~seedprints_lightning.ProbeSpec`; ``None`` = ``ProbeSpec()``.
-            Ignored when ``reference`` is given (a different ``probe`` is an error).
+            Ignored when ``reference`` is given (a different ``probe`` is an error). On a resume
+            the restored chain's spec is used, whatever ``probe`` says: the run's reference and
+            every recorded probe were taken with it. A ``probe`` that sets another value is
+            warned about once, naming both specs: construct the face with the checkpoint's
+            spec to silence it, or start a new run (a new ``save_dir``, from step 0) to probe
+            with the new one.
         alpha: significance level of the one-sided lineage tests.
         patience: consecutive failed probes before acting; a held verdict resets the count.
         on_identity_lost: ``"warn"``, ``"stop"`` (the loop is asked to stop, on every rank,
@@ -196,9 +204,14 @@ class SeedPrintsFace:
         bind_saves: record a save in the ledger at each checkpoint save, with the digest of the
             weights it holds (``seedprints audit --chain RUN CKPT`` then names the save). The
             writing process hashes the whole unsharded model each time; ``False`` records no save
-            (checkpoints are still audited by lineage). Sharded weights are never bound.
+            (checkpoints are still audited by lineage). FSDP-sharded weights are never bound;
+            DeepSpeed ZeRO-3 weights are, hashed one gathered tensor at a time on every rank. A save
+            record that cannot be written (a read-only or full run directory) never stops the
+            save: the face warns and lists the save in its state's ``unrecorded_saves``.
 
     Attributes:
+        arguments: the :class:`~seedprints_lightning.faces.settings.FaceArguments` given, checked.
+        settings: the :class:`~seedprints_lightning.faces.settings.FaceSettings` they resolve to.
         chain: the :class:`~seedprints_lightning.core.chain.CustodyChain` (reference, controls,
             anchor, schedule position, failure count, ledger); its state is this face's.
         history: one plain dict per probe (``step``, ``event``, the logged metrics under short
@@ -207,6 +220,8 @@ class SeedPrintsFace:
         last_verdict: the latest :class:`~seedprints_lightning.core.verdict.ProbeVerdict`.
         reference, reference_source (``"explicit"``, ``"checkpoint"`` or ``"step0"``).
         should_stop: set on every rank when the identity is lost with ``on_identity_lost="stop"``.
+        unrecorded_saves: the saves whose ledger record could not be written (``step``,
+            ``checkpoint``, ``weights_sha256``, ``error``); kept in the checkpoint state.
     """
 
     #: What a resumed run without a restored state is missing, for the error that says so.
@@ -238,14 +253,9 @@ class SeedPrintsFace:
         log_dir: str | os.PathLike | None = None,
         bind_saves: bool = True,
     ) -> None:
-        self.settings = FaceSettings.from_arguments(
-            every_n_steps=every_n_steps, probe=probe, alpha=alpha, patience=patience,
-            on_identity_lost=on_identity_lost, fail_on=fail_on, num_controls=num_controls,
-            birth_z_margin=birth_z_margin, link_z_margin=link_z_margin, link_tau_margin=link_tau_margin,
-            adaptive_schedule=adaptive_schedule, reference=reference, feature_fn=feature_fn,
-            control_factory=control_factory, controls=controls, save_dir=save_dir,
-            probe_batch_size=probe_batch_size, identity_ratio=identity_ratio, identity_mode=identity_mode,
-            count_undetermined=count_undetermined, signing_key=signing_key, log_dir=log_dir, bind_saves=bind_saves)
+        # First statement: locals() are exactly the parameters above (and self), so they are not listed a third time.
+        self.arguments = FaceArguments.from_call(locals())
+        self.settings = FaceSettings.from_arguments(self.arguments)
         self.chain = self.settings.new_chain()
         self.save_dir: Path | None = self.settings.save_dir
         self.log_dir: Path | None = self.settings.log_dir
@@ -256,6 +266,10 @@ class SeedPrintsFace:
         self._process_group: Processes | None = None
         self._writer: Any = None
         self._layouts: set[int] = set()
+        #: The (asked, used) probe specs already warned about: a resume's spec warning is given once.
+        self._spec_warned: tuple[ProbeSpec | None, ProbeSpec] | None = None
+        #: Saves whose ledger record could not be written (kept in the state: UNRECORDED_SAVES_KEY).
+        self.unrecorded_saves: list[dict[str, Any]] = []
         self._check_arguments()
 
     def _check_arguments(self) -> None:
@@ -287,6 +301,7 @@ class SeedPrintsFace:
         and linked to the chain at once, so resuming the wrong weights fails here.
         """
         lm = self.settings.check_model(model, self.reference.spec if self.reference is not None else None)
+        self._warn_other_spec(origin)
         processes = self._processes()
         fresh = open_chain(
             self.chain, step=step, run=run, processes=processes,
@@ -301,6 +316,22 @@ class SeedPrintsFace:
         if fresh:
             return None
         return self._probe(model, step, "resume" if self.chain.restored else "train_start")
+
+    def _warn_other_spec(self, origin: str) -> None:
+        """Warn once when this face asks for another probe spec than its restored chain's; the chain's is used.
+
+        One rule for every face: the chain's spec wins. The run's reference and every recorded probe
+        were taken with it, so probing on other inputs would end the run's comparability. A
+        ``reference=`` given explicitly was already checked against ``probe`` at construction.
+        """
+        ref = self.reference
+        if ref is None or self.reference_source == "explicit":
+            return
+        asked = self.settings.probe
+        if not probe_spec_differs(asked, ref.spec) or self._spec_warned == (asked, ref.spec):
+            return
+        self._spec_warned = (asked, ref.spec)
+        self._warn(probe_spec_message(type(self).__name__, asked, ref.spec, origin))
 
     def _probe(self, model: nn.Module, step: int, event: str) -> ProbeVerdict:
         start = time.perf_counter()
@@ -351,16 +382,41 @@ class SeedPrintsFace:
         a recorded save. The digest is of the transformers model's ``state_dict()`` (the weights
         as a checkpoint holds them), computed by the writing process only; every process numbers
         the record alike. Sharded weights are not bound (a digest would gather every shard on one
-        rank at each save): the lineage test still audits those checkpoints.
+        rank at each save): the lineage test still audits those checkpoints. DeepSpeed ZeRO-3
+        weights are bound: each tensor is gathered alone on every rank (a collective: every rank
+        must save, as ``engine.save_checkpoint`` requires) and hashed by the writer.
         """
         if not self.settings.bind_saves or not self.started or model is None or not self.chain.cursor.numbered \
                 or self._shards_weights(model):
             return None
-        lm = find_causal_lm_or_none(model)
+        lm = self._bound_weights(model)
         if lm is None:  # a feature_fn model: the audit cannot rebuild it, so there is nothing to compare
             return None
-        digest = weights_digest(lm.state_dict()) if self._processes().is_writer else ""
-        return self.chain.record_save(int(step), digest, checkpoint=checkpoint)
+        writer = self._processes().is_writer
+        if holds_zero3_params(lm):  # its local tensors are empty: hash the gathered ones, one at a time
+            digest = weights_digest_gathered(lm, writer=writer)
+        else:
+            digest = weights_digest(lm.state_dict()) if writer else ""
+        try:
+            return self.chain.record_save(int(step), digest, checkpoint=checkpoint)
+        except (OSError, InputError) as exc:
+            # The ledger could not take the record (a read-only or full directory, its lock taken by another
+            # writer): the user's save must go on. Only the writer writes, so only it gets here; its cursor did
+            # not move (the record was not chained). The other processes numbered the record (no collective
+            # here: a save hook may run on the writer alone) until the chain opens again.
+            if not writer:
+                raise
+            self.unrecorded_saves.append({"step": int(step), "checkpoint": checkpoint, "weights_sha256": digest,
+                                          "error": f"{type(exc).__name__}: {exc}"})
+            self._warn(unrecorded_save_message(int(step), self.save_dir, exc))
+            return None
+
+    def _bound_weights(self, model: nn.Module) -> nn.Module | None:
+        """The module whose ``state_dict()`` a save record hashes (``None``: a model the audit cannot rebuild).
+
+        A transformers causal LM here; a face for another model family returns that family's model.
+        """
+        return find_causal_lm_or_none(model)
 
     def _shards_weights(self, model: nn.Module) -> bool:
         """True when the weights are sharded over ranks (FSDP1, or FSDP2's DTensor parameters)."""
@@ -372,16 +428,18 @@ class SeedPrintsFace:
 
         CPU tensors and plain types only: it loads with ``torch.load(weights_only=True)``.
         """
-        return {**self.chain.state_dict(), STEP_STATE_KEY: self.current_step,
-                MODEL_STATE_KEY: dict(self._model_rebuild)}
+        return FaceState(self.chain.state(), self.current_step, dict(self._model_rebuild),
+                         [dict(save) for save in self.unrecorded_saves]).to_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (any version's: :meth:`~seedprints_lightning.core.state.FaceState.from_dict`)."""
         if self.started:
             raise InputError(f"{type(self).__name__}.load_state_dict() after the chain opened: restore the state "
                              "before start() (before the first optimizer step)")
-        self.chain.load_state_dict(state_dict)
-        step = state_dict.get(STEP_STATE_KEY)
-        self.current_step = None if step is None else int(step)
+        restored = FaceState.from_dict(state_dict)
+        self.chain.load_state_dict(restored.chain)
+        self.current_step = restored.step
+        self.unrecorded_saves = restored.unrecorded_saves
 
     # ------------------------------------------------------------------ a loop's adapters (module docstring)
     def _processes(self) -> Processes:
@@ -402,7 +460,8 @@ class SeedPrintsFace:
                 model, padded, sample_range))
 
     def _run_model_code(self, model: nn.Module, fn: Callable[[], Any]) -> Any:
-        with preserve_rng_state():
+        # Under ZeRO-3 the embedding's local tensor is empty: an embedding probe's mean and std read it gathered.
+        with preserve_rng_state(), gathered_input_embedding(model):
             return fn()
 
     def _forward_context(self) -> Callable[[], Any] | None:

@@ -14,7 +14,9 @@ Files go to ``<output_dir>/seedprints`` (the same run directory as every face: `
 audit --chain OUTPUT_DIR/seedprints OUTPUT_DIR/checkpoint-N`` verifies it). The metrics go
 through ``trainer.log``, so they reach every integration in ``report_to`` (TensorBoard, W&B,
 MLflow, ...) and ``trainer.state.log_history`` at the probe's step, like the Trainer's own loss
-(the ``Trainer`` is the one whose hooks call this face; it is found in the calling frames). The
+(the ``Trainer`` is the one whose hooks call this face: :func:`calling_trainer` says why and
+how it is found, and ``tests/test_face_hooks.py`` fails, naming the transformers version, if a
+release stops calling the hooks from the Trainer's own methods). The
 Custom Scalars layout is added to the Trainer's TensorBoard writer. ``log_dir`` (default none)
 also writes them to a TensorBoard directory of this face's own. ``"stop"`` sets
 ``control.should_training_stop``. Several processes (``torchrun`` / ``accelerate launch``):
@@ -59,11 +61,14 @@ class SeedPrintsTrainerCallback(SeedPrintsMonitor, TrainerCallback):
         step = int(state.global_step)
         if self.save_dir is None:
             self.save_dir = Path(args.output_dir) / "seedprints"
-        self._trainer = _calling_trainer()
+        self._trainer = calling_trainer(self)
         if self._trainer is None and self.log_dir is None:
-            self._warn("SeedPrints: SeedPrintsTrainerCallback could not find the transformers Trainer calling it, so "
-                       "its metrics reach no report_to integration (only .history and the ledger); pass "
-                       "log_dir=... to write them to TensorBoard")
+            import transformers
+
+            self._warn(f"SeedPrints: SeedPrintsTrainerCallback could not find the transformers Trainer calling it "
+                       f"(transformers {transformers.__version__}; a hook called by hand, or a Trainer that calls its "
+                       "callbacks from outside its own methods), so its metrics reach no report_to integration (only "
+                       ".history and the ledger); pass log_dir=... to write them to TensorBoard")
         if step > 0 and not self.chain.restored:
             saved = self.checkpoint_dir(args, step) / HF_TRAINER_STATE_FILE
             if saved.is_file():  # otherwise start() names what is missing
@@ -81,8 +86,26 @@ class SeedPrintsTrainerCallback(SeedPrintsMonitor, TrainerCallback):
             folder = self.checkpoint_dir(args, step)
             self._bind_save(model, step, checkpoint=folder.name)  # every rank numbers the record
             if self._processes().is_writer and folder.is_dir():
-                torch.save(self.state_dict(), folder / HF_TRAINER_STATE_FILE)
+                self._write_state(folder / HF_TRAINER_STATE_FILE)
         return control
+
+    def _write_state(self, path: Path) -> None:
+        """Write the state beside the Trainer's checkpoint, whole or not at all; a failure warns and never stops it.
+
+        The Trainer has already saved its checkpoint: a full or read-only disk must not fail the run
+        from here. A resume from that checkpoint then names the missing file.
+        """
+        from ..core.files import atomic_write
+        from .base import SeedPrintsFace
+
+        state = SeedPrintsFace.state_dict(self)  # the save was bound above (the monitor's state_dict would bind again)
+        try:
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+        except OSError as exc:
+            self._warn(f"SeedPrints: could not write {path} ({type(exc).__name__}: {exc}). The Trainer's checkpoint "
+                       f"{path.parent} is saved, without the SeedPrints state: a resume from it will stop at train "
+                       "start and name the missing file; `seedprints audit --chain` still audits its weights by "
+                       "lineage. Free space (or make the directory writable) for the next saves")
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
         self.end(model, int(state.global_step))
@@ -115,23 +138,35 @@ class SeedPrintsTrainerCallback(SeedPrintsMonitor, TrainerCallback):
                 write_layout(getattr(callback, "tb_writer", None), self._layouts)
 
 
-def _calling_trainer() -> Any:
-    """The ``transformers.Trainer`` whose callback handler is calling this face's hook, or ``None``.
+def calling_trainer(callback: Any) -> Any:
+    """The ``transformers.Trainer`` whose callback handler is calling ``callback``'s hook, or ``None``.
 
-    The hooks get ``args, state, control`` and the model, not the Trainer; its methods are the
-    callers a few frames up (``Trainer._inner_training_loop`` -> ``CallbackHandler.call_event``).
+    Why a stack walk: the face logs through ``trainer.log`` (the only way a metric reaches every
+    ``report_to`` integration's ``on_log`` and ``state.log_history``) and gives the Trainer's
+    TensorBoard writer the Custom Scalars layout, but transformers passes its callbacks ``args,
+    state, control`` and the ``model`` / ``optimizer`` / ``lr_scheduler`` / dataloaders, never the
+    Trainer, and has no documented way for a callback to reach it (as of transformers 5.25). Adding
+    to ``logs`` in this face's own ``on_log`` is too late: the Trainer registers the ``report_to``
+    integrations before the user's callbacks, and ``log_history`` holds a copy of ``logs``.
+
+    The assumption (checked in ``on_train_begin`` only, once per ``train()``): a method of the
+    Trainer is on the call stack of every hook (``Trainer._inner_training_loop`` ->
+    ``CallbackHandler.call_event``). The nearest frame whose ``self`` is a ``Trainer`` that holds
+    ``callback`` in its ``callback_handler`` is taken, at any depth, so neither an extra wrapper
+    frame nor an outer Trainer (a hyper-parameter search) can give the wrong one.
+    ``tests/test_face_hooks.py`` fails, naming the transformers version, when it no longer holds.
     """
     from transformers import Trainer
 
     frame = inspect.currentframe()
     try:
-        for _ in range(12):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
+        while frame is not None:
             candidate = frame.f_locals.get("self")
             if isinstance(candidate, Trainer):
-                return candidate
+                handler = getattr(candidate, "callback_handler", None)
+                if any(held is callback for held in getattr(handler, "callbacks", ())):
+                    return candidate
+            frame = frame.f_back
         return None
     finally:
         del frame

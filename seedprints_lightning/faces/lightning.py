@@ -35,12 +35,16 @@ numbers, follows the same schedule and takes the same decision, reduced over ran
 acts. Checkpoint state: under :attr:`SeedPrintsCallback.state_key`, derived from ``probe`` as
 ``EarlyStopping`` derives its own, so two callbacks in one ``Trainer`` keep their
 own states; a checkpoint written with the former constant key ``"SeedPrintsCallback"`` still
-resumes. Zero observer effect: probes and control builds leave RNG states and module modes as they
-were and keep no gradient; the optimizer and the data are never touched.
+resumes. A resume with another ``probe`` (so another key) finds the SeedPrints state stored under
+the other key, continues its chain with the chain's spec and warns once, naming both specs
+(:meth:`SeedPrintsCallback.on_load_checkpoint`), unless another callback of the Trainer claims it.
+Zero observer effect: probes and control builds leave RNG states and module modes as they were
+and keep no gradient; the optimizer and the data are never touched.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,8 @@ from torch import nn
 
 from ..core.chain import STATE_FORMAT_VERSION
 from ..core.errors import IdentityWarning, InputError
+from ..core.files import is_seedprints_state
+from ..core.fingerprint import Fingerprint
 from ..core.ledger import RunDirectory
 from ..core.probes import ProbeSpec
 from ..core.processes import Processes
@@ -65,6 +71,7 @@ from ._lightning import (
     trainer_fn_value,
 )
 from .base import SeedPrintsFace, write_layout
+from .messages import probe_spec_message
 
 __all__ = ["IdentityWarning", "SeedPrintsCallback", "METRIC_TAGS", "STATE_FORMAT_VERSION"]
 
@@ -111,6 +118,52 @@ class SeedPrintsCallback(SeedPrintsFace, *CALLBACK_BASES):  # type: ignore[misc]
     def missing_state(self) -> str:  # type: ignore[override]
         return f"SeedPrintsCallback state (state_key {self.state_key!r})"
 
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Adopt a SeedPrints state stored under another key when this callback's own key is not in ``checkpoint``.
+
+        Lightning hands a callback only the state under its :attr:`state_key` (or the former constant
+        key), right after this hook. The key is derived from ``probe``, so a resume constructed with
+        another probe spec would find "no state" although the run's state is there. Such a state is
+        adopted when it is the only SeedPrints state that no callback of this Trainer claims and this
+        is the only SeedPrints callback without its own: two callbacks in one Trainer keep their own
+        states. The chain's spec is then used, with one warning naming both keys and both specs;
+        several candidates are an error (which state is whose cannot be told).
+        """
+        callbacks = checkpoint.get("callbacks")
+        if not isinstance(callbacks, dict) or self.state_key in callbacks or self._legacy_state_key in callbacks:
+            return
+        claimed = {getattr(cb, "state_key", None) for cb in trainer.callbacks}
+        unclaimed = [key for key, state in callbacks.items()
+                     if isinstance(key, str) and key not in claimed and is_seedprints_state(state)]
+        if not unclaimed:
+            return  # start() says that the checkpoint has no state for this callback
+        orphans = [cb for cb in trainer.callbacks
+                   if isinstance(cb, SeedPrintsCallback) and cb.state_key not in callbacks]
+        ckpt = getattr(trainer, "ckpt_path", None)
+        ckpt = f"checkpoint {str(ckpt)!r}" if ckpt else "the checkpoint"
+        if len(unclaimed) > 1 or len(orphans) > 1:
+            raise InputError(
+                f"{ckpt} holds no state under the state_key of {len(orphans)} SeedPrintsCallback(s) of "
+                f"this Trainer ({', '.join(repr(cb.state_key) for cb in orphans)}) and {len(unclaimed)} SeedPrints "
+                f"state(s) that no callback claims ({', '.join(map(repr, unclaimed))}): which state belongs to which "
+                "callback cannot be told. Construct each SeedPrintsCallback with the probe= its state was saved with "
+                "(the key names it)")
+        key = unclaimed[0]
+        self._trainer = trainer
+        self.load_state_dict(copy.deepcopy(callbacks[key]))
+        message = (f"SeedPrints: {ckpt} holds no state under this SeedPrintsCallback's state_key "
+                   f"{self.state_key!r} (derived from its probe=), but the SeedPrints state stored under {key!r}, "
+                   "which no callback of this Trainer claims: this callback continues that chain")
+        used = _state_spec(callbacks[key])
+        if used is not None and self.reference_source != "explicit":
+            from ..core.opening import probe_spec_differs
+
+            if probe_spec_differs(self.settings.probe, used):
+                self._spec_warned = (self.settings.probe, used)
+                message += ". " + probe_spec_message(type(self).__name__, self.settings.probe, used,
+                                                     ckpt).removeprefix("SeedPrints: ")
+        self._warn(message)
+
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # Checked here, not in setup(): a model built in configure_model() exists only now.
         self._trainer = trainer
@@ -137,8 +190,10 @@ class SeedPrintsCallback(SeedPrintsFace, *CALLBACK_BASES):  # type: ignore[misc]
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         # Lightning took the callback state before this hook: bind the save, then store the state
-        # again so the checkpoint's ledger head includes its own save record.
-        if self._bind_save(pl_module, int(trainer.global_step)) is None:
+        # again so the checkpoint's ledger head includes its own save record (or, when the record could
+        # not be written, the state lists this save as unrecorded).
+        unrecorded = len(self.unrecorded_saves)
+        if self._bind_save(pl_module, int(trainer.global_step)) is None and len(self.unrecorded_saves) == unrecorded:
             return
         checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
 
@@ -186,3 +241,11 @@ class SeedPrintsCallback(SeedPrintsFace, *CALLBACK_BASES):  # type: ignore[misc]
 
     def _shards_weights(self, model: nn.Module) -> bool:
         return shards_parameters(self._trainer.strategy) or super()._shards_weights(model)
+
+
+def _state_spec(state: dict[str, Any]) -> Any:
+    """The probe spec of the chain a SeedPrints state holds (``None`` when it cannot be read)."""
+    try:
+        return Fingerprint.from_metadata(state["reference_features"], state["reference_meta"]).spec
+    except Exception:  # a damaged state: load_state_dict has already said what is wrong with it, or will
+        return None

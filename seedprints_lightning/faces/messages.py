@@ -7,9 +7,33 @@ the wording, which names the faces' arguments (``count_undetermined``, ``fail_on
 from __future__ import annotations
 
 from ..core.chain import ChainNote, CustodyChain
+from ..core.probes import ProbeSpec
 from ..core.verdict import ProbeVerdict
 
-__all__ = ["identity_lost_message", "note_message"]
+__all__ = ["identity_lost_message", "note_message", "probe_spec_message", "unrecorded_save_message"]
+
+
+def probe_spec_message(face: str, asked: ProbeSpec | None, used: ProbeSpec, origin: str) -> str:
+    """The one warning of a resume whose face asks for another probe spec than its restored chain's (which wins)."""
+    shown = f"probe={asked!r}" if asked is not None else f"probe=None (the default {ProbeSpec()!r})"
+    return (
+        f"SeedPrints: {face} was constructed with {shown} ({(asked or ProbeSpec()).describe()}), but the chain "
+        f"restored from {origin} was fingerprinted with {used!r} ({used.describe()}). The chain's spec is used: the "
+        "run's step-0 reference and every probe in its ledger were taken with it, and probes on other inputs could "
+        f"not be linked to them. To silence this warning, construct {face} with probe={used!r}; to probe with the "
+        "new spec, start a new run in a new save_dir from step 0 (a spec cannot change within a run)"
+    )
+
+
+def unrecorded_save_message(step: int, where: object, error: BaseException) -> str:
+    """The warning of a checkpoint save whose ledger record could not be written (the save itself goes on)."""
+    return (
+        f"SeedPrints: the save record of the checkpoint at step {step} could not be written to the custody ledger in "
+        f"{where} ({type(error).__name__}: {error}). The checkpoint is saved all the same (a SeedPrints face never "
+        "stops your save), and its SeedPrints state lists this save under 'unrecorded_saves', but `seedprints audit "
+        "--chain` cannot name it as a recorded save. Make the run directory writable (or free space) for the next "
+        "saves and probes"
+    )
 
 
 def note_message(note: ChainNote) -> str:

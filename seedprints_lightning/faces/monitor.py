@@ -13,6 +13,7 @@ writes the files and every decision is shared, so every rank acts alike. Every r
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ class SeedPrintsMonitor(SeedPrintsFace):
     """
 
     missing_state = "SeedPrintsMonitor state (monitor.load_state_dict(...) before monitor.start(...))"
+    #: The model last passed to start()/step() (a weak reference): what state_dict() binds by default.
+    _last_model: Any = None
 
     def start(self, model: nn.Module, step: int = 0) -> ProbeVerdict | None:
         """Open the chain before the optimizer step after ``step``; the resume link's verdict, if any."""
@@ -53,6 +56,7 @@ class SeedPrintsMonitor(SeedPrintsFace):
             self.save_dir = Path.cwd() / "seedprints"
         origin = (self.settings.reference_origin if self.reference_source == "explicit"
                   else f"the {type(self).__name__} state restored with load_state_dict()")
+        self._remember(model)
         return self._open(model, step, RunDirectory(self.save_dir), origin)
 
     def step(self, model: nn.Module, step: int) -> ProbeVerdict | None:
@@ -62,6 +66,7 @@ class SeedPrintsMonitor(SeedPrintsFace):
                              "the first optimizer step (a reference is never taken from trained weights)")
         step = check_int("step", step, low=0, hint="the number of optimizer steps taken")
         self.current_step = step
+        self._remember(model)
         if self.chain.due(step):
             return self._probe(model, step, "interval")
         return None
@@ -72,13 +77,29 @@ class SeedPrintsMonitor(SeedPrintsFace):
         return self._end(model, step)
 
     def state_dict(self, model: nn.Module | None = None) -> dict[str, Any]:
-        """The state for your checkpoint; pass the ``model`` you save with it to bind the two.
+        """The state for your checkpoint, bound to the ``model`` you save with it.
 
-        With ``model``, a save record of the digest of its weights goes into the ledger first, so
-        ``seedprints audit --chain RUN CKPT`` can say that CKPT holds exactly these weights.
+        ``model`` defaults to the model last passed to :meth:`start` / :meth:`step`. While the run
+        is open (after :meth:`start`, before :meth:`end`), a save record of the digest of its
+        weights goes into the ledger first, so ``seedprints audit --chain RUN CKPT`` can say that
+        CKPT holds exactly these weights (``bind_saves=False`` records none). A record that
+        cannot be written (a read-only or full ``save_dir``) warns and never stops your save: the
+        state then lists it under ``unrecorded_saves``. With DeepSpeed ZeRO-3 weights the digest is
+        taken one gathered tensor at a time, a collective: call it on every rank, as
+        ``engine.save_checkpoint(dir, tag, client_state={"seedprints": monitor.state_dict(model)})``
+        already is.
         """
+        if model is None and self._last_model is not None:
+            model = self._last_model()
         self._bind_save(model, self.current_step if self.current_step is not None else 0)
         return super().state_dict()
+
+    def _remember(self, model: nn.Module) -> None:
+        # Weakly: the monitor must not keep a model alive that the loop has dropped.
+        try:
+            self._last_model = weakref.ref(model)
+        except TypeError:  # an object without weak references: bound only when passed to state_dict()
+            self._last_model = None
 
     def close(self) -> None:
         """Release the run directory's lock and close the TensorBoard writer (:meth:`end` does; no probe).

@@ -10,7 +10,7 @@ callback's verdict (:func:`~seedprints_lightning.core.verdict.judge`) against fr
   after training instead of by the callback during it.
 
 The re-verification of a run's custody ledger (``seedprints audit --chain``) is
-:func:`seedprints_lightning.core.chain.verify_chain`: it replays the records through the chain itself.
+:func:`seedprints_lightning.core.verify.verify_chain`: it replays the records through the chain itself.
 """
 
 from __future__ import annotations
@@ -238,6 +238,8 @@ def _config_controls(source: Source, spec: ProbeSpec, num_controls: int, runtime
     from .streaming import open_model
 
     handle = open_model(source, runtime)
+    if callable(getattr(handle, "controls", None)):  # a family with its own init (OLMo-core)
+        return handle.controls(spec, num_controls)
     seeds = control_seeds(num_controls)
     if not streams_controls(handle.meta):
         model = load_model(source, dtype=runtime.dtype, trust_pickle=runtime.trust_pickle)
@@ -388,26 +390,33 @@ def checkpoint_weights_digest(source: str | Path | Source, *, trust_pickle: bool
 
     What a face's save record digests (:func:`~seedprints_lightning.core.weights.weights_digest`):
     the causal LM's state dict, names relative to the LM, dtypes as saved. A training checkpoint's
-    weights are read as saved (memory-mapped, one tensor at a time), its model prefix (``model.``,
-    or the one its SeedPrints state records) removed; a model directory is loaded in its config's
+    weights are read as saved (memory-mapped, one tensor at a time), its model prefix removed
+    (:func:`~seedprints_lightning.core.state.model_weights_prefix`: ``model.``, or the one its
+    SeedPrints state records, ``""`` included); a model directory is loaded in its config's
     dtype. A fingerprint file, or a checkpoint whose weights cannot be read, gives ``None``.
     """
     import json
 
+    from ..core.state import model_weights_prefix
     from ..core.weights import weights_digest
-    from .sources import HF_CONFIG_KEY, MODEL_STATE_KEY, _weights_of, read_checkpoint, seedprints_state
+    from .sources import _weights_of, read_checkpoint, seedprints_state
 
     source = classify_source(source)
     if source.kind == "fingerprint":
         return None, f"{source.path} is a fingerprint file: it holds no weights to match against a recorded save"
+    from ..core.olmo import is_olmo_checkpoint
+
+    if source.kind == "checkpoint" and is_olmo_checkpoint(source.path):
+        from ..core.olmo import read_olmo_weights
+
+        return weights_digest(read_olmo_weights(source.path)), f"the model weights of {source.path}, as saved"
     if source.kind == "checkpoint":
         checkpoint = read_checkpoint(source, trust_pickle=trust_pickle)
         if not checkpoint:
             return None, f"the weights of {source.path} could not be read as one checkpoint file"
-        rebuild = (seedprints_state(checkpoint) or {}).get(MODEL_STATE_KEY) or {}
-        prefix = "model."
-        if not isinstance(checkpoint.get(HF_CONFIG_KEY), dict) and isinstance(rebuild, dict):
-            prefix = rebuild.get("state_dict_prefix") or prefix
+        # The recorded prefix "" (a monitor's or Fabric's checkpoint of the transformers model itself) is a
+        # prefix: read as "missing", "model." would cut lm_head.weight out of the digest (issue 27).
+        prefix = model_weights_prefix(checkpoint, seedprints_state(checkpoint))
         weights = _weights_of(checkpoint, prefix)
         if not weights:
             return None, f"{source.path} holds no '{prefix}*' weights"

@@ -14,26 +14,8 @@ Commands::
 SOURCE, A, B and REFERENCE may be a ``save_pretrained`` model directory, a Lightning
 ``.ckpt`` of ``CausalLMModule``, or (except for ``fingerprint``) a fingerprint file.
 
-Exit codes (also in ``--help``):
-
-    0  success (and the verdict matched ``--expect``, if given)
-    1  the verdict differs from ``--expect`` (an undetermined verdict counts as differing)
-    2  usage or input error: bad arguments or option values, no seedprints data to plot,
-       a model whose features are NaN or Inf (``fingerprint`` then writes nothing)
-    3  file error: a path is missing or is not a model directory / checkpoint / fingerprint,
-       a fingerprint file is truncated or corrupt, or a file cannot be read or written
-    4  incompatible inputs: fingerprints made with different probes, models whose
-       vocabularies or widths the probe does not fit
-    5  audit --chain: the ledger was tampered with (a record edited, malformed, missing or
-       reordered, a features file altered or missing; with --public-key, a record not signed
-       by that key); 1 there means a broken custody link, or a checkpoint that belongs to
-       another run or to an abandoned branch of this one
-    6  audit --chain: intact but undetermined at its end; identify: no run matched but some
-       test could not be made (a match may have been missed)
-    identify: 0 a run matches, 1 none matches
-    70 internal error: an unexpected exception, a bug (one line; ``SEEDPRINTS_DEBUG=1``
-       re-raises it with its traceback)
-    130 interrupted (Ctrl-C, at any moment: the ``seedprints`` script is :mod:`._entry`)
+Exit codes: :class:`~seedprints_lightning.offline.exit_codes.ExitCode`, the one definition that
+``--help`` and ``docs/cli.md`` are made from.
 
 Every verdict is the callback's (:mod:`.verdict`): a test must clear the analytic threshold
 and the fresh-init controls (stored in a fingerprint file, or built from a model's config),
@@ -57,46 +39,28 @@ from typing import Any
 
 from .._version import __version__
 from ..core.errors import FingerprintFileError, IncompatibleFingerprintsError, ModelNotFoundError, SeedPrintsError
+from .exit_codes import ExitCode
+from .exit_codes import epilog as exit_codes_epilog
 
 __all__ = ["EXIT_OK", "EXIT_EXPECT", "EXIT_USAGE", "EXIT_FILE", "EXIT_INCOMPATIBLE", "EXIT_TAMPERED",
            "EXIT_UNDETERMINED", "EXIT_INTERRUPTED", "EXIT_INTERNAL",
            "build_parser", "main"]
 
-EXIT_OK = 0
-EXIT_EXPECT = 1
-EXIT_USAGE = 2
-EXIT_FILE = 3
-EXIT_INCOMPATIBLE = 4
-EXIT_TAMPERED = 5
-EXIT_UNDETERMINED = 6
-EXIT_INTERRUPTED = 130
-#: An unexpected error (a bug in seedprints-lightning): one line unless SEEDPRINTS_DEBUG=1 shows the traceback.
-EXIT_INTERNAL = 70
+# The exit codes as plain ints under this module's public names; .exit_codes is the one definition.
+EXIT_OK = int(ExitCode.OK)
+EXIT_EXPECT = int(ExitCode.EXPECT)
+EXIT_USAGE = int(ExitCode.USAGE)
+EXIT_FILE = int(ExitCode.FILE)
+EXIT_INCOMPATIBLE = int(ExitCode.INCOMPATIBLE)
+EXIT_TAMPERED = int(ExitCode.TAMPERED)
+EXIT_UNDETERMINED = int(ExitCode.UNDETERMINED)
+EXIT_INTERRUPTED = int(ExitCode.INTERRUPTED)
+EXIT_INTERNAL = int(ExitCode.INTERNAL)
 #: Set to 1 to let an unexpected exception propagate with its traceback instead of one line, exit 70.
 DEBUG_ENV = "SEEDPRINTS_DEBUG"
 
 PROG = "seedprints"
-EXIT_CODES_EPILOG = """\
-exit codes:
-  0    success (and the verdict matched --expect, if given)
-  1    the verdict differs from --expect (undetermined counts as differing)
-  2    usage or input error (bad arguments or values, no seedprints data to plot,
-       a model whose features are NaN/Inf: nothing is written)
-  3    file error (missing path; not a model directory, .ckpt or fingerprint;
-       truncated or corrupt fingerprint; unreadable or unwritable file)
-  4    incompatible inputs (different probe specs, vocabulary or width misfit)
-  5    audit --chain: ledger tampered (record edited, malformed, missing or
-       reordered; features altered; with --public-key: a record not signed by
-       that key); 1 there means a broken custody link, or a checkpoint of
-       another run or of an abandoned branch of this one
-  6    audit --chain: intact, but the chain's end (or the checkpoint's link) is
-       undetermined: the model's lineage could not be measured (NaN or
-       degenerate hidden states), so the chain vouches only up to its last held link;
-       identify: no run matched, but some test could not be made
-  identify: 0 a run matches, 1 no run matches
-  70   internal error (a bug; SEEDPRINTS_DEBUG=1 shows the traceback)
-  130  interrupted
-"""
+EXIT_CODES_EPILOG = exit_codes_epilog()
 
 
 class UsageError(Exception):
@@ -342,7 +306,7 @@ def _fmt_log10_p(value: float) -> str:
 
 
 def format_chain_table(audit: Any) -> str:
-    """A plain-text table of a :class:`~seedprints_lightning.core.chain.ChainAudit`: one line per record."""
+    """A plain-text table of a :class:`~seedprints_lightning.core.verify.ChainAudit`: one line per record."""
     header = f"{'record':>6}  {'step':>8}  {'anchor':>8}  {'link z':>9}  {'link thr':>9}  {'birth z':>8}  verdict"
     lines = [header, "-" * len(header)]
     for record, verdict in zip(audit.records, audit.recomputed):
@@ -574,8 +538,8 @@ def _public_key(path: str) -> Any:
 
 
 def _cmd_audit_chain(args: argparse.Namespace) -> int:
-    from ..core.chain import verify_chain
     from ..core.ledger import RunDirectory
+    from ..core.verify import verify_chain
     from .audit import checkpoint_weights_digest
     from .sources import checkpoint_state, classify_source, fingerprint_source, source_step
 
@@ -612,6 +576,10 @@ def _cmd_audit_chain(args: argparse.Namespace) -> int:
                                                                  "load": checkpoint_load,
                                                                  **audit.checkpoint.link.to_dict()},
             "signed_by": list(audit.signed_by), "verified_key": audit.verified_key,
+            "unsigned_records": list(audit.unsigned),
+            # Lines that are no record (notes, not problems): blank lines, a torn last line (a crash
+            # mid-write), and the torn lines the writer moved to custody.torn-<i>.txt.
+            "blank_lines": list(audit.blank_lines), "torn_line": audit.torn_line, "torn_files": list(audit.torn_files),
             "saves": [{"record": r["index"], "step": r["step"], "weights_sha256": r["weights_sha256"]}
                       for r in audit.saves],
             "checkpoint_weights": None if not positional else {
@@ -641,8 +609,10 @@ def _cmd_audit_chain(args: argparse.Namespace) -> int:
             last = next((v for v in reversed(audit.recomputed) if v is not None), None)
             target = (f"checkpoint {audit.checkpoint_name}" if audit.checkpoint is not None
                       else f"the last probe (step {last.step})" if last is not None else "the last probe")
+            torn = ("" if audit.torn_line is None else
+                    f" (its torn last line {audit.torn_line}, a write a crash cut short, is no record: see the NOTE)")
             print(f"chain      intact: {len(audit.records)} records, every link held; {target} descends from the "
-                  "birth fingerprint")
+                  f"birth fingerprint{torn}")
     if audit.tampered:
         return EXIT_TAMPERED
     if audit.broken_links:
@@ -687,6 +657,9 @@ def format_identification(result: Any) -> list[str]:
             reasons = sorted({r.reason for r in result.runs if r.undetermined and r.reason})
             lines.append(f"           {tested['undetermined']} tests undetermined, so a match may have been missed"
                          + (f" ({'; '.join(reasons)[:300]})" if reasons else ""))
+        if tested.get("unreadable"):
+            lines.append(f"           {tested['unreadable']} runs or fingerprints could not be read (skipped, below), "
+                         "so a match may have been missed")
     for match in result.matches:
         best = match.best
         head = match.runs[0] if len(match.runs) == 1 else f"{len(match.runs)} runs of one lineage (shared init)"
@@ -700,6 +673,12 @@ def format_identification(result: Any) -> list[str]:
         for other in match.links[1:]:
             lines.append(f"  also     {other.run}: steps {_fmt_steps(other.steps)}, best step {other.best_step}, "
                          f"z={other.z:.2f}")
+    screen = getattr(result, "screen", None)
+    if screen is not None:
+        lines.append(f"screen     {tested.get('screened_out', 0)} of {m} candidates ruled out on {screen['columns']} "
+                     f"seeded columns (bound: {screen['margin']:g} standard errors); {tested.get('exact_tests', 0)} "
+                     "exact tests" + (f"; FELL BACK to exact tests: {screen['fallback']}" if screen["fallback"]
+                                      else ""))
     for run, reason in result.skipped:
         lines.append(f"skipped    {run}: {reason}")
     return lines
@@ -719,16 +698,16 @@ def _cmd_identify(args: argparse.Namespace) -> int:
         fp = fingerprint_source(source)
         features[fp.spec], step = fp.features, fp.step
     else:
-        for spec in dict.fromkeys(run.spec for run in runs):  # one probe per distinct spec
+        for spec in dict.fromkeys(run.spec for run in runs if hasattr(run, "spec")):  # one probe per distinct spec
             try:
                 fp = fingerprint_source(source, spec, runtime=runtime)
             except Incompatible as exc:
                 refused[spec] = str(exc)
                 continue
             features[spec], step = fp.features, fp.step
-    if not features:
+    if not features and (refused or any(hasattr(run, "spec") for run in runs)):
         raise Incompatible("; ".join(dict.fromkeys(refused.values())) or f"{source.path} could not be probed")
-    result = identify(features, runs, alpha=args.alpha)
+    result = identify(features, runs, alpha=args.alpha, exhaustive=args.exhaustive, index=not args.no_index)
     if args.json:
         payload = result.to_json()
         payload["checkpoint"] = {**source.to_dict(), "step": step}
@@ -742,8 +721,10 @@ def _cmd_identify(args: argparse.Namespace) -> int:
         for spec, reason in refused.items():
             print(f"refused    {spec.describe()}: {reason}")
         for run in runs:
-            for note in run.notes:
+            for note in getattr(run, "notes", ()):
                 print(f"NOTE       {run.path}: {note}")
+        for note in result.notes:
+            print(f"NOTE       {note}")
         print("\n".join(format_identification(result)))
     if result.status == "match":
         return EXIT_OK
@@ -847,13 +828,20 @@ def build_parser() -> argparse.ArgumentParser:
         "probe its ledger recorded (each run's custody rule against its controls, Bonferroni over every "
         "test). Names the matching run and the steps it links to, or none. RUN_DIR is a run's seedprints "
         "directory (or the log directory holding it), or a directory holding many runs (searched "
-        "recursively). Exit 0: a run matches; 1: none; 6: none, but some test could not be made.")
+        "recursively). A run or probe file that cannot be read (missing, truncated, or not the file its ledger "
+        "records) is skipped and named. Exit 0: a run matches; 1: none; 6: none, but some test could not be made "
+        "or something was skipped unread.")
     ident.add_argument("checkpoint", metavar="CKPT", help=".ckpt, save_pretrained directory or fingerprint file")
     ident.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories holding them")
     ident.add_argument("--alpha", type=_alpha, default=0.01,
                        help="family-wise significance level over all the tests made (default 0.01)")
     ident.add_argument("--json", action="store_true",
                        help="print the result as JSON ('run': the run as given, or null)")
+    ident.add_argument("--exhaustive", action="store_true",
+                       help="test every fingerprint exactly (no screen on a subset of columns first; slower at real "
+                            "width, same answer)")
+    ident.add_argument("--no-index", action="store_true",
+                       help="write no screen index (identify-screen.safetensors) beside the runs: build it in memory")
     _add_runtime_options(ident)
     return parser
 

@@ -6,7 +6,8 @@ Three kinds of *source*:
 * a ``save_pretrained`` model directory (it has a ``config.json``),
 * a Lightning ``.ckpt`` whose model can be rebuilt: it carries the transformers config, either
   under :data:`HF_CONFIG_KEY` with the weights under ``model.*`` (``CausalLMModule`` stores it), or
-  in ``SeedPrintsCallback``'s state (:data:`MODEL_STATE_KEY`: any module the callback ran on).
+  in ``SeedPrintsCallback``'s state (:data:`MODEL_STATE_KEY`: any module the callback ran on);
+  a LitGPT ``lit_model.pth`` is rebuilt as LitGPT's ``GPT`` (:mod:`.litgpt`).
 
 Models are loaded on CPU (``local_files_only``: nothing is downloaded), cast to the runtime's
 ``dtype`` (float32 by default, so fingerprints made on different machines agree), moved to its
@@ -101,6 +102,8 @@ def classify_source(path: str | Path | Source) -> Source:
     if not path.exists():
         raise SourceError(f"{path} does not exist")
     if path.is_dir():
+        if _is_olmo_checkpoint(path):  # before config.json: OLMo-core's ConfigSaverCallback writes one there
+            return Source(path, "checkpoint")
         if (path / "config.json").is_file():
             return Source(path, "model_dir")
         if is_distributed_checkpoint(path):
@@ -112,6 +115,13 @@ def classify_source(path: str | Path | Source) -> Source:
     if path.suffix in CHECKPOINT_SUFFIXES:
         return Source(path, "checkpoint")
     return Source(path, "fingerprint")
+
+
+def _is_olmo_checkpoint(path: Path) -> bool:
+    """An OLMo-core checkpoint directory (``stepN/``: ``model_and_optim/`` and ``train/rank0.pt``)."""
+    from ..core.olmo import is_olmo_checkpoint
+
+    return is_olmo_checkpoint(path)
 
 
 def _read_json(path: Path) -> Any:
@@ -128,6 +138,10 @@ def read_checkpoint(source: Source, *, trust_pickle: bool = False) -> dict[str, 
     goes through :func:`load_model`, which explains what is wrong with an unreadable file.
     """
     try:
+        if _is_olmo_checkpoint(source.path):  # its trainer state (step, callback states), no weights
+            from ..core.olmo import read_olmo_checkpoint
+
+            return read_olmo_checkpoint(source.path, trust_pickle=trust_pickle)
         return load_lightning_checkpoint(source.path, trust_pickle=trust_pickle, error=SourceError, mmap=True)
     except SourceError:
         return None
@@ -180,7 +194,7 @@ def checkpoint_state(source: Source, *, trust_pickle: bool = False) -> dict[str,
 
 def checkpoint_ledger_head(source: Source, *, trust_pickle: bool = False) -> tuple[int, str] | None:
     """``(records, last record's sha256)`` from a checkpoint's SeedPrints state, if it has one."""
-    from ..core.chain import ledger_head_of
+    from ..core.verify import ledger_head_of
 
     return ledger_head_of(checkpoint_state(source, trust_pickle=trust_pickle))
 
@@ -216,11 +230,13 @@ def expand_checkpoints(paths: Iterable[str | Path], *, trust_pickle: bool = Fals
     out: list[tuple[Source, int | None]] = []
     for raw in paths:
         path = Path(raw).expanduser()
-        if path.is_dir() and not (path / "config.json").is_file() and not is_distributed_checkpoint(path):
+        if path.is_dir() and not (path / "config.json").is_file() and not is_distributed_checkpoint(path) \
+                and not _is_olmo_checkpoint(path):
             members = [Source(p, "checkpoint") for p in path.iterdir()
                        if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES]
             members += [Source(p, "model_dir") for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file()]
-            members += [Source(p, "checkpoint") for p in path.iterdir() if is_distributed_checkpoint(p)]
+            members += [Source(p, "checkpoint") for p in path.iterdir() if is_distributed_checkpoint(p)
+                        or _is_olmo_checkpoint(p)]
             if not members:
                 raise SourceError(
                     f"{path} is a directory with no config.json and no {CHECKPOINT_SUFFIX} files or model "
@@ -265,6 +281,10 @@ def checkpoint_config(checkpoint: dict[str, Any], path: Path) -> tuple[Any, str]
         if rebuild.get("why_not"):
             raise SourceError(f"{path} cannot be rebuilt into a model: {rebuild['why_not']}")
         config_dict, prefix = rebuild.get("hf_config"), rebuild.get("state_dict_prefix", "model.")
+    if not isinstance(config_dict, dict) and isinstance(rebuild, dict) and rebuild.get("litgpt_config"):
+        raise SourceError(  # fingerprint_source rebuilds LitGPT checkpoints (offline/litgpt.py); this path cannot
+            f"{path} is a LitGPT checkpoint, read only as a fingerprint source here: fingerprint it first "
+            f"(seedprints fingerprint {path} -o FILE) and pass FILE")
     if not isinstance(config_dict, dict):
         raise SourceError(
             f"{path} has no '{HF_CONFIG_KEY}' entry, so the model cannot be rebuilt from it: "
@@ -325,6 +345,10 @@ def load_model(
     source = classify_source(source)
     if source.kind == "fingerprint":
         raise SourceError(f"{source.path} is a fingerprint file, not a model")
+    if source.kind == "checkpoint" and _is_olmo_checkpoint(source.path):
+        from ..core.olmo import load_olmo_model
+
+        return load_olmo_model(source.path, dtype=dtype, trust_pickle=trust_pickle)  # an OLMo-core Transformer
     if source.kind == "checkpoint":
         model = _model_from_checkpoint(source.path, trust_pickle)
     else:
@@ -342,8 +366,13 @@ def load_model(
 
 def check_fits(model: torch.nn.Module, spec: ProbeSpec, name: str) -> None:
     """Raise :class:`IncompatibleFingerprintsError` unless ``model`` can take ``spec``'s inputs."""
+    from ..core.olmo import find_olmo_transformer, resolve_olmo_spec
+
     try:
-        spec.resolve(model)  # a resolved spec resolves to itself, or raises on a misfit
+        if find_olmo_transformer(model) is not None:
+            resolve_olmo_spec(spec, model)
+        else:
+            spec.resolve(model)  # a resolved spec resolves to itself, or raises on a misfit
     except InputError as exc:
         raise IncompatibleFingerprintsError(f"{name} cannot be probed with this probe spec: {exc}") from exc
 
@@ -396,11 +425,20 @@ def fingerprint_source(
     source = classify_source(source)
     if source.kind == "fingerprint":
         return Fingerprint.load(source.path)
+    if step is None:
+        step = source_step(source, trust_pickle=runtime.trust_pickle)
+    if source.kind == "checkpoint" and source.path.is_file():
+        # A LitGPT checkpoint (lit_model.pth with its Config in the SeedPrints state or model_config.yaml
+        # beside it) is rebuilt as LitGPT's GPT (offline/litgpt.py); None: not one.
+        from .litgpt import fingerprint_litgpt_checkpoint
+
+        fp = fingerprint_litgpt_checkpoint(source.path, spec, step=step, runtime=runtime, num_controls=num_controls,
+                                           extra={"source": str(source.path)})
+        if fp is not None:
+            return fp
     from .streaming import open_model
 
     handle = open_model(source, runtime)
-    if step is None:
-        step = source_step(source, trust_pickle=runtime.trust_pickle)
     return handle.fingerprint(spec, step=step, num_controls=num_controls, extra={"source": str(source.path)})
 
 
@@ -413,6 +451,11 @@ def load_source_fingerprint(path: str | Path | Source) -> Fingerprint:
 
 
 def _model_sizes(model: torch.nn.Module) -> tuple[int, int]:
+    from ..core.olmo import find_olmo_transformer
+
+    olmo = find_olmo_transformer(model)
+    if olmo is not None:
+        return int(olmo.vocab_size), int(olmo.d_model)
     config = find_causal_lm(model).config
     try:
         return int(config.vocab_size), hidden_size_of(config)
@@ -461,6 +504,10 @@ def spec_for_models(
         )
     if kind == "embedding" and embed_stats is not None:
         fields["embed_mean"], fields["embed_std"] = embed_stats
+    from ..core.olmo import find_olmo_transformer, resolve_olmo_spec
+
+    if find_olmo_transformer(base) is not None:
+        return resolve_olmo_spec(ProbeSpec(**fields), base)
     return ProbeSpec(**fields).resolve(base)
 
 

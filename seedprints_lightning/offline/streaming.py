@@ -402,15 +402,25 @@ class _StoreLoader:
 
 @dataclass(frozen=True)
 class LoadDecision:
-    """Which path a model was probed by, and why (``to_dict`` goes into fingerprints and the JSON output)."""
+    """Which path a model was probed by, and why (``to_dict`` goes into fingerprints and the JSON output).
+
+    ``path`` is the path actually taken, ``requested`` the ``--load`` asked for; :attr:`honoured` is
+    False when an explicit request could not be followed (``--load streamed`` of a class the
+    layer-major probe cannot split, loaded whole because it fits: ``reason`` says so, ``note`` why).
+    """
 
     path: Literal["whole", "streamed"]
     reason: str
     requested: str = "auto"
     note: str | None = None
 
+    @property
+    def honoured(self) -> bool:
+        return self.requested in ("auto", self.path)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "reason": self.reason, "requested": self.requested, "note": self.note}
+        return {"path": self.path, "reason": self.reason, "requested": self.requested, "honoured": self.honoured,
+                "note": self.note}
 
     def describe(self) -> str:
         return f"{self.path} ({self.reason})" + (f"; note: {self.note}" if self.note else "")
@@ -458,14 +468,25 @@ class ModelHandle:
                 return LoadDecision("whole", f"auto: fits, {sizes}", requested)
             return LoadDecision("streamed", f"auto: {WHOLE_SAFETY_FACTOR:g}x the weights exceed the memory, {sizes}",
                                 requested)
+        if not fits and requested == "streamed":
+            # An explicit request for the streamed path is a limit the user set: never overridden by a whole
+            # load that would not fit. An input error (exit 2): the request cannot be met for this model.
+            raise InputError(
+                f"--load streamed was asked for {self.source.path}, but it cannot be probed one block at a time "
+                f"({self.why_not_streamed}), and the whole model does not fit in memory ({sizes}; the whole path "
+                f"needs about {WHOLE_SAFETY_FACTOR:g}x the weights). Probe it on a machine with more memory, or pass "
+                "--load whole to load it whole anyway"
+            )
         if not fits:
             raise SourceError(
                 f"{self.source.path} does not fit in memory to be probed whole ({sizes}; the whole path needs about "
                 f"{WHOLE_SAFETY_FACTOR:g}x the weights) and cannot be probed one block at a time: "
                 f"{self.why_not_streamed}. Probe it on a machine with more memory, or pass --load whole to try anyway"
             )
-        return LoadDecision("whole", f"{'auto' if requested == 'auto' else '--load streamed'}: cannot stream",
-                            requested, note=self.why_not_streamed)
+        if requested == "streamed":
+            return LoadDecision("whole", f"--load streamed NOT honoured: this model class cannot stream, so it was "
+                                         f"loaded whole, which fits ({sizes})", requested, note=self.why_not_streamed)
+        return LoadDecision("whole", f"auto: cannot stream, fits ({sizes})", requested, note=self.why_not_streamed)
 
     def embedding_stats(self) -> tuple[float, float]:
         """Mean and std of the input embedding, as ``ProbeSpec.resolve`` takes them (from the runtime dtype)."""
@@ -565,6 +586,12 @@ def open_model(source: Any, runtime: Any) -> ModelHandle:
     source = classify_source(source)
     if source.kind == "fingerprint":
         raise SourceError(f"{source.path} is a fingerprint file, not a model")
+    from ..core.olmo import is_olmo_checkpoint
+
+    if source.kind == "checkpoint" and is_olmo_checkpoint(source.path):
+        from .olmo import open_olmo_checkpoint
+
+        return open_olmo_checkpoint(source, runtime)  # the OLMo-core family: rebuilt from its TransformerConfig
     store: WeightStore | None = None
     why_not: str | None = None
     if source.kind == "model_dir":

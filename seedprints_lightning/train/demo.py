@@ -299,7 +299,7 @@ def _scenario(name: str, out: Path, run: DemoRun, *, on_identity_lost: str, swap
         swap_step=swap.swapped_at if swap is not None else None,
     )
     if seedprints.save_dir is not None and (seedprints.save_dir / "custody.jsonl").exists():
-        from ..core.chain import verify_chain
+        from ..core.verify import verify_chain
 
         result.extra["chain"] = verify_chain(seedprints.save_dir)
     try:
