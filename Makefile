@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	# model side imports only torchtitan, tyro and spmd_types, and triton (left alone where a GPU torch brought one).
 	$(PY) -m pip install --no-deps "torchtitan==0.3.0"
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton
-	$(PY) -m pip install tyro spmd_types
+	$(PY) -m pip install tyro "spmd_types==0.2.3"
 	touch $@
 
 setup: $(VENV)/.installed
