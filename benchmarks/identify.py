@@ -140,6 +140,8 @@ def main() -> int:
                         help="N to extrapolate to, beyond the largest measured")
     parser.add_argument("--dir", default=None, help="where to write the runs (default: a temporary directory)")
     args = parser.parse_args()
+    if args.dir is not None:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     counts = sorted(int(x) for x in args.runs.split(","))
     g = torch.Generator().manual_seed(9)
     checkpoint = storage_features(torch.randn(N_SAMPLES, args.dim, generator=g)).float()
