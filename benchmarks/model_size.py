@@ -32,13 +32,13 @@ def llama_config(layers: int):
 def write_checkpoint(out: Path, seed: int, layers: int) -> None:
     from safetensors.torch import save_file
 
-    from seedprints_lightning.core.layerwise import _empty_model, _FreshInitLoader, _split
+    from seedprints_lightning.core.layerwise import _FreshInitLoader, empty_model, split_blocks
 
     config = llama_config(layers)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
-    model = _empty_model(config)
-    split = _split(model)
+    model = empty_model(config)
+    split = split_blocks(model)
     loader = _FreshInitLoader(split.base, seed, torch.device("cpu"), torch.float32)
     blocks = [(split.name(a), m) for a, m in split.base.named_children() if a not in ("layers", "norm")]
     blocks += [(split.name(f"layers.{i}"), layer) for i, layer in enumerate(split.layers)]

@@ -50,6 +50,7 @@ __all__ = [
     "SeedPrintsLitGPTCallback",
     "SeedPrintsMonitor",
     "SeedPrintsOLMoCallback",
+    "SeedPrintsTitanTrainer",
     "SeedPrintsTrainerCallback",
     "decide_identity",
     "extract_features",
@@ -76,6 +77,7 @@ _LAZY = {
     "SeedPrintsFabricCallback": "faces.fabric", "SeedPrintsMonitor": "faces.monitor",
     "SeedPrintsLitGPTCallback": "faces.litgpt",
     "SeedPrintsOLMoCallback": "faces.olmo",
+    "SeedPrintsTitanTrainer": "faces.torchtitan",
 }
 
 

@@ -50,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = None
     try:
         try:
+            # Imported under the SIGINT handler: a Ctrl-C during the (torch) imports still exits 130.
             from .offline.cli import main as cli_main
 
             code = cli_main(argv)

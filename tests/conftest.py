@@ -125,7 +125,7 @@ def count_probed_samples(probed: list[int], paths: list[str] | None = None) -> N
     """Record in ``probed`` how many samples each probe forward of any face asks for (its slice under several ranks),
     and in ``paths`` how it was probed: ``"called"`` (the model's forward) or ``"gathered"`` (one sharded block at a
     time, :mod:`seedprints_lightning.core.sharded`)."""
-    import seedprints_lightning.faces.settings as settings_module  # where every face calls extract_features
+    import seedprints_lightning.core.families as families_module  # where every face's measurement plan probes
 
     def counting(original, path):
         def count(model, spec, **kwargs):
@@ -137,8 +137,8 @@ def count_probed_samples(probed: list[int], paths: list[str] | None = None) -> N
 
         return count
 
-    settings_module.extract_features = counting(settings_module.extract_features, "called")
-    settings_module.extract_features_gathered = counting(settings_module.extract_features_gathered, "gathered")
+    families_module.extract_features = counting(families_module.extract_features, "called")
+    families_module.extract_features_gathered = counting(families_module.extract_features_gathered, "gathered")
 
 
 def exit_after_report(worker: Callable[[], int]) -> None:
@@ -193,6 +193,25 @@ def open_test_chain(model: torch.nn.Module, run_dir, spec, *, num_controls: int 
                take_reference=lambda: Fingerprint(features=extract_features(model, spec), spec=spec, step=0),
                controls=ControlsSource(num_controls, build), origin="test", warn=lambda _: None, signer=signer)
     return chain
+
+
+#: Seeded token rows the single-process training tests step through, 4 per step (``lm_step``).
+TOKENS = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0))
+
+
+def tokens_at(step: int) -> torch.Tensor:
+    """The 4 rows of :data:`TOKENS` that ``step`` trains on (cycling every 16 steps)."""
+    return TOKENS[(step * 4) % 64:(step * 4) % 64 + 4]
+
+
+def lm_step(model: torch.nn.Module, optimizer: Any, step: int, backward: Callable[[torch.Tensor], Any] | None = None
+            ) -> None:
+    """One optimizer step of a causal LM on :func:`tokens_at` ``(step)``; ``backward`` is e.g. ``fabric.backward``."""
+    batch = tokens_at(step)
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward() if backward is None else backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
 
 
 def train_and_probe(model: torch.nn.Module, optimizer: torch.optim.Optimizer, monitor: Any, steps) -> None:

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_runs import write_birth_files
 from safetensors.torch import save_file
 
 from seedprints_lightning import Fingerprint, FingerprintFileError, InputError, ProbeSpec
 from seedprints_lightning.core.chain import Anchor, CustodyChain
-from seedprints_lightning.core.controls import ControlSet, save_controls
+from seedprints_lightning.core.controls import save_controls
 from seedprints_lightning.core.files import file_sha256
 from seedprints_lightning.core.ledger import (
     CONTROLS_FILE,
@@ -106,13 +107,7 @@ def open_ledger(run_dir: RunDirectory, next_index: int = 0, last_sha256: str | N
 def make_run(root: Path, *, seed: int = 0, controls: bool = True, steps=(1, 3, 7, 15, 31)) -> FakeRun:
     g = torch.Generator().manual_seed(seed)
     run_dir = RunDirectory(root / "seedprints")
-    reference = Fingerprint(features=torch.randn(N, D, generator=g), spec=SPEC, model_class="Fake", step=0)
-    reference.save(run_dir.reference_path)
-    control_set = ControlSet.none()
-    if controls:
-        save_controls(run_dir.controls_path, torch.randn(3, N, D, generator=g), (1_000_003, 1_000_004, 1_000_005),
-                      SPEC)
-        control_set = ControlSet.load(run_dir.controls_path)
+    reference, control_set = write_birth_files(run_dir, SPEC, (N, D), g, controls=controls)
     chain = CustodyChain(reference, controls=control_set, reference_source="step0")
     chain.attach_ledger(open_ledger(run_dir))
     run = FakeRun(dir=run_dir.path, chain=chain, generator=g)

@@ -9,12 +9,16 @@ on one GPU. What they check, as asserts:
   figures as a plain probe of the same weights, within bf16 rounding;
 * every link of the own run holds; another seed's weights copied in raise ``IdentityLostError``;
 * a resume from a checkpoint restores the reference and controls bit for bit and links at once;
-* ``lineage_test`` on CUDA gives the CPU's z.
+* ``lineage_test`` on CUDA gives the CPU's z;
+* torchtitan's ``Trainer`` with the face (``seedprints_lightning.faces.torchtitan``) trains its debug model
+  with FlexAttention on CUDA: every link holds, each save is bound and its checkpoint, rebuilt offline,
+  holds those weights and gives the live features; weights swapped for a fresh init raise.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -158,3 +162,102 @@ def test_lineage_test_on_cuda_matches_the_cpu():
     cpu = lineage_test(base, target)
     cuda = lineage_test(base.cuda(), target.cuda())
     assert cuda.k == cpu.k and cuda.z == pytest.approx(cpu.z, rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------
+# torchtitan: the face's Trainer subclass on the debug model, FlexAttention compiled for CUDA
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def titan_rank(monkeypatch):
+    """One rank for torchtitan's trainer (it initialises NCCL itself from these variables); torn down after."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:  # a free port for the one-rank rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _titan_config(dump: Path, *, steps: int, **seedprints):
+    """``llama3_debugmodel`` through the face's config entry, as torchtitan runs it on a GPU (FlexAttention,
+    FSDP2, CUDA graphs), on seeded random documents (tests/titan_cpu.py's tokenizer and data: no files)."""
+    pytest.importorskip("torchtitan")
+    import titan_cpu
+
+    import seedprints_lightning.faces.torchtitan as face
+
+    config = face.llama3_debugmodel()
+    config.training.seq_len = 256
+    config.training.local_batch_size = 4
+    config.training.steps = steps
+    config.validator.enable = False
+    config.tokenizer = titan_cpu.TinyTokenizer.Config()
+    config.dataloader = titan_cpu.RandomTokens.Config()
+    config.dump_folder = str(dump)
+    config.checkpoint.enable = True
+    config.checkpoint.interval = 3
+    for name, value in {"every_n_steps": 3, "adaptive_schedule": False, "num_controls": 2,
+                        "on_identity_lost": "raise", **seedprints}.items():
+        setattr(config.seedprints, name, value)
+    from seedprints_lightning import ProbeSpec
+
+    config.seedprints.probe = ProbeSpec(num_samples=64, length=32)
+    return config
+
+
+def test_torchtitan_face_trains_the_debug_model_and_binds_its_saves(tmp_path, titan_rank):
+    from seedprints_lightning.core.titan import extract_features_titan
+    from seedprints_lightning.core.verify import verify_chain
+    from seedprints_lightning.core.weights import weights_digest
+    from seedprints_lightning.offline.titan import load_titan_model
+
+    trainer = _titan_config(tmp_path / "out", steps=6).build()
+    trainer.train()
+    face, model = trainer.seedprints, trainer.model_parts[0]
+    assert [(h["step"], h["related"]) for h in face.history] == [(3, True), (6, True)]
+    run = tmp_path / "out" / "seedprints"
+    assert verify_chain(run).ok
+    records = [json.loads(line) for line in (run / "custody.jsonl").read_text().splitlines() if line.strip()]
+    saves = [r for r in records if r.get("kind") == "save"]
+    assert [r["step"] for r in saves] == [3, 6]
+    # The checkpoint holds exactly the bound weights; its model, rebuilt offline and probed whole on the GPU,
+    # gives the live sharded model's (gathered block by block) features.
+    offline = load_titan_model(tmp_path / "out" / "checkpoint" / "step-6")
+    assert weights_digest(offline.state_dict()) == saves[-1]["weights_sha256"]
+    spec = face.reference.spec
+    live = extract_features_titan(model, spec)
+    rebuilt = extract_features_titan(offline.cuda(), spec)
+    assert torch.allclose(live, rebuilt, rtol=1e-5, atol=1e-5), (live - rebuilt).abs().max()
+    trainer.close()
+
+
+def test_torchtitan_face_raises_on_swapped_weights(tmp_path, titan_rank):
+    from seedprints_lightning import IdentityLostError
+
+    trainer = _titan_config(tmp_path / "out", steps=6, every_n_steps=1, patience=1).build()
+    face, model = trainer.seedprints, trainer.model_parts[0]
+    after_step = face.after_step
+
+    def swap_at_step_2(step, *, last):
+        if step == 2:  # torchtitan's own init of the sharded model under another seed
+            with torch.no_grad():
+                torch.manual_seed(7)
+                model.init_states(buffer_device=None)
+        after_step(step, last=last)
+
+    face.after_step = swap_at_step_2
+    with pytest.raises(IdentityLostError, match="at step 2"):
+        trainer.train()
+    trainer.close()
+    assert [h["related"] for h in face.history] == [True, False]

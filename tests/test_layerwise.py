@@ -12,12 +12,12 @@ from torch import nn
 from seedprints_lightning.core.controls import build_control_model, control_seeds
 from seedprints_lightning.core.errors import InputError
 from seedprints_lightning.core.layerwise import (
-    _empty_model,
     _FreshInitLoader,
-    _split,
     build_streamed_control_model,
+    empty_model,
     extract_features_layerwise,
     probe_streamed_control,
+    split_blocks,
 )
 from seedprints_lightning.core.probes import ProbeSpec, extract_features
 
@@ -90,7 +90,7 @@ def test_block_loader_streams_a_meta_model_from_a_state_dict(arch):
     after: the features of the real model, one block materialised at a time, and every block loaded once."""
     real = _model(arch)
     state = real.state_dict()
-    meta = _empty_model(_config(arch))
+    meta = empty_model(_config(arch))
     calls: list[tuple[str, int]] = []
     live: set[str] = set()
 
@@ -110,7 +110,7 @@ def test_block_loader_streams_a_meta_model_from_a_state_dict(arch):
     got = extract_features_layerwise(meta, spec, batch_size=4, block_loader=loader)
     torch.testing.assert_close(got, extract_features(real, spec, batch_size=4), atol=1e-5, rtol=0)
     names = [name for name, _ in calls]
-    split = _split(meta)
+    split = split_blocks(meta)
     layers = [f"{split.prefix}{split.layout.layers}.{i}" for i in range(len(split.layers))]
     assert names[-len(layers) - 1:] == [*layers, f"{split.prefix}{split.layout.norm}"]
     assert len(names) == len(set(names)) and not any("lm_head" in name for name in names)
@@ -130,7 +130,7 @@ def test_unsupported_architecture_is_refused_by_name():
 
 def test_embedding_probes_of_a_meta_model_need_a_resolved_spec():
     with pytest.raises(InputError, match="resolved spec"):
-        extract_features_layerwise(_empty_model(_config("llama")), ProbeSpec(kind="embedding", num_samples=4))
+        extract_features_layerwise(empty_model(_config("llama")), ProbeSpec(kind="embedding", num_samples=4))
     with pytest.raises(InputError, match="resolved spec"):
         probe_streamed_control(_config("llama"), 1, ProbeSpec(kind="embedding", num_samples=4))
 
@@ -158,8 +158,8 @@ def test_streamed_control_is_its_whole_model_twin_and_leaves_the_rng_alone(arch)
 def test_streamed_blocks_are_drawn_once_and_freed():
     """Each block is drawn exactly once (a tied embedding once, as the embedding; the head never), and every
     drawn tensor is back on the meta device after the probe."""
-    model = _empty_model(_config("gpt2"))
-    split = _split(model)
+    model = empty_model(_config("gpt2"))
+    split = split_blocks(model)
     loader = _FreshInitLoader(split.base, 3, torch.device("cpu"), torch.float32)
     extract_features_layerwise(model, ProbeSpec(num_samples=5, length=4, vocab_size=64), batch_size=2,
                                block_loader=loader)

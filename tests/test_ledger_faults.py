@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_runs import write_birth_files
 
-from seedprints_lightning import Fingerprint, InputError, ProbeSpec
+from seedprints_lightning import InputError, ProbeSpec
 from seedprints_lightning.core.chain import Anchor, CustodyChain
-from seedprints_lightning.core.controls import ControlSet, save_controls
 from seedprints_lightning.core.files import file_sha256
 from seedprints_lightning.core.ledger import (
     CONTROLS_FILE,
@@ -98,13 +98,7 @@ def make_run(root: Path, *, controls: bool = True, signer=None, steps=(1, 2, 3),
              seed: int = 0) -> Run:
     g = torch.Generator().manual_seed(seed)
     run_dir = RunDirectory(root / "seedprints")
-    reference = Fingerprint(features=torch.randn(N, D, generator=g), spec=SPEC, model_class="Fake", step=0)
-    reference.save(run_dir.reference_path)
-    control_set = ControlSet.none()
-    if controls:
-        save_controls(run_dir.controls_path, torch.randn(3, N, D, generator=g), (1_000_003, 1_000_004, 1_000_005),
-                      SPEC)
-        control_set = ControlSet.load(run_dir.controls_path)
+    reference, control_set = write_birth_files(run_dir, SPEC, (N, D), g, controls=controls)
     anchor, last = None, reference.features
     if child:  # a child run: its chain starts at its parent's last held probe (parent_anchor.safetensors)
         last = reference.features + 0.3 * torch.randn(N, D, generator=g)

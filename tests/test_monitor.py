@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import count_probed_samples, exit_after_report, make_tiny_lm, torchrun_reports
+from conftest import count_probed_samples, exit_after_report, lm_step, make_tiny_lm, tokens_at, torchrun_reports
 from torch import nn
 
 from seedprints_lightning import IdentityLostError, InputError, ProbeSpec, extract_features, verify_chain
@@ -30,14 +30,8 @@ from seedprints_lightning.offline.cli import main as seedprints_main
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SPEC = ProbeSpec(num_samples=200, length=8)
-DATA = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0))
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-    batch = DATA[(step * 4) % 64:(step * 4) % 64 + 4]
-    model(input_ids=batch, labels=batch).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
 
 
 def _monitor(tmp_path, **kwargs) -> SeedPrintsMonitor:
@@ -47,7 +41,7 @@ def _monitor(tmp_path, **kwargs) -> SeedPrintsMonitor:
 
 def _loop(monitor: SeedPrintsMonitor | None, model, optimizer, first: int, last: int, swap_at: int | None = None):
     for step in range(first, last + 1):
-        _train_step(model, optimizer, step)
+        lm_step(model, optimizer, step)
         if step == swap_at:
             model.load_state_dict(make_tiny_lm(7).state_dict())
         if monitor is not None:
@@ -233,10 +227,7 @@ def _fabric(tmp_path, callback, seed: int = 0):
 def _fabric_loop(fabric, callback, model, optimizer, steps: int, swap_at: int | None = None) -> None:
     for _ in range(steps):
         step = (callback.current_step or 0) + 1
-        batch = DATA[(step * 4) % 64:(step * 4) % 64 + 4]
-        fabric.backward(model(input_ids=batch, labels=batch).loss)
-        optimizer.step()
-        optimizer.zero_grad()
+        lm_step(model, optimizer, step, fabric.backward)
         if step == swap_at:
             model.load_state_dict(make_tiny_lm(7).state_dict())
         if callback.should_stop:
@@ -333,7 +324,7 @@ def test_fabric_with_a_litgpt_style_model_through_feature_fn(tmp_path):
     foreign = LitGPTStyle().state_dict()
     with pytest.warns(IdentityWarning, match="Stopping the run"):
         for step in range(1, 11):
-            batch = DATA[(step * 4) % 64:(step * 4) % 64 + 4]
+            batch = tokens_at(step)
             logits = model(batch[:, :-1])
             fabric.backward(nn.functional.cross_entropy(logits.reshape(-1, 64), batch[:, 1:].reshape(-1)))
             optimizer.step()

@@ -67,7 +67,8 @@ def _each(marker: str):
 
 #: The marker each runner below picks its blocks by.
 RUNNERS = ("fingerprint_model", "CustodyChain", "pl.Trainer(", "SeedPrintsTrainerCallback(every_n_steps",
-           "fabric.setup(model, optimizer)", 'submodule_output("transformer.ln_f")', "SeedPrintsMonitor(every_n_steps")
+           "fabric.setup(model, optimizer)", 'submodule_output("transformer.ln_f")', "SeedPrintsMonitor(every_n_steps",
+           "register_family(ModelFamily(")
 
 
 def test_every_python_block_is_run_or_marked():
@@ -318,3 +319,19 @@ def test_own_loop_snippet_runs_and_its_checkpoint_is_audited(block, tmp_path, mo
     audit_line = next(line for block in _code_blocks("bash") for line in block.splitlines()
                       if "runs/mine/last.pt" in line)
     assert seedprints_main(shlex.split(audit_line.split("#")[0])[1:] + ["-q"]) == 0
+
+
+@_each("register_family(ModelFamily(")
+def test_model_family_snippet_runs_and_the_family_is_measured(block, tmp_path, monkeypatch, capsys):
+    from seedprints_lightning.core.families import family_named, unregister_family
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    try:
+        exec(compile(block.text, block.name, "exec"), namespace)
+        assert family_named("tiny-lm").name == "tiny-lm"
+        assert namespace["monitor"].measurement.family == "tiny-lm"
+        assert "measuring: whole (tiny-lm)" in capsys.readouterr().out
+        assert (tmp_path / "runs/tiny/seedprints/reference.safetensors").is_file()
+    finally:
+        unregister_family("tiny-lm")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_lm
+from conftest import TOKENS, lm_step, make_tiny_lm
 
 from seedprints_lightning import InputError, ProbeSpec, verify_chain
 from seedprints_lightning.core.errors import IdentityWarning
@@ -34,15 +34,10 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
 
 SPEC_A = ProbeSpec(num_samples=100, length=8)
 SPEC_B = ProbeSpec(num_samples=150, length=8)
-DATA = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0))
+DATA = TOKENS
 SPEC_WARNING = "was constructed with probe="
 
 
-def _train_step(model, optimizer, step: int) -> None:
-    batch = DATA[(step * 4) % 64:(step * 4) % 64 + 4]
-    model(input_ids=batch, labels=batch).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
 
 
 def _spec_warnings(caught) -> list[str]:
@@ -83,7 +78,7 @@ def _monitor_run(tmp_path) -> Path:
     monitor = SeedPrintsMonitor(every_n_steps=4, probe=SPEC_A, num_controls=1, save_dir=tmp_path / "seedprints")
     monitor.start(model)
     for step in range(1, 5):
-        _train_step(model, optimizer, step)
+        lm_step(model, optimizer, step)
         monitor.step(model, step)
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 4,
                 "seedprints": monitor.state_dict(model)}, tmp_path / "last.pt")
@@ -104,7 +99,7 @@ def test_monitor_resumed_with_another_spec_warns_once_and_keeps_the_chains_spec(
         warnings.simplefilter("always")
         assert monitor.start(model, step=4).related is True
         for step in range(5, 9):
-            _train_step(model, optimizer, step)
+            lm_step(model, optimizer, step)
             monitor.step(model, step)
         monitor.end(model)
     found = _spec_warnings(caught)
@@ -136,10 +131,7 @@ def _fabric(root: Path, callback, seed: int = 0):
 def _fabric_steps(fabric, callback, model, optimizer, steps: int) -> None:
     for _ in range(steps):
         step = (callback.current_step or 0) + 1
-        batch = DATA[(step * 4) % 64:(step * 4) % 64 + 4]
-        fabric.backward(model(input_ids=batch, labels=batch).loss)
-        optimizer.step()
-        optimizer.zero_grad()
+        lm_step(model, optimizer, step, fabric.backward)
 
 
 def test_fabric_resumed_with_another_spec_warns_once_and_keeps_the_chains_spec(tmp_path):

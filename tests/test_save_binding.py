@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_lm
+from conftest import TOKENS, lm_step, make_tiny_lm
 
 from seedprints_lightning import ProbeSpec, verify_chain
 from seedprints_lightning.core.errors import IdentityWarning
@@ -44,15 +44,10 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
                                          "ignore:.*does not have many workers.*", "ignore:.*LitLogger.*")]
 
 SPEC = ProbeSpec(num_samples=100, length=8)
-DATA = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0))
+DATA = TOKENS
 UNWRITTEN = "could not be written to the custody ledger"
 
 
-def _train_step(model, optimizer, step: int) -> None:
-    batch = DATA[(step * 4) % 64:(step * 4) % 64 + 4]
-    model(input_ids=batch, labels=batch).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
 
 
 def _weights_audit(run_dir: Path, checkpoint: Path, capsys) -> dict:
@@ -80,7 +75,7 @@ def _monitor_run(tmp_path: Path, steps: int = 4):
     monitor = SeedPrintsMonitor(every_n_steps=4, probe=SPEC, num_controls=1, save_dir=tmp_path / "seedprints")
     monitor.start(model)
     for step in range(1, steps + 1):
-        _train_step(model, optimizer, step)
+        lm_step(model, optimizer, step)
         monitor.step(model, step)
     return model, optimizer, monitor
 
@@ -100,7 +95,7 @@ def test_a_monitor_checkpoint_saved_as_documented_is_the_recorded_save(tmp_path,
     model.save_pretrained(tmp_path / "exported")
     assert _saved_steps(run_dir, tmp_path / "exported", capsys) == [4]
     # Weights one step later are not that save (it still descends from the chain: exit 0).
-    _train_step(model, optimizer, 5)
+    lm_step(model, optimizer, 5)
     torch.save({"model": model.state_dict(), "seedprints": seedprints}, tmp_path / "later.pt")
     assert _saved_steps(run_dir, tmp_path / "later.pt", capsys) == []
 
@@ -216,7 +211,7 @@ def test_a_monitor_save_goes_on_when_the_ledger_cannot_take_its_record(tmp_path,
     assert len(unrecorded["weights_sha256"]) == 64
     # The chain goes on and stays intact: the record was never chained, nothing is torn or renumbered.
     for step in range(5, 7):
-        _train_step(model, optimizer, step)
+        lm_step(model, optimizer, step)
         monitor.step(model, step)
     monitor.end(model)
     audit = verify_chain(tmp_path / "seedprints")
@@ -297,9 +292,9 @@ def test_an_hf_trainer_save_goes_on_when_the_ledger_or_the_state_file_cannot_be_
     state = torch.load(tmp_path / "ledger" / "checkpoint-4" / "seedprints_state.pt", weights_only=True)
     assert [s["checkpoint"] for s in state[UNRECORDED_SAVES_KEY]] == ["checkpoint-4"]
     # The disk fills while seedprints_state.pt is written: a warning, no partial file, the Trainer's save stands.
-    import seedprints_lightning.core.files as files
+    import seedprints_lightning.faces.hf as hf_face  # the face writes its state through its own atomic_write
 
-    real_atomic_write = files.atomic_write
+    real_atomic_write = hf_face.atomic_write
 
     def full_disk(path, write):
         if Path(path).name != "seedprints_state.pt":  # the run's own files (reference, controls) are written
@@ -311,7 +306,7 @@ def test_an_hf_trainer_save_goes_on_when_the_ledger_or_the_state_file_cannot_be_
 
         return real_atomic_write(path, cut_short)
 
-    monkeypatch.setattr(files, "atomic_write", full_disk)
+    monkeypatch.setattr(hf_face, "atomic_write", full_disk)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         callback = SeedPrintsTrainerCallback(every_n_steps=4, probe=SPEC, num_controls=1)

@@ -86,7 +86,7 @@ def _fsdp2_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from seedprints_lightning.core.layerwise import _split
+    from seedprints_lightning.core.layerwise import split_blocks
     from seedprints_lightning.core.processes import measure_over_ranks
 
     torch.set_num_threads(1)
@@ -99,7 +99,7 @@ def _fsdp2_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 model = _model(arch)
                 spec = _spec(kind, model)
                 whole = extract_features(model, spec)
-                split = _split(model)
+                split = split_blocks(model)
                 for layer in split.layers:
                     fully_shard(layer, mesh=mesh)
                 fully_shard(model, mesh=mesh)

@@ -32,21 +32,23 @@ import contextlib
 import dataclasses
 import json
 import os
-import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from .._version import __version__
 from .checks import check_int
 from .errors import FingerprintFileError, InputError
 from .files import read_safetensors, save_safetensors
+from .layerwise import SUPPORTED_MODEL_TYPES, build_streamed_control_model, probe_streamed_control
 from .probes import ProbeSpec, extract_features, find_causal_lm
+from .rng import preserve_rng_state
+from .sharded import unsharded_class
 
 __all__ = [
     "CONTROL_SEED_BASE",
@@ -102,35 +104,6 @@ INIT_SCHEME_ATTR = "seedprints_init_scheme"
 
 
 # --------------------------------------------------------------------------------------
-# RNG hygiene
-# --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def preserve_rng_state() -> Iterator[None]:
-    """Save Python ``random``, NumPy, torch CPU and every initialised CUDA RNG; restore after.
-
-    CUDA states are captured only if CUDA is already initialised (capturing would otherwise
-    create a context); ``torch.cuda.get_rng_state_all`` reads generator state without
-    launching work, as Lightning's own checkpoint RNG capture does.
-    """
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    cpu_state = torch.random.get_rng_state()
-    cuda_states = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda_states = torch.cuda.get_rng_state_all()
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.random.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-
-
-# --------------------------------------------------------------------------------------
 # Control models
 # --------------------------------------------------------------------------------------
 
@@ -153,8 +126,6 @@ def streams_controls(model_or_config: Any) -> bool:
     ``SUPPORTED_MODEL_TYPES``) when the model is the class ``AutoModelForCausalLM`` builds for the
     config: the streamed control is that class. Anything else gets the whole-model recipe.
     """
-    from .layerwise import SUPPORTED_MODEL_TYPES
-
     config = getattr(model_or_config, "config", model_or_config)
     if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return False
@@ -165,8 +136,6 @@ def streams_controls(model_or_config: Any) -> bool:
             expected = AutoModelForCausalLM._model_mapping[type(config)]
         except (KeyError, ImportError, AttributeError):
             return False
-        from .sharded import unsharded_class
-
         return unsharded_class(model_or_config) is expected  # FSDP2 swaps in an FSDP<Class> subclass
     return True
 
@@ -204,8 +173,6 @@ def build_control_model(model: nn.Module, seed: int) -> nn.Module:
         raise InputError("the live model is on the meta device; controls need materialised weights")
     dtype = control_dtype(lm)
     if streams_controls(lm):
-        from .layerwise import build_streamed_control_model
-
         control = build_streamed_control_model(lm.config, seed, device="cpu", dtype=dtype)
         scheme = INIT_STREAMED
     else:
@@ -317,23 +284,24 @@ def probe_streamed_controls(
     dtype: torch.dtype = torch.float32,
     context: Callable[[], contextlib.AbstractContextManager] | None = None,
     log: Callable[[str], None] | None = None,
+    probe_one: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Features ``[c, n, D]`` (CPU float32) of the streamed control of each seed, drawn and probed block by block.
 
-    Each is :func:`~seedprints_lightning.core.layerwise.probe_streamed_control` (peak memory: one
-    block plus the probe activations, on ``device`` in ``dtype``); ``context`` (a precision
-    plugin's ``forward_context``) wraps each. The same weights as :func:`build_control_model`'s
-    control of the seed, never whole. Global RNGs are left untouched.
+    Each is ``probe_one(config, seed, spec, batch_size=, device=, dtype=)``: by default
+    :func:`~seedprints_lightning.core.layerwise.probe_streamed_control` (a transformers config; the
+    same weights as :func:`build_control_model`'s control of the seed), or a model family's own
+    (:attr:`~seedprints_lightning.core.families.ModelFamily.streamed_control`). Peak memory: one
+    block plus the probe activations, on ``device`` in ``dtype``; ``context`` (a precision plugin's
+    ``forward_context``) wraps each. Global RNGs are left untouched.
     """
-    from .layerwise import probe_streamed_control
-
+    probe_one = probe_streamed_control if probe_one is None else probe_one
     out = []
     with preserve_rng_state():
         for i, seed in enumerate(seeds):
             start = time.perf_counter()
             with (context() if context is not None else contextlib.nullcontext()):
-                features = probe_streamed_control(config, seed, spec, batch_size=batch_size, device=device,
-                                                  dtype=dtype)
+                features = probe_one(config, seed, spec, batch_size=batch_size, device=device, dtype=dtype)
             out.append(features.to(device="cpu", dtype=torch.float32))
             if log is not None:
                 log(f"control {i + 1}/{len(seeds)} (init seed {seed}, streamed block by block) probed in "
@@ -456,8 +424,6 @@ class ControlSet:
                                        f"{meta.get('format') if isinstance(meta, dict) else None!r})")
         version = meta.get("format_version")
         if version not in _READABLE_VERSIONS:
-            from .._version import __version__
-
             raise FingerprintFileError(
                 f"{path}: seedprints controls file format version {version!r} is not supported by seedprints-lightning "
                 f"{__version__} (it reads versions {', '.join(map(str, _READABLE_VERSIONS))}); upgrade the package or "
@@ -488,15 +454,20 @@ class ControlSet:
 
     @classmethod
     def build_streamed(cls, config: Any, seeds: Sequence[int], spec: ProbeSpec, *, config_digest: str | None = None,
-                       model_class: str | None = None, **probe_kwargs: Any) -> ControlSet:
-        """The streamed control of each seed, block by block (:func:`probe_streamed_controls`), never whole."""
+                       model_class: str | None = None, init_scheme: str = INIT_STREAMED,
+                       **probe_kwargs: Any) -> ControlSet:
+        """The streamed control of each seed, block by block (:func:`probe_streamed_controls`), never whole.
+
+        ``init_scheme`` is what the controls file records: :data:`INIT_STREAMED` for the transformers
+        draw, or a family's own scheme where its streamed draw equals its whole one (LitGPT).
+        """
         seeds = tuple(seeds)
         if not seeds:
             return cls.none("no controls (num_controls=0): analytic threshold and effect-size margin only")
         features = probe_streamed_controls(config, seeds, spec, **probe_kwargs)
         return cls(features=features, seeds=seeds, spec=spec, config_digest=config_digest, model_class=model_class,
                    description=f"{len(seeds)} fresh inits (seeds {seeds[0]}..{seeds[-1]}, drawn block by block)",
-                   init_scheme=INIT_STREAMED)
+                   init_scheme=init_scheme)
 
 
 # --------------------------------------------------------------------------------------
@@ -566,8 +537,6 @@ def controls_from_config(
         return probe_streamed_controls(config, seeds, spec, batch_size=batch_size, device=device, dtype=dtype,
                                        log=log), seeds
     if not whole:
-        from .layerwise import SUPPORTED_MODEL_TYPES
-
         note = (f"model_type {getattr(config, 'model_type', None)!r} cannot be drawn block by block (streamed "
                 f"controls support {', '.join(SUPPORTED_MODEL_TYPES)}): each control is built whole")
         info["note"] = note

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import SeedPrintsError
+from .errors import FingerprintFileError, SeedPrintsError
 
 __all__ = ["atomic_write", "file_sha256", "is_distributed_checkpoint", "is_seedprints_state",
            "load_lightning_checkpoint", "read_safetensors", "save_safetensors"]
@@ -60,8 +60,6 @@ def read_safetensors(path: str | os.PathLike, what: str, *, detail: str = "",
     reader's own error and ``hint`` says how to fix it.
     """
     from safetensors import safe_open
-
-    from .errors import FingerprintFileError
 
     path = Path(path)
     if not path.is_file():

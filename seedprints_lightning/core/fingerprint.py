@@ -23,9 +23,11 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from .controls import built_init_scheme, control_seeds, probe_controls
 from .errors import FingerprintFileError, IncompatibleFingerprintsError, InputError
 from .files import read_safetensors, save_safetensors
 from .probes import ProbeSpec, extract_features, find_causal_lm, hidden_size_of
+from .screen import SCREEN_TENSOR, make_screen, screen_metadata
 from .stats import LineageResult, lineage_test
 
 __all__ = ["FORMAT_VERSION", "Fingerprint", "fingerprint_model", "config_digest"]
@@ -182,8 +184,13 @@ class Fingerprint:
                     "or has NaN/Inf weights (check the checkpoint, the loss curve, or the dtype it was probed in)"
                 )
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, screen: bool = False) -> Path:
         """Write the file atomically (a crash never leaves a half-written fingerprint).
+
+        Args:
+            path: the file to write.
+            screen: also store ``identify``'s screen ranks of the features (a run's reference:
+                :mod:`~seedprints_lightning.core.screen`), so ``identify`` screens it without an index.
 
         Non-finite features are refused (:meth:`check_finite`): nothing is written.
         """
@@ -191,7 +198,12 @@ class Fingerprint:
         tensors = {"features": self.features}
         if self.controls is not None:
             tensors["controls"] = self.controls
-        return save_safetensors(path, tensors, {_META_KEY: json.dumps(self.metadata())})
+        metadata = {_META_KEY: json.dumps(self.metadata())}
+        made = make_screen(self.features) if screen else None
+        if made is not None:
+            tensors[SCREEN_TENSOR] = made[0]
+            metadata.update(screen_metadata(made[1]))
+        return save_safetensors(path, tensors, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Fingerprint:
@@ -244,8 +256,6 @@ def fingerprint_model(
     callback's control seeds) and stores their features in the fingerprint, so the file can be
     judged offline against the measured null (:mod:`.verdict`).
     """
-    from .controls import built_init_scheme, control_seeds, probe_controls
-
     lm = find_causal_lm(model)
     spec = (spec or ProbeSpec()).resolve(lm)
     features = extract_features(lm, spec, batch_size=batch_size, device=device, progress=progress)

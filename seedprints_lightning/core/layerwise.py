@@ -28,17 +28,23 @@ import torch
 from torch import nn
 
 from .checks import check_int
-from .controls import preserve_rng_state
 from .errors import InputError
 from .probes import ProbeSpec, find_causal_lm, preserve_module_modes
+from .rng import preserve_rng_state
 
 __all__ = [
+    "Block",
     "BlockLoader",
+    "Blocks",
+    "Recorder",
+    "Recording",
     "SUPPORTED_MODEL_TYPES",
     "block_storage",
     "build_streamed_control_model",
+    "empty_model",
     "extract_features_layerwise",
     "probe_streamed_control",
+    "split_blocks",
     "splits_into_blocks",
     "streamed_block_seed",
 ]
@@ -111,7 +117,7 @@ def _holds_tensors(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
-def _split(model: nn.Module) -> _Split:
+def split_blocks(model: nn.Module) -> _Split:
     lm = find_causal_lm(model)
     model_type = getattr(getattr(lm, "config", None), "model_type", None)
     layout = _LAYOUTS.get(model_type)
@@ -129,7 +135,7 @@ def _split(model: nn.Module) -> _Split:
 def splits_into_blocks(model: nn.Module) -> bool:
     """Whether the layer-major probe can split this model (or the causal LM it contains) into blocks."""
     try:
-        _split(model)
+        split_blocks(model)
     except InputError:
         return False
     return True
@@ -158,18 +164,18 @@ class _Call:
 
 
 @dataclass
-class _Recording:
+class Recording:
     """What one base forward did, for one batch: the hidden state entering the first layer and every call."""
 
     calls: list[_Call] = field(default_factory=list)
     first_hidden: torch.Tensor | None = None
 
 
-class _Recorder(nn.Module):
+class Recorder(nn.Module):
     """Stands in for a layer (or the final norm) during the recording forward: keeps its arguments and
     hands the hidden state on unchanged, so no layer's weights are touched."""
 
-    def __init__(self, index: int, recording: _Recording) -> None:
+    def __init__(self, index: int, recording: Recording) -> None:
         super().__init__()
         self.index = index
         self.recording = recording
@@ -189,15 +195,15 @@ class _Recorder(nn.Module):
         return hidden
 
 
-def _record(split: _Split, model_kwargs: dict[str, torch.Tensor]) -> _Recording:
+def _record(split: _Split, model_kwargs: dict[str, torch.Tensor]) -> Recording:
     """Run the base model's forward with recorders in place of its layers and final norm."""
-    recording = _Recording()
+    recording = Recording()
     layers, originals = split.layers, list(split.layers)
     norm = getattr(split.base, split.layout.norm)
     try:
         for i in range(len(layers)):
-            layers[i] = _Recorder(i, recording)
-        setattr(split.base, split.layout.norm, _Recorder(-1, recording))
+            layers[i] = Recorder(i, recording)
+        setattr(split.base, split.layout.norm, Recorder(-1, recording))
         split.base(**model_kwargs, use_cache=False)
     finally:
         for i, layer in enumerate(originals):
@@ -214,7 +220,7 @@ def _record(split: _Split, model_kwargs: dict[str, torch.Tensor]) -> _Recording:
 # --------------------------------------------------------------------------------------
 
 
-class _Block:
+class Block:
     """Context: ``block_loader(name, module)`` before the block runs, its release callable after."""
 
     def __init__(self, loader: BlockLoader | None, name: str, module: nn.Module) -> None:
@@ -277,7 +283,7 @@ def extract_features_layerwise(
     """
     if not isinstance(spec, ProbeSpec):
         raise InputError(f"spec must be a ProbeSpec, got {type(spec).__name__}")
-    split = _split(model)
+    split = split_blocks(model)
     lm = split.lm
     check_int("batch_size", batch_size, low=1)
     embedding_weight = lm.get_input_embeddings().weight
@@ -295,8 +301,8 @@ def extract_features_layerwise(
     with preserve_module_modes(model), torch.no_grad():
         # Stage 0: the base forward up to the first layer, per chunk; it records every call.
         hidden: list[torch.Tensor] = []
-        recordings: list[_Recording] = []
-        with _Blocks(block_loader, split.embedding_stage(spec.kind == "token")):
+        recordings: list[Recording] = []
+        with Blocks(block_loader, split.embedding_stage(spec.kind == "token")):
             for batch in spec.batches(batch_size, start, stop):
                 recording = _record(split, batch.model_kwargs(device, dtype))
                 hidden.append(recording.first_hidden)
@@ -310,7 +316,7 @@ def extract_features_layerwise(
             is_norm = index == -1
             module = getattr(split.base, split.layout.norm) if is_norm else split.layers[index]
             name = split.name(split.layout.norm if is_norm else f"{split.layout.layers}.{index}")
-            with _Block(block_loader, name, module):
+            with Block(block_loader, name, module):
                 for c, recording in enumerate(recordings):
                     call = recording.calls[position]
                     out = call.run(module, hidden[c])
@@ -319,14 +325,14 @@ def extract_features_layerwise(
     return torch.cat(hidden)
 
 
-class _Blocks:
+class Blocks:
     """Several blocks loaded together (the modules of the embedding stage), released in reverse order."""
 
     def __init__(self, loader: BlockLoader | None, blocks: list[tuple[str, nn.Module]]) -> None:
-        self.blocks = [_Block(loader, name, module) for name, module in blocks]
-        self.entered: list[_Block] = []
+        self.blocks = [Block(loader, name, module) for name, module in blocks]
+        self.entered: list[Block] = []
 
-    def __enter__(self) -> _Blocks:
+    def __enter__(self) -> Blocks:
         try:
             for block in self.blocks:
                 block.__enter__()
@@ -466,7 +472,7 @@ def _no_zero3_init() -> Any:
     return set_zero3_state() if is_deepspeed_zero3_enabled() else contextlib.nullcontext()
 
 
-def _empty_model(config: Any) -> nn.Module:
+def empty_model(config: Any) -> nn.Module:
     """The causal LM of ``config`` on the meta device (no weights), every global RNG untouched."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -522,8 +528,8 @@ def probe_streamed_control(
             as ``controls_from_config`` does).
     """
     spec = _check_control_args(seed, spec, config)
-    model = _empty_model(config)
-    split = _split(model)  # refuse an unsupported architecture before anything is drawn
+    model = empty_model(config)
+    split = split_blocks(model)  # refuse an unsupported architecture before anything is drawn
     device = torch.device(device) if device is not None else torch.device("cpu")
     loader = _FreshInitLoader(split.base, seed, device, dtype)
     return extract_features_layerwise(model, spec, batch_size=batch_size, block_loader=loader, device=device,
@@ -545,8 +551,8 @@ def build_streamed_control_model(
     output-embedding name); a tied one is re-tied to the embedding. In eval mode, no gradients.
     """
     check_int("seed", seed, low=0)
-    model = _empty_model(config)
-    split = _split(model)
+    model = empty_model(config)
+    split = split_blocks(model)
     device = torch.device(device) if device is not None else torch.device("cpu")
     loader = _FreshInitLoader(split.base, seed, device, dtype, release=False)
     blocks = split.embedding_stage(token_probes=True)

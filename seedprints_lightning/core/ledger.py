@@ -2,10 +2,11 @@
 
 Layout, beside ``reference.safetensors`` (the run's birth fingerprint) in the run's
 ``seedprints`` directory::
-
     custody.jsonl                       one JSON record per line, one line per probe
     probes/000012-step00001000-3f9a0c1d.safetensors   that probe's features [n, D] (fp16, packed
-                                        losslessly: :func:`encode_probe_features`); the last part of the
+                                        losslessly: :func:`encode_probe_features`), and from D >= 128 its
+                                        screen ranks for ``identify`` (``screen_ranks``, [64, n] int16, bound
+                                        by the record's ``screen.sha256``: :mod:`.screen`); the last part of the
                                         name is the writing branch's token, so no branch overwrites another's
     custody.abandoned-<i>.jsonl         a branch that a resume from an older checkpoint abandoned: the whole
                                         branch (the records it shares with the ledger, then its own), which
@@ -71,10 +72,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import check_int
 from .errors import FingerprintFileError, InputError
 from .files import atomic_write, file_sha256, read_safetensors, save_safetensors
 from .fingerprint import Fingerprint
-from .records import LEDGER_FORMAT, LEDGER_VERSION, SAVE_KIND, ProbeRecord, SaveRecord  # the format is defined there
+from .records import (  # the format is defined there
+    LEDGER_FORMAT,
+    LEDGER_VERSION,
+    SAVE_KIND,
+    ProbeRecord,
+    SaveRecord,
+    canonical_json,
+)
+from .screen import SCREEN_FIELD, SCREEN_TENSOR, StoredScreen, make_screen
+from .signing import check_signer, sign_ledger_line
 from .verdict import ProbeVerdict
 
 __all__ = [
@@ -230,8 +241,8 @@ def _torn_warning(path: Path, moved: Path | None, when: str) -> str | None:
             "audit --chain reports it as a note, not as tampering")
 
 
-def _canonical(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
+# The tests' old name for records.canonical_json (the line's format is defined beside the record schema).
+_canonical = canonical_json
 
 
 def save_parent_anchor(directory: Path, features: torch.Tensor, step: int,
@@ -364,7 +375,12 @@ def encode_probe_features(features: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def decode_probe_features(tensors: dict[str, torch.Tensor], path: Path) -> torch.Tensor:
-    """The features of a probe file's tensors (plain, or packed by :func:`encode_probe_features`)."""
+    """The features of a probe file's tensors (plain, or packed by :func:`encode_probe_features`).
+
+    A stored screen beside them (:data:`~seedprints_lightning.core.screen.SCREEN_TENSOR`, 0.9 on) is
+    not part of the features and is left out.
+    """
+    tensors = {key: value for key, value in tensors.items() if key != SCREEN_TENSOR}
     if "features" in tensors:  # plain: fp32, and every probe file written before the packed encoding
         return tensors["features"]
     if set(tensors) != {_LOW_BYTES, _HIGH_BYTES_DEFLATED}:
@@ -455,7 +471,7 @@ class CustodyLedger:
     repair_warning: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_signer(self.signer)
+        check_signer(self.signer)
 
     @property
     def path(self) -> Path:
@@ -468,10 +484,8 @@ class CustodyLedger:
     def _write(self, record: dict[str, Any]) -> dict[str, Any]:
         """Sign ``record`` (with a signer), append its line, advance the chain; return it as written (+ ``sha256``)."""
         if self.signer is not None:
-            from .signing import sign_ledger_line
-
             record = sign_ledger_line(self.signer, record)
-        line = _canonical(record)
+        line = canonical_json(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Never start a record on a torn line (a crash cut the last write short): move it aside first.
         warning = _torn_warning(self.path, cut_torn_tail(self.path), "before appending record "
@@ -496,7 +510,6 @@ class CustodyLedger:
         takes the next index; ``verify_chain`` checks its place in the chain and skips it in the
         replay. Returns the record with its ``sha256`` (the chain's new head).
         """
-        from .checks import check_int
 
         self._require_root("record_save")
         step = check_int("step", step, low=0, hint="the optimizer step of the save")
@@ -558,18 +571,26 @@ class CustodyLedger:
         name = self._probe_name(index, int(verdict.step))
         feature_path = Path(self.directory) / name
         meta = {"seedprints": json.dumps({"index": index, "step": verdict.step})}
-        save_safetensors(feature_path, encode_probe_features(features), meta)
+        tensors = encode_probe_features(features)
+        # identify's screen ranks, a small tensor of their own (read without the features); the record
+        # holds their sha256, so the chain binds them as it binds the file (core/screen.py).
+        screen = make_screen(features)
+        if screen is not None:
+            tensors[SCREEN_TENSOR] = screen[0]
+        save_safetensors(feature_path, tensors, meta)
         try:
             return self._write(self._probe_record(verdict, index, name, feature_path, event=event,
                                                   anchor_index=anchor_index, identity_mode=identity_mode,
-                                                  identity_ratio=identity_ratio))
+                                                  identity_ratio=identity_ratio,
+                                                  screen=None if screen is None else screen[1]))
         except BaseException:
             # The record was not written: no record names this file, and a full disk needs its space back.
             feature_path.unlink(missing_ok=True)
             raise
 
     def _probe_record(self, verdict: ProbeVerdict, index: int, name: str, feature_path: Path, *, event: str,
-                      anchor_index: int | None, identity_mode: str, identity_ratio: float | None) -> dict[str, Any]:
+                      anchor_index: int | None, identity_mode: str, identity_ratio: float | None,
+                      screen: StoredScreen | None = None) -> dict[str, Any]:
         return ProbeRecord(
             format=LEDGER_FORMAT, version=LEDGER_VERSION, index=index, step=int(verdict.step),
             time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), event=event,
@@ -580,6 +601,7 @@ class CustodyLedger:
             identity_mode=identity_mode, identity_ratio=identity_ratio,
             reference_sha256=self.reference_sha256, controls_sha256=self.controls_sha256,
             initial_anchor_sha256=self.initial_anchor_sha256, prev_sha256=self.last_sha256,
+            extra={} if screen is None else {SCREEN_FIELD: screen.to_json()},
         ).to_json()
 
     def rewind_to(self, last_sha256: str, next_index: int) -> Path | None:
@@ -623,16 +645,6 @@ class CustodyLedger:
         kept = "".join(line + "\n" for line in lines[:keep])
         atomic_write(self.path, lambda tmp: tmp.write_text(kept, encoding="utf-8"))
         return moved
-
-
-def _check_signer(signer: Any) -> None:
-    if signer is None:
-        return
-    from .signing import RecordSigner
-
-    if not isinstance(signer, RecordSigner):
-        raise InputError(f"signer must be a RecordSigner (seedprints_lightning.core.signing.load_signing_key(path)) or "
-                         f"None, got {type(signer).__name__}")
 
 
 def record_save(ledger: CustodyLedger, step: int, weights_sha256: str, *,
@@ -771,7 +783,7 @@ class RunDirectory:
                 "Resume this run from its own checkpoint, or log to another directory (save_dir=...)"
             )
         if not same:
-            reference.save(path)
+            reference.save(path, screen=True)  # with identify's screen ranks (core/screen.py)
         return file_sha256(path), None
 
     def open_ledger(self, next_index: int, last_sha256: str | None, *, reference_sha256: str,
@@ -787,7 +799,7 @@ class RunDirectory:
         records the branch shares with the ledger, never deleted. The ledger holds ``lock``
         (this directory's :class:`RunLock`; taken here when not given) until it is closed.
         """
-        _check_signer(signer)
+        check_signer(signer)
         own_lock = lock is None
         lock = self.lock() if lock is None else lock
         ledger = CustodyLedger(self.path, reference_sha256=reference_sha256, controls_sha256=controls_sha256,

@@ -48,15 +48,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_int
 from .controls import INIT_SCHEME_ATTR, preserve_rng_state
 from .errors import InputError, SourceError
-from .layerwise import BlockLoader, _Block, _Blocks, _Recorder, _Recording
-from .probes import ProbeBatch, ProbeSpec, preserve_module_modes
+from .files import is_seedprints_state
+from .layerwise import Block, BlockLoader, Blocks, Recorder, Recording
+from .probes import ProbeBatch, ProbeSpec, extract_features, preserve_module_modes
+from .sharded import GatheredBlockLoader, holds_dtensors, local_device
 
 __all__ = [
     "INIT_OLMO",
     "OLMO_CONFIG_KEY",
     "OLMO_STATE_PREFIX",
+    "OLMoStreamedInit",
     "build_olmo_control",
     "extract_features_olmo",
     "extract_features_olmo_layerwise",
@@ -65,9 +69,13 @@ __all__ = [
     "olmo_config_digest",
     "olmo_config_from_dict",
     "olmo_forward_features",
+    "olmo_meta_model",
     "olmo_rebuild_info",
+    "olmo_streams_controls",
+    "probe_olmo_streamed_control",
     "read_olmo_checkpoint",
     "register_olmo_config",
+    "registered_olmo_config",
     "resolve_olmo_spec",
 ]
 
@@ -195,9 +203,6 @@ def extract_features_olmo(model: nn.Module, spec: ProbeSpec, *, batch_size: int 
     :func:`register_olmo_config` recorded. Every rank of a sharded model must call this with the same number of
     samples.
     """
-    from .probes import extract_features
-    from .sharded import holds_dtensors
-
     lm = _require(model)
     if config is not None:
         register_olmo_config(lm, config)
@@ -233,17 +238,17 @@ def _pinned_device(model: nn.Module, device: torch.device) -> Iterator[None]:
             del model._device
 
 
-def _record(lm: nn.Module, batch: ProbeBatch, device: torch.device, dtype: torch.dtype) -> _Recording:
+def _record(lm: nn.Module, batch: ProbeBatch, device: torch.device, dtype: torch.dtype) -> Recording:
     """The model's own forward with recorders in place of its blocks and LM head: the call of each block."""
-    recording = _Recording()
+    recording = Recording()
     keys = list(lm.blocks.keys())
     originals = [lm.blocks[key] for key in keys]
     head = lm.lm_head
     ids, kwargs = _inputs(batch, device, dtype)
     try:
         for i, key in enumerate(keys):
-            lm.blocks[key] = _Recorder(i, recording)
-        lm.lm_head = _Recorder(-1, recording)
+            lm.blocks[key] = Recorder(i, recording)
+        lm.lm_head = Recorder(-1, recording)
         lm(ids, **kwargs)
     finally:
         for key, block in zip(keys, originals):
@@ -296,8 +301,8 @@ def extract_features_olmo_layerwise(
     keys = list(lm.blocks.keys())
     with preserve_module_modes(lm), torch.no_grad(), _pinned_device(lm, device):
         hidden: list[torch.Tensor] = []
-        recordings: list[_Recording] = []
-        with _Blocks(block_loader, stage0):
+        recordings: list[Recording] = []
+        with Blocks(block_loader, stage0):
             for batch in spec.batches(batch_size, start, stop):
                 recording = _record(lm, batch, device, dtype)
                 hidden.append(recording.first_hidden)
@@ -312,11 +317,11 @@ def extract_features_olmo_layerwise(
                 if norm is None:
                     hidden = [h[:, -1, :].to(device="cpu", dtype=torch.float32) for h in hidden]
                     continue
-                with _Block(block_loader, FINAL_NORM, norm):
+                with Block(block_loader, FINAL_NORM, norm):
                     hidden = [norm(h)[:, -1, :].to(device="cpu", dtype=torch.float32) for h in hidden]
                 continue
             name = f"blocks.{keys[index]}"
-            with _Block(block_loader, name, lm.blocks[keys[index]]):
+            with Block(block_loader, name, lm.blocks[keys[index]]):
                 for c, recording in enumerate(recordings):
                     hidden[c] = recording.calls[position].run(lm.blocks[keys[index]], hidden[c])
                     recording.calls[position] = None  # free what the call held once used
@@ -339,10 +344,13 @@ def register_olmo_config(model: nn.Module, config: Any) -> None:
     _CONFIGS[_require(model)] = config
 
 
+def registered_olmo_config(model: nn.Module) -> Any:
+    """The ``TransformerConfig`` :func:`register_olmo_config` recorded for ``model``, or ``None``."""
+    return _CONFIGS.get(_require(model))
+
+
 def _gathered_features(lm: nn.Module, spec: ProbeSpec, *, batch_size: int,
                        sample_range: tuple[int, int] | None) -> torch.Tensor:
-    from .sharded import GatheredBlockLoader, _local_device
-
     config = _CONFIGS.get(lm)
     if config is None:
         raise InputError(
@@ -358,7 +366,7 @@ def _gathered_features(lm: nn.Module, spec: ProbeSpec, *, batch_size: int,
         _TWINS[lm] = (config, twin)
     embedding = lm.embeddings.weight
     return extract_features_olmo_layerwise(twin, spec, batch_size=batch_size, sample_range=sample_range,
-                                           block_loader=GatheredBlockLoader(lm), device=_local_device(embedding),
+                                           block_loader=GatheredBlockLoader(lm), device=local_device(embedding),
                                            dtype=embedding.dtype)
 
 
@@ -394,8 +402,6 @@ def build_olmo_control(source: Any, seed: int, *, device: torch.device | str | N
     for a config, the live dtype for a model), moved to ``device``, in eval mode, without gradients.
     Every global RNG is restored after.
     """
-    from .sharded import holds_dtensors
-
     with preserve_rng_state():
         torch.manual_seed(int(seed))  # modules whose reset_parameters draws from the global RNG
         if isinstance(source, nn.Module):
@@ -418,6 +424,192 @@ def build_olmo_control(source: Any, seed: int, *, device: torch.device | str | N
     control.requires_grad_(False)
     setattr(control, INIT_SCHEME_ATTR, INIT_OLMO)
     return control
+
+
+# --------------------------------------------------------------------------------------
+# Streamed controls: OLMo-core's init_weights drawn one block at a time, bit for bit the whole control
+# --------------------------------------------------------------------------------------
+
+
+def _streamable(lm: nn.Module) -> str | None:
+    """Why ``lm``'s ``init_weights`` cannot be replayed block by block here, or ``None`` when it can.
+
+    The replay below is ``Transformer.init_weights``'s own steps for a dense model; any other class (the
+    nGPT variant renormalises after the draw, the MoE ones draw routers and experts) or block kind keeps
+    whole controls rather than risk a different draw.
+    """
+    from olmo_core.nn.transformer import Transformer
+
+    if type(lm) is not Transformer:
+        return f"a {type(lm).__name__} (only the dense Transformer's init is replayed block by block)"
+    for key, block in lm.blocks.items():
+        if hasattr(block, "feed_forward_moe") or not hasattr(block, "feed_forward"):
+            return f"block {key} is a {type(block).__name__} (an MoE block, or one without a feed-forward)"
+        if not callable(getattr(block.attention, "init_weights", None)):
+            return f"block {key}'s attention ({type(block.attention).__name__}) has no init_weights"
+    if lm.embeddings is None or lm.lm_head is None:
+        return "a pipeline stage without embeddings or LM head"
+    return None
+
+
+class OLMoStreamedInit:
+    """A block loader drawing a meta OLMo-core ``Transformer``'s blocks as ``init_weights`` does, in its streams.
+
+    ``Transformer.init_weights`` (what :func:`build_olmo_control` calls) draws from two streams: first
+    every module's ``reset_parameters`` from the GLOBAL generator (under ``torch.manual_seed(seed)``), in
+    ``modules()`` order; then ONE ``torch.Generator`` seeded with ``init_seed``, in a fixed order: the
+    embeddings, each block in order (attention, then feed-forward), the LM head's output matrix last. That
+    order is the probe's (``embeddings``, ``embedding_norm``, ``blocks.<i>``, ``lm_head.norm``), so each
+    unit is drawn just before it runs, from the states of both streams the previous unit left (carried
+    here; the global RNG is restored around every draw), and freed after: the weights are bit for bit the
+    whole control's. The LM head's output matrix, last in both streams, is never drawn; the embeddings,
+    which embedding probes never run, are still drawn to advance the stream and freed at once. The peak is
+    the embeddings or one block, whichever is larger, plus the activations.
+
+    Each unit is drawn on the CPU in the dtype the meta model was built in (as the whole control), then cast
+    to ``dtype`` and moved to ``device``. ``drawn`` lists the units drawn, in order. A unit asked for after
+    the stream has passed it is refused (its draw is gone). Raises :class:`InputError` for a model whose
+    init this does not replay (:func:`_streamable`) or whose modules are not in the stream's order.
+    """
+
+    def __init__(self, model: nn.Module, seed: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        check_int("seed", seed, low=0)
+        lm = _require(model)
+        why = _streamable(lm)
+        if why is not None:
+            raise InputError(f"OLMo-core's init of this model cannot be streamed block by block: {why}; build the "
+                             "whole control with build_olmo_control")
+        units: list[tuple[str, nn.Module]] = [("embeddings", lm.embeddings)]
+        if lm.embedding_norm is not None:
+            units.append(("embedding_norm", lm.embedding_norm))
+        units += [(f"blocks.{key}", block) for key, block in lm.blocks.items()]
+        if lm.lm_head.norm is not None:
+            units.append((FINAL_NORM, lm.lm_head.norm))
+        # The global stream is modules() order: the units must be exactly its prefix, only LM-head modules after.
+        covered = [id(m) for _, unit in units for m in unit.modules()]
+        whole = [id(m) for m in lm.modules() if m is not lm and m is not lm.blocks and m is not lm.lm_head]
+        head = {id(m) for m in lm.lm_head.modules()}
+        if covered != whole[:len(covered)] or not set(whole[len(covered):]) <= head:
+            raise InputError(f"this {type(lm).__name__} has modules outside its embeddings, blocks and LM head, or in "
+                             "another order: its init cannot be streamed block by block; build the whole control "
+                             "with build_olmo_control")
+        self.lm, self.device, self.dtype = lm, torch.device(device or "cpu"), dtype
+        self.pending = units
+        self.drawn: list[str] = []
+        with preserve_rng_state():
+            torch.manual_seed(int(seed))  # as build_olmo_control: reset_parameters draws from the global RNG
+            self.state = torch.random.get_rng_state()
+        # init_weights' own generator, on the CPU as build_olmo_control's draw.
+        self.generator = torch.Generator("cpu").manual_seed(int(seed))
+
+    def __call__(self, name: str, module: nn.Module) -> Any:
+        names = [unit_name for unit_name, _ in self.pending]
+        if name not in names:
+            raise InputError(f"block {name!r} was asked for after OLMo-core's init stream passed it (or is not a unit "
+                             f"of the model; still to draw: {names}): blocks are drawn in init_weights order")
+        while True:
+            unit_name, unit = self.pending.pop(0)
+            release = self._draw(unit_name, unit)
+            if unit_name == name:
+                if unit is not module:
+                    release()
+                    raise InputError(f"block {name!r} is another module than the model's own")
+                return release
+            release()  # drawn only to advance the streams
+
+    def _init(self, name: str, unit: nn.Module) -> None:
+        """The generator's draws of one unit: ``Transformer.init_weights``' calls for it, with its arguments."""
+        lm, generator = self.lm, self.generator
+        if name == "embeddings":
+            std = lm.embedding_init_std if lm.embedding_init_std is not None else lm.init_std
+            lm.init_method.init_embeddings(unit, d_model=lm.d_model, embed_scale=lm.embed_scale, std=std,
+                                           generator=generator)
+        elif name.startswith("blocks."):
+            common = dict(d_model=lm.d_model, block_idx=unit.block_idx, num_blocks=lm.n_layers, std=lm.init_std,
+                          generator=generator)
+            lm.init_method.init_attention(unit.attention, **common)
+            lm.init_method.init_feed_forward(unit.feed_forward, **common)
+        # embedding_norm and lm_head.norm: reset_parameters only (init_weights draws nothing more for them).
+
+    def _draw(self, name: str, unit: nn.Module) -> Any:
+        slots = [(owner, kind, key, tensor) for owner in unit.modules() for kind in ("_parameters", "_buffers")
+                 for key, tensor in getattr(owner, kind).items() if tensor is not None]
+        unit.to_empty(device="cpu")
+        with preserve_rng_state(), torch.no_grad():
+            torch.random.set_rng_state(self.state)
+            for owner in unit.modules():
+                if hasattr(owner, "reset_parameters"):
+                    owner.reset_parameters()
+            self.state = torch.random.get_rng_state()
+            self._init(name, unit)
+        self.drawn.append(name)
+        for owner, kind, key, _ in slots:
+            tensor = getattr(owner, kind)[key]
+            moved = tensor.detach().to(device=self.device, dtype=self.dtype if tensor.is_floating_point() else None)
+            getattr(owner, kind)[key] = nn.Parameter(moved, requires_grad=False) if kind == "_parameters" else moved
+
+        def release() -> None:
+            for owner, kind, key, tensor in slots:
+                getattr(owner, kind)[key] = tensor
+
+        return release
+
+
+def olmo_meta_model(config: Any) -> nn.Module:
+    """The ``TransformerConfig``'s model on the meta device (no memory, no draw), in eval mode, without gradients."""
+    if not callable(getattr(config, "build", None)):
+        raise InputError(f"an OLMo-core TransformerConfig is needed here, got {type(config).__name__}")
+    with preserve_rng_state():
+        model = config.build(init_device="meta")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def olmo_streams_controls(config: Any) -> bool:
+    """Whether the controls of ``config``'s model can be drawn block by block (:class:`OLMoStreamedInit`)."""
+    if config is None:
+        return False
+    try:
+        OLMoStreamedInit(olmo_meta_model(config), 0)
+    except InputError:
+        return False
+    return True
+
+
+def probe_olmo_streamed_control(
+    config: Any,
+    seed: int,
+    spec: ProbeSpec,
+    *,
+    batch_size: int = 64,
+    sample_range: tuple[int, int] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Features ``[n, d_model]`` of ``build_olmo_control(config, seed)`` without the control ever existing whole.
+
+    The config's model is built on the meta device and probed layer-major
+    (:func:`extract_features_olmo_layerwise`), each block drawn just before it runs by
+    :class:`OLMoStreamedInit` and freed after: the weights, and so the features, are bit for bit those of
+    the whole control (``tests/test_olmo_streamed.py``). Global RNGs are left untouched.
+
+    Args:
+        config: the run's OLMo-core ``TransformerConfig``.
+        seed: the control's seed (``init_seed`` of OLMo-core's ``init_weights``).
+        spec: the run's resolved spec; an unresolved token spec takes the config's vocabulary (embedding
+            probes need the run's resolved spec: their statistics are the run's INIT embedding's).
+        device: where blocks and activations live (default CPU); the init is drawn on the CPU.
+        dtype: the dtype the blocks run in (drawn in the config's dtype, then cast, as ``build_olmo_control``).
+    """
+    if not isinstance(spec, ProbeSpec):
+        raise InputError(f"spec must be a ProbeSpec, got {type(spec).__name__}")
+    skeleton = olmo_meta_model(config)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    loader = OLMoStreamedInit(skeleton, seed, device=device, dtype=dtype)
+    return extract_features_olmo_layerwise(skeleton, spec, batch_size=batch_size, sample_range=sample_range,
+                                           block_loader=loader, device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -471,8 +663,6 @@ def read_olmo_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> dic
                           "trust_pickle=True (--trust-pickle) if you created it yourself") from exc
     if not isinstance(state, dict):
         raise SourceError(f"{file} is not an OLMo-core trainer state (a dict)")
-    from .files import is_seedprints_state
-
     callbacks = state.get("callbacks") or {}
     found = next((value for value in callbacks.values() if is_seedprints_state(value)), None)
     out: dict[str, Any] = {"global_step": state.get("global_step")}

@@ -4,7 +4,6 @@ A face owns its loop's few adapters (how the live model's features are measured,
 processes agree: :class:`~seedprints_lightning.core.processes.Processes`, how it acts).
 Everything else about opening a run is :func:`open_chain`, so each face writes the same run
 directory, the same ledger and the same chain state::
-
     open_chain(chain, step=..., run=RunDirectory(save_dir), processes=..., take_reference=...,
                controls=ControlsSource(...))      # then, every probe:  chain.observe(step, features)
 """
@@ -19,13 +18,22 @@ from typing import Any
 import torch
 
 from .chain import Anchor, CustodyChain
-from .controls import ControlSet, control_seeds
+from .controls import ControlSet, control_seeds, init_scheme_of
 from .errors import InputError
 from .files import file_sha256
 from .fingerprint import Fingerprint
-from .ledger import REFERENCE_FILE, RunDirectory, RunLock, save_parent_anchor
+from .ledger import (
+    REFERENCE_FILE,
+    RunDirectory,
+    RunLock,
+    check_save_dir,
+    load_parent_anchor,
+    save_parent_anchor,
+    storage_features,
+)
 from .probes import ProbeSpec
 from .processes import Processes
+from .signing import check_signer
 
 __all__ = ["ControlsSource", "close_chain", "open_chain", "probe_spec_differs"]
 
@@ -58,7 +66,6 @@ def open_chain(chain: CustodyChain, *, step: int, run: RunDirectory | None, proc
     then writes or checks ``reference.safetensors`` (``origin`` names where a restored or explicit
     reference came from), saves the controls and positions the ledger; every process raises the
     writer's errors alike. A run directory belongs to one run:
-
     - a new chain from a fresh step-0 reference is refused in a directory that holds another
       run's ledger (a record in ``custody.jsonl``) or another reference;
     - a resume (restored state with records) whose directory has no ledger (deleted, or an
@@ -76,9 +83,7 @@ def open_chain(chain: CustodyChain, *, step: int, run: RunDirectory | None, proc
     resume passes it again.
     """
     if signer is not None:
-        from .ledger import _check_signer
-
-        _check_signer(signer)
+        check_signer(signer)
     fresh = chain.reference is None
     if fresh and step != 0:
         where = run.reference_path if run is not None else f"<run>/seedprints/{REFERENCE_FILE}"
@@ -141,8 +146,6 @@ def _claim(run: RunDirectory | None, processes: Processes, fresh: bool) -> RunLo
     error = lock = None
     if processes.is_writer:
         try:
-            from .ledger import check_save_dir
-
             check_save_dir(run.path)
             lock = run.lock()
             if fresh:
@@ -223,8 +226,6 @@ def _first_anchor_sha(chain: CustodyChain, run: RunDirectory, continues: dict[st
 
 
 def _same_anchor(path: Any, anchor: Anchor) -> bool:
-    from .ledger import load_parent_anchor, storage_features
-
     try:
         features, step = load_parent_anchor(path)
     except Exception:  # an unreadable file is rewritten
@@ -289,7 +290,6 @@ def _build_split(source: ControlsSource, seeds: tuple[int, ...], spec: ProbeSpec
             features[r + j * world] = feature
     assert first is not None and all(f is not None for f in features)
     schemes = [part["set"].init_scheme for part in parts if part["set"] is not None]
-    from .controls import init_scheme_of
 
     return dataclasses.replace(
         first, features=torch.stack(features), seeds=seeds,

@@ -22,8 +22,8 @@ from .errors import InputError
 from .verdict import FAIL_ON
 
 __all__ = ["LEDGER_FORMAT", "LEDGER_VERSION", "SAVE_KIND", "LedgerRecordError", "LedgerText", "ProbeRecord",
-           "SaveRecord", "is_json_int", "is_torn_line", "ledger_lines", "read_ledger", "read_ledger_text",
-           "read_record", "record_of"]
+           "SaveRecord", "canonical_json", "is_json_int", "is_torn_line", "ledger_lines", "read_ledger",
+           "read_ledger_text", "read_record", "record_of"]
 
 # The record format's constants live here, with its schema; core.ledger (the writer) imports them.
 LEDGER_FORMAT = "seedprints-custody"
@@ -31,6 +31,11 @@ LEDGER_VERSION = 1
 #: The ``kind`` of a record that a checkpoint save wrote (:meth:`CustodyLedger.record_save`); a probe's
 #: record has no ``kind`` field.
 SAVE_KIND = "save"
+
+
+def canonical_json(record: dict[str, Any]) -> str:
+    """A record's line as the ledger writes it (and a signature signs it): sorted keys, no spaces, no NaN."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def is_json_int(value: Any) -> bool:

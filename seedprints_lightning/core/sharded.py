@@ -48,10 +48,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .controls import preserve_rng_state
 from .errors import InputError
 from .layerwise import block_storage, extract_features_layerwise, splits_into_blocks
-from .probes import ProbeSpec, find_causal_lm
+from .probes import ProbeSpec, find_causal_lm, find_causal_lm_or_none
+from .rng import preserve_rng_state
+from .weights import tensor_digest
 
 __all__ = ["GATHER_STEP_BYTES", "GatheredBlockLoader", "extract_features_gathered", "gather_full_tensor",
            "gathered_input_embedding", "holds_dtensors", "holds_zero3_params", "probes_gathered", "unsharded_class",
@@ -181,7 +182,7 @@ class GatheredBlockLoader:
                                           id(raw) in zero3_ids))
             # One allocation for the block's gathered tensors (block_storage says why), on the shards' device.
             sharded = [slot[3] for slot in slots if _is_dtensor(slot[3])]
-            storage = iter(block_storage(sharded, _local_device(sharded[0])) if sharded else [])
+            storage = iter(block_storage(sharded, local_device(sharded[0])) if sharded else [])
             for owner_slots, key, meta, live, kind, qualified, gathered in slots:
                 if _is_dtensor(live):
                     self.gathered.append(qualified)
@@ -264,7 +265,7 @@ def gather_full_tensor(tensor: torch.Tensor, *, out: torch.Tensor | None = None,
     return full
 
 
-def _local_device(tensor: torch.Tensor) -> torch.device:
+def local_device(tensor: torch.Tensor) -> torch.device:
     return tensor.to_local().device if _is_dtensor(tensor) else tensor.device
 
 
@@ -301,7 +302,7 @@ def extract_features_gathered(
     if loader.live is not lm:
         raise InputError("the GatheredBlockLoader reads another model than the one probed: build it on the causal LM")
     return extract_features_layerwise(twin, spec, batch_size=batch_size, sample_range=sample_range,
-                                      block_loader=loader, device=_local_device(embedding), dtype=embedding.dtype)
+                                      block_loader=loader, device=local_device(embedding), dtype=embedding.dtype)
 
 
 def weights_digest_gathered(lm: nn.Module, *, writer: bool) -> str:
@@ -317,7 +318,6 @@ def weights_digest_gathered(lm: nn.Module, *, writer: bool) -> str:
     """
     import hashlib
 
-    from .weights import _tensor_digest
 
     tensors = {str(key): value for key, value in lm.state_dict(keep_vars=True).items()
                if isinstance(value, torch.Tensor)}
@@ -328,9 +328,9 @@ def weights_digest_gathered(lm: nn.Module, *, writer: bool) -> str:
         tensor = tensors[key]
         if _is_zero3_param(tensor):
             with _gathered_zero3([tensor]):
-                part = _tensor_digest(key, tensor.data) if writer else ""
+                part = tensor_digest(key, tensor.data) if writer else ""
         else:
-            part = _tensor_digest(key, tensor) if writer else ""
+            part = tensor_digest(key, tensor) if writer else ""
         if writer:
             combined.update(key.encode("utf-8") + b"\0" + part.encode("ascii"))
     return combined.hexdigest() if writer else ""
@@ -342,7 +342,6 @@ def gathered_input_embedding(model: nn.Module) -> Any:
     does. A no-op context for any other model."""
     import contextlib
 
-    from .probes import find_causal_lm_or_none
 
     lm = find_causal_lm_or_none(model)
     weight = getattr(lm.get_input_embeddings(), "weight", None) if lm is not None else None

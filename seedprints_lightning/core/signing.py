@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .ledger import _canonical
+from .records import canonical_json
 
 __all__ = [
     "ENV_SIGNING_KEY",
@@ -56,6 +56,7 @@ __all__ = [
     "RecordSigner",
     "SigningUnavailableError",
     "check_signed_ledger",
+    "check_signer",
     "key_id_of",
     "load_public_key",
     "load_signing_key",
@@ -239,15 +240,26 @@ class RecordSigner:
 # --------------------------------------------------------------------------------------
 
 
+def check_signer(signer: Any) -> None:
+    """Raise :class:`InputError` unless ``signer`` is a :class:`RecordSigner` or ``None`` (no signing).
+
+    Args:
+        signer: what a face or the ledger writer was given as ``signer``.
+    """
+    if signer is not None and not isinstance(signer, RecordSigner):
+        raise InputError(f"signer must be a RecordSigner (seedprints_lightning.core.signing.load_signing_key(path)) or "
+                         f"None, got {type(signer).__name__}")
+
+
 def signed_payload(record: dict[str, Any]) -> str:
     """The line a signature covers: the record's canonical JSON line without its ``signature`` field."""
     if not isinstance(record, dict):
         raise InputError(f"a ledger record is a dict, got {type(record).__name__}")
-    return _canonical({k: v for k, v in record.items() if k != SIGNATURE_FIELD})
+    return canonical_json({k: v for k, v in record.items() if k != SIGNATURE_FIELD})
 
 
 def sign_ledger_line(signer: RecordSigner, record: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``record`` with its ``signature`` field; write ``_canonical(result)`` as the ledger line.
+    """A copy of ``record`` with its ``signature`` field; write ``canonical_json(result)`` as the ledger line.
 
     The record must not be signed already (re-signing would hide which key signed first).
     """

@@ -50,6 +50,7 @@ __all__ = [
     "kendall_null_sigma",
     "log10_normal_sf",
     "normalised_column_ranks",
+    "resolve_identity_k",
     "prepared_pair_taus",
     "softmax_normalise",
     "subset_tau_bounds",
@@ -346,7 +347,20 @@ def _as_float_matrix(features: FeatureLike, name: str) -> torch.Tensor:
     return tensor
 
 
-def _resolve_k(dim: int, identity_k: int | None, identity_ratio: float | None) -> int:
+def resolve_identity_k(dim: int, identity_k: int | None, identity_ratio: float | None) -> int:
+    """How many identity dimensions a test of width ``dim`` uses (``identity_k``, or ``identity_ratio`` of ``dim``).
+
+    Args:
+        dim: ``D``, the features' width.
+        identity_k: a count of dimensions, or ``None``.
+        identity_ratio: a fraction of ``D`` (default :data:`DEFAULT_IDENTITY_RATIO`), or ``None``.
+
+    The one rule :func:`lineage_test` applies; a caller that batches tests (the audit) uses it to
+    know when every column is an identity dimension, so one preparation serves every pair.
+
+    Raises:
+        InputError: both given, or a count or fraction that leaves fewer than 2 dimensions.
+    """
     if identity_k is not None and identity_ratio is not None:
         raise InputError("give identity_k (a count) or identity_ratio (a fraction of D), not both")
     if identity_k is not None:
@@ -538,7 +552,7 @@ def check_test_options(*, dim: int | None = None, identity_mode: str = "coset", 
     """
     _check_test_options(identity_mode, temperature, method, alpha, use_agg, null)
     if dim is not None:
-        _resolve_k(int(dim), identity_k, identity_ratio)
+        resolve_identity_k(int(dim), identity_k, identity_ratio)
     elif identity_k is not None and identity_ratio is not None:
         raise InputError("give identity_k (a count) or identity_ratio (a fraction of D), not both")
 
@@ -602,7 +616,7 @@ def lineage_test(
     b = _as_float_matrix(target, "target").to(a.device)
     _check_pair(a, b)
     n, dim = a.shape
-    k_requested = _resolve_k(dim, identity_k, identity_ratio)
+    k_requested = resolve_identity_k(dim, identity_k, identity_ratio)
 
     dims = _identity_dims(a, b, k_requested, identity_mode)
     if dims.numel() < 2:
@@ -692,7 +706,7 @@ class PreparedTarget:
         self.n, self.dim = (int(s) for s in self.matrix.shape)
         if self.n < 3:
             raise InputError(f"the lineage test needs at least 3 probe samples, got n={self.n}")
-        _resolve_k(self.dim, None, None)
+        resolve_identity_k(self.dim, None, None)
         self.temperature = float(temperature)
         self.dims = torch.arange(self.dim, device=self.matrix.device)
         self.columns = softmax_normalise(self.matrix, self.dims, self.temperature).t()  # [D, n] contiguous

@@ -48,7 +48,7 @@ from typing import Any
 
 from .checks import check_number
 from .errors import InputError
-from .stats import LineageResult, kendall_null_sigma, z_threshold
+from .stats import LineageResult, kendall_null_sigma, lineage_test, z_threshold
 
 __all__ = [
     "BIRTH_RULE",
@@ -354,8 +354,6 @@ def safe_lineage_test(base: Any, live: Any, *, alpha: float, identity_mode: str 
                       identity_ratio: float | None = None, **test_kwargs: Any) -> LineageResult:
     """``lineage_test`` whose bad-input errors (e.g. NaN hidden states of a diverged model) become
     an undetermined result with the reason, so a probe never crashes a run and nothing NaN is logged."""
-    from .stats import lineage_test
-
     try:
         return lineage_test(base, live, identity_mode=identity_mode, identity_ratio=identity_ratio, alpha=alpha,
                             **test_kwargs)

@@ -40,9 +40,9 @@ from .ledger import (
 from .records import LEDGER_FORMAT, SAVE_KIND, LedgerText, is_json_int, ledger_lines, read_ledger_text, read_record
 from .signing import RecordSigner, check_signed_ledger, key_id_of, load_public_key
 
-# _resolve_k is stats' own rule for how many identity dimensions a test uses; the batched judge
-# must use exactly that rule to know when it may share a preparation (no public name for it yet).
-from .stats import PreparedTarget, _resolve_k, prepared_pair_taus
+# resolve_identity_k is stats' own rule for how many identity dimensions a test uses; the batched
+# judge must use exactly that rule to know when it may share a preparation.
+from .stats import PreparedTarget, prepared_pair_taus, resolve_identity_k
 from .verdict import ProbeVerdict, decide_identity
 from .weights import find_saves
 
@@ -225,8 +225,9 @@ class _PreparedJudge(_RecordJudge):
         rules = chain.rules
         stored = storage_features(features)
         try:
+            width = None if ref is None else int(ref.features.shape[1])
             if ref is None or tuple(features.shape) != tuple(ref.features.shape) \
-                    or _resolve_k(int(ref.features.shape[1]), None, rules.identity_ratio) != ref.features.shape[1]:
+                    or resolve_identity_k(width, None, rules.identity_ratio) != width:
                 return None
             live = PreparedTarget(stored.float())
             if self.reference is None:

@@ -25,11 +25,13 @@ from typing import Any
 import torch
 
 from .errors import InputError
+from .records import SAVE_KIND
 
-__all__ = ["find_saves", "weights_digest"]
+__all__ = ["find_saves", "tensor_digest", "weights_digest"]
 
 
-def _tensor_digest(name: str, tensor: torch.Tensor) -> str:
+def tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    """sha256 of one named tensor: its name, dtype, shape and bytes (one entry of :func:`weights_digest`)."""
     digest = hashlib.sha256()
     digest.update(name.encode("utf-8") + b"\0")
     digest.update(str(tensor.dtype).removeprefix("torch.").encode("ascii") + b"\0")
@@ -58,13 +60,12 @@ def weights_digest(state_dict: Mapping[str, Any]) -> str:
     by_name = {str(name): value for name, value in state_dict.items()}
     combined = hashlib.sha256()
     for name in names:
-        combined.update(name.encode("utf-8") + b"\0" + _tensor_digest(name, by_name[name]).encode("ascii"))
+        combined.update(name.encode("utf-8") + b"\0" + tensor_digest(name, by_name[name]).encode("ascii"))
     return combined.hexdigest()
 
 
 def find_saves(records: Iterable[Any], digest: str) -> list[dict[str, Any]]:
     """The save records (``kind == "save"``) among ``records`` whose ``weights_sha256`` is ``digest``."""
-    from .ledger import SAVE_KIND
 
     return [r for r in records if isinstance(r, dict) and r.get("kind") == SAVE_KIND
             and r.get("weights_sha256") == digest]

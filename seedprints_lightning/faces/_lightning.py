@@ -22,13 +22,14 @@ from typing import Any
 import pytorch_lightning as _pl
 import torch
 
+from ..core.controls import preserve_rng_state
 from ..core.probes import ProbeSpec
 from ..core.processes import Processes, measure_over_ranks, torch_processes
 from ..core.verdict import METRIC_TAGS
 from .base import sharding_of
 
-__all__ = ["CALLBACK_BASES", "call_inside_wrapper", "is_tensorboard_logger", "log_metrics", "measure_features",
-           "processes_of", "run_model_code", "shards_parameters", "trainer_fn_value"]
+__all__ = ["CALLBACK_BASES", "call_inside_wrapper", "forwards_in_wrapper", "is_tensorboard_logger", "log_metrics",
+           "measure_features", "processes_of", "run_model_code", "shards_parameters", "trainer_fn_value"]
 
 try:  # the unified package is optional
     import lightning.pytorch as _lpl
@@ -66,13 +67,17 @@ def run_model_code(trainer: Any, pl_module: Any, fn: Callable[[], Any]) -> Any:
     modules gather their own shards): call ``fn`` directly. Callback hooks run outside the training
     step's autocast, hence the precision plugin's context.
     """
-    from ..core.controls import preserve_rng_state
-
-    wrapper = getattr(trainer.strategy, "model", None)
     with preserve_rng_state(), trainer.precision_plugin.forward_context():
-        if not shards_parameters(trainer.strategy) or wrapper is None or wrapper is pl_module:
+        if not forwards_in_wrapper(trainer, pl_module):
             return fn()
-        return call_inside_wrapper(wrapper, pl_module, fn)
+        return call_inside_wrapper(trainer.strategy.model, pl_module, fn)
+
+
+def forwards_in_wrapper(trainer: Any, pl_module: Any) -> bool:
+    """Whether the probe's forwards must run inside the strategy's root wrapper (FSDP1, DeepSpeed): a sharding
+    strategy whose wrapper is not the LightningModule itself."""
+    wrapper = getattr(trainer.strategy, "model", None)
+    return shards_parameters(trainer.strategy) and wrapper is not None and wrapper is not pl_module
 
 
 def call_inside_wrapper(wrapper: torch.nn.Module, pl_module: Any, fn: Callable[[], Any]) -> Any:

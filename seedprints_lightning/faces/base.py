@@ -37,10 +37,11 @@ from torch import nn
 
 from ..core.controls import DEFAULT_NUM_CONTROLS, preserve_rng_state
 from ..core.errors import IdentityLostError, IdentityWarning, InputError
+from ..core.families import MeasurementPlan
 from ..core.fingerprint import Fingerprint
 from ..core.ledger import RunDirectory
 from ..core.opening import close_chain, open_chain, probe_spec_differs
-from ..core.probes import ProbeBatch, ProbeSpec, find_causal_lm, find_causal_lm_or_none
+from ..core.probes import ProbeBatch, ProbeSpec, find_causal_lm_or_none
 from ..core.processes import Processes, measure_over_ranks, torch_processes
 from ..core.sharded import gathered_input_embedding, holds_dtensors, holds_zero3_params, weights_digest_gathered
 from ..core.state import FaceState, model_rebuild_info
@@ -263,6 +264,8 @@ class SeedPrintsFace:
         self.started = False
         self.current_step: int | None = None
         self._model_rebuild: dict[str, Any] = {}
+        #: How the model is measured (decided when the chain opens; ``None`` before).
+        self.measurement: MeasurementPlan | None = None
         self._process_group: Processes | None = None
         self._writer: Any = None
         self._layouts: set[int] = set()
@@ -300,9 +303,13 @@ class SeedPrintsFace:
         restored state (a resume) or a parent's ``reference=``, the loaded weights are probed
         and linked to the chain at once, so resuming the wrong weights fails here.
         """
-        lm = self.settings.check_model(model, self.reference.spec if self.reference is not None else None)
+        lm = self.settings.check_model(model, self.reference.spec if self.reference is not None else None,
+                                       face=type(self).__name__)
         self._warn_other_spec(origin)
         processes = self._processes()
+        self.measurement = self.settings.plan(model, strategy_wrapper=self._forwards_in_wrapper())
+        if processes.is_writer:  # once per run, when the chain opens: how the model is measured, and why
+            print(f"[seedprints] {self.measurement.line()}", flush=True)
         fresh = open_chain(
             self.chain, step=step, run=run, processes=processes,
             take_reference=lambda: self._take_reference(model, step),
@@ -369,7 +376,7 @@ class SeedPrintsFace:
         spec = self.settings.probe or ProbeSpec()
         if not spec.is_resolved:
             unresolved = spec
-            spec = self._run_model_code(model, lambda: unresolved.resolve(find_causal_lm(model)))
+            spec = self._run_model_code(model, lambda: self.settings.resolve_spec(unresolved, model))
         spec = self._processes().broadcast(spec)
         return Fingerprint(features=self._measure_and_release(model, spec), spec=spec, step=step,
                            extra={"source": f"{type(self).__name__} step-0 reference"},
@@ -458,6 +465,10 @@ class SeedPrintsFace:
         with preserve_rng_state():
             return measure_over_ranks(spec, lambda padded, sample_range: self.settings.features_of(
                 model, padded, sample_range))
+
+    def _forwards_in_wrapper(self) -> bool:
+        """Whether the probe's forwards run inside a sharding strategy's root wrapper (the Lightning face's FSDP1)."""
+        return False
 
     def _run_model_code(self, model: nn.Module, fn: Callable[[], Any]) -> Any:
         # Under ZeRO-3 the embedding's local tensor is empty: an embedding probe's mean and std read it gathered.

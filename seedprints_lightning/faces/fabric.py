@@ -37,7 +37,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from ..core.errors import InputError
-from ..core.probes import find_causal_lm_or_none
+from ..core.families import family_of, refuse_dedicated
 from .base import refuse_unprobeable_sharding, sharding_of, write_layout
 from .monitor import SeedPrintsMonitor
 
@@ -74,12 +74,13 @@ class SeedPrintsFabricCallback(SeedPrintsMonitor):
     # ------------------------------------------------------------------ Fabric's hooks
     def on_after_setup(self, fabric: Any, module: nn.Module) -> None:
         original = getattr(module, "_original_module", module)  # weights as fabric.save stores them
-        if self._module is not None or (self.settings.feature_fn is None and find_causal_lm_or_none(original) is None):
-            if self._module is None and self.settings.feature_fn is None:
-                from .litgpt import refuse_unadopted_litgpt
-
-                refuse_unadopted_litgpt(type(self).__name__, original)  # a GPT is never skipped silently
+        if self._module is not None:
             return
+        if self.settings.feature_fn is None and self.settings.family is None:
+            family = family_of(original)
+            if family is None:  # a module no family measures (a second model set up beside the watched one)
+                return
+            refuse_dedicated(family, type(self).__name__)  # a GPT (or an OLMo-core model) is never skipped silently
         # Under FSDP1 the original module may hold no wrapper to tell it by: the strategy tells.
         refuse_unprobeable_sharding(sharding_of(strategy=getattr(fabric, "strategy", None)))
         self._fabric, self._module = fabric, original

@@ -19,6 +19,8 @@ def fabric_callbacks() -> list:
     path = os.environ.get("SEEDPRINTS_CONFIG")
     if not path:
         return []
+    # Start-up cost: Fabric calls this factory in every program where the package is installed;
+    # only a run that asked for SeedPrints pays for importing the face (and LitGPT).
     from .litgpt import callback_from_config
 
     return [callback_from_config(path)]

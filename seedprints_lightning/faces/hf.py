@@ -33,8 +33,9 @@ import torch
 from transformers import TrainerCallback
 
 from ..core.errors import InputError
+from ..core.files import atomic_write
 from ..core.state import HF_TRAINER_STATE_FILE
-from .base import write_layout
+from .base import SeedPrintsFace, write_layout
 from .monitor import SeedPrintsMonitor
 
 __all__ = ["SeedPrintsTrainerCallback"]
@@ -95,9 +96,6 @@ class SeedPrintsTrainerCallback(SeedPrintsMonitor, TrainerCallback):
         The Trainer has already saved its checkpoint: a full or read-only disk must not fail the run
         from here. A resume from that checkpoint then names the missing file.
         """
-        from ..core.files import atomic_write
-        from .base import SeedPrintsFace
-
         state = SeedPrintsFace.state_dict(self)  # the save was bound above (the monitor's state_dict would bind again)
         try:
             atomic_write(path, lambda tmp: torch.save(state, tmp))

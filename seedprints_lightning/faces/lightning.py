@@ -56,12 +56,14 @@ from ..core.errors import IdentityWarning, InputError
 from ..core.files import is_seedprints_state
 from ..core.fingerprint import Fingerprint
 from ..core.ledger import RunDirectory
+from ..core.opening import probe_spec_differs
 from ..core.probes import ProbeSpec
 from ..core.processes import Processes
 from ..core.state import LEGACY_STATE_KEY
 from ..core.verdict import METRIC_TAGS
 from ._lightning import (
     CALLBACK_BASES,
+    forwards_in_wrapper,
     is_tensorboard_logger,
     log_metrics,
     measure_features,
@@ -156,8 +158,6 @@ class SeedPrintsCallback(SeedPrintsFace, *CALLBACK_BASES):  # type: ignore[misc]
                    "which no callback of this Trainer claims: this callback continues that chain")
         used = _state_spec(callbacks[key])
         if used is not None and self.reference_source != "explicit":
-            from ..core.opening import probe_spec_differs
-
             if probe_spec_differs(self.settings.probe, used):
                 self._spec_warned = (self.settings.probe, used)
                 message += ". " + probe_spec_message(type(self).__name__, self.settings.probe, used,
@@ -167,7 +167,8 @@ class SeedPrintsCallback(SeedPrintsFace, *CALLBACK_BASES):  # type: ignore[misc]
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # Checked here, not in setup(): a model built in configure_model() exists only now.
         self._trainer = trainer
-        self.settings.check_model(pl_module, self.reference.spec if self.reference is not None else None)
+        self.settings.check_model(pl_module, self.reference.spec if self.reference is not None else None,
+                                  face=type(self).__name__)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._skips(trainer):
@@ -219,6 +220,9 @@ class SeedPrintsCallback(SeedPrintsFace, *CALLBACK_BASES):  # type: ignore[misc]
 
     def _run_model_code(self, model: nn.Module, fn: Any) -> Any:
         return run_model_code(self._trainer, model, fn)
+
+    def _forwards_in_wrapper(self) -> bool:
+        return forwards_in_wrapper(self._trainer, self._trainer.lightning_module)
 
     def _forward_context(self) -> Any:
         return self._trainer.precision_plugin.forward_context

@@ -23,7 +23,6 @@ checkpoints, and a stop raises (LitGPT reads no stop flag).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import os
@@ -32,24 +31,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..core.controls import control_dtype
 from ..core.errors import IdentityLostError, InputError
-from ..core.litgpt import (
-    build_litgpt_control,
-    find_litgpt_model,
-    litgpt_config_digest,
-    litgpt_features,
-    litgpt_rebuild_info,
-    resolve_litgpt_spec,
-)
-from ..core.probes import ProbeBatch, ProbeSpec, find_causal_lm_or_none
+from ..core.families import LITGPT, family_of, refuse_dedicated
+from ..core.litgpt import find_litgpt_model, litgpt_rebuild_info
+from ..core.probes import ProbeSpec, find_causal_lm_or_none
 from .base import SeedPrintsFace
 from .fabric import SeedPrintsFabricCallback
 from .messages import identity_lost_message
-from .settings import FaceSettings
 
 __all__ = [
     "ENV_CONFIG",
@@ -68,34 +58,18 @@ STATE_KEY = "seedprints"
 
 
 def refuse_unadopted_litgpt(face: str, module: nn.Module) -> None:
-    """Raise when ``face`` (a Fabric face without the LitGPT family) is set up with a LitGPT GPT it would skip."""
-    if find_litgpt_model(module) is not None:
-        raise InputError(
-            f"{face} was set up with a LitGPT GPT, which it cannot probe by itself (it is not a transformers model): "
-            "use seedprints_lightning.SeedPrintsLitGPTCallback (the same arguments; it probes the GPT's "
-            "transformer.ln_f with LitGPT's own init for the controls and binds fabric.save), or pass "
-            "feature_fn=seedprints_lightning.core.litgpt.litgpt_features with a control_factory")
+    """Raise when ``face`` (a Fabric face without the LitGPT family) is set up with a LitGPT GPT it would skip.
+
+    The registry's rule for every family with a face of its own
+    (:func:`~seedprints_lightning.core.families.refuse_dedicated`); kept under this name for callers of 0.8.
+    """
+    family = family_of(module)
+    refuse_dedicated(family if family is LITGPT else None, face)
 
 
 # --------------------------------------------------------------------------------------
 # The face
 # --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _LitGPTSettings(FaceSettings):
-    """The face's settings once its model is a LitGPT GPT: its identity names the LitGPT ``Config``."""
-
-    @staticmethod
-    def model_identity(module: nn.Module) -> dict[str, str | None]:
-        gpt = find_litgpt_model(module)
-        if gpt is None:
-            return FaceSettings.model_identity(module)
-        return {"model_class": type(gpt).__name__, "config_digest": litgpt_config_digest(gpt.config)}
-
-
-def _litgpt_feature_fn(module: nn.Module, batch: ProbeBatch) -> torch.Tensor:
-    return litgpt_features(module, batch)
 
 
 class SeedPrintsLitGPTCallback(SeedPrintsFabricCallback):
@@ -144,22 +118,19 @@ class SeedPrintsLitGPTCallback(SeedPrintsFabricCallback):
 
     # ------------------------------------------------------------------ the GPT family in the face
     def _adopt(self, gpt: nn.Module) -> None:
-        """Probe ``gpt`` with the LitGPT family: its feature function, its controls, a spec resolved from it now.
+        """Adopt the LitGPT family (:data:`~seedprints_lightning.core.families.LITGPT`) with a spec resolved now.
 
-        Resolved now, at setup, when the weights are the init ones (embedding probes take the INIT
-        embedding's statistics); on a resume the restored chain's spec is used instead.
+        Its probe (``transformer.ln_f``'s output), controls (LitGPT's own init, unless ``control_factory``
+        is given) and identity (the LitGPT ``Config``'s digest) come from the registry. Resolved now, at
+        setup, when the weights are the init ones (embedding probes take the INIT embedding's
+        statistics); on a resume the restored chain's spec is used instead.
         """
-        changes: dict[str, Any] = {"feature_fn": _litgpt_feature_fn}
-        if self.settings.control_factory is None:
-            config, dtype = gpt.config, control_dtype(gpt)
-            device = next(iter(gpt.parameters())).device
-            changes["control_factory"] = lambda seed: build_litgpt_control(config, seed, dtype=dtype, device=device)
+        probe = self.settings.probe
         if self.settings.reference is not None:
-            resolve_litgpt_spec(self.settings.reference.spec, gpt)  # a reference the GPT cannot take fails now
+            LITGPT.resolve_spec(self.settings.reference.spec, gpt)  # a reference the GPT cannot take fails now
         else:
-            changes["probe"] = resolve_litgpt_spec(self.settings.probe, gpt)
-        fields = {field.name: getattr(self.settings, field.name) for field in dataclasses.fields(self.settings)}
-        self.settings = _LitGPTSettings(**{**fields, **changes})
+            probe = LITGPT.resolve_spec(probe, gpt)
+        self.settings = self.settings.adopt(LITGPT, probe)
         self._gpt = gpt
 
     def _open(self, model: nn.Module, step: int, run: Any, origin: str) -> Any:

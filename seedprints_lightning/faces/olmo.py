@@ -39,12 +39,10 @@ Files go to ``<save_folder>/seedprints`` (``save_dir`` overrides), so
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 try:
@@ -53,20 +51,10 @@ except ImportError as exc:  # pragma: no cover - the [olmo] extra is missing
     raise ImportError("SeedPrintsOLMoCallback needs OLMo-core: pip install 'seedprints-lightning[olmo]' "
                       "(ai2-olmo-core>=3.0)") from exc
 
-from ..core.controls import preserve_rng_state
 from ..core.errors import InputError
+from ..core.families import OLMO_CORE
 from ..core.ledger import RunDirectory
-from ..core.olmo import (
-    build_olmo_control,
-    extract_features_olmo,
-    find_olmo_transformer,
-    olmo_config_from_dict,
-    olmo_forward_features,
-    olmo_rebuild_info,
-    register_olmo_config,
-    resolve_olmo_spec,
-)
-from ..core.processes import measure_over_ranks
+from ..core.olmo import find_olmo_transformer, olmo_config_from_dict, olmo_rebuild_info, register_olmo_config
 from .base import SeedPrintsFace
 
 __all__ = ["CONSOLE_PATTERN", "SeedPrintsOLMoCallback"]
@@ -214,24 +202,15 @@ class SeedPrintsOLMoCallback(SeedPrintsFace, Callback):
 
     # ------------------------------------------------------------------ the family, built in
     def _install_family(self, lm: nn.Module) -> None:
-        """The settings with the OLMo-core probe, controls and resolved spec (checked against a given reference)."""
-        # A parent's (or restored) reference fixes the probe, which must fit this model (vocabulary, width).
+        """Adopt the OLMo-core family (:data:`~seedprints_lightning.core.families.OLMO_CORE`) with its resolved spec.
+
+        Its probe (whole forwards, or gathered blocks when sharded) and its controls (OLMo-core's own
+        init, from the registered ``TransformerConfig`` or a copy of the unsharded model) come from the
+        registry; a parent's (or restored) reference fixes the probe, which must fit this model.
+        """
         spec = self.reference.spec if self.reference is not None else self.settings.probe
-        spec = self._run_model_code(lm, lambda: resolve_olmo_spec(spec, lm))
-        source = self._config if self._config is not None else lm
-        dtype = _float_dtype(lm)
-
-        def control_factory(seed: int) -> nn.Module:
-            return build_olmo_control(source, seed, dtype=dtype)
-
-        self.settings = dataclasses.replace(self.settings, probe=spec, feature_fn=olmo_forward_features,
-                                            control_factory=control_factory)
-
-    def _measure(self, model: nn.Module, spec: Any) -> torch.Tensor:
-        batch_size = self.settings.probe_batch_size
-        with preserve_rng_state():
-            return measure_over_ranks(spec, lambda padded, sample_range: extract_features_olmo(
-                model, padded, batch_size=batch_size, sample_range=sample_range))
+        spec = self._run_model_code(lm, lambda: OLMO_CORE.resolve_spec(spec, lm))
+        self.settings = self.settings.adopt(OLMO_CORE, spec)
 
     # ------------------------------------------------------------------ save binding, by path
     def _bind_olmo_save(self, step: int) -> None:
@@ -263,12 +242,6 @@ class SeedPrintsOLMoCallback(SeedPrintsFace, Callback):
         super()._stop()
         self.trainer.cancel_run(f"SeedPrints: the run lost its lineage identity at step {self.current_step} "
                                 "(on_identity_lost='stop')", no_sync=True)
-
-
-def _float_dtype(lm: nn.Module) -> torch.dtype:
-    param = next(iter(lm.parameters()), None)
-    dtype = param.dtype if param is not None else torch.float32
-    return dtype if dtype.is_floating_point else torch.float32
 
 
 def _saved_config(trainer: Any) -> Any:

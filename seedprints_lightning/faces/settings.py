@@ -24,15 +24,15 @@ from torch import nn
 
 from ..core.chain import Anchor, ChainRules, CustodyChain
 from ..core.checks import check_bool, check_choice, check_int, check_number
-from ..core.controls import DEFAULT_NUM_CONTROLS, ControlSet, build_control_model, control_dtype, streams_controls
+from ..core.controls import DEFAULT_NUM_CONTROLS, ControlSet, control_dtype
 from ..core.errors import InputError
+from ..core.families import TRANSFORMERS, MeasurementPlan, ModelFamily, family_of, plan_measurement, refuse_dedicated
 from ..core.fingerprint import Fingerprint, config_digest
 from ..core.ledger import check_save_dir
 from ..core.opening import ControlsSource
-from ..core.probes import ProbeBatch, ProbeSpec, extract_features, find_causal_lm, find_causal_lm_or_none
+from ..core.probes import ProbeBatch, ProbeSpec, find_causal_lm, find_causal_lm_or_none
 from ..core.reference import resolve_reference
 from ..core.schedule import DEFAULT_ADAPT_HEADROOM, ProbeSchedule
-from ..core.sharded import extract_features_gathered, probes_gathered
 from ..core.signing import ENV_SIGNING_KEY, load_signing_key
 from ..core.verdict import DEFAULT_BIRTH_Z_MARGIN, DEFAULT_LINK_TAU_MARGIN, DEFAULT_LINK_Z_MARGIN, FAIL_ON
 
@@ -178,9 +178,10 @@ class FaceSettings(FaceArguments):
     ``save_dir``, ``log_dir`` and ``signing_key`` are :class:`~pathlib.Path` (``signing_key`` read
     from ``$SEEDPRINTS_SIGNING_KEY`` when not given); ``num_controls`` is the ``controls=`` file's
     count when one is given. Also holds how the model's features are taken (:meth:`features_of`),
-    what it is (:meth:`model_identity`) and where its controls come from (:meth:`controls_source`).
-    A model family may replace ``probe``, ``feature_fn`` and ``control_factory``
-    (``dataclasses.replace``).
+    what it is (:meth:`model_identity`) and where its controls come from (:meth:`controls_source`):
+    each asks the measurement plan (:func:`~seedprints_lightning.core.families.plan_measurement`) of
+    the model's family (:attr:`family`: the one a face adopted with :meth:`adopt`, else the registry's
+    :func:`~seedprints_lightning.core.families.family_of`).
     """
 
     rules: ChainRules = dataclasses.field(default_factory=ChainRules)
@@ -188,6 +189,7 @@ class FaceSettings(FaceArguments):
     reference_origin: str = ""
     controls_file: ControlSet | None = None
     controls_path: str | None = None
+    family: ModelFamily | None = None
 
     def __post_init__(self) -> None:
         """Nothing: the arguments were checked as :class:`FaceArguments` and are resolved here, not checked again."""
@@ -234,40 +236,67 @@ class FaceSettings(FaceArguments):
             return None
         return load_signing_key(self.signing_key)
 
+    def adopt(self, family: ModelFamily, probe: ProbeSpec | None) -> FaceSettings:
+        """These settings with ``family`` adopted (a face that owns the family) and the probe spec it resolved."""
+        return dataclasses.replace(self, family=family, probe=probe)
+
+    def plan(self, module: nn.Module, *, strategy_wrapper: bool = False) -> MeasurementPlan:
+        """How ``module`` is measured under these settings (``feature_fn``, ``control_factory``, the adopted family)."""
+        return plan_measurement(module, feature_fn=self.feature_fn, control_factory=self.control_factory,
+                                family=self.family, num_controls=self.num_controls,
+                                controls_file=self.controls_file is not None, strategy_wrapper=strategy_wrapper)
+
     def features_of(self, module: nn.Module, spec: ProbeSpec,
                     sample_range: tuple[int, int] | None = None) -> torch.Tensor:
-        """``module``'s ``[n, D]`` features (or the ``sample_range`` slice), through ``feature_fn`` if given.
+        """``module``'s ``[n, D]`` features (or the ``sample_range`` slice), as its :meth:`plan` says.
 
-        A sharded (DTensor) model of an architecture the layer-major probe splits is probed one gathered
-        block at a time (:mod:`~seedprints_lightning.core.sharded`): a forward through FSDP2's root would
-        gather the embedding, final norm and LM head together. Anything else is called.
+        Through ``feature_fn`` if given; a sharded (DTensor) model of an architecture the layer-major
+        probe splits is probed one gathered block at a time (:mod:`~seedprints_lightning.core.sharded`):
+        a forward through FSDP2's root would gather the embedding, final norm and LM head together.
+        Anything else is called whole.
         """
-        if self.feature_fn is not None:
-            feature_fn = self.feature_fn
-            return extract_features(module, spec, batch_size=self.probe_batch_size, sample_range=sample_range,
-                                    forward_fn=lambda batch: feature_fn(module, batch))
-        lm = find_causal_lm(module)
-        if probes_gathered(lm):
-            return extract_features_gathered(lm, spec, batch_size=self.probe_batch_size, sample_range=sample_range)
-        return extract_features(lm, spec, batch_size=self.probe_batch_size, sample_range=sample_range)
+        return self.plan(module).features(module, spec, self.probe_batch_size, sample_range)
 
-    def check_model(self, module: nn.Module, spec: ProbeSpec | None) -> nn.Module | None:
-        """The transformers model in ``module`` (``None`` for a ``feature_fn`` model); raise if it cannot be probed."""
-        lm = find_causal_lm(module) if self.feature_fn is None else find_causal_lm_or_none(module)
+    def resolve_spec(self, spec: ProbeSpec, module: nn.Module) -> ProbeSpec:
+        """``spec`` with every ``None`` field filled from ``module``'s model (its family's rule)."""
+        if self.feature_fn is not None:
+            return spec.resolve(find_causal_lm(module))
+        family = self.family or family_of(module)
+        return (family or TRANSFORMERS).resolve_spec(spec, module)
+
+    def check_model(self, module: nn.Module, spec: ProbeSpec | None, *, face: str = "this face") -> nn.Module | None:
+        """The transformers model in ``module`` (``None`` for other families); raise if it cannot be probed.
+
+        A generic face (no family adopted) given a model of a family that needs its own face raises,
+        naming that face (``face`` is the asking face's name, for the message).
+        """
         spec = spec or self.probe or ProbeSpec()
-        if lm is None and not spec.is_resolved:
-            raise InputError(
-                "with feature_fn and no transformers model in the module the probe cannot be resolved from a config: "
-                "pass a resolved probe, e.g. ProbeSpec(kind='token', vocab_size=V) or "
-                "ProbeSpec(kind='embedding', hidden_size=d, embed_mean=m, embed_std=s)"
-            )
+        if self.feature_fn is not None:
+            lm = find_causal_lm_or_none(module)
+            if lm is None and not spec.is_resolved:
+                raise InputError(
+                    "with feature_fn and no transformers model in the module the probe cannot be resolved from a "
+                    "config: pass a resolved probe, e.g. ProbeSpec(kind='token', vocab_size=V) or "
+                    "ProbeSpec(kind='embedding', hidden_size=d, embed_mean=m, embed_std=s)"
+                )
+        else:
+            family = self.family or family_of(module)
+            if family is None:
+                find_causal_lm(module)  # raises ModelNotFoundError, naming feature_fn for other model types
+            if self.family is None:
+                refuse_dedicated(family, face)
+            lm = find_causal_lm(module) if family is TRANSFORMERS else None
+            if lm is None and self.family is None and self.reference is not None:
+                family.resolve_spec(self.reference.spec, module)  # a reference the model cannot take fails now
         if lm is not None and self.reference is not None:
             self.reference.check_fits(lm)
         return lm
 
-    @staticmethod
-    def model_identity(module: nn.Module) -> dict[str, str | None]:
+    def model_identity(self, module: nn.Module) -> dict[str, str | None]:
         """The class and config digest a fingerprint or controls file records for this run's model."""
+        family = None if self.feature_fn is not None else self.family or family_of(module)
+        if family is not None:
+            return family.identity(module)
         lm = find_causal_lm_or_none(module)
         return {"model_class": type(lm if lm is not None else module).__name__,
                 "config_digest": config_digest(lm.config) if lm is not None else None}
@@ -276,23 +305,28 @@ class FaceSettings(FaceArguments):
                         context: Callable[[], Any] | None = None) -> ControlsSource:
         """Where the run's controls come from: the ``controls=`` file, or fresh inits of ``module``'s model.
 
-        A build probes ``control_factory(seed)`` (default: ``module``'s class and config) for each
-        seed on ``device`` under ``context``; the writer process prints one progress line each.
+        A build probes ``control_factory(seed)`` (default: the family's fresh init of ``module``'s
+        model) for each seed on ``device`` under ``context``; the writer process prints one progress
+        line each.
         """
-        factory = self.control_factory or (lambda seed: build_control_model(module, seed))
+        plan = self.plan(module)
+        family = plan.model_family
+        factory = self.control_factory or (lambda seed: family.build_control(module, seed))
         identity = self.model_identity(module)
-        lm = find_causal_lm_or_none(module)
         # The default controls of a model the layer-major probe splits are drawn and probed one block at a
         # time: a rank never holds a whole control (docs/benchmarks.md, step-0 memory under FSDP2).
-        streamed = (self.control_factory is None and self.feature_fn is None and lm is not None
-                    and streams_controls(lm))
+        streamed = (self.control_factory is None and plan.how != "feature_fn" and family is not None
+                    and family.streamed_control is not None and family.streams_controls(module))
+        model = family.find(module) if streamed else None
 
         def build(seeds: tuple[int, ...], spec: ProbeSpec) -> ControlSet:
             log = (lambda message: print(f"[seedprints] {message}", flush=True)) if is_writer else None
             if streamed:
-                return ControlSet.build_streamed(lm.config, seeds, spec, batch_size=self.probe_batch_size,
-                                                 device=device, dtype=control_dtype(lm), context=context, log=log,
-                                                 **identity)
+                return ControlSet.build_streamed(family.control_config(model), seeds, spec,
+                                                 batch_size=self.probe_batch_size, device=device,
+                                                 dtype=control_dtype(model), context=context, log=log,
+                                                 probe_one=family.streamed_control,
+                                                 init_scheme=family.streamed_init_scheme, **identity)
             return ControlSet.build(factory, seeds, spec, lambda control: self.features_of(control, spec),
                                     device=device, context=context, log=log, **identity)
 

@@ -15,6 +15,8 @@ The re-verification of a run's custody ledger (``seedprints audit --chain``) is
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +24,23 @@ from typing import Any, Literal
 
 import torch
 
-from ..core.controls import ControlSet
+from ..core.controls import (
+    INIT_STREAMED,
+    ControlSet,
+    built_init_scheme,
+    control_seeds,
+    probe_controls,
+    probe_streamed_controls,
+)
 from ..core.errors import FingerprintFileError, IncompatibleFingerprintsError, InputError
+from ..core.families import family_of, family_of_checkpoint
 from ..core.fingerprint import Fingerprint
+from ..core.ledger import CONTROLS_FILE
 from ..core.probes import ProbeSpec
+from ..core.state import model_weights_prefix
 from ..core.stats import LineageResult, check_test_options
 from ..core.verdict import BIRTH_RULE, CUSTODY_RULE, IdentityVerdict, VerdictRule, judge
+from ..core.weights import weights_digest
 from .sources import (
     ProbeRuntime,
     Source,
@@ -37,8 +50,12 @@ from .sources import (
     expand_checkpoints,
     fingerprint_source,
     load_model,
+    open_model,
+    read_checkpoint,
+    seedprints_state,
     source_step,
     spec_for_models,
+    weights_of,
 )
 
 __all__ = [
@@ -48,6 +65,8 @@ __all__ = [
     "audit_checkpoints",
     "compare_sources",
     "find_controls",
+    "measurement_line",
+    "measurement_of",
     "rule_for_base",
     "rule_name_for_base",
     "verdict_word",
@@ -61,8 +80,6 @@ __all__ = [
 
 def _sibling_controls(path: Path, spec: ProbeSpec) -> ControlSet | None:
     """The callback's ``controls.safetensors`` beside a reference file, if it was made on ``spec``."""
-    from ..core.ledger import CONTROLS_FILE
-
     sibling = path.parent / CONTROLS_FILE
     if not sibling.is_file():
         return None
@@ -88,8 +105,6 @@ def find_controls(
     beside a fingerprint file. ``num_controls=0`` asks for none. Without controls the verdict
     rests on the analytic threshold and the effect-size margin alone, and says so.
     """
-    from ..core.controls import built_init_scheme, control_seeds, probe_controls
-
     if num_controls == 0:
         return ControlSet.none("no controls (--controls 0): analytic threshold and effect-size margin only")
     for source, fp in fingerprints:
@@ -165,6 +180,10 @@ class Comparison:
     #: or ``None`` for a fingerprint file.
     load_a: dict[str, Any] | None = None
     load_b: dict[str, Any] | None = None
+    #: How each side was measured (:class:`~seedprints_lightning.core.families.MeasurementPlan` as a dict:
+    #: ``how``, ``family``, ``reason``, ``controls``), or ``None`` for a fingerprint file.
+    measurement_a: dict[str, str] | None = None
+    measurement_b: dict[str, str] | None = None
 
     @property
     def result(self) -> LineageResult:
@@ -185,6 +204,7 @@ class Comparison:
         out["b"] = self.b.to_dict()
         out["spec"] = self.spec.to_dict()
         out["load"] = {"a": self.load_a, "b": self.load_b}
+        out["measurement"] = {"a": self.measurement_a, "b": self.measurement_b}
         return out
 
 
@@ -212,8 +232,6 @@ def _resolve_pair(sa: Source, sb: Source, probe_options: dict[str, Any], runtime
         return fa, fb, evidence
     # Two models: never both in memory. Their configs (meta-device models, no weights) fix the probe; A is
     # probed (with its controls) and freed, then B; each whole or one block at a time (runtime.load).
-    from .streaming import open_model
-
     handle_a, handle_b = open_model(sa, runtime), open_model(sb, runtime)
     kind = probe_options["kind"] or "token"
     stats = handle_a.embedding_stats() if kind == "embedding" else None
@@ -233,15 +251,13 @@ def _resolve_pair(sa: Source, sb: Source, probe_options: dict[str, Any], runtime
 
 
 def _config_controls(source: Source, spec: ProbeSpec, num_controls: int, runtime: ProbeRuntime) -> ControlSet:
-    """Fresh inits of a model source's config on ``spec`` (streamed where the class splits, else from its model)."""
-    from ..core.controls import INIT_STREAMED, control_seeds, probe_streamed_controls, streams_controls
-    from .streaming import open_model
-
+    """Fresh inits of a model source's config on ``spec`` (streamed where the family streams, else from its model)."""
     handle = open_model(source, runtime)
-    if callable(getattr(handle, "controls", None)):  # a family with its own init (OLMo-core)
+    if callable(getattr(handle, "controls", None)):  # a family with its own init (OLMo-core, torchtitan)
         return handle.controls(spec, num_controls)
     seeds = control_seeds(num_controls)
-    if not streams_controls(handle.meta):
+    family = family_of(handle.meta)
+    if family is None or not family.streams_controls(handle.meta):
         model = load_model(source, dtype=runtime.dtype, trust_pickle=runtime.trust_pickle)
         return find_controls(spec, [], [(source, model)], num_controls=num_controls, runtime=runtime)
     device = runtime.device if runtime.device is not None else "cpu"
@@ -295,12 +311,25 @@ def compare_sources(
     check_test_options(alpha=alpha, dim=fa.hidden_size, **test_kwargs)
     verdict = judge(fa.features, fb.features, evidence.as_list(), rule_for_base(fa.step, rule, alpha), **test_kwargs)
     return Comparison(a=sa, b=sb, spec=fa.spec, verdict=verdict, evidence=evidence, rule_name=rule_name,
-                      load_a=_load_of(sa, fa), load_b=_load_of(sb, fb))
+                      load_a=_load_of(sa, fa), load_b=_load_of(sb, fb),
+                      measurement_a=measurement_of(sa, fa), measurement_b=measurement_of(sb, fb))
 
 
 def _load_of(source: Source, fp: Fingerprint) -> dict[str, Any] | None:
     """How a source was read (``extra["load"]`` of a fingerprint just probed); ``None`` for a fingerprint file."""
     return None if source.kind == "fingerprint" else fp.extra.get("load")
+
+
+def measurement_of(source: Source, fp: Fingerprint) -> dict[str, str] | None:
+    """How a source was measured (``extra["measurement"]`` of a fingerprint just probed); ``None`` for a file."""
+    return None if source.kind == "fingerprint" else fp.extra.get("measurement")
+
+
+def measurement_line(measurement: Any) -> str:
+    """``<how> (<family>): <reason>``, the text output's line for a ``measurement`` dict (``-`` when none)."""
+    if not isinstance(measurement, dict):
+        return "-"
+    return f"{measurement.get('how')} ({measurement.get('family')}): {measurement.get('reason')}"
 
 
 # --------------------------------------------------------------------------------------
@@ -365,9 +394,7 @@ def audit_checkpoints(
     expanded = expand_checkpoints(checkpoints, trust_pickle=runtime.trust_pickle)
     items: Iterable[tuple[Source, int | None]] = expanded
     if runtime.progress:
-        import sys
-
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # why: tqdm is imported only when a progress bar is asked for (start-up cost)
 
         items = tqdm(expanded, desc="checkpoints", unit="ckpt", file=sys.stderr)
     rows: list[AuditRow] = []
@@ -395,21 +422,13 @@ def checkpoint_weights_digest(source: str | Path | Source, *, trust_pickle: bool
     SeedPrints state records, ``""`` included); a model directory is loaded in its config's
     dtype. A fingerprint file, or a checkpoint whose weights cannot be read, gives ``None``.
     """
-    import json
-
-    from ..core.state import model_weights_prefix
-    from ..core.weights import weights_digest
-    from .sources import _weights_of, read_checkpoint, seedprints_state
-
     source = classify_source(source)
     if source.kind == "fingerprint":
         return None, f"{source.path} is a fingerprint file: it holds no weights to match against a recorded save"
-    from ..core.olmo import is_olmo_checkpoint
-
-    if source.kind == "checkpoint" and is_olmo_checkpoint(source.path):
-        from ..core.olmo import read_olmo_weights
-
-        return weights_digest(read_olmo_weights(source.path)), f"the model weights of {source.path}, as saved"
+    family = family_of_checkpoint(source.path) if source.kind == "checkpoint" else None
+    read_weights = None if family is None else family.checkpoint.get("read_weights")
+    if read_weights is not None:  # a family's own checkpoint (OLMo-core, torchtitan): its model's weights
+        return weights_digest(read_weights(source.path)), f"the model weights of {source.path}, as saved"
     if source.kind == "checkpoint":
         checkpoint = read_checkpoint(source, trust_pickle=trust_pickle)
         if not checkpoint:
@@ -417,7 +436,7 @@ def checkpoint_weights_digest(source: str | Path | Source, *, trust_pickle: bool
         # The recorded prefix "" (a monitor's or Fabric's checkpoint of the transformers model itself) is a
         # prefix: read as "missing", "model." would cut lm_head.weight out of the digest (issue 27).
         prefix = model_weights_prefix(checkpoint, seedprints_state(checkpoint))
-        weights = _weights_of(checkpoint, prefix)
+        weights = weights_of(checkpoint, prefix)
         if not weights:
             return None, f"{source.path} holds no '{prefix}*' weights"
         return weights_digest(weights), f"the '{prefix}*' weights of {source.path}, as saved"

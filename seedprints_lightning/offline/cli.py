@@ -38,9 +38,19 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..core.errors import FingerprintFileError, IncompatibleFingerprintsError, ModelNotFoundError, SeedPrintsError
+from ..core.errors import (
+    FingerprintFileError,
+    IncompatibleFingerprintsError,
+    ModelNotFoundError,
+    SeedPrintsError,
+    SourceError,
+)
 from .exit_codes import ExitCode
 from .exit_codes import epilog as exit_codes_epilog
+
+# Start-up cost: each subcommand imports what needs torch (every other package module) inside its
+# handler. This module imports in about 25 ms and torch in about 2 s, so `seedprints --help`, a usage
+# error and the exit-code table answer at once. The function-level imports below are all this one reason.
 
 __all__ = ["EXIT_OK", "EXIT_EXPECT", "EXIT_USAGE", "EXIT_FILE", "EXIT_INCOMPATIBLE", "EXIT_TAMPERED",
            "EXIT_UNDETERMINED", "EXIT_INTERRUPTED", "EXIT_INTERNAL",
@@ -344,6 +354,7 @@ def _expect_met(expect: str | None, related: bool | None) -> bool:
 @_quiet_transformers()
 def _cmd_fingerprint(args: argparse.Namespace) -> int:
     from ..core.probes import ProbeSpec
+    from .audit import measurement_line
     from .sources import classify_source, fingerprint_source, load_source_fingerprint
 
     out = Path(args.output)
@@ -370,6 +381,7 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
     drawn = f", drawn {fp.controls_init_scheme}" if fp.controls_init_scheme else ""
     print(f"  controls  {len(fp.control_seeds)} fresh inits of its config stored with it (offline verdicts{drawn})")
     print(f"  load      {_load_line(fp.extra.get('load'))}")
+    print(f"  measuring {measurement_line(fp.extra.get('measurement'))}")
     return EXIT_OK
 
 
@@ -419,7 +431,7 @@ def _cmd_controls(args: argparse.Namespace) -> int:
 @_quiet_transformers()
 def _cmd_compare(args: argparse.Namespace) -> int:
     from ..core.fingerprint import Fingerprint
-    from .audit import compare_sources
+    from .audit import compare_sources, measurement_line
     from .sources import classify_source
 
     if _given_probe_options(args):
@@ -444,6 +456,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"probe       {comparison.spec.describe()}")
         print(f"load        A: {_load_line(comparison.load_a)}")
         print(f"            B: {_load_line(comparison.load_b)}")
+        print(f"measuring   A: {measurement_line(comparison.measurement_a)}")
+        print(f"            B: {measurement_line(comparison.measurement_b)}")
         print("\n".join(_verdict_lines(comparison.verdict, comparison.evidence.description, comparison.rule_name)))
         if args.expect:
             print(f"expected {args.expect}: " + ("yes" if met else "NO"))
@@ -676,7 +690,9 @@ def format_identification(result: Any) -> list[str]:
     screen = getattr(result, "screen", None)
     if screen is not None:
         lines.append(f"screen     {tested.get('screened_out', 0)} of {m} candidates ruled out on {screen['columns']} "
-                     f"seeded columns (bound: {screen['margin']:g} standard errors); {tested.get('exact_tests', 0)} "
+                     f"seeded columns (bound: {screen['margin']:g} standard errors; "
+                     f"{screen.get('stored_screens', 0)} from the ranks the runs stored, "
+                     f"{screen.get('ranked_screens', 0)} ranked from their files); {tested.get('exact_tests', 0)} "
                      "exact tests" + (f"; FELL BACK to exact tests: {screen['fallback']}" if screen["fallback"]
                                       else ""))
     for run, reason in result.skipped:
@@ -686,7 +702,6 @@ def format_identification(result: Any) -> list[str]:
 
 @_quiet_transformers()
 def _cmd_identify(args: argparse.Namespace) -> int:
-    from ..core.errors import IncompatibleFingerprintsError as Incompatible
     from .identify import identify, load_runs
     from .sources import classify_source, fingerprint_source
 
@@ -701,12 +716,13 @@ def _cmd_identify(args: argparse.Namespace) -> int:
         for spec in dict.fromkeys(run.spec for run in runs if hasattr(run, "spec")):  # one probe per distinct spec
             try:
                 fp = fingerprint_source(source, spec, runtime=runtime)
-            except Incompatible as exc:
+            except IncompatibleFingerprintsError as exc:
                 refused[spec] = str(exc)
                 continue
             features[spec], step = fp.features, fp.step
     if not features and (refused or any(hasattr(run, "spec") for run in runs)):
-        raise Incompatible("; ".join(dict.fromkeys(refused.values())) or f"{source.path} could not be probed")
+        raise IncompatibleFingerprintsError("; ".join(dict.fromkeys(refused.values()))
+                                            or f"{source.path} could not be probed")
     result = identify(features, runs, alpha=args.alpha, exhaustive=args.exhaustive, index=not args.no_index)
     if args.json:
         payload = result.to_json()
@@ -841,7 +857,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="test every fingerprint exactly (no screen on a subset of columns first; slower at real "
                             "width, same answer)")
     ident.add_argument("--no-index", action="store_true",
-                       help="write no screen index (identify-screen.safetensors) beside the runs: build it in memory")
+                       help="write no screen index (identify-screen.safetensors) beside the runs: build it in memory "
+                            "(runs written by 0.9 on need none: their probe files hold the screen's columns)")
     _add_runtime_options(ident)
     return parser
 
@@ -853,8 +870,6 @@ def _error(message: object, code: int) -> int:
 
 
 def _exit_code(exc: BaseException) -> int:
-    from ..core.errors import SourceError
-
     if isinstance(exc, IncompatibleFingerprintsError):
         return EXIT_INCOMPATIBLE
     if isinstance(exc, (FingerprintFileError, SourceError, ModelNotFoundError, OSError)):

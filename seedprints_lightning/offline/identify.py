@@ -45,10 +45,15 @@ Speed: a screen, then exact tests
 ---------------------------------
 At real width (D = 4096, n = 1000) one exact test costs about 0.2 s on 2 cores, and a run
 holds about 136 fingerprints. By default (:class:`ScreenOptions`) every candidate is first
-tested on a fixed, seeded random subset of ``s`` columns (64), from ranks that an index file
-beside the run (``identify-screen.safetensors``) keeps, so the screen reads 128 KB per
-fingerprint instead of the 7 MB probe file. Kendall's tau of a column depends only on ranks,
-so the screen's per-column taus equal the exact test's on those columns.
+tested on a fixed, seeded random subset of ``s`` columns (64). The subset depends only on
+``(seed, D, s)``, so a run (0.9 on) stores each fingerprint's ranks on it as it writes the file,
+as a small tensor of their own that the ledger record binds by its sha256
+(:mod:`seedprints_lightning.core.screen`): the screen reads 128 KB per fingerprint instead of
+the 7 MB probe file, and builds nothing. For an older run (no stored ranks), or options other
+than the stored ones (``columns``, ``seed``, ``temperature``), an index file beside the run
+(``identify-screen.safetensors``) keeps the ranks, built once from the probe files. Kendall's
+tau of a column depends only on ranks, so the screen's per-column taus equal the exact test's
+on those columns.
 
 * The bound: over the random draw of the subset, its mean tau estimates the mean over all ``D``
   columns with standard error ``sd sqrt((D - s) / (D - 1) / s)`` (sd floored at the null's
@@ -68,6 +73,10 @@ so the screen's per-column taus equal the exact test's on those columns.
   remaining candidate is tested exactly (``screen["fallback"]`` says why).
 
 ``exhaustive=True`` (``--exhaustive``) tests every candidate exactly, as before the screen.
+A stored screen is used only while its bytes match the sha256 its record holds (the reference's:
+its file's metadata, bound by the file's sha256): else the file is read whole and checked
+against the ledger, so an altered file is skipped as unreadable (the answer is then
+"undetermined", never "none"), and ``notes`` says which stored screens could not be used.
 The index holds, per fingerprint, the file's recorded sha256 and its size, inode and mtime:
 an entry is used only while all of them match (else it is rebuilt from the file, whose sha256
 is checked against the ledger first). It is a cache for the screen only: every exact test reads
@@ -88,7 +97,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.checks import check_int, check_number
+from ..core.checks import check_bool, check_int, check_number
 from ..core.controls import ControlSet
 from ..core.errors import FingerprintFileError, IncompatibleFingerprintsError, InputError
 from ..core.files import file_sha256, save_safetensors
@@ -96,6 +105,15 @@ from ..core.fingerprint import Fingerprint
 from ..core.ledger import CONTROLS_FILE, CUSTODY_FILE, REFERENCE_FILE, SAVE_KIND, decode_probe_features
 from ..core.probes import ProbeSpec
 from ..core.records import is_torn_line, read_record
+from ..core.screen import (
+    SCREEN_COLUMNS,
+    SCREEN_FIELD,
+    SCREEN_SEED,
+    StoredScreen,
+    read_stored_screen,
+    screen_columns,
+    stored_screen_of_file,
+)
 from ..core.stats import (
     DEFAULT_TEMPERATURE,
     LineageResult,
@@ -149,7 +167,9 @@ class Candidate:
     loader, so features are read only when they are tested; it checks the file's sha256 against
     ``sha256``, the ledger's record, and raises :class:`FingerprintFileError` when the file is
     missing, altered or unreadable). ``index`` is the ledger record index (``None`` for the
-    reference); ``source`` the file.
+    reference); ``source`` the file. ``screen``: the screen ranks the run stored in that file as it
+    wrote it (:class:`~seedprints_lightning.core.screen.StoredScreen`), or ``None`` (an older run:
+    the screen ranks the file itself, through the index).
     """
 
     step: int
@@ -157,6 +177,7 @@ class Candidate:
     index: int | None = None
     source: str | None = None
     sha256: str | None = None
+    screen: StoredScreen | None = None
 
     def load(self) -> torch.Tensor:
         return _materialise(self.features)
@@ -356,8 +377,14 @@ def _load_run(run_dir: Path, shown: str) -> RunEvidence | UnreadableRun:
             pass
         identity_ratio = record.get("identity_ratio")
         sha = str(record["features_sha256"])
+        stored = None
+        if record.get(SCREEN_FIELD) is not None:
+            try:
+                stored = StoredScreen.from_json(record[SCREEN_FIELD])
+            except InputError as exc:  # the screen ranks the probe file itself (its sha256 checked)
+                notes.append(f"record {record['index']}: {exc}; its probe file is ranked instead")
         probes.append(Candidate(int(record["step"]), lambda p=features_path, s=sha: _read_probe(p, s),
-                                int(record["index"]), os.fspath(features_path), sha))
+                                int(record["index"]), os.fspath(features_path), sha, stored))
     controls: FeatureSource | None = None
     controls_path = run_dir / CONTROLS_FILE
     recorded_controls = {r.get("controls_sha256") for r in records} - {None}
@@ -375,8 +402,10 @@ def _load_run(run_dir: Path, shown: str) -> RunEvidence | UnreadableRun:
         controls = controls_loader
     elif reference_fp.controls is not None:
         controls = reference_fp.controls
+    # The reference's stored screen is described in its own metadata, which the file's sha256 (just
+    # checked against the ledger's records) binds.
     reference = Candidate(int(reference_fp.step or 0), lambda p=ref_path, s=ref_sha: _read_reference(p, s), None,
-                          os.fspath(ref_path), ref_sha)
+                          os.fspath(ref_path), ref_sha, stored_screen_of_file(ref_path))
     return RunEvidence(path=shown, spec=spec, reference=reference, probes=tuple(probes),
                        lineage=lineage_digest(spec, reference_fp.features), shape=shape, controls=controls,
                        rule=rule, identity_ratio=identity_ratio, notes=tuple(notes), unreadable=tuple(unreadable),
@@ -472,9 +501,9 @@ class ScreenOptions:
         audit: ruled-out candidates re-tested exactly (a seeded sample) to check the bounds.
     """
 
-    columns: int = 64
+    columns: int = SCREEN_COLUMNS
     margin: float = 6.0
-    seed: int = 0
+    seed: int = SCREEN_SEED
     audit: int = 2
 
     def __post_init__(self) -> None:
@@ -484,9 +513,8 @@ class ScreenOptions:
         check_int("ScreenOptions.audit", self.audit, low=0)
 
     def subset(self, dim: int) -> np.ndarray:
-        """The sorted column indices screened at width ``dim`` (a uniform draw without replacement)."""
-        rng = np.random.default_rng([int(self.seed), int(dim), int(self.columns)])
-        return np.sort(rng.choice(int(dim), size=min(int(self.columns), int(dim)), replace=False)).astype(np.int64)
+        """The sorted column indices screened at width ``dim`` (:func:`.core.screen.screen_columns`)."""
+        return screen_columns(dim, self.columns, self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return {"columns": self.columns, "margin": self.margin, "seed": self.seed, "audit": self.audit}
@@ -498,10 +526,16 @@ def _file_key(path: Path) -> list[int]:
 
 
 class _IndexCache:
-    """Screen ranks shared within one identification by files of identical content (same inode, size, mtime)."""
+    """Screen ranks shared within one identification by files of identical content (same inode, size, mtime).
+
+    ``stored``: fingerprints screened from the ranks their run stored; ``ranked``: from the index
+    or their files (the identification's ``screen`` dict reports both).
+    """
 
     def __init__(self) -> None:
         self.by_file: dict[tuple[Any, ...], np.ndarray] = {}
+        self.stored = 0
+        self.ranked = 0
 
 
 def _read_index(path: Path, columns: np.ndarray, temperature: float, shape: tuple[int, int]) -> dict[tuple, np.ndarray]:
@@ -525,14 +559,33 @@ def _read_index(path: Path, columns: np.ndarray, temperature: float, shape: tupl
         return {}
 
 
-def _screen_ranks(run: RunEvidence, candidates: Sequence[Candidate], columns: np.ndarray, temperature: float,
-                  use_index: bool, cache: _IndexCache,
-                  notes: list[str]) -> tuple[np.ndarray | None, dict[int, str], set[int]]:
-    """Ranks ``[c, s, n]`` of the candidates' screen columns (from the index where valid), and read errors by position.
+def _stored_ranks(cand: Candidate, n: int, columns: int, seed: int,
+                  temperature: float) -> tuple[np.ndarray | None, str | None]:
+    """``(ranks, None)`` from the screen the run stored in the candidate's file; ``(None, why)`` when unusable.
 
-    A candidate that cannot be read (missing, sha256 mismatch, damaged) is in the errors; only
-    the positions in the returned set have ranks (a readable candidate the screen cannot rank,
-    e.g. NaN features, is left to the exact test).
+    ``(None, None)``: none stored, or one of other options (the file is ranked instead). A stored
+    screen that cannot be read or does not match its recorded sha256 is never used: the caller
+    reads the whole file, whose sha256 it checks against the ledger (so an altered file is
+    skipped as unreadable, never screened out).
+    """
+    if cand.screen is None or cand.source is None or not cand.screen.matches(columns, seed, temperature):
+        return None, None
+    try:
+        return read_stored_screen(cand.source, cand.screen, n), None
+    except FingerprintFileError as exc:
+        return None, str(exc)
+
+
+def _screen_ranks(run: RunEvidence, candidates: Sequence[Candidate], columns: np.ndarray, seed: int,
+                  temperature: float, use_index: bool, cache: _IndexCache,
+                  notes: list[str]) -> tuple[np.ndarray | None, dict[int, str], set[int]]:
+    """Ranks ``[c, s, n]`` of the candidates' screen columns, and read errors by position.
+
+    The ranks a run stored as it wrote each file come first (:mod:`~seedprints_lightning.core.screen`);
+    a file with none (an older run) is ranked through the index beside the run (where valid) or
+    from the file. A candidate that cannot be read (missing, sha256 mismatch, damaged) is in the
+    errors; only the positions in the returned set have ranks (a readable candidate the screen
+    cannot rank, e.g. NaN features, is left to the exact test).
     """
     ranked: set[int] = set()
     n, dim = run.shape
@@ -544,8 +597,19 @@ def _screen_ranks(run: RunEvidence, candidates: Sequence[Candidate], columns: np
     entries: list[dict[str, Any]] = []
     rows: list[np.ndarray] = []
     changed = False
+    unusable: list[str] = []
     for pos, cand in enumerate(candidates):
-        ranks = key = None
+        ranks, problem = _stored_ranks(cand, n, len(columns), seed, temperature)
+        if problem is not None:
+            unusable.append(f"{cand.describe()}: {problem}")
+        if ranks is not None:
+            if out is None:
+                out = np.zeros((len(candidates), len(columns), n), dtype=ranks.dtype)
+            out[pos] = ranks
+            ranked.add(pos)
+            cache.stored += 1
+            continue
+        key = None
         if directory is not None and cand.source is not None and cand.sha256 is not None:
             path = Path(cand.source)
             try:
@@ -575,6 +639,7 @@ def _screen_ranks(run: RunEvidence, candidates: Sequence[Candidate], columns: np
             out = np.zeros((len(candidates), len(columns), n), dtype=ranks.dtype)
         out[pos] = ranks
         ranked.add(pos)
+        cache.ranked += 1
         if key is not None:
             entries.append({"file": key[0], "sha256": key[1], "key": list(key[2:])})
             rows.append(ranks)
@@ -587,6 +652,9 @@ def _screen_ranks(run: RunEvidence, candidates: Sequence[Candidate], columns: np
                              {_INDEX_FORMAT: json.dumps(meta, sort_keys=True)})
         except OSError as exc:
             notes.append(f"{run.path}: the screen index could not be written ({exc}); it was built in memory")
+    if unusable:
+        notes.append(f"{run.path}: {len(unusable)} stored screen(s) could not be used, so their files were read whole "
+                     f"and checked against the ledger ({'; '.join(unusable[:3])})")
     return out, errors, ranked
 
 
@@ -826,7 +894,7 @@ def _screen(states: list[_RunState], options: ScreenOptions, alpha_t: float, use
         if state.run.identity_ratio not in (None, 1.0) or target.dim < 2 * options.columns:
             continue
         columns = options.subset(target.dim)
-        ranks, errors, ranked = _screen_ranks(state.run, [s.candidate for s in state.slots], columns,
+        ranks, errors, ranked = _screen_ranks(state.run, [s.candidate for s in state.slots], columns, options.seed,
                                               target.temperature, use_index, cache, notes)
         for pos, reason in errors.items():
             state.slots[pos].error = reason
@@ -842,7 +910,8 @@ def _screen(states: list[_RunState], options: ScreenOptions, alpha_t: float, use
             if slot.bounds is not None and slot.bounds.high < floor:
                 slot.decision = "out"
         screened.append(state)
-    info: dict[str, Any] = {**options.to_dict(), "fallback": None, "runs_screened": len(screened)}
+    info: dict[str, Any] = {**options.to_dict(), "fallback": None, "runs_screened": len(screened),
+                            "stored_screens": cache.stored, "ranked_screens": cache.ranked}
     if not screened:
         return screened, info
 
@@ -985,7 +1054,6 @@ def identify(features_by_spec: FeaturesBySpec, runs: Sequence[RunEvidence | Unre
     features for its spec, another width) or read is listed in ``skipped``; if no run can be
     tested and none was unreadable, :class:`IncompatibleFingerprintsError` is raised.
     """
-    from ..core.checks import check_bool
 
     check_number("alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True)
     check_bool("exhaustive", exhaustive)

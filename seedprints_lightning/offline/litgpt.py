@@ -18,6 +18,8 @@ from torch import nn
 
 from ..core.controls import control_seeds
 from ..core.errors import IncompatibleFingerprintsError, InputError, SourceError
+from ..core.families import plan_measurement
+from ..core.fingerprint import Fingerprint
 from ..core.litgpt import (
     INIT_LITGPT,
     LITGPT_CONFIG_FILE,
@@ -29,6 +31,7 @@ from ..core.litgpt import (
 )
 from ..core.probes import ProbeSpec, extract_features
 from ..core.state import MODEL_STATE_KEY
+from .sources import seedprints_state
 
 __all__ = ["fingerprint_litgpt_checkpoint", "litgpt_checkpoint_rebuild", "load_litgpt_checkpoint"]
 
@@ -58,8 +61,6 @@ def litgpt_checkpoint_rebuild(checkpoint: dict[str, Any], path: Path) -> tuple[d
     writes it with every ``lit_model.pth``) when the checkpoint holds a GPT's weights (``model``,
     or the raw state dict ``litgpt download``/``convert`` writes).
     """
-    from .sources import seedprints_state
-
     rebuild = (seedprints_state(checkpoint) or {}).get(MODEL_STATE_KEY)
     if isinstance(rebuild, dict) and isinstance(rebuild.get(LITGPT_CONFIG_KEY), dict):
         return dict(rebuild[LITGPT_CONFIG_KEY]), str(rebuild.get("state_dict_prefix", ""))
@@ -138,8 +139,6 @@ def fingerprint_litgpt_checkpoint(path: Path, spec: ProbeSpec | None, *, step: i
     Controls are :func:`build_litgpt_control` of the checkpoint's config. ``extra["load"]`` says the
     model was loaded whole (the layer-by-layer path reads transformers models only).
     """
-    from ..core.fingerprint import Fingerprint
-
     model = load_litgpt_checkpoint(path, trust_pickle=runtime.trust_pickle, dtype=runtime.dtype)
     if model is None:
         return None
@@ -150,6 +149,8 @@ def fingerprint_litgpt_checkpoint(path: Path, spec: ProbeSpec | None, *, step: i
     note = None if requested != "streamed" else "LitGPT checkpoints are read whole: --load streamed is not honoured"
     load = {"path": "whole", "reason": "LitGPT checkpoint: rebuilt whole from its Config", "requested": requested,
             "honoured": requested in ("auto", "whole"), "note": note}
+    plan = plan_measurement(model, num_controls=num_controls)
+    measurement = {**plan.to_dict(), "reason": f"{plan.reason} ({load['reason']})"}
     try:
         resolved = resolve_litgpt_spec(spec, model)
     except InputError as exc:
@@ -171,5 +172,6 @@ def fingerprint_litgpt_checkpoint(path: Path, spec: ProbeSpec | None, *, step: i
                             for seed in seeds)])
     return Fingerprint(features=features, spec=resolved, model_class=type(model).__name__,
                        config_digest=litgpt_config_digest(model.config), step=step,
-                       extra={**dict(extra or {}), "load": load}, controls=controls, control_seeds=seeds,
+                       extra={**dict(extra or {}), "load": load, "measurement": measurement}, controls=controls,
+                       control_seeds=seeds,
                        controls_init_scheme=INIT_LITGPT if seeds else None)

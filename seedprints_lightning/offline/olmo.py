@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from ..core.controls import ControlSet, control_seeds, preserve_rng_state
+from ..core.families import plan_measurement
+from ..core.fingerprint import Fingerprint
 from ..core.olmo import (
     INIT_OLMO,
     build_olmo_control,
@@ -29,7 +31,7 @@ from ..core.olmo import (
     read_olmo_checkpoint,
     resolve_olmo_spec,
 )
-from .streaming import LoadDecision
+from .streaming import LoadDecision, measurement_of
 
 __all__ = ["OLMoCheckpointHandle", "open_olmo_checkpoint"]
 
@@ -89,10 +91,9 @@ class OLMoCheckpointHandle:
 
     def fingerprint(self, spec: Any, *, step: int | None, num_controls: int = 0,
                     extra: dict[str, Any] | None = None) -> Any:
-        from ..core.fingerprint import Fingerprint
-
         decision = self.decide()
-        extra = {**dict(extra or {}), "load": decision.to_dict()}
+        plan = plan_measurement(self.meta, num_controls=num_controls)
+        extra = {**dict(extra or {}), "load": decision.to_dict(), "measurement": measurement_of(plan, decision)}
         model = self.whole()
         try:
             spec = resolve_olmo_spec(spec, model)

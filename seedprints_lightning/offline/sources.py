@@ -28,10 +28,13 @@ from typing import Any, Literal
 import torch
 
 from ..core.checks import check_int
-from ..core.errors import IncompatibleFingerprintsError, InputError, ModelNotFoundError, SeedPrintsError, SourceError
+from ..core.controls import load_config
+from ..core.errors import IncompatibleFingerprintsError, InputError, SeedPrintsError, SourceError
+from ..core.families import TRANSFORMERS, ModelFamily, families, family_of, family_of_checkpoint
 from ..core.files import is_distributed_checkpoint, is_seedprints_state, load_lightning_checkpoint
 from ..core.fingerprint import Fingerprint
-from ..core.probes import ProbeSpec, find_causal_lm, hidden_size_of
+from ..core.layerwise import empty_model
+from ..core.probes import ProbeSpec, find_causal_lm
 from ..core.state import (
     HF_CONFIG_KEY,
     HF_TRAINER_STATE_FILE,
@@ -39,6 +42,17 @@ from ..core.state import (
     MODEL_STATE_KEY,
     STEP_STATE_KEY,
     model_rebuild_info,
+)
+from ..core.verify import ledger_head_of
+from .streaming import (
+    DistributedCheckpointStore,
+    FamilyCheckpointHandle,
+    ModelHandle,
+    SafetensorsStore,
+    StateDictStore,
+    WeightStore,
+    check_fits,
+    why_not_streamed,
 )
 
 __all__ = [
@@ -58,6 +72,7 @@ __all__ = [
     "load_model",
     "load_source_fingerprint",
     "model_rebuild_info",
+    "open_model",
     "read_checkpoint",
     "source_step",
     "spec_for_models",
@@ -102,7 +117,7 @@ def classify_source(path: str | Path | Source) -> Source:
     if not path.exists():
         raise SourceError(f"{path} does not exist")
     if path.is_dir():
-        if _is_olmo_checkpoint(path):  # before config.json: OLMo-core's ConfigSaverCallback writes one there
+        if family_of_checkpoint(path) is not None:  # before config.json: OLMo-core's ConfigSaverCallback writes one
             return Source(path, "checkpoint")
         if (path / "config.json").is_file():
             return Source(path, "model_dir")
@@ -117,11 +132,10 @@ def classify_source(path: str | Path | Source) -> Source:
     return Source(path, "fingerprint")
 
 
-def _is_olmo_checkpoint(path: Path) -> bool:
-    """An OLMo-core checkpoint directory (``stepN/``: ``model_and_optim/`` and ``train/rank0.pt``)."""
-    from ..core.olmo import is_olmo_checkpoint
-
-    return is_olmo_checkpoint(path)
+def _checkpoint_reader(path: Path, entry: str) -> Any:
+    """The ``entry`` function of the family whose checkpoint ``path`` is (:func:`family_of_checkpoint`), or ``None``."""
+    family = family_of_checkpoint(path)
+    return None if family is None else family.checkpoint.get(entry)
 
 
 def _read_json(path: Path) -> Any:
@@ -138,10 +152,9 @@ def read_checkpoint(source: Source, *, trust_pickle: bool = False) -> dict[str, 
     goes through :func:`load_model`, which explains what is wrong with an unreadable file.
     """
     try:
-        if _is_olmo_checkpoint(source.path):  # its trainer state (step, callback states), no weights
-            from ..core.olmo import read_olmo_checkpoint
-
-            return read_olmo_checkpoint(source.path, trust_pickle=trust_pickle)
+        read_state = _checkpoint_reader(source.path, "read_state")
+        if read_state is not None:  # a family's own checkpoint: its trainer state (step, callback states), no weights
+            return read_state(source.path, trust_pickle=trust_pickle)
         return load_lightning_checkpoint(source.path, trust_pickle=trust_pickle, error=SourceError, mmap=True)
     except SourceError:
         return None
@@ -194,8 +207,6 @@ def checkpoint_state(source: Source, *, trust_pickle: bool = False) -> dict[str,
 
 def checkpoint_ledger_head(source: Source, *, trust_pickle: bool = False) -> tuple[int, str] | None:
     """``(records, last record's sha256)`` from a checkpoint's SeedPrints state, if it has one."""
-    from ..core.verify import ledger_head_of
-
     return ledger_head_of(checkpoint_state(source, trust_pickle=trust_pickle))
 
 
@@ -231,12 +242,12 @@ def expand_checkpoints(paths: Iterable[str | Path], *, trust_pickle: bool = Fals
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir() and not (path / "config.json").is_file() and not is_distributed_checkpoint(path) \
-                and not _is_olmo_checkpoint(path):
+                and family_of_checkpoint(path) is None:
             members = [Source(p, "checkpoint") for p in path.iterdir()
                        if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES]
             members += [Source(p, "model_dir") for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file()]
             members += [Source(p, "checkpoint") for p in path.iterdir() if is_distributed_checkpoint(p)
-                        or _is_olmo_checkpoint(p)]
+                        or family_of_checkpoint(p) is not None]
             if not members:
                 raise SourceError(
                     f"{path} is a directory with no config.json and no {CHECKPOINT_SUFFIX} files or model "
@@ -251,7 +262,7 @@ def expand_checkpoints(paths: Iterable[str | Path], *, trust_pickle: bool = Fals
     return out
 
 
-def _weights_of(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+def weights_of(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
     """The transformers model's weights in a checkpoint: keys under ``prefix``, with it removed.
 
     A Lightning checkpoint has one ``state_dict``; a Fabric or hand-written one has the model's
@@ -320,7 +331,7 @@ def _model_from_checkpoint(path: Path, trust_pickle: bool) -> torch.nn.Module:
     prefix = "model."
     if not isinstance(checkpoint.get(HF_CONFIG_KEY), dict) and isinstance(rebuild, dict):
         prefix = rebuild.get("state_dict_prefix", "model.")
-    state_dict = _weights_of(checkpoint, prefix)
+    state_dict = weights_of(checkpoint, prefix)
     if not has_config or not state_dict:
         raise SourceError(
             f"{path} has no '{HF_CONFIG_KEY}' entry or no '{prefix}*' weights, so the model cannot be rebuilt from it: "
@@ -345,10 +356,14 @@ def load_model(
     source = classify_source(source)
     if source.kind == "fingerprint":
         raise SourceError(f"{source.path} is a fingerprint file, not a model")
-    if source.kind == "checkpoint" and _is_olmo_checkpoint(source.path):
-        from ..core.olmo import load_olmo_model
-
-        return load_olmo_model(source.path, dtype=dtype, trust_pickle=trust_pickle)  # an OLMo-core Transformer
+    family = family_of_checkpoint(source.path) if source.kind == "checkpoint" else None
+    if family is not None:  # a family's own checkpoint (OLMo-core, torchtitan): rebuilt by the family
+        load = family.checkpoint.get("load_model")
+        model = None if load is None else load(source.path, dtype=dtype, trust_pickle=trust_pickle)
+        if model is None:
+            raise SourceError(f"{source.path} is a {family.name} checkpoint, which this installation cannot rebuild "
+                              "into a model yet")
+        return model
     if source.kind == "checkpoint":
         model = _model_from_checkpoint(source.path, trust_pickle)
     else:
@@ -362,19 +377,6 @@ def load_model(
             ) from exc
     lm = find_causal_lm(model)
     return lm.to(dtype=dtype).eval()
-
-
-def check_fits(model: torch.nn.Module, spec: ProbeSpec, name: str) -> None:
-    """Raise :class:`IncompatibleFingerprintsError` unless ``model`` can take ``spec``'s inputs."""
-    from ..core.olmo import find_olmo_transformer, resolve_olmo_spec
-
-    try:
-        if find_olmo_transformer(model) is not None:
-            resolve_olmo_spec(spec, model)
-        else:
-            spec.resolve(model)  # a resolved spec resolves to itself, or raises on a misfit
-    except InputError as exc:
-        raise IncompatibleFingerprintsError(f"{name} cannot be probed with this probe spec: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -428,16 +430,15 @@ def fingerprint_source(
     if step is None:
         step = source_step(source, trust_pickle=runtime.trust_pickle)
     if source.kind == "checkpoint" and source.path.is_file():
-        # A LitGPT checkpoint (lit_model.pth with its Config in the SeedPrints state or model_config.yaml
-        # beside it) is rebuilt as LitGPT's GPT (offline/litgpt.py); None: not one.
-        from .litgpt import fingerprint_litgpt_checkpoint
-
-        fp = fingerprint_litgpt_checkpoint(source.path, spec, step=step, runtime=runtime, num_controls=num_controls,
-                                           extra={"source": str(source.path)})
-        if fp is not None:
-            return fp
-    from .streaming import open_model
-
+        # A family that recognises its checkpoint files by reading them (LitGPT's lit_model.pth, its Config in the
+        # SeedPrints state or model_config.yaml beside it: offline/litgpt.py) fingerprints them; None: not one.
+        for family in families():
+            fingerprint = family.checkpoint.get("fingerprint")
+            fp = None if fingerprint is None else fingerprint(
+                source.path, spec, step=step, runtime=runtime, num_controls=num_controls,
+                extra={"source": str(source.path)})
+            if fp is not None:
+                return fp
     handle = open_model(source, runtime)
     return handle.fingerprint(spec, step=step, num_controls=num_controls, extra={"source": str(source.path)})
 
@@ -450,17 +451,13 @@ def load_source_fingerprint(path: str | Path | Source) -> Fingerprint:
     return Fingerprint.load(source.path)
 
 
-def _model_sizes(model: torch.nn.Module) -> tuple[int, int]:
-    from ..core.olmo import find_olmo_transformer
+def _family(model: torch.nn.Module) -> ModelFamily:
+    """``model``'s family; a model no family finds is asked as a transformers model (whose error names it)."""
+    return family_of(model) or TRANSFORMERS
 
-    olmo = find_olmo_transformer(model)
-    if olmo is not None:
-        return int(olmo.vocab_size), int(olmo.d_model)
-    config = find_causal_lm(model).config
-    try:
-        return int(config.vocab_size), hidden_size_of(config)
-    except ModelNotFoundError:
-        return int(config.vocab_size), -1
+
+def _model_sizes(model: torch.nn.Module) -> tuple[int, int]:
+    return _family(model).sizes(model)
 
 
 def spec_for_models(
@@ -504,10 +501,53 @@ def spec_for_models(
         )
     if kind == "embedding" and embed_stats is not None:
         fields["embed_mean"], fields["embed_std"] = embed_stats
-    from ..core.olmo import find_olmo_transformer, resolve_olmo_spec
-
-    if find_olmo_transformer(base) is not None:
-        return resolve_olmo_spec(ProbeSpec(**fields), base)
-    return ProbeSpec(**fields).resolve(base)
+    return _family(base).resolve_spec(ProbeSpec(**fields), base)
 
 
+def open_model(source: Any, runtime: Any) -> ModelHandle:
+    """A :class:`ModelHandle` of a model directory or training checkpoint, no weights read yet.
+
+    A model family's own checkpoint (:func:`~seedprints_lightning.core.families.family_of_checkpoint`:
+    OLMo-core, torchtitan) is opened by its family (its ``open``, else a :class:`FamilyCheckpointHandle`).
+    """
+    source = classify_source(source)
+    if source.kind == "fingerprint":
+        raise SourceError(f"{source.path} is a fingerprint file, not a model")
+    family = family_of_checkpoint(source.path) if source.kind == "checkpoint" else None
+    if family is not None:
+        opener = family.checkpoint.get("open")
+        return opener(source, runtime) if opener is not None else FamilyCheckpointHandle(source, family, runtime)
+    store: WeightStore | None = None
+    why_not: str | None = None
+    if source.kind == "model_dir":
+        try:
+            config = load_config(source.path)
+        except Exception as exc:
+            raise SourceError(f"{source.path} could not be loaded as a save_pretrained model ({exc})") from exc
+        meta = empty_model(config)
+        prefixes = (f"{meta.base_model_prefix}.",) if getattr(meta, "base_model_prefix", "") else ()
+        if (source.path / "model.safetensors").is_file() or (source.path / "model.safetensors.index.json").is_file():
+            store = SafetensorsStore(source.path, prefixes)
+        else:
+            why_not = (f"{source.path} holds no safetensors weights (model.safetensors or "
+                       "model.safetensors.index.json); only those are read one block at a time")
+    else:
+        checkpoint = load_lightning_checkpoint(source.path, trust_pickle=runtime.trust_pickle, error=SourceError,
+                                               mmap=True)
+        config, prefix = checkpoint_config(checkpoint, source.path)
+        meta = empty_model(config)
+        if is_distributed_checkpoint(source.path):
+            store = DistributedCheckpointStore(source.path, prefix)
+        else:
+            def remap(path=source.path, trust=runtime.trust_pickle, prefix=prefix) -> dict[str, torch.Tensor]:
+                return weights_of(load_lightning_checkpoint(path, trust_pickle=trust, error=SourceError, mmap=True),
+                                  prefix)
+
+            store = StateDictStore(weights_of(checkpoint, prefix), f"{source.path}", (), remap=remap)
+        del checkpoint
+    if why_not is None:
+        why_not = why_not_streamed(meta)
+    # load_model is looked up when the whole model is asked for (a test may replace it meanwhile).
+    return ModelHandle(source=source, config=config, meta=meta, store=store, why_not_streamed=why_not,
+                       runtime=runtime, load_whole=lambda: load_model(source, dtype=runtime.dtype,
+                                                                      trust_pickle=runtime.trust_pickle))

@@ -40,16 +40,31 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..core.errors import InputError, SourceError
+from ..core.controls import (
+    INIT_SCHEME_ATTR,
+    INIT_STREAMED,
+    ControlSet,
+    control_seeds,
+    preserve_rng_state,
+    probe_streamed_controls,
+)
+from ..core.errors import IncompatibleFingerprintsError, InputError, SourceError
+from ..core.families import TRANSFORMERS, ModelFamily, family_of, plan_measurement
+from ..core.fingerprint import Fingerprint, config_digest, fingerprint_model
+from ..core.layerwise import extract_features_layerwise, split_blocks
+from ..core.probes import ProbeSpec
 
 __all__ = [
     "LOAD_CHOICES",
     "WHOLE_SAFETY_FACTOR",
+    "FamilyCheckpointHandle",
     "LoadDecision",
     "ModelHandle",
     "WeightStore",
     "available_memory",
-    "open_model",
+    "check_fits",
+    "measurement_of",
+    "why_not_streamed",
 ]
 
 LoadMode = Literal["auto", "whole", "streamed"]
@@ -436,6 +451,8 @@ class ModelHandle:
     store: WeightStore | None
     why_not_streamed: str | None = None  # set when the store is None, or the class cannot be split
     runtime: Any = None
+    #: Loads the model whole (:func:`~seedprints_lightning.offline.sources.load_model` of the source).
+    load_whole: Callable[[], nn.Module] | None = field(default=None, repr=False)
     _whole: nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -502,8 +519,6 @@ class ModelHandle:
 
     def resolve(self, spec: Any) -> Any:
         """``spec`` resolved for this model without loading it whole where possible."""
-        from ..core.probes import ProbeSpec
-
         spec = spec or ProbeSpec()
         if spec.kind == "embedding" and (spec.embed_mean is None or spec.embed_std is None):
             mean, std = self.embedding_stats()
@@ -514,9 +529,9 @@ class ModelHandle:
     def whole(self) -> nn.Module:
         """The model loaded whole (kept until :meth:`release`)."""
         if self._whole is None:
-            from .sources import load_model
-
-            self._whole = load_model(self.source, dtype=self.runtime.dtype, trust_pickle=self.runtime.trust_pickle)
+            if self.load_whole is None:
+                raise SourceError(f"{self.source.path}: this handle was opened without a way to load the model whole")
+            self._whole = self.load_whole()
         return self._whole
 
     def release(self) -> None:
@@ -527,14 +542,13 @@ class ModelHandle:
 
     def fingerprint(self, spec: Any, *, step: int | None, num_controls: int = 0,
                     extra: dict[str, Any] | None = None) -> Any:
-        """Probe the model (by :meth:`decide`'s path) into a fingerprint; ``extra["load"]`` records the path."""
-        from ..core.controls import INIT_STREAMED, control_seeds, probe_streamed_controls
-        from ..core.fingerprint import Fingerprint, config_digest, fingerprint_model
-        from ..core.layerwise import extract_features_layerwise
-        from .sources import check_fits
+        """Probe the model (by :meth:`decide`'s path) into a fingerprint; ``extra["load"]`` records the path.
 
+        ``extra["measurement"]`` records how (the :class:`~seedprints_lightning.core.families.MeasurementPlan`).
+        """
         decision = self.decide()
-        extra = {**dict(extra or {}), "load": decision.to_dict()}
+        plan = plan_measurement(self.meta, num_controls=num_controls, layer_major=decision.path == "streamed")
+        extra = {**dict(extra or {}), "load": decision.to_dict(), "measurement": measurement_of(plan, decision)}
         runtime = self.runtime
         if decision.path == "whole":
             model = self.whole()
@@ -567,66 +581,126 @@ class ModelHandle:
                            control_seeds=seeds, controls_init_scheme=INIT_STREAMED if seeds else None)
 
 
-def _streamable(meta: nn.Module) -> str | None:
-    """Why the layer-major probe cannot split this model (``None``: it can)."""
-    from ..core.layerwise import _split
+def measurement_of(plan: Any, decision: LoadDecision) -> dict[str, str]:
+    """The plan as a fingerprint's ``extra["measurement"]``, its reason saying why this load path was taken."""
+    return {**plan.to_dict(), "reason": f"{plan.reason} ({decision.reason})"}
 
+
+@dataclass
+class FamilyCheckpointHandle:
+    """A model family's checkpoint that its family rebuilds whole (:class:`~seedprints_lightning.core.families.
+    CheckpointSide`'s ``load_model``), probed and re-initialised by the family: the handle for a family with no
+    ``open`` of its own (torchtitan's checkpoints).
+    """
+
+    source: Any  # sources.Source
+    family: ModelFamily
+    runtime: Any
+    why_not_streamed: str | None = "this family's checkpoints are rebuilt whole by the family"
+    _whole: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def meta(self) -> nn.Module:
+        """The model (rebuilt whole: the family has no weight-free reader); sizes and specs are read from it."""
+        return self.whole()
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.whole(), "config", None)
+
+    @property
+    def lm_class(self) -> str:
+        return type(self.whole()).__name__
+
+    def decide(self) -> LoadDecision:
+        return LoadDecision("whole", f"{self.family.name} checkpoint: rebuilt whole by its family",
+                            getattr(self.runtime, "load", "auto"), note=self.why_not_streamed)
+
+    def whole(self) -> nn.Module:
+        if self._whole is None:
+            load = self.family.checkpoint.get("load_model")
+            model = None if load is None else load(self.source.path, dtype=self.runtime.dtype,
+                                                   trust_pickle=self.runtime.trust_pickle)
+            if model is None:
+                raise SourceError(f"{self.source.path} is a {self.family.name} checkpoint, which this installation "
+                                  "cannot rebuild into a model yet")
+            self._whole = model.eval()
+        return self._whole
+
+    def release(self) -> None:
+        self._whole = None
+
+    def embedding_stats(self) -> tuple[float, float]:
+        spec = self.family.resolve_spec(ProbeSpec(kind="embedding"), self.whole())
+        return float(spec.embed_mean), float(spec.embed_std)
+
+    def resolve(self, spec: Any) -> Any:
+        return self.family.resolve_spec(spec, self.whole())
+
+    def controls(self, spec: Any, num_controls: int) -> ControlSet:
+        """``num_controls`` fresh inits by the family (its own init), probed on ``spec``."""
+        seeds = control_seeds(num_controls)
+        if not seeds:
+            return ControlSet.none("no controls (--controls 0): analytic threshold and effect-size margin only")
+        model, features, schemes = self.whole(), [], set()
+        with preserve_rng_state():
+            for seed in seeds:
+                control = self.family.build_control(model, seed)
+                schemes.add(getattr(control, INIT_SCHEME_ATTR, None))
+                features.append(self.family.whole(control, spec, batch_size=self.runtime.batch_size))
+                del control
+        identity = self.family.identity(model)
+        return ControlSet(torch.stack(features), seeds, spec, identity["config_digest"], identity["model_class"],
+                          f"{len(seeds)} fresh inits of {self.source.path}'s {self.family.name} config (the family's "
+                          f"own init, seeds {seeds[0]}..{seeds[-1]})",
+                          init_scheme=schemes.pop() if len(schemes) == 1 else None)
+
+    def fingerprint(self, spec: Any, *, step: int | None, num_controls: int = 0,
+                    extra: dict[str, Any] | None = None) -> Any:
+        decision = self.decide()
+        model = self.whole()
+        plan = plan_measurement(model, family=self.family, num_controls=num_controls)
+        extra = {**dict(extra or {}), "load": decision.to_dict(), "measurement": measurement_of(plan, decision)}
+        try:
+            spec = self.family.resolve_spec(spec, model)
+            if self.runtime.device is not None:
+                model.to(self.runtime.device)
+            features = self.family.whole(model, spec, batch_size=self.runtime.batch_size)
+            evidence = self.controls(spec, num_controls) if num_controls else None
+            identity = self.family.identity(model)
+        finally:
+            self.release()
+        return Fingerprint(features=features, spec=spec, step=step, extra=extra,
+                           controls=None if evidence is None else evidence.features,
+                           control_seeds=() if evidence is None else evidence.seeds,
+                           controls_init_scheme=None if evidence is None else evidence.init_scheme, **identity)
+
+
+def check_fits(model: nn.Module, spec: ProbeSpec, name: str) -> None:
+    """Raise :class:`IncompatibleFingerprintsError` unless ``model`` can take ``spec``'s inputs (its family's rule)."""
     try:
-        _split(meta)
+        (family_of(model) or TRANSFORMERS).resolve_spec(spec, model)  # a resolved spec resolves to itself
+    except InputError as exc:
+        raise IncompatibleFingerprintsError(f"{name} cannot be probed with this probe spec: {exc}") from exc
+
+
+def why_not_streamed(meta: nn.Module) -> str | None:
+    """Why the layer-major probe cannot split this model (``None``: it can)."""
+    try:
+        split_blocks(meta)
     except InputError as exc:
         return str(exc)
     return None
 
 
-def open_model(source: Any, runtime: Any) -> ModelHandle:
-    """A :class:`ModelHandle` of a model directory or training checkpoint, no weights read yet."""
-    from ..core.layerwise import _empty_model
-    from .sources import checkpoint_config, classify_source
+def __getattr__(name: str) -> Any:
+    """``open_model``, 0.8's name here, now :func:`seedprints_lightning.offline.sources.open_model` (warns)."""
+    if name == "open_model":
+        warnings.warn("seedprints_lightning.offline.streaming.open_model moved to "
+                      "seedprints_lightning.offline.sources.open_model in 0.9; the old name goes in 0.10",
+                      DeprecationWarning, stacklevel=2)
+        # why: a deprecation shim only; sources imports this module, so it cannot be imported at the top
+        from .sources import open_model
 
-    source = classify_source(source)
-    if source.kind == "fingerprint":
-        raise SourceError(f"{source.path} is a fingerprint file, not a model")
-    from ..core.olmo import is_olmo_checkpoint
-
-    if source.kind == "checkpoint" and is_olmo_checkpoint(source.path):
-        from .olmo import open_olmo_checkpoint
-
-        return open_olmo_checkpoint(source, runtime)  # the OLMo-core family: rebuilt from its TransformerConfig
-    store: WeightStore | None = None
-    why_not: str | None = None
-    if source.kind == "model_dir":
-        from ..core.controls import load_config
-
-        try:
-            config = load_config(source.path)
-        except Exception as exc:
-            raise SourceError(f"{source.path} could not be loaded as a save_pretrained model ({exc})") from exc
-        meta = _empty_model(config)
-        prefixes = (f"{meta.base_model_prefix}.",) if getattr(meta, "base_model_prefix", "") else ()
-        if (source.path / "model.safetensors").is_file() or (source.path / "model.safetensors.index.json").is_file():
-            store = SafetensorsStore(source.path, prefixes)
-        else:
-            why_not = (f"{source.path} holds no safetensors weights (model.safetensors or "
-                       "model.safetensors.index.json); only those are read one block at a time")
-    else:
-        from ..core.files import is_distributed_checkpoint, load_lightning_checkpoint
-
-        checkpoint = load_lightning_checkpoint(source.path, trust_pickle=runtime.trust_pickle, error=SourceError,
-                                               mmap=True)
-        config, prefix = checkpoint_config(checkpoint, source.path)
-        meta = _empty_model(config)
-        if is_distributed_checkpoint(source.path):
-            store = DistributedCheckpointStore(source.path, prefix)
-        else:
-            from .sources import _weights_of
-
-            def remap(path=source.path, trust=runtime.trust_pickle, prefix=prefix) -> dict[str, torch.Tensor]:
-                return _weights_of(load_lightning_checkpoint(path, trust_pickle=trust, error=SourceError, mmap=True),
-                                   prefix)
-
-            store = StateDictStore(_weights_of(checkpoint, prefix), f"{source.path}", (), remap=remap)
-        del checkpoint
-    if why_not is None:
-        why_not = _streamable(meta)
-    return ModelHandle(source=source, config=config, meta=meta, store=store, why_not_streamed=why_not,
-                       runtime=runtime)
+        return open_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

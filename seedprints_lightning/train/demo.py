@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import logging
 import sys
 import time
@@ -41,6 +42,10 @@ import pytorch_lightning as pl
 import torch
 
 from ..core.errors import IdentityLostError
+from ..core.probes import ProbeSpec
+from ..core.verify import verify_chain
+from ..faces.lightning import SeedPrintsCallback
+from ..offline.plotting import plot_drift, read_drift_curves
 from .corpus import build_corpus
 from .data import TextDataModule
 from .module import CausalLMModule
@@ -104,11 +109,6 @@ SeedPrints demo: does a training run keep the identity of its random init?
 
 def _callback_defaults() -> dict[str, Any]:
     """The SeedPrintsCallback defaults the demo runs with, read from its signature (for the intro)."""
-    import inspect
-
-    from ..core.probes import ProbeSpec
-    from ..faces.lightning import SeedPrintsCallback
-
     params = inspect.signature(SeedPrintsCallback.__init__).parameters
     defaults = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
     spec = defaults.get("probe") or ProbeSpec()
@@ -125,10 +125,9 @@ def _quiet_lightning() -> Iterator[None]:
 
     Logger levels and warning filters are restored on exit, so callers (tests) see no change.
     """
-    # Import both Lightning packages first: each sets its logger to INFO when imported, and the
-    # callback imports lightning.pytorch (when installed) for its second Callback base.
-    from ..faces import lightning  # noqa: F401
-
+    # Both Lightning packages are imported by now (this module imports the callback, which imports
+    # lightning.pytorch when installed for its second Callback base): each sets its logger to INFO when
+    # imported, so the levels read here are the ones to restore.
     loggers = [logging.getLogger(name) for name in
                ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")]
     levels = [logger.level for logger in loggers]
@@ -170,8 +169,6 @@ def _data(data: dict[str, Any] | None = None) -> TextDataModule:
 
 
 def _seedprints(**kwargs: Any) -> Any:
-    from ..faces.lightning import SeedPrintsCallback
-
     return SeedPrintsCallback(**kwargs)
 
 
@@ -299,8 +296,6 @@ def _scenario(name: str, out: Path, run: DemoRun, *, on_identity_lost: str, swap
         swap_step=swap.swapped_at if swap is not None else None,
     )
     if seedprints.save_dir is not None and (seedprints.save_dir / "custody.jsonl").exists():
-        from ..core.verify import verify_chain
-
         result.extra["chain"] = verify_chain(seedprints.save_dir)
     try:
         result.drift_png = _plot(result, out / name / "drift.png")
@@ -403,8 +398,6 @@ def format_table(result: ScenarioResult) -> str:
 
 
 def _plot(result: ScenarioResult, out_path: Path, title: str | None = None) -> Path:
-    from ..offline.plotting import plot_drift, read_drift_curves
-
     curves = [dataclasses.replace(c, run=result.name) for c in read_drift_curves(result.log_dir).values()]
     if title is None:
         title = f"SeedPrints drift: {result.name}"
@@ -414,8 +407,6 @@ def _plot(result: ScenarioResult, out_path: Path, title: str | None = None) -> P
 
 
 def _plot_both(own: ScenarioResult, wrong: ScenarioResult, out_path: Path) -> Path:
-    from ..offline.plotting import plot_drift, read_drift_curves
-
     curves = []
     for result in (own, wrong):
         curves += [dataclasses.replace(c, run=result.name) for c in read_drift_curves(result.log_dir).values()]
