@@ -20,8 +20,11 @@ What the package needs of a family, for OLMo-core's own ``Transformer`` (``ai2-o
 - **controls**: fresh inits with OLMo-core's own ``init_weights`` (the one the train module calls at
   step 0) under ``init_seed = seed`` (:func:`build_olmo_control`): from the run's ``TransformerConfig``
   (built on the meta device, then materialised on the CPU) or, without it, from a copy of the live
-  unsharded model. ``init_weights`` draws the whole model from one generator stream, so a control is
-  built whole (:data:`INIT_OLMO`), never block by block.
+  unsharded model. ``init_weights`` draws the embeddings, each block in order, then the LM head's output
+  matrix from ONE generator stream, the probe's order: so a run's default controls (with its config, for
+  a dense ``Transformer``) are drawn block by block just before each block runs and freed after
+  (:class:`OLMoStreamedInit`, :func:`probe_olmo_streamed_control`), bit for bit the whole control's
+  features (:data:`INIT_OLMO` either way); a rank never holds a whole control.
 - **rebuild** from the stack's checkpoint directory ``save_folder/stepN/`` (``model_and_optim/``, a
   ``torch.distributed.checkpoint``, plus ``train/rank0.pt``, the trainer state holding the callback's):
   the config comes from the callback state (:data:`OLMO_CONFIG_KEY`) or the ``config.json`` that
@@ -440,10 +443,16 @@ def _streamable(lm: nn.Module) -> str | None:
     """
     from olmo_core.nn.transformer import Transformer
 
+    try:  # init_weights draws these fused-MoE blocks' own weights too (init_moe_v2): not replayed here
+        from olmo_core.nn.ddp.block import OLMoDDPTransformerBlock
+    except ImportError:  # an OLMo-core without them
+        OLMoDDPTransformerBlock = ()  # noqa: N806 - isinstance(x, ()) is False
+
     if type(lm) is not Transformer:
         return f"a {type(lm).__name__} (only the dense Transformer's init is replayed block by block)"
     for key, block in lm.blocks.items():
-        if hasattr(block, "feed_forward_moe") or not hasattr(block, "feed_forward"):
+        if (hasattr(block, "feed_forward_moe") or not hasattr(block, "feed_forward")
+                or isinstance(block, OLMoDDPTransformerBlock)):
             return f"block {key} is a {type(block).__name__} (an MoE block, or one without a feed-forward)"
         if not callable(getattr(block.attention, "init_weights", None)):
             return f"block {key}'s attention ({type(block.attention).__name__}) has no init_weights"

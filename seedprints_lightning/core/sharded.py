@@ -41,6 +41,7 @@ weights one gathered tensor at a time, for the save records of a ZeRO-3 run.
 from __future__ import annotations
 
 import copy
+import hashlib
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -306,19 +307,16 @@ def extract_features_gathered(
 
 
 def weights_digest_gathered(lm: nn.Module, *, writer: bool) -> str:
-    """:func:`~seedprints_lightning.core.weights.weights_digest` of ``lm.state_dict()`` for a ZeRO-3 model, whose
-    local tensors are empty: each partitioned tensor is gathered alone (``GatheredParameters``, in name order),
-    hashed by the ``writer``, and partitioned again, so a rank never holds more than one full tensor.
+    """:func:`~seedprints_lightning.core.weights.weights_digest` of ``lm.state_dict()`` for a sharded model (DeepSpeed
+    ZeRO-3, whose local tensors are empty, or FSDP2's DTensors): each sharded tensor is gathered alone (in name
+    order), hashed by the ``writer`` and dropped, so a rank never holds more than one full tensor.
 
     A collective: every rank of the model's group must call it, at the same save. The other
     processes return ``""`` (only the writer's digest is recorded, as for an unsharded model). The
     names, dtypes and bytes are those of the unsharded model's ``state_dict()``, so the digest
-    equals the one of the consolidated weights (``zero_to_fp32``, or a ``save_pretrained`` of the
-    gathered model) when they are saved in the parameters' dtype.
+    equals the one of the consolidated weights (``zero_to_fp32``, a ``save_pretrained`` of the
+    gathered model, a DCP checkpoint read back) when they are saved in the parameters' dtype.
     """
-    import hashlib
-
-
     tensors = {str(key): value for key, value in lm.state_dict(keep_vars=True).items()
                if isinstance(value, torch.Tensor)}
     if not tensors:
@@ -329,8 +327,12 @@ def weights_digest_gathered(lm: nn.Module, *, writer: bool) -> str:
         if _is_zero3_param(tensor):
             with _gathered_zero3([tensor]):
                 part = tensor_digest(key, tensor.data) if writer else ""
+        elif _is_dtensor(tensor):
+            full = gather_full_tensor(tensor.detach())
+            part = tensor_digest(key, full) if writer else ""
+            del full
         else:
-            part = tensor_digest(key, tensor) if writer else ""
+            part = tensor_digest(key, tensor.detach()) if writer else ""
         if writer:
             combined.update(key.encode("utf-8") + b"\0" + part.encode("ascii"))
     return combined.hexdigest() if writer else ""
@@ -341,7 +343,6 @@ def gathered_input_embedding(model: nn.Module) -> Any:
     collective: every rank enters it), for code that reads it, as resolving an embedding probe's mean and std
     does. A no-op context for any other model."""
     import contextlib
-
 
     lm = find_causal_lm_or_none(model)
     weight = getattr(lm.get_input_embeddings(), "weight", None) if lm is not None else None

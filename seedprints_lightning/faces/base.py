@@ -388,10 +388,11 @@ class SeedPrintsFace:
         ``seedprints audit --chain RUN CKPT`` then says whether CKPT holds exactly the weights of
         a recorded save. The digest is of the transformers model's ``state_dict()`` (the weights
         as a checkpoint holds them), computed by the writing process only; every process numbers
-        the record alike. Sharded weights are not bound (a digest would gather every shard on one
-        rank at each save): the lineage test still audits those checkpoints. DeepSpeed ZeRO-3
-        weights are bound: each tensor is gathered alone on every rank (a collective: every rank
-        must save, as ``engine.save_checkpoint`` requires) and hashed by the writer.
+        the record alike. Weights a face's strategy shards (``_shards_weights``: FSDP1, and FSDP2 under
+        the Lightning, HF and Fabric faces) are not bound: the lineage test still audits those
+        checkpoints. DeepSpeed ZeRO-3 weights, and DTensor weights where the face binds them
+        (torchtitan), are: each tensor is gathered alone on every rank (a collective: every rank must
+        save, as ``engine.save_checkpoint`` and ``dcp.save`` require) and hashed by the writer.
         """
         if not self.settings.bind_saves or not self.started or model is None or not self.chain.cursor.numbered \
                 or self._shards_weights(model):
@@ -400,7 +401,7 @@ class SeedPrintsFace:
         if lm is None:  # a feature_fn model: the audit cannot rebuild it, so there is nothing to compare
             return None
         writer = self._processes().is_writer
-        if holds_zero3_params(lm):  # its local tensors are empty: hash the gathered ones, one at a time
+        if holds_zero3_params(lm) or holds_dtensors(lm):  # sharded: hash the gathered tensors, one at a time
             digest = weights_digest_gathered(lm, writer=writer)
         else:
             digest = weights_digest(lm.state_dict()) if writer else ""

@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 try:
@@ -67,7 +66,6 @@ from ..core.errors import InputError
 from ..core.families import TORCHTITAN
 from ..core.ledger import RunDirectory
 from ..core.probes import ProbeSpec
-from ..core.sharded import gather_full_tensor, holds_dtensors
 from ..core.titan import (
     TITAN_STATE_ENTRY,
     TITAN_STATE_KEY,
@@ -77,9 +75,7 @@ from ..core.titan import (
     resolve_titan_spec,
     titan_rebuild_info,
 )
-from ..core.weights import tensor_digest
 from .base import SeedPrintsFace
-from .messages import unrecorded_save_message
 from .settings import FaceArguments
 
 __all__ = ["SeedPrintsTitanArguments", "SeedPrintsTitanFace", "SeedPrintsTitanTrainer", "with_seedprints"]
@@ -266,26 +262,7 @@ class SeedPrintsTitanFace(SeedPrintsFace):
         return find_titan_decoder(model)
 
     def _shards_weights(self, model: nn.Module) -> bool:
-        return False  # sharded weights are bound too: hashed one gathered tensor at a time (_bind_save)
-
-    def _bind_save(self, model: nn.Module | None, step: int, checkpoint: str | None = None) -> int | None:
-        """The base's save binding, with sharded (DTensor) weights hashed one gathered tensor at a time."""
-        if model is None or not holds_dtensors(model):
-            return super()._bind_save(model, step, checkpoint)
-        if not self.settings.bind_saves or not self.started or not self.chain.cursor.numbered:
-            return None
-        writer = self._processes().is_writer
-        digest = _gathered_digest(self._bound_weights(model), writer=writer)
-        try:
-            return self.chain.record_save(int(step), digest, checkpoint=checkpoint)
-        except (OSError, InputError) as exc:
-            # As the base: the user's save goes on; the writer lists the save it could not record.
-            if not writer:
-                raise
-            self.unrecorded_saves.append({"step": int(step), "checkpoint": checkpoint, "weights_sha256": digest,
-                                          "error": f"{type(exc).__name__}: {exc}"})
-            self._warn(unrecorded_save_message(int(step), self.save_dir, exc))
-            return None
+        return False  # sharded weights are bound too: hashed one gathered tensor at a time (the base's)
 
     # ------------------------------------------------------------------ torchtitan's logging
     def _log(self, metrics: dict[str, float], step: int) -> None:
@@ -294,29 +271,6 @@ class SeedPrintsTitanFace(SeedPrintsFace):
         logger = getattr(processor, "logger", None)
         if logger is not None:
             logger.log({tag: float(value) for tag, value in metrics.items()}, step)
-
-
-def _gathered_digest(lm: nn.Module, *, writer: bool) -> str:
-    """:func:`~seedprints_lightning.core.weights.weights_digest` of a sharded model's ``state_dict()``.
-
-    Each DTensor is gathered alone (a collective, every rank, in name order) and hashed by the
-    writer, so a rank never holds more than one full tensor; the digest equals that of the
-    unsharded model's (and of the checkpoint's) tensors.
-    """
-    import hashlib
-
-
-    tensors = {str(key): value for key, value in lm.state_dict().items() if isinstance(value, torch.Tensor)}
-    if not tensors:
-        raise InputError("the torchtitan model's state dict holds no tensor")
-    combined = hashlib.sha256()
-    for key in sorted(tensors):  # every rank walks the same names: the gathers pair up
-        value = tensors[key].detach()
-        full = gather_full_tensor(value) if hasattr(value, "device_mesh") else value
-        if writer:  # as weights_digest does: name, then the tensor's own digest
-            combined.update(key.encode("utf-8") + b"\0" + tensor_digest(key, full).encode("ascii"))
-        del full
-    return combined.hexdigest() if writer else ""
 
 
 # --------------------------------------------------------------------------------------

@@ -187,7 +187,6 @@ class CausalLMModule(pl.LightningModule):
             hp.warmup_steps, hp.lr_schedule, self._decay_steps(), hp.min_lr_ratio, hp.wsd_decay_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
-
     def _decay_steps(self) -> int:
         hp = self.hparams
         if hp.lr_schedule == "constant" or hp.decay_steps is not None:
