@@ -39,6 +39,7 @@ __all__ = [
     "Recorder",
     "Recording",
     "SUPPORTED_MODEL_TYPES",
+    "StreamedInit",
     "block_storage",
     "build_streamed_control_model",
     "empty_model",
@@ -399,6 +400,77 @@ def _post_order(module: nn.Module) -> Iterator[nn.Module]:
     for child in module.children():
         yield from _post_order(child)
     yield module
+
+
+class StreamedInit:
+    """A block loader that draws a meta model's units in its init's own random stream, each just before it runs.
+
+    A family whose init draws its weights unit by unit in the layer-major probe's order (LitGPT's
+    pretraining init, OLMo-core's ``init_weights``) can give its controls without a control ever
+    existing whole: each unit is drawn when the probe asks for it, from the stream state the previous
+    unit left, and freed after, so the weights are bit for bit the whole control's. A unit the probe
+    never runs but the stream passes through (an LM head drawn first, an embedding under embedding
+    probes) is drawn to advance the stream and freed at once. A unit asked for after the stream has
+    passed it is refused: its draw is gone.
+
+    Each unit is drawn on the CPU in the dtype the meta model was built in (as the whole control),
+    then cast to ``dtype`` and moved to ``device``; ``drawn`` lists the units drawn, in order. A
+    family subclasses it with :meth:`_init_unit` (its draws of one unit, carrying its stream's state)
+    and names its stream (:attr:`stream`) and order (:attr:`order`) for the errors.
+
+    Args:
+        units: ``(name, module)`` of the meta model in the stream's order, with the names the probe's
+            block loader is called with.
+        device: where the drawn blocks live while they run (default CPU).
+        dtype: the dtype they run in.
+    """
+
+    #: The init stream and its order, as the errors name them.
+    stream = "the init stream"
+    order = "init order"
+
+    def __init__(self, units: list[tuple[str, nn.Module]], *, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.pending = list(units)
+        self.device, self.dtype = torch.device(device or "cpu"), dtype
+        self.drawn: list[str] = []
+
+    def __call__(self, name: str, module: nn.Module) -> Callable[[], None]:
+        names = [unit_name for unit_name, _ in self.pending]
+        if name not in names:
+            raise InputError(f"block {name!r} was asked for after {self.stream} passed it (or is not a unit of the "
+                             f"model; still to draw: {names}): blocks are drawn in {self.order}")
+        while True:
+            unit_name, unit = self.pending.pop(0)
+            release = self._draw(unit_name, unit)
+            if unit_name == name:
+                if unit is not module:
+                    release()
+                    raise InputError(f"block {name!r} is another module than the model's own")
+                return release
+            release()  # drawn only to advance the stream
+
+    def _init_unit(self, name: str, unit: nn.Module) -> None:
+        """Draw ``unit``'s weights (materialised on the CPU, uninitialised) from the stream, advancing its state."""
+        raise NotImplementedError
+
+    def _draw(self, name: str, unit: nn.Module) -> Callable[[], None]:
+        slots = [(owner, kind, key, tensor) for owner in unit.modules() for kind in ("_parameters", "_buffers")
+                 for key, tensor in getattr(owner, kind).items() if tensor is not None]
+        unit.to_empty(device="cpu")
+        with torch.no_grad():
+            self._init_unit(name, unit)
+        self.drawn.append(name)
+        for owner, kind, key, _ in slots:
+            tensor = getattr(owner, kind)[key]
+            moved = tensor.detach().to(device=self.device, dtype=self.dtype if tensor.is_floating_point() else None)
+            getattr(owner, kind)[key] = nn.Parameter(moved, requires_grad=False) if kind == "_parameters" else moved
+
+        def release() -> None:
+            for owner, kind, key, tensor in slots:
+                getattr(owner, kind)[key] = tensor
+
+        return release
 
 
 class _FreshInitLoader:

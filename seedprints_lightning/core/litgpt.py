@@ -45,6 +45,7 @@ from .checks import check_int
 from .controls import INIT_SCHEME_ATTR, preserve_rng_state
 from .errors import InputError
 from .fingerprint import config_digest
+from .layerwise import StreamedInit
 from .probes import ProbeBatch, ProbeSpec, preserve_module_modes
 from .sharded import GatheredBlockLoader, holds_dtensors, local_device, unsharded_class
 
@@ -576,7 +577,7 @@ def extract_features_litgpt_gathered(
 # --------------------------------------------------------------------------------------
 
 
-class LitGPTStreamedInit:
+class LitGPTStreamedInit(StreamedInit):
     """A block loader that draws a meta GPT's blocks by LitGPT's pretraining init, in the whole model's RNG stream.
 
     ``build_litgpt_control(config, seed)`` draws every weight from ONE global generator stream under
@@ -593,6 +594,9 @@ class LitGPTStreamedInit:
     for after the stream has passed it is refused (its draw is gone).
     """
 
+    stream = "LitGPT's init stream"
+    order = "GPT.modules() order"
+
     def __init__(self, gpt: nn.Module, seed: int, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         gpt = _require_gpt(gpt)
@@ -607,47 +611,17 @@ class LitGPTStreamedInit:
             raise InputError(f"this {type(gpt).__name__} has modules outside lm_head, transformer.wte, transformer.h "
                              "and transformer.ln_f, or in another order: its init cannot be streamed block by block; "
                              "build the whole control with build_litgpt_control")
-        self.config, self.device, self.dtype = gpt.config, torch.device(device or "cpu"), dtype
-        self.pending = units
-        self.drawn: list[str] = []
+        super().__init__(units, device=device, dtype=dtype)
+        self.config = gpt.config
         with preserve_rng_state():
             torch.manual_seed(int(seed))
             self.state = torch.random.get_rng_state()
 
-    def __call__(self, name: str, module: nn.Module) -> Any:
-        names = [unit_name for unit_name, _ in self.pending]
-        if name not in names:
-            raise InputError(f"block {name!r} was asked for after LitGPT's init stream passed it (or is not a unit "
-                             f"of the GPT; still to draw: {names}): blocks are drawn in GPT.modules() order")
-        while True:
-            unit_name, unit = self.pending.pop(0)
-            release = self._draw(unit_name, unit)
-            if unit_name == name:
-                if unit is not module:
-                    release()
-                    raise InputError(f"block {name!r} is another module than the GPT's own")
-                return release
-            release()  # drawn only to advance the stream
-
-    def _draw(self, name: str, unit: nn.Module) -> Any:
-        slots = [(owner, kind, key, tensor) for owner in unit.modules() for kind in ("_parameters", "_buffers")
-                 for key, tensor in getattr(owner, kind).items() if tensor is not None]
-        unit.to_empty(device="cpu")
-        with preserve_rng_state(), torch.no_grad():
+    def _init_unit(self, name: str, unit: nn.Module) -> None:
+        with preserve_rng_state():
             torch.random.set_rng_state(self.state)
             _init_like_pretrain(unit, self.config)
             self.state = torch.random.get_rng_state()
-        self.drawn.append(name)
-        for owner, kind, key, _ in slots:
-            tensor = getattr(owner, kind)[key]
-            moved = tensor.detach().to(device=self.device, dtype=self.dtype if tensor.is_floating_point() else None)
-            getattr(owner, kind)[key] = nn.Parameter(moved, requires_grad=False) if kind == "_parameters" else moved
-
-        def release() -> None:
-            for owner, kind, key, tensor in slots:
-                getattr(owner, kind)[key] = tensor
-
-        return release
 
 
 def probe_litgpt_streamed_control(

@@ -55,7 +55,7 @@ from .checks import check_int
 from .controls import INIT_SCHEME_ATTR, preserve_rng_state
 from .errors import InputError, SourceError
 from .files import is_seedprints_state
-from .layerwise import Block, BlockLoader, Blocks, Recorder, Recording
+from .layerwise import Block, BlockLoader, Blocks, Recorder, Recording, StreamedInit
 from .probes import ProbeBatch, ProbeSpec, extract_features, preserve_module_modes
 from .sharded import GatheredBlockLoader, holds_dtensors, local_device
 
@@ -461,7 +461,7 @@ def _streamable(lm: nn.Module) -> str | None:
     return None
 
 
-class OLMoStreamedInit:
+class OLMoStreamedInit(StreamedInit):
     """A block loader drawing a meta OLMo-core ``Transformer``'s blocks as ``init_weights`` does, in its streams.
 
     ``Transformer.init_weights`` (what :func:`build_olmo_control` calls) draws from two streams: first
@@ -480,6 +480,9 @@ class OLMoStreamedInit:
     the stream has passed it is refused (its draw is gone). Raises :class:`InputError` for a model whose
     init this does not replay (:func:`_streamable`) or whose modules are not in the stream's order.
     """
+
+    stream = "OLMo-core's init stream"
+    order = "init_weights order"
 
     def __init__(self, model: nn.Module, seed: int, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -503,29 +506,13 @@ class OLMoStreamedInit:
             raise InputError(f"this {type(lm).__name__} has modules outside its embeddings, blocks and LM head, or in "
                              "another order: its init cannot be streamed block by block; build the whole control "
                              "with build_olmo_control")
-        self.lm, self.device, self.dtype = lm, torch.device(device or "cpu"), dtype
-        self.pending = units
-        self.drawn: list[str] = []
+        super().__init__(units, device=device, dtype=dtype)
+        self.lm = lm
         with preserve_rng_state():
             torch.manual_seed(int(seed))  # as build_olmo_control: reset_parameters draws from the global RNG
             self.state = torch.random.get_rng_state()
         # init_weights' own generator, on the CPU as build_olmo_control's draw.
         self.generator = torch.Generator("cpu").manual_seed(int(seed))
-
-    def __call__(self, name: str, module: nn.Module) -> Any:
-        names = [unit_name for unit_name, _ in self.pending]
-        if name not in names:
-            raise InputError(f"block {name!r} was asked for after OLMo-core's init stream passed it (or is not a unit "
-                             f"of the model; still to draw: {names}): blocks are drawn in init_weights order")
-        while True:
-            unit_name, unit = self.pending.pop(0)
-            release = self._draw(unit_name, unit)
-            if unit_name == name:
-                if unit is not module:
-                    release()
-                    raise InputError(f"block {name!r} is another module than the model's own")
-                return release
-            release()  # drawn only to advance the streams
 
     def _init(self, name: str, unit: nn.Module) -> None:
         """The generator's draws of one unit: ``Transformer.init_weights``' calls for it, with its arguments."""
@@ -541,28 +528,14 @@ class OLMoStreamedInit:
             lm.init_method.init_feed_forward(unit.feed_forward, **common)
         # embedding_norm and lm_head.norm: reset_parameters only (init_weights draws nothing more for them).
 
-    def _draw(self, name: str, unit: nn.Module) -> Any:
-        slots = [(owner, kind, key, tensor) for owner in unit.modules() for kind in ("_parameters", "_buffers")
-                 for key, tensor in getattr(owner, kind).items() if tensor is not None]
-        unit.to_empty(device="cpu")
-        with preserve_rng_state(), torch.no_grad():
+    def _init_unit(self, name: str, unit: nn.Module) -> None:
+        with preserve_rng_state():
             torch.random.set_rng_state(self.state)
             for owner in unit.modules():
                 if hasattr(owner, "reset_parameters"):
                     owner.reset_parameters()
             self.state = torch.random.get_rng_state()
             self._init(name, unit)
-        self.drawn.append(name)
-        for owner, kind, key, _ in slots:
-            tensor = getattr(owner, kind)[key]
-            moved = tensor.detach().to(device=self.device, dtype=self.dtype if tensor.is_floating_point() else None)
-            getattr(owner, kind)[key] = nn.Parameter(moved, requires_grad=False) if kind == "_parameters" else moved
-
-        def release() -> None:
-            for owner, kind, key, tensor in slots:
-                getattr(owner, kind)[key] = tensor
-
-        return release
 
 
 def olmo_meta_model(config: Any) -> nn.Module:
