@@ -251,8 +251,11 @@ def main() -> int:
                 per_test, cpu_per_test = ex_seconds / tests, ex_cpu / tests
                 answers["exhaustive"] = _answer(exhaustive)
                 note = "measured"
-            else:
+            elif per_test is not None:
                 ex_seconds, ex_cpu, note = per_test * candidates, cpu_per_test * candidates, "EXTRAPOLATED"
+            else:  # --exhaustive-runs 0: nothing measured to extrapolate from
+                ex_seconds = ex_cpu = float("nan")
+                note = "not measured"
             same = len(set(answers.values())) == 1
             shown = (f"{'same' if same else 'DIFFERENT ' + str(answers)} ({', '.join(answers)}): "
                      f"{answers['stored'][1]} step {answers['stored'][2]} z={answers['stored'][3]:.1f}")
@@ -268,7 +271,7 @@ def main() -> int:
         slope_w = (w2 - w1) / (n2 - n1) if n2 != n1 else w2 / n2
         slope_c = (c2 - c1) / (n2 - n1) if n2 != n1 else c2 / n2
         for big in args.extrapolate:
-            if big <= counts[-1]:
+            if big <= counts[-1] or per_test is None:  # nothing to extrapolate the exhaustive path from
                 continue
             candidates = big * (args.probes + 1 + CONTROLS)
             wall, cpu = w2 + slope_w * (big - n2), c2 + slope_c * (big - n2)
