@@ -27,9 +27,12 @@ from seedprints_lightning.core.olmo import (  # noqa: E402
     build_olmo_control,
     extract_features_olmo,
     extract_features_olmo_layerwise,
+    read_olmo_weights,
     resolve_olmo_spec,
 )
+from seedprints_lightning.core.records import SaveRecord, read_ledger  # noqa: E402
 from seedprints_lightning.core.sharded import GatheredBlockLoader  # noqa: E402
+from seedprints_lightning.core.weights import weights_digest  # noqa: E402
 from seedprints_lightning.offline.cli import main as seedprints_main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -300,6 +303,11 @@ def _fsdp_worker(out: Path) -> int:
     healthy.fit()
     cb = healthy.callbacks["seedprints"]
     report["history"] = [[h["step"], h["event"], h["related"]] for h in cb.history]
+    # The final save under FSDP2 is bound; the test reads the checkpoint back in one process (read_olmo_weights
+    # is not for a distributed run) and checks the recorded digest.
+    ledger = read_ledger(out / "healthy" / "run" / "seedprints" / "custody.jsonl")
+    report["saves"] = [[record.checkpoint, record.weights_sha256] for record in ledger
+                       if isinstance(record, SaveRecord)]
 
     @dataclass
     class Scramble(Callback):
@@ -336,6 +344,10 @@ def test_fsdp2_on_two_gloo_ranks_probes_gathered_blocks_and_a_swap_raises_on_bot
         assert report["features_equal"] is True, report  # gathered block by block == an unsharded forward
         assert report["history"] == [[2, "interval", True], [4, "interval", True]], report
         assert report["raised"] and "lost its lineage identity at step 2" in report["raised"], report
+    saves = reports[0]["saves"]
+    assert [Path(path).name for path, _ in saves] == ["step0", "step4"] and reports[1]["saves"] == saves
+    for path, digest in saves:  # each save's sharded weights, read back as saved, are the recorded ones
+        assert digest == weights_digest(read_olmo_weights(path)), path
 
 
 if __name__ == "__main__":

@@ -227,6 +227,11 @@ class SeedPrintsOLMoCallback(SeedPrintsFace, Callback):
         """The OLMo-core ``Transformer``'s weights (the base binds transformers models only)."""
         return find_olmo_transformer(model)
 
+    def _shards_weights(self, model: nn.Module) -> bool:
+        # Sharded (FSDP2) weights are bound too: every rank is in OLMo-core's save when it asks for the state, so
+        # the base hashes them one gathered tensor at a time (core/sharded.py::weights_digest_gathered).
+        return False
+
     # ------------------------------------------------------------------ OLMo-core's logging and stop
     def _log(self, metrics: dict[str, float], step: int) -> None:
         super()._log(metrics, step)  # log_dir, when given
