@@ -16,11 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	# LitGPT without its pins (huggingface-hub < 1.4, jsonargparse <= 4.41), which would pull transformers
 	# down and cannot be resolved beside ai2-olmo-core: its CLI runs on the versions above (tests/test_litgpt.py).
 	$(PY) -m pip install --no-deps "litgpt==0.5.13"
-	# torchtitan without `datasets` (its newest caps huggingface-hub < 2, below what transformers needs): the
-	# model side imports only torchtitan, tyro and spmd_types, and triton (left alone where a GPU torch brought one).
+	# torchtitan without its pins (wandb, torch_checkpointing): the model side imports only torchtitan, tyro and
+	# spmd_types, and triton (left alone where a GPU torch brought one); its Trainer (tests/test_titan.py) also
+	# imports torchdata and datasets (5.2 accepts the huggingface-hub < 2 that ai2-olmo-core's pins leave).
 	$(PY) -m pip install --no-deps "torchtitan==0.3.0"
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton
-	$(PY) -m pip install tyro "spmd_types==0.2.3"
+	$(PY) -m pip install tyro "spmd_types==0.2.3" "torchdata==0.11.0" "datasets==5.2.0"
 	touch $@
 
 setup: $(VENV)/.installed
