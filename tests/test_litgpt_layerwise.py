@@ -216,7 +216,7 @@ def test_the_stream_draws_every_unit_in_module_order_each_block_alone():
 # --------------------------------------------------------------------------------------
 
 
-def _fsdp2_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _fsdp2_probe(rank: int, world: int, init_file: str, out_dir: str) -> int:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -226,55 +226,60 @@ def _fsdp2_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        report = {}
-        for arch in ARCHS:
-            for kind in ("token", "embedding"):
-                model = build_litgpt_control(config(arch), 11)  # the same weights on both ranks
-                model.max_seq_length = 32  # the twin must follow the live rope cache length
-                spec = spec_for(model, kind)
-                mine = (rank * 7, rank * 7 + 7)
-                expected_slice = whole(model, spec, batch_size=3, sample_range=mine)
-                expected_all = whole(model, spec, batch_size=7)
-                # As Fabric's ModelParallelStrategy / litgpt's parallelize_fn: each block, then the root.
-                for block in model.transformer.h:
-                    fully_shard(block, mesh=mesh)
-                fully_shard(model, mesh=mesh)
-                local = {k: v.to_local().clone() for k, v in model.state_dict().items() if isinstance(v, DTensor)}
-                forwards = []  # any module's forward (an FSDP hook gathers around it) would be counted here
-                for module in model.modules():
-                    module.register_forward_pre_hook(lambda m, args, _f=forwards: _f.append(type(m).__name__))
-                unresolved = ProbeSpec(kind=kind, num_samples=N, length=LENGTH, seed=4)
-                loader = GatheredBlockLoader(model)
-                rng = torch.random.get_rng_state()
-                if kind == "token":  # through the layer-major entry (it routes a sharded GPT here)
-                    got = extract_features_litgpt_layerwise(model, unresolved, batch_size=3, sample_range=mine,
-                                                            loader=loader)
-                else:  # the embedding spec resolved from the sharded embedding (a collective)
-                    got = extract_features_litgpt_gathered(model, unresolved, batch_size=3, sample_range=mine,
-                                                           loader=loader)
-                gathered = loader.gathered
-                every = measure_over_ranks(spec, lambda padded, sample_range, _m=model:
-                                           extract_features_litgpt_layerwise(_m, padded, batch_size=7,
-                                                                             sample_range=sample_range))
-                after = model.state_dict()
-                report[f"{arch}/{kind}"] = {
-                    "slice_equal": torch.equal(got, expected_slice),
-                    "all_equal": torch.equal(every, expected_all),
-                    "gathered": gathered,
-                    "state_dict_keys": list(after),
-                    "forwards": forwards,
-                    "still_sharded": all(isinstance(p, DTensor) for p in model.parameters()),
-                    "shards_unchanged": all(torch.equal(after[k].to_local(), v) for k, v in local.items()),
-                    "rng_unchanged": torch.equal(torch.random.get_rng_state(), rng),
-                    "samples": int(every.shape[0]),
-                }
-        report["fabric"] = _fabric_model_parallel_case(rank, world)
-        with open(f"{out_dir}/rank{rank}.json", "w") as handle:
-            json.dump(report, handle)
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world,))
+    report = {}
+    for arch in ARCHS:
+        for kind in ("token", "embedding"):
+            model = build_litgpt_control(config(arch), 11)  # the same weights on both ranks
+            model.max_seq_length = 32  # the twin must follow the live rope cache length
+            spec = spec_for(model, kind)
+            mine = (rank * 7, rank * 7 + 7)
+            expected_slice = whole(model, spec, batch_size=3, sample_range=mine)
+            expected_all = whole(model, spec, batch_size=7)
+            # As Fabric's ModelParallelStrategy / litgpt's parallelize_fn: each block, then the root.
+            for block in model.transformer.h:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            local = {k: v.to_local().clone() for k, v in model.state_dict().items() if isinstance(v, DTensor)}
+            forwards = []  # any module's forward (an FSDP hook gathers around it) would be counted here
+            for module in model.modules():
+                module.register_forward_pre_hook(lambda m, args, _f=forwards: _f.append(type(m).__name__))
+            unresolved = ProbeSpec(kind=kind, num_samples=N, length=LENGTH, seed=4)
+            loader = GatheredBlockLoader(model)
+            rng = torch.random.get_rng_state()
+            if kind == "token":  # through the layer-major entry (it routes a sharded GPT here)
+                got = extract_features_litgpt_layerwise(model, unresolved, batch_size=3, sample_range=mine,
+                                                        loader=loader)
+            else:  # the embedding spec resolved from the sharded embedding (a collective)
+                got = extract_features_litgpt_gathered(model, unresolved, batch_size=3, sample_range=mine,
+                                                       loader=loader)
+            gathered = loader.gathered
+            every = measure_over_ranks(spec, lambda padded, sample_range, _m=model:
+                                       extract_features_litgpt_layerwise(_m, padded, batch_size=7,
+                                                                         sample_range=sample_range))
+            after = model.state_dict()
+            report[f"{arch}/{kind}"] = {
+                "slice_equal": torch.equal(got, expected_slice),
+                "all_equal": torch.equal(every, expected_all),
+                "gathered": gathered,
+                "state_dict_keys": list(after),
+                "forwards": forwards,
+                "still_sharded": all(isinstance(p, DTensor) for p in model.parameters()),
+                "shards_unchanged": all(torch.equal(after[k].to_local(), v) for k, v in local.items()),
+                "rng_unchanged": torch.equal(torch.random.get_rng_state(), rng),
+                "samples": int(every.shape[0]),
+            }
+    report["fabric"] = _fabric_model_parallel_case(rank, world)
+    with open(f"{out_dir}/rank{rank}.json", "w") as handle:
+        json.dump(report, handle)
+    return 0
+
+
+def _fsdp2_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """_fsdp2_probe in a spawned process, ending as every multi-process test does (conftest.exit_after_report)."""
+    from conftest import exit_after_report
+
+    exit_after_report(lambda: _fsdp2_probe(rank, world, init_file, out_dir))
 
 
 def _fabric_model_parallel_case(rank: int, world: int) -> dict:

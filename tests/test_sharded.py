@@ -80,7 +80,7 @@ def test_only_sharded_splittable_models_take_the_gathered_path():
 SHARDED_ARCHS = ["llama", "llama-tied-eager", "qwen2-sliding", "gpt2"]
 
 
-def _fsdp2_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _fsdp2_probe(rank: int, world: int, init_file: str, out_dir: str) -> int:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -91,50 +91,55 @@ def _fsdp2_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        report = {}
-        for arch in SHARDED_ARCHS:
-            for kind in ("token", "embedding"):
-                model = _model(arch)
-                spec = _spec(kind, model)
-                whole = extract_features(model, spec)
-                split = split_blocks(model)
-                for layer in split.layers:
-                    fully_shard(layer, mesh=mesh)
-                fully_shard(model, mesh=mesh)
-                forwards = []  # any FSDP module's forward (its hooks gather) would be counted here
-                for module in model.modules():
-                    module.register_forward_pre_hook(lambda m, args, _f=forwards: _f.append(type(m).__name__))
-                loader = GatheredBlockLoader(model)
-                features = measure_over_ranks(spec, lambda padded, sample_range, _m=model, _l=loader:
-                                              extract_features_gathered(_m, padded, sample_range=sample_range,
-                                                                        batch_size=4, loader=_l))
-                report[f"{arch}/{kind}"] = {
-                    "max_error": float((features - whole).abs().max()),
-                    "gathered": loader.gathered,
-                    "state_dict_keys": list(model.state_dict()),
-                    "forwards": forwards,
-                    "still_sharded": all(isinstance(p, DTensor) for p in model.parameters()),
-                    "samples": int(features.shape[0]),
-                }
-        # Row-block gathers equal DTensor.full_tensor(): uneven shards, a rank with no rows, steps of 1 row and more.
-        from torch.distributed.tensor import distribute_tensor
-        from torch.distributed.tensor.placement_types import Replicate, Shard
+    mesh = init_device_mesh("cpu", (world,))
+    report = {}
+    for arch in SHARDED_ARCHS:
+        for kind in ("token", "embedding"):
+            model = _model(arch)
+            spec = _spec(kind, model)
+            whole = extract_features(model, spec)
+            split = split_blocks(model)
+            for layer in split.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            forwards = []  # any FSDP module's forward (its hooks gather) would be counted here
+            for module in model.modules():
+                module.register_forward_pre_hook(lambda m, args, _f=forwards: _f.append(type(m).__name__))
+            loader = GatheredBlockLoader(model)
+            features = measure_over_ranks(spec, lambda padded, sample_range, _m=model, _l=loader:
+                                          extract_features_gathered(_m, padded, sample_range=sample_range,
+                                                                    batch_size=4, loader=_l))
+            report[f"{arch}/{kind}"] = {
+                "max_error": float((features - whole).abs().max()),
+                "gathered": loader.gathered,
+                "state_dict_keys": list(model.state_dict()),
+                "forwards": forwards,
+                "still_sharded": all(isinstance(p, DTensor) for p in model.parameters()),
+                "samples": int(features.shape[0]),
+            }
+    # Row-block gathers equal DTensor.full_tensor(): uneven shards, a rank with no rows, steps of 1 row and more.
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.placement_types import Replicate, Shard
 
-        from seedprints_lightning.core.sharded import gather_full_tensor
+    from seedprints_lightning.core.sharded import gather_full_tensor
 
-        exact = []
-        for shape, placement, step_bytes in [((7, 3), Shard(0), 1), ((7, 3), Shard(0), 10**6), ((1, 4), Shard(0), 8),
-                                             ((6,), Shard(0), 8), ((4, 6), Shard(1), 8), ((5, 2), Replicate(), 8)]:
-            full = torch.arange(float(torch.Size(shape).numel())).reshape(shape)
-            gathered = gather_full_tensor(distribute_tensor(full, mesh, [placement]), step_bytes=step_bytes)
-            exact.append(torch.equal(gathered, full))
-        report["row_gathers_exact"] = exact
-        with open(f"{out_dir}/rank{rank}.json", "w") as handle:
-            json.dump(report, handle)
-    finally:
-        dist.destroy_process_group()
+    exact = []
+    for shape, placement, step_bytes in [((7, 3), Shard(0), 1), ((7, 3), Shard(0), 10**6), ((1, 4), Shard(0), 8),
+                                         ((6,), Shard(0), 8), ((4, 6), Shard(1), 8), ((5, 2), Replicate(), 8)]:
+        full = torch.arange(float(torch.Size(shape).numel())).reshape(shape)
+        gathered = gather_full_tensor(distribute_tensor(full, mesh, [placement]), step_bytes=step_bytes)
+        exact.append(torch.equal(gathered, full))
+    report["row_gathers_exact"] = exact
+    with open(f"{out_dir}/rank{rank}.json", "w") as handle:
+        json.dump(report, handle)
+    return 0
+
+
+def _fsdp2_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """_fsdp2_probe in a spawned process, ending as every multi-process test does (conftest.exit_after_report)."""
+    from conftest import exit_after_report
+
+    exit_after_report(lambda: _fsdp2_probe(rank, world, init_file, out_dir))
 
 
 @pytest.mark.slow
@@ -166,7 +171,7 @@ def test_fsdp2_models_are_probed_one_gathered_block_at_a_time(tmp_path):
 # ------------------------------------------------------------------ a hand-written FSDP2 loop (SeedPrintsMonitor)
 
 
-def _monitor_worker(rank: int, world: int, init_file: str, out_dir: str, swap_at: int | None) -> None:
+def _monitor_run(rank: int, world: int, init_file: str, out_dir: str, swap_at: int | None) -> int:
     import warnings
 
     import torch.distributed as dist
@@ -180,41 +185,46 @@ def _monitor_worker(rank: int, world: int, init_file: str, out_dir: str, swap_at
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    probed: list[int] = []
+    paths: list[str] = []
+    count_probed_samples(probed, paths)
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_tiny_lm(0).train()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    monitor = SeedPrintsMonitor(every_n_steps=2, adaptive_schedule=False, probe=ProbeSpec(num_samples=60, length=8),
+                                num_controls=2, save_dir=f"{out_dir}/seedprints",
+                                **(dict(patience=1, on_identity_lost="raise") if swap_at else {}))
+    data = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(rank))  # each rank its own batch
+    error = None
+    monitor.start(model)
     try:
-        probed: list[int] = []
-        paths: list[str] = []
-        count_probed_samples(probed, paths)
-        mesh = init_device_mesh("cpu", (world,))
-        model = make_tiny_lm(0).train()
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        monitor = SeedPrintsMonitor(every_n_steps=2, adaptive_schedule=False, probe=ProbeSpec(num_samples=60, length=8),
-                                    num_controls=2, save_dir=f"{out_dir}/seedprints",
-                                    **(dict(patience=1, on_identity_lost="raise") if swap_at else {}))
-        data = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(rank))  # each rank its own batch
-        error = None
-        monitor.start(model)
-        try:
-            for step in range(1, 7):
-                model(input_ids=data, labels=data).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                if step == swap_at:  # another run's full weights into every rank's shards
-                    set_model_state_dict(model, make_tiny_lm(7).state_dict(),
-                                         options=StateDictOptions(full_state_dict=True))
-                monitor.step(model, step)
-            monitor.end(model)
-        except IdentityLostError as exc:
-            error = str(exc)
-        dist.barrier()
-        report = {"probed": probed, "paths": sorted(set(paths)), "error": error,
-                  "history": [{k: v for k, v in h.items() if k != "probe_seconds"} for h in monitor.history]}
-        with open(f"{out_dir}/rank{rank}.json", "w") as handle:
-            json.dump(report, handle)
-    finally:
-        dist.destroy_process_group()
+        for step in range(1, 7):
+            model(input_ids=data, labels=data).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if step == swap_at:  # another run's full weights into every rank's shards
+                set_model_state_dict(model, make_tiny_lm(7).state_dict(),
+                                     options=StateDictOptions(full_state_dict=True))
+            monitor.step(model, step)
+        monitor.end(model)
+    except IdentityLostError as exc:
+        error = str(exc)
+    dist.barrier()
+    report = {"probed": probed, "paths": sorted(set(paths)), "error": error,
+              "history": [{k: v for k, v in h.items() if k != "probe_seconds"} for h in monitor.history]}
+    with open(f"{out_dir}/rank{rank}.json", "w") as handle:
+        json.dump(report, handle)
+    return 0
+
+
+def _monitor_worker(rank: int, world: int, init_file: str, out_dir: str, swap_at: int | None) -> None:
+    """_monitor_run in a spawned process, ending as every multi-process test does (conftest.exit_after_report)."""
+    from conftest import exit_after_report
+
+    exit_after_report(lambda: _monitor_run(rank, world, init_file, out_dir, swap_at))
 
 
 @pytest.mark.slow

@@ -297,21 +297,26 @@ def test_one_process_gathers_only_its_own_object_and_a_rank_must_be_in_its_world
         Processes(rank=2, world=2)
 
 
-def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _gloo_controls(rank: int, world: int, init_file: str, out_dir: str) -> int:
     import torch.distributed as dist
 
     from seedprints_lightning.core.processes import torch_processes
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        built_by: dict = {}
-        source = _source(built_by, rank_of=lambda: rank)
-        chain = _chain()
-        _ensure_controls(chain, None, torch_processes(), source)
-        torch.save({"built": built_by.get(rank, []), "features": chain.controls.features,
-                    "seeds": chain.controls.seeds}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    built_by: dict = {}
+    source = _source(built_by, rank_of=lambda: rank)
+    chain = _chain()
+    _ensure_controls(chain, None, torch_processes(), source)
+    torch.save({"built": built_by.get(rank, []), "features": chain.controls.features,
+                "seeds": chain.controls.seeds}, f"{out_dir}/rank{rank}.pt")
+    return 0
+
+
+def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """_gloo_controls in a spawned process, ending as every multi-process test does (conftest.exit_after_report)."""
+    from conftest import exit_after_report
+
+    exit_after_report(lambda: _gloo_controls(rank, world, init_file, out_dir))
 
 
 @pytest.mark.slow
