@@ -37,30 +37,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+# The RSS readers of the FSDP2 step-0 benchmark (this folder is on sys.path when a script here runs).
+from step0_memory import _status_mb, _trim
+
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 MODES = (("none", "no callback"), ("callback", "SeedPrintsOLMoCallback, 4 controls built in the run"))
 SEQ, STEPS, TIMEOUT_S = 64, 2, 540
-
-
-def _status_mb(field: str) -> float:
-    """``VmRSS`` / ``VmHWM`` of this process from ``/proc/self/status``, in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _trim() -> None:
-    """Hand freed heap pages back to the OS (glibc), so the RSS read before step 0 is not padded by earlier frees."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _worker(mode: str, args: argparse.Namespace, out: Path) -> int:
